@@ -1,0 +1,112 @@
+# -*- test-case-name: tests.test_policy -*-
+"""
+Server profiles: the named sets of MetaDefender Core and SMTP relay servers.
+
+These are plain values shared by the config loader (which builds them), the
+Core runtime and the relay (which use them). They live here, below both, so
+neither has to import the other.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+#: How a profile spreads work: C{failover} prefers the first healthy server,
+#: C{round_robin} takes turns.
+STRATEGIES = ("failover", "round_robin")
+
+
+@attrs.frozen
+class CoreServer:
+    """
+    One MetaDefender Core server.
+
+    @ivar url: base URL without query string, e.g. C{http://127.0.0.1:8008};
+        this is what headers, logs and history show.
+    @ivar apikey: the C{?apikey=} of the configured URI; never logged.
+    """
+
+    url: str
+    apikey: str | None = attrs.field(default=None, repr=False)
+
+
+@attrs.frozen
+class CoreProfile:
+    """
+    A named MetaDefender Core server profile.
+    """
+
+    name: str
+    servers: tuple[CoreServer, ...]
+    strategy: str = "failover"
+    rule: str = "Automatic"
+    user_agent: str = "mdemailsecurity"
+    poll_interval: float = 0.5
+    scan_timeout: float = 300.0
+    concurrency: int = 20
+    ca_file: str | None = None
+    hash_lookup: bool = False
+    #: Consecutive failures before a server is taken out of rotation.
+    failure_threshold: int = 3
+    #: Seconds a server stays out before it is probed again.
+    retry_after: float = 30.0
+
+
+@attrs.frozen
+class SmtpTimeouts:
+    """
+    Client-side SMTP timeouts, RFC 5321 section 4.5.3.2 defaults (seconds).
+    """
+
+    connect: float = 30.0
+    greeting: float = 300.0
+    ehlo: float = 300.0
+    mail: float = 300.0
+    rcpt: float = 300.0
+    data_init: float = 120.0
+    data_block: float = 180.0
+    data_term: float = 600.0
+
+
+@attrs.frozen
+class RelayServer:
+    """
+    One next-hop server of an SMTP profile.
+
+    @ivar scheme: C{smtp} (plain, STARTTLS by policy), C{smtps} (implicit
+        TLS), C{mx} (the MX hosts of C{host}, a domain) or C{maildir}
+        (write C{.eml} files into the folder C{host}).
+    """
+
+    scheme: str
+    host: str
+    port: int = 25
+
+    def __str__(self) -> str:
+        if self.scheme == "maildir":
+            return f"maildir:{self.host}"
+        if self.scheme == "mx":
+            return f"mx://{self.host}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}"
+
+
+@attrs.frozen
+class SmtpProfile:
+    """
+    A named SMTP relay server profile.
+
+    @ivar tls: C{none}, C{opportunistic} (STARTTLS when offered, no
+        certificate check), C{required} (STARTTLS or fail, no check) or
+        C{verify} (required, certificate and name checked).
+    """
+
+    name: str
+    servers: tuple[RelayServer, ...]
+    strategy: str = "failover"
+    tls: str = "opportunistic"
+    ca_file: str | None = None
+    tls_name: str | None = None
+    auth_user: str | None = None
+    auth_password_file: str | None = None
+    timeouts: SmtpTimeouts = SmtpTimeouts()

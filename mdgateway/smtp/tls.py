@@ -1,0 +1,82 @@
+# -*- test-case-name: tests.test_smtp_protocol -*-
+"""
+TLS context helpers for the server side.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from OpenSSL import crypto
+from twisted.internet import ssl
+from twisted.internet.interfaces import ITransport
+
+_VERSIONS = {
+    "TLSv1.2": ssl.TLSVersion.TLSv1_2,
+    "TLSv1.3": ssl.TLSVersion.TLSv1_3,
+}
+TLS_VERSIONS = tuple(_VERSIONS)
+
+
+def server_tls_options(
+    certificate: str,
+    key: str,
+    chain: str | None = None,
+    minimum_version: str = "TLSv1.2",
+    ciphers: str | None = None,
+) -> ssl.CertificateOptions:
+    """
+    Build server TLS options from PEM files.
+
+    @raise OSError: a file cannot be read.
+    @raise ValueError: a file is not valid PEM, or key and certificate differ.
+    """
+    cert_pem = Path(certificate).read_bytes()
+    key_pem = Path(key).read_bytes()
+    try:
+        x509 = crypto.load_certificate(crypto.FILETYPE_PEM, cert_pem)
+        pkey = crypto.load_privatekey(crypto.FILETYPE_PEM, key_pem)
+        extra = []
+        if chain:
+            extra = _load_chain(Path(chain).read_bytes())
+    except crypto.Error as e:
+        raise ValueError(f"not valid PEM: {e}") from None
+    keyword: dict[str, object] = {}
+    if ciphers:
+        keyword["acceptableCiphers"] = ssl.AcceptableCiphers.fromOpenSSLCipherString(
+            ciphers
+        )
+    options = ssl.CertificateOptions(
+        privateKey=pkey,
+        certificate=x509,
+        extraCertChain=extra,
+        raiseMinimumTo=_VERSIONS[minimum_version],
+        **keyword,  # type: ignore[arg-type]
+    )
+    try:
+        options.getContext().check_privatekey()
+    except Exception as e:
+        raise ValueError(f"key does not match certificate: {e}") from None
+    return options
+
+
+def _load_chain(pem: bytes) -> list[crypto.X509]:
+    marker = b"-----END CERTIFICATE-----"
+    out = []
+    for block in pem.split(marker):
+        if b"-----BEGIN CERTIFICATE-----" in block:
+            out.append(crypto.load_certificate(crypto.FILETYPE_PEM, block + marker))
+    return out
+
+
+def negotiated(transport: ITransport) -> tuple[str | None, str | None]:
+    """
+    The TLS version and cipher of a transport that has completed a handshake.
+    """
+    get_handle = getattr(transport, "getHandle", None)
+    connection = get_handle() if get_handle is not None else None
+    version = getattr(connection, "get_protocol_version_name", None)
+    cipher = getattr(connection, "get_cipher_name", None)
+    if version is None or cipher is None:
+        return None, None
+    return version(), cipher()
