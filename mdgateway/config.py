@@ -1,0 +1,351 @@
+# -*- test-case-name: tests.test_config -*-
+"""
+The gateway's configuration: one TOML file mapped onto frozen attrs classes.
+
+L{load_config} reads and validates the whole file and raises one
+L{ConfigError} listing every problem, each line naming its key path, so an
+operator fixes a file in one go and never sees a traceback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import socket
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+from twisted.internet.endpoints import _parseServer
+
+from mdgateway.settings import ConfigError, Problems, Section
+from mdgateway.smtp.server import TLS_MODES
+from mdgateway.smtp.tls import TLS_VERSIONS
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+AUTH_MODES = ("off", "optional", "required")
+
+
+@attrs.frozen
+class ListenerConfig:
+    """
+    One SMTP listener.
+
+    @ivar endpoint: a Twisted server endpoint description (C{tcp:10025:...}).
+    @ivar tls: C{none}, C{starttls}, C{starttls-required} or C{implicit}.
+    @ivar trusted_proxies: when set, a PROXY v1/v2 header is required and
+        accepted only from these networks.
+    """
+
+    name: str
+    endpoint: str
+    tls: str = "none"
+    proxy_protocol: bool = False
+    trusted_proxies: tuple[Network, ...] = ()
+    max_connections: int = 1000
+    max_connections_per_client: int = 50
+    auth: str = "off"
+    auth_users_file: str | None = None
+
+    def bound_address(self) -> tuple[str, int]:
+        """
+        The (interface, port) this listener binds, for loop detection.
+        """
+        kind, args, kwargs = _parseServer(self.endpoint, None)
+        port = int(args[0]) if args else int(kwargs.get("port", 0))
+        return str(kwargs.get("interface", "")), port
+
+
+@attrs.frozen
+class TLSConfig:
+    """
+    The server certificate used by STARTTLS and implicit-TLS listeners.
+    """
+
+    certificate: str | None = None
+    key: str | None = None
+    chain: str | None = None
+    min_version: str = "TLSv1.2"
+    ciphers: str | None = None
+
+
+@attrs.frozen
+class LimitsConfig:
+    """
+    Per-session limits at the SMTP edge.
+    """
+
+    message_size: int = 50 * 1024 * 1024
+    recipients: int = 1000
+    command_line_length: int = 2048
+    data_line_length: int = 998
+    idle_timeout: float = 300.0
+    session_deadline: float = 3600.0
+    errors: int = 20
+    received_headers: int = 50
+
+
+@attrs.frozen
+class AcceptConfig:
+    """
+    Which mail the gateway accepts until security rules decide (issue 3).
+    A recipient is accepted if the client is in C{networks} or the
+    recipient's domain is in C{domains}; everything else is relaying denied.
+    """
+
+    networks: tuple[Network, ...] = ()
+    domains: tuple[str, ...] = ()
+
+
+@attrs.frozen
+class SpoolConfig:
+    directory: str
+    threads: int = 4
+
+
+@attrs.frozen
+class GatewayConfig:
+    """
+    The whole configuration.
+
+    @ivar version: a short hash of the file's bytes, stamped on log lines and
+        Received headers so every decision names the config it was made under.
+    """
+
+    sender_helo_domain: str
+    listeners: tuple[ListenerConfig, ...]
+    tls: TLSConfig
+    limits: LimitsConfig
+    accept: AcceptConfig
+    spool: SpoolConfig
+    drain_timeout: float = 30.0
+    version: str = ""
+    path: str = ""
+
+
+def load_config(path: str | Path) -> GatewayConfig:
+    """
+    Read and validate a configuration file.
+
+    @raise ConfigError: with one line per problem.
+    """
+    file = Path(path)
+    try:
+        raw = file.read_bytes()
+    except OSError as e:
+        raise ConfigError([f"{file}: cannot read: {e.strerror}"]) from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError([f"{file}: not UTF-8"]) from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError([f"{file}: invalid TOML: {e}"]) from None
+    version = hashlib.sha256(raw).hexdigest()[:12]
+    return parse_config(
+        data, base=file.resolve().parent, version=version, path=str(file)
+    )
+
+
+def parse_config(
+    data: Mapping[str, Any], base: Path, version: str = "", path: str = ""
+) -> GatewayConfig:
+    """
+    Validate an already-parsed TOML document; relative paths are taken
+    from C{base} (the config file's folder).
+    """
+    problems = Problems()
+    root = Section(data, "", problems)
+    helo = root.string("sender_helo_domain", default=socket.getfqdn())
+    root.check("sender_helo_domain", _is_hostname(helo), f"not a host name: {helo!r}")
+    tls = _tls(root.table("tls"), base)
+    listeners = tuple(_listener(s, base) for s in root.tables("listeners"))
+    if not listeners and "listeners" not in data:
+        problems.add("listeners", "at least one listener is required")
+    names = [listener.name for listener in listeners]
+    for index, name in enumerate(names):
+        if name in names[:index]:
+            problems.add(
+                f"listeners[{index}].name", f"duplicate listener name {name!r}"
+            )
+    for index, listener in enumerate(listeners):
+        if listener.tls != "none" and not (tls.certificate and tls.key):
+            problems.add(
+                f"listeners[{index}].tls",
+                f"mode {listener.tls!r} needs tls.certificate and tls.key",
+            )
+    limits = _limits(root.table("limits"))
+    accept_section = root.table("accept")
+    accept = AcceptConfig(
+        networks=accept_section.networks("networks"),
+        domains=tuple(d.casefold() for d in accept_section.strings("domains")),
+    )
+    accept_section.finish()
+    spool_section = root.table("spool")
+    spool = SpoolConfig(
+        directory=_path(
+            base, spool_section.string("directory", required=True) or "spool"
+        ),
+        threads=spool_section.integer("threads", 4, minimum=1, maximum=64),
+    )
+    spool_section.finish()
+    drain = root.table("drain")
+    drain_timeout = drain.duration("timeout", 30.0)
+    drain.finish()
+    root.finish()
+    problems.raise_if_any()
+    return GatewayConfig(
+        sender_helo_domain=helo,
+        listeners=listeners,
+        tls=tls,
+        limits=limits,
+        accept=accept,
+        spool=spool,
+        drain_timeout=drain_timeout,
+        version=version,
+        path=path,
+    )
+
+
+def _is_hostname(name: str) -> bool:
+    labels = name.rstrip(".").split(".")
+    return 0 < len(name) <= 253 and all(
+        0 < len(label) <= 63
+        and label.replace("-", "").isalnum()
+        and label.isascii()
+        and not label.startswith("-")
+        and not label.endswith("-")
+        for label in labels
+    )
+
+
+def _path(base: Path, value: str) -> str:
+    return str((base / value).resolve()) if value else value
+
+
+def _readable(section: Section, key: str, base: Path) -> str | None:
+    value = section.string(key)
+    if value is None:
+        return None
+    full = _path(base, value)
+    section.check(key, Path(full).is_file(), f"file not found: {full}")
+    return full
+
+
+def _tls(section: Section, base: Path) -> TLSConfig:
+    config = TLSConfig(
+        certificate=_readable(section, "certificate", base),
+        key=_readable(section, "key", base),
+        chain=_readable(section, "chain", base),
+        min_version=section.choice(
+            "min_version", TLS_VERSIONS, "TLSv1.2", what="version"
+        ),
+        ciphers=section.string("ciphers"),
+    )
+    section.check(
+        "key",
+        bool(config.certificate) == bool(config.key),
+        "certificate and key go together",
+    )
+    if (
+        config.certificate
+        and config.key
+        and Path(config.certificate).is_file()
+        and Path(config.key).is_file()
+    ):
+        from mdgateway.smtp.tls import server_tls_options
+
+        try:
+            server_tls_options(
+                config.certificate,
+                config.key,
+                config.chain,
+                config.min_version,
+                config.ciphers,
+            )
+        except (OSError, ValueError) as e:
+            section.problems.add(section.path or "tls", str(e))
+        except Exception as e:  # pyOpenSSL raises its own errors for ciphers
+            section.problems.add(f"{section.path}.ciphers", f"rejected: {e}")
+    section.finish()
+    return config
+
+
+def _listener(section: Section, base: Path) -> ListenerConfig:
+    name = section.string("name", required=True) or section.path
+    endpoint = section.string("endpoint", required=True) or "tcp:0"
+    kind = endpoint.split(":", 1)[0]
+    section.check(
+        "endpoint",
+        kind in ("tcp", "tcp6", "unix", "systemd"),
+        f"unsupported endpoint type {kind!r} (use tcp:, tcp6:, unix: or systemd:;"
+        " TLS and PROXY are set with the tls and proxy_protocol keys)",
+    )
+    try:
+        _parseServer(endpoint, None)
+    except Exception as e:
+        section.problems.add(f"{section.path}.endpoint", f"invalid endpoint: {e}")
+    tls = section.choice("tls", TLS_MODES, "none", what="mode")
+    proxy = section.boolean("proxy_protocol", False)
+    trusted = section.networks("trusted_proxies")
+    section.check(
+        "trusted_proxies",
+        not proxy or bool(trusted),
+        "proxy_protocol needs at least one trusted proxy network",
+    )
+    auth = section.choice("auth", AUTH_MODES, "off", what="mode")
+    users = section.string("auth_users_file")
+    if users is not None:
+        users = _path(base, users)
+        section.check(
+            "auth_users_file", Path(users).is_file(), f"file not found: {users}"
+        )
+    section.check(
+        "auth_users_file",
+        auth == "off" or users is not None,
+        f"auth {auth!r} needs auth_users_file",
+    )
+    section.check(
+        "auth",
+        auth == "off" or tls != "none",
+        "AUTH is offered only under TLS: set tls",
+    )
+    config = ListenerConfig(
+        name=name,
+        endpoint=endpoint,
+        tls=tls,
+        proxy_protocol=proxy,
+        trusted_proxies=trusted,
+        max_connections=section.integer("max_connections", 1000, minimum=1),
+        max_connections_per_client=section.integer(
+            "max_connections_per_client", 50, minimum=1
+        ),
+        auth=auth,
+        auth_users_file=users,
+    )
+    section.finish()
+    return config
+
+
+def _limits(section: Section) -> LimitsConfig:
+    config = LimitsConfig(
+        message_size=section.size("message_size", 50 * 1024 * 1024, minimum=1024),
+        recipients=section.integer("recipients", 1000, minimum=1),
+        command_line_length=section.integer(
+            "command_line_length", 2048, minimum=512, maximum=65536
+        ),
+        data_line_length=section.integer(
+            "data_line_length", 998, minimum=998, maximum=1_000_000
+        ),
+        idle_timeout=section.duration("idle_timeout", 300.0, minimum=1.0),
+        session_deadline=section.duration("session_deadline", 3600.0, minimum=1.0),
+        errors=section.integer("errors", 20, minimum=1),
+        received_headers=section.integer("received_headers", 50, minimum=1),
+    )
+    section.finish()
+    return config
+
+
+__all__ = ["ConfigError", "GatewayConfig", "load_config", "parse_config"]

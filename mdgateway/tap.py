@@ -1,0 +1,230 @@
+# -*- test-case-name: tests.test_tap -*-
+"""
+twistd/twist wiring: options, the gateway service, ordered start and drain.
+
+This is one way of putting the pieces together; L{build_listener_factory}
+and the classes it uses can be wired by any other Twisted program.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Sequence
+from typing import Any
+
+from twisted.application.service import IService, MultiService
+from twisted.cred.checkers import FilePasswordDB
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort, IReactorTime
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.python.threadpool import ThreadPool
+
+from mdgateway.config import ConfigError, GatewayConfig, ListenerConfig, load_config
+from mdgateway.gateway import AcceptListPolicy, Gateway, IRecipientPolicy
+from mdgateway.smtp.server import SessionSettings
+from mdgateway.smtp.serverprotocol import (
+    ProtocolLimits,
+    SMTPServerFactory,
+    listening_factory,
+)
+from mdgateway.smtp.tls import server_tls_options
+from mdgateway.spool import Spool
+
+log = Logger()
+
+
+class Options(usage.Options):
+    """
+    C{twist mdgateway --config FILE}.
+    """
+
+    synopsis = "--config FILE"
+    optParameters = [
+        ["config", "c", "etc/mdgateway.toml", "the TOML configuration file"],
+    ]
+
+    def postOptions(self) -> None:
+        try:
+            self["gateway_config"] = load_config(self["config"])
+        except ConfigError as e:
+            raise usage.UsageError(
+                "invalid configuration:\n  " + "\n  ".join(e.problems)
+            ) from None
+
+
+def build_listener_factory(
+    listener: ListenerConfig,
+    config: GatewayConfig,
+    gateway: Gateway,
+    clock: IReactorTime,
+) -> Any:
+    """
+    The factory to listen with for one configured listener.
+    """
+    limits = config.limits
+    tls_options = None
+    if listener.tls != "none" and config.tls.certificate and config.tls.key:
+        tls_options = server_tls_options(
+            config.tls.certificate,
+            config.tls.key,
+            config.tls.chain,
+            config.tls.min_version,
+            config.tls.ciphers,
+        )
+    settings = SessionSettings(
+        hostname=config.sender_helo_domain,
+        tls_mode=listener.tls,
+        max_message_size=limits.message_size,
+        max_recipients=limits.recipients,
+        max_errors=limits.errors,
+        auth_mechanisms=("PLAIN", "LOGIN") if listener.auth != "off" else (),
+        auth_required=listener.auth == "required",
+    )
+    factory = SMTPServerFactory(
+        name=listener.name,
+        settings=settings,
+        handler=gateway,
+        clock=clock,
+        limits=ProtocolLimits(
+            max_command_line=limits.command_line_length,
+            max_line_length=limits.data_line_length,
+            max_received=limits.received_headers,
+            idle_timeout=limits.idle_timeout,
+            session_deadline=limits.session_deadline,
+            max_connections=listener.max_connections,
+            max_connections_per_client=listener.max_connections_per_client,
+        ),
+        tls_options=tls_options,
+        config_version=config.version,
+    )
+    wrapped = listening_factory(
+        factory,
+        proxy_trusted=listener.trusted_proxies if listener.proxy_protocol else None,
+    )
+    return factory, wrapped
+
+
+class GatewayService(MultiService):
+    """
+    The running gateway: spool recovery, then listeners; on stop, drain.
+    """
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        reactor: Any,
+        policy: IRecipientPolicy | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        self.threadpool = ThreadPool(
+            minthreads=1, maxthreads=config.spool.threads, name="mdgateway-spool"
+        )
+        self.spool = Spool(config.spool.directory, reactor, self.threadpool)
+        checker = None
+        auth_files = {
+            listener.auth_users_file
+            for listener in config.listeners
+            if listener.auth_users_file
+        }
+        if auth_files:
+            checker = FilePasswordDB(sorted(auth_files)[0], cache=True)
+        self.gateway = Gateway(
+            hostname=config.sender_helo_domain,
+            spool=self.spool,
+            policy=policy
+            or AcceptListPolicy(config.accept.networks, config.accept.domains),
+            clock=reactor,
+            checker=checker,
+        )
+        self.factories: list[SMTPServerFactory] = []
+        self.ports: list[IListeningPort] = []
+        self.ready: Deferred[None] = Deferred()
+        self.draining = False
+
+    def startService(self) -> None:
+        super().startService()
+        self.threadpool.start()
+        d = Deferred.fromCoroutine(self._start())
+        d.addErrback(self._failed_start)
+
+    async def _start(self) -> None:
+        entries = await self.spool.recover()
+        log.info(
+            "spool {directory}: {count} message(s) recovered",
+            directory=self.config.spool.directory,
+            count=len(entries),
+        )
+        for listener in self.config.listeners:
+            factory, wrapped = build_listener_factory(
+                listener, self.config, self.gateway, self.reactor
+            )
+            endpoint = serverFromString(self.reactor, listener.endpoint)
+            port = await endpoint.listen(wrapped)
+            self.factories.append(factory)
+            self.ports.append(port)
+            host = port.getHost()
+            log.info(
+                "listening on {listener}: {host}:{port} (tls {tls}, proxy {proxy})",
+                listener=listener.name,
+                host=getattr(host, "host", host),
+                port=getattr(host, "port", ""),
+                tls=listener.tls,
+                proxy=listener.proxy_protocol,
+            )
+        self.ready.callback(None)
+
+    def _failed_start(self, failure: Any) -> None:
+        log.failure("mdgateway failed to start", failure)
+        self.ready.errback(failure)
+        if self.reactor.running:
+            self.reactor.stop()
+
+    def stopService(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        self.draining = True
+        self.gateway.accepting = False
+        log.info("draining: listeners closed, sessions finishing")
+        await DeferredList([succeed(p.stopListening()) for p in self.ports])
+        sessions = [s for f in self.factories for s in f.sessions]
+        for session in sessions:
+            session.drain()
+        deadline = self.reactor.seconds() + self.config.drain_timeout
+        while self._live_sessions() and self.reactor.seconds() < deadline:
+            await deferLater(self.reactor, 0.1, lambda: None)
+        for factory in self.factories:
+            for session in list(factory.sessions):
+                session.abort()
+        await self.spool.close()
+        self.threadpool.stop()
+        await super().stopService()
+        log.info("stopped")
+
+    def _live_sessions(self) -> int:
+        return sum(len(f.sessions) for f in self.factories)
+
+
+def makeService(options: Options) -> IService:
+    from twisted.internet import reactor
+
+    config: GatewayConfig = options["gateway_config"]
+    service = GatewayService(config, reactor)
+    _install_signals(reactor)
+    return service
+
+
+def _install_signals(reactor: Any) -> None:
+    # twistd and twist already stop on SIGTERM and SIGINT; SIGHUP reload
+    # arrives with security rules.
+    if os.name == "posix":
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
+__all__: Sequence[str] = ["GatewayService", "Options", "build_listener_factory"]
