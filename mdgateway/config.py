@@ -20,6 +20,7 @@ from typing import Any
 import attrs
 from twisted.internet.endpoints import _parseServer
 
+from mdgateway.policy import Policy, parse_policy
 from mdgateway.settings import ConfigError, Problems, Section
 from mdgateway.smtp.server import TLS_MODES
 from mdgateway.smtp.tls import TLS_VERSIONS
@@ -89,18 +90,6 @@ class LimitsConfig:
 
 
 @attrs.frozen
-class AcceptConfig:
-    """
-    Which mail the gateway accepts until security rules decide (issue 3).
-    A recipient is accepted if the client is in C{networks} or the
-    recipient's domain is in C{domains}; everything else is relaying denied.
-    """
-
-    networks: tuple[Network, ...] = ()
-    domains: tuple[str, ...] = ()
-
-
-@attrs.frozen
 class SpoolConfig:
     directory: str
     threads: int = 4
@@ -119,17 +108,19 @@ class GatewayConfig:
     listeners: tuple[ListenerConfig, ...]
     tls: TLSConfig
     limits: LimitsConfig
-    accept: AcceptConfig
+    policy: Policy
     spool: SpoolConfig
     drain_timeout: float = 30.0
     version: str = ""
     path: str = ""
 
 
-def load_config(path: str | Path) -> GatewayConfig:
+def load_config(path: str | Path, check_files: bool = True) -> GatewayConfig:
     """
     Read and validate a configuration file.
 
+    @param check_files: check that the files it names exist; off to check
+        a file meant for another host.
     @raise ConfigError: with one line per problem.
     """
     file = Path(path)
@@ -145,12 +136,20 @@ def load_config(path: str | Path) -> GatewayConfig:
         raise ConfigError([f"{file}: invalid TOML: {e}"]) from None
     version = hashlib.sha256(raw).hexdigest()[:12]
     return parse_config(
-        data, base=file.resolve().parent, version=version, path=str(file)
+        data,
+        base=file.resolve().parent,
+        version=version,
+        path=str(file),
+        check_files=check_files,
     )
 
 
 def parse_config(
-    data: Mapping[str, Any], base: Path, version: str = "", path: str = ""
+    data: Mapping[str, Any],
+    base: Path,
+    version: str = "",
+    path: str = "",
+    check_files: bool = True,
 ) -> GatewayConfig:
     """
     Validate an already-parsed TOML document; relative paths are taken
@@ -160,8 +159,8 @@ def parse_config(
     root = Section(data, "", problems)
     helo = root.string("sender_helo_domain", default=socket.getfqdn())
     root.check("sender_helo_domain", _is_hostname(helo), f"not a host name: {helo!r}")
-    tls = _tls(root.table("tls"), base)
-    listeners = tuple(_listener(s, base) for s in root.tables("listeners"))
+    tls = _tls(root.table("tls"), base, check_files)
+    listeners = tuple(_listener(s, base, check_files) for s in root.tables("listeners"))
     if not listeners and "listeners" not in data:
         problems.add("listeners", "at least one listener is required")
     names = [listener.name for listener in listeners]
@@ -177,12 +176,12 @@ def parse_config(
                 f"mode {listener.tls!r} needs tls.certificate and tls.key",
             )
     limits = _limits(root.table("limits"))
-    accept_section = root.table("accept")
-    accept = AcceptConfig(
-        networks=accept_section.networks("networks"),
-        domains=tuple(d.casefold() for d in accept_section.strings("domains")),
+    policy = parse_policy(
+        root,
+        [_bound(listener) for listener in listeners],
+        check_files=check_files,
+        base=str(base),
     )
-    accept_section.finish()
     spool_section = root.table("spool")
     spool = SpoolConfig(
         directory=_path(
@@ -201,7 +200,7 @@ def parse_config(
         listeners=listeners,
         tls=tls,
         limits=limits,
-        accept=accept,
+        policy=policy,
         spool=spool,
         drain_timeout=drain_timeout,
         version=version,
@@ -225,20 +224,27 @@ def _path(base: Path, value: str) -> str:
     return str((base / value).resolve()) if value else value
 
 
-def _readable(section: Section, key: str, base: Path) -> str | None:
+def _bound(listener: ListenerConfig) -> tuple[str, int]:
+    try:
+        return listener.bound_address()
+    except Exception:
+        return ("", 0)
+
+
+def _readable(section: Section, key: str, base: Path, check: bool) -> str | None:
     value = section.string(key)
     if value is None:
         return None
     full = _path(base, value)
-    section.check(key, Path(full).is_file(), f"file not found: {full}")
+    section.check(key, not check or Path(full).is_file(), f"file not found: {full}")
     return full
 
 
-def _tls(section: Section, base: Path) -> TLSConfig:
+def _tls(section: Section, base: Path, check: bool) -> TLSConfig:
     config = TLSConfig(
-        certificate=_readable(section, "certificate", base),
-        key=_readable(section, "key", base),
-        chain=_readable(section, "chain", base),
+        certificate=_readable(section, "certificate", base, check),
+        key=_readable(section, "key", base, check),
+        chain=_readable(section, "chain", base, check),
         min_version=section.choice(
             "min_version", TLS_VERSIONS, "TLSv1.2", what="version"
         ),
@@ -273,7 +279,7 @@ def _tls(section: Section, base: Path) -> TLSConfig:
     return config
 
 
-def _listener(section: Section, base: Path) -> ListenerConfig:
+def _listener(section: Section, base: Path, check: bool) -> ListenerConfig:
     name = section.string("name", required=True) or section.path
     endpoint = section.string("endpoint", required=True) or "tcp:0"
     kind = endpoint.split(":", 1)[0]

@@ -162,6 +162,7 @@ class Gateway:
         )
         if not self.accepting:
             return replies.SHUTTING_DOWN
+        info.context = self.policy
         return None
 
     def disconnected(self, info: ConnectionInfo) -> None:
@@ -175,7 +176,8 @@ class Gateway:
     def check_recipient(
         self, info: ConnectionInfo, mail: MailFrom, rcpt: RcptTo
     ) -> Deferred[RecipientDecision]:
-        decide: Any = self.policy.decide
+        policy = IRecipientPolicy(info.context, self.policy)
+        decide: Any = policy.decide
         d: Deferred[RecipientDecision] = maybeDeferred(decide, info, mail, rcpt)
 
         def logged(decision: RecipientDecision) -> RecipientDecision:

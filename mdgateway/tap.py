@@ -13,6 +13,7 @@ import signal
 from collections.abc import Sequence
 from typing import Any
 
+import attrs
 from twisted.application.service import IService, MultiService
 from twisted.cred.checkers import FilePasswordDB
 from twisted.internet.defer import Deferred, DeferredList, succeed
@@ -23,8 +24,9 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
+from mdgateway.admission import RulePolicy
 from mdgateway.config import ConfigError, GatewayConfig, ListenerConfig, load_config
-from mdgateway.gateway import AcceptListPolicy, Gateway, IRecipientPolicy
+from mdgateway.gateway import Gateway, IRecipientPolicy
 from mdgateway.smtp.server import SessionSettings
 from mdgateway.smtp.serverprotocol import (
     ProtocolLimits,
@@ -56,16 +58,50 @@ class Options(usage.Options):
             ) from None
 
 
+def session_settings(
+    listener: ListenerConfig, config: GatewayConfig
+) -> SessionSettings:
+    """
+    What a listener's sessions offer and enforce under C{config}.
+    """
+    limits = config.limits
+    return SessionSettings(
+        hostname=config.sender_helo_domain,
+        tls_mode=listener.tls,
+        max_message_size=limits.message_size,
+        max_recipients=limits.recipients,
+        max_errors=limits.errors,
+        auth_mechanisms=("PLAIN", "LOGIN") if listener.auth != "off" else (),
+        auth_required=listener.auth == "required",
+    )
+
+
+def protocol_limits(listener: ListenerConfig, config: GatewayConfig) -> ProtocolLimits:
+    """
+    The framing limits of a listener's sessions under C{config}.
+    """
+    limits = config.limits
+    return ProtocolLimits(
+        max_command_line=limits.command_line_length,
+        max_line_length=limits.data_line_length,
+        max_received=limits.received_headers,
+        idle_timeout=limits.idle_timeout,
+        session_deadline=limits.session_deadline,
+        max_connections=listener.max_connections,
+        max_connections_per_client=listener.max_connections_per_client,
+    )
+
+
 def build_listener_factory(
     listener: ListenerConfig,
     config: GatewayConfig,
     gateway: Gateway,
     clock: IReactorTime,
-) -> Any:
+) -> tuple[SMTPServerFactory, Any]:
     """
-    The factory to listen with for one configured listener.
+    The SMTP factory for one configured listener, and the factory to listen
+    with (the first wrapped for implicit TLS and PROXY as configured).
     """
-    limits = config.limits
     tls_options = None
     if listener.tls != "none" and config.tls.certificate and config.tls.key:
         tls_options = server_tls_options(
@@ -75,29 +111,12 @@ def build_listener_factory(
             config.tls.min_version,
             config.tls.ciphers,
         )
-    settings = SessionSettings(
-        hostname=config.sender_helo_domain,
-        tls_mode=listener.tls,
-        max_message_size=limits.message_size,
-        max_recipients=limits.recipients,
-        max_errors=limits.errors,
-        auth_mechanisms=("PLAIN", "LOGIN") if listener.auth != "off" else (),
-        auth_required=listener.auth == "required",
-    )
     factory = SMTPServerFactory(
         name=listener.name,
-        settings=settings,
+        settings=session_settings(listener, config),
         handler=gateway,
         clock=clock,
-        limits=ProtocolLimits(
-            max_command_line=limits.command_line_length,
-            max_line_length=limits.data_line_length,
-            max_received=limits.received_headers,
-            idle_timeout=limits.idle_timeout,
-            session_deadline=limits.session_deadline,
-            max_connections=listener.max_connections,
-            max_connections_per_client=listener.max_connections_per_client,
-        ),
+        limits=protocol_limits(listener, config),
         tls_options=tls_options,
         config_version=config.version,
     )
@@ -106,6 +125,13 @@ def build_listener_factory(
         proxy_trusted=listener.trusted_proxies if listener.proxy_protocol else None,
     )
     return factory, wrapped
+
+
+def recipient_policy(config: GatewayConfig) -> IRecipientPolicy:
+    """
+    The RCPT-time decision under C{config}: its security rules.
+    """
+    return RulePolicy(config.policy)
 
 
 class GatewayService(MultiService):
@@ -137,8 +163,7 @@ class GatewayService(MultiService):
         self.gateway = Gateway(
             hostname=config.sender_helo_domain,
             spool=self.spool,
-            policy=policy
-            or AcceptListPolicy(config.accept.networks, config.accept.domains),
+            policy=policy or recipient_policy(config),
             clock=reactor,
             checker=checker,
         )
@@ -207,6 +232,44 @@ class GatewayService(MultiService):
         await super().stopService()
         log.info("stopped")
 
+    def reload(self) -> bool:
+        """
+        Load the configuration file again. If it is valid, new sessions use
+        its rules and limits while sessions in progress keep theirs; if not,
+        the running configuration stays and every problem is logged.
+        Listener, TLS and spool changes need a restart.
+        """
+        try:
+            new = load_config(self.config.path)
+        except ConfigError as e:
+            for problem in e.problems:
+                log.error("configuration reload refused: {problem}", problem=problem)
+            return False
+        old = self.config
+        if (new.listeners, new.tls, new.spool) != (old.listeners, old.tls, old.spool):
+            log.warn(
+                "listener, TLS and spool changes take effect after a restart; "
+                "rules and limits are applied now"
+            )
+        self.gateway.policy = recipient_policy(new)
+        self.gateway.hostname = new.sender_helo_domain
+        for factory in self.factories:
+            for listener in old.listeners:
+                if listener.name == factory.name:
+                    factory.settings = session_settings(listener, new)
+                    factory.limits = protocol_limits(listener, new)
+                    factory.config_version = new.version
+        self.config = attrs.evolve(
+            new, listeners=old.listeners, tls=old.tls, spool=old.spool
+        )
+        log.info(
+            "configuration {config_version} loaded from {path}",
+            config_version=new.version,
+            path=new.path,
+            rules=len(new.policy.rules),
+        )
+        return True
+
     def _live_sessions(self) -> int:
         return sum(len(f.sessions) for f in self.factories)
 
@@ -216,15 +279,15 @@ def makeService(options: Options) -> IService:
 
     config: GatewayConfig = options["gateway_config"]
     service = GatewayService(config, reactor)
-    _install_signals(reactor)
+    _install_signals(reactor, service)
     return service
 
 
-def _install_signals(reactor: Any) -> None:
-    # twistd and twist already stop on SIGTERM and SIGINT; SIGHUP reload
-    # arrives with security rules.
+def _install_signals(reactor: Any, service: GatewayService) -> None:
+    # twistd and twist handle SIGTERM and SIGINT (orderly stop); SIGHUP
+    # reloads the configuration, as operators expect of a daemon.
     if os.name == "posix":
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(service.reload))
 
 
 __all__: Sequence[str] = ["GatewayService", "Options", "build_listener_factory"]

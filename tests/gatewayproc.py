@@ -41,8 +41,17 @@ def wait_for_port(
 
 
 def default_toml(
-    port: int, spool: Path, extra: str = "", listener_extra: str = ""
+    port: int,
+    spool: Path,
+    extra: str = "",
+    listener_extra: str = "",
+    rule_filters: str = 'client_networks = ["127.0.0.0/8"]',
+    core_url: str = "http://127.0.0.1:8008",
 ) -> str:
+    """
+    A test configuration: one STARTTLS listener on C{port}, one rule that
+    scans with the Core at C{core_url} and delivers into C{spool}/../delivered.
+    """
     return f"""
 sender_helo_domain = "gw.test"
 [[listeners]]
@@ -53,10 +62,17 @@ tls = "starttls"
 [tls]
 certificate = "{ETC / "tls" / "localhost.crt"}"
 key = "{ETC / "tls" / "localhost.key"}"
-[accept]
-networks = ["127.0.0.0/8"]
 [spool]
 directory = "{spool}"
+[profiles.core.local]
+servers = ["{core_url}"]
+[profiles.smtp.delivered]
+servers = ["maildir:{spool.parent / "delivered"}"]
+[[rules]]
+name = "local"
+{rule_filters}
+core_profile = "local"
+relay_profile = "delivered"
 {extra}
 """
 

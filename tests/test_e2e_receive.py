@@ -157,9 +157,7 @@ def test_pipelined_replies_in_order(tmp_path: Path) -> None:
     """
     port = free_port()
     spool = tmp_path / "spool"
-    toml = default_toml(port, spool).replace(
-        'networks = ["127.0.0.0/8"]', 'networks = []\ndomains = ["example.org"]'
-    )
+    toml = default_toml(port, spool, rule_filters='recipients = ["example.org"]')
     with running_gateway(tmp_path, toml=toml, port=port) as (gw, port):
         raw = Raw(port)
         assert raw.reply()[0] == 220
@@ -171,7 +169,7 @@ def test_pipelined_replies_in_order(tmp_path: Path) -> None:
         )
         codes = [raw.reply() for _ in range(8)]
         assert [c for c, _ in codes] == [250, 250, 250, 550, 250, 354, 250, 221]
-        assert "5.7.1 Relaying denied" in codes[3][1][0]
+        assert "5.7.1 No security rule" in codes[3][1][0]
         queue_id = codes[6][1][0].rsplit(" ", 1)[1]
         _, envelope = spooled(spool, queue_id)
         assert [r["address"] for r in envelope["recipients"]] == [
@@ -179,7 +177,7 @@ def test_pipelined_replies_in_order(tmp_path: Path) -> None:
             "two@EXAMPLE.org",
         ]
         log = gw.log_text()
-        assert "x@elsewhere.example" in log and "Relaying denied" in log
+        assert "x@elsewhere.example" in log and "No security rule" in log
 
 
 def test_implicit_tls(tmp_path: Path) -> None:
@@ -212,7 +210,7 @@ def test_proxy_protocol(tmp_path: Path) -> None:
     """
     On a PROXY listener the banner waits for the header; after a v1 or v2
     header the real client address is the one recorded and checked (an
-    address outside accept.networks is refused relaying); a v2 LOCAL health
+    address no rule covers is refused); a v2 LOCAL health
     check with QUIT is answered quietly; a client that is not a trusted proxy
     is dropped without a banner.
     """
@@ -222,7 +220,8 @@ def test_proxy_protocol(tmp_path: Path) -> None:
         port,
         spool,
         listener_extra='proxy_protocol = true\ntrusted_proxies = ["127.0.0.1/32"]',
-    ).replace('networks = ["127.0.0.0/8"]', 'networks = ["203.0.113.0/24"]')
+        rule_filters='client_networks = ["203.0.113.0/24"]',
+    )
     with running_gateway(tmp_path, toml=toml, port=port) as (gw, port):
         raw = Raw(port)
         raw.sock.settimeout(0.5)

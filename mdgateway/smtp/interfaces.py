@@ -9,7 +9,7 @@ message content into the L{IMessageSink} the handler opens.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from zope.interface import Attribute, Interface
@@ -39,6 +39,9 @@ class ConnectionInfo:
     tls_cipher: str | None = None
     authenticated_user: str | None = None
     config_version: str = ""
+    #: The handler's own per-connection state, e.g. the policy in force when
+    #: the client connected, so a reload never changes a session midway.
+    context: Any = None
 
     @property
     def protocol_name(self) -> str:

@@ -6,8 +6,10 @@ TLS context helpers for the server side.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, cast
 
-from OpenSSL import crypto
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from twisted.internet import ssl
 from twisted.internet.interfaces import ITransport
 
@@ -34,12 +36,12 @@ def server_tls_options(
     cert_pem = Path(certificate).read_bytes()
     key_pem = Path(key).read_bytes()
     try:
-        x509 = crypto.load_certificate(crypto.FILETYPE_PEM, cert_pem)
-        pkey = crypto.load_privatekey(crypto.FILETYPE_PEM, key_pem)
+        certificate_obj = x509.load_pem_x509_certificate(cert_pem)
+        pkey = serialization.load_pem_private_key(key_pem, password=None)
         extra = []
         if chain:
-            extra = _load_chain(Path(chain).read_bytes())
-    except crypto.Error as e:
+            extra = x509.load_pem_x509_certificates(Path(chain).read_bytes())
+    except (ValueError, TypeError) as e:
         raise ValueError(f"not valid PEM: {e}") from None
     keyword: dict[str, object] = {}
     if ciphers:
@@ -47,9 +49,11 @@ def server_tls_options(
             ciphers
         )
     options = ssl.CertificateOptions(
-        privateKey=pkey,
-        certificate=x509,
-        extraCertChain=extra,
+        # pyOpenSSL takes cryptography objects (its own X509/PKey wrappers
+        # are deprecated); Twisted's annotations still name the old types.
+        privateKey=cast(Any, pkey),
+        certificate=cast(Any, certificate_obj),
+        extraCertChain=cast(Any, extra),
         raiseMinimumTo=_VERSIONS[minimum_version],
         **keyword,  # type: ignore[arg-type]
     )
@@ -58,15 +62,6 @@ def server_tls_options(
     except Exception as e:
         raise ValueError(f"key does not match certificate: {e}") from None
     return options
-
-
-def _load_chain(pem: bytes) -> list[crypto.X509]:
-    marker = b"-----END CERTIFICATE-----"
-    out = []
-    for block in pem.split(marker):
-        if b"-----BEGIN CERTIFICATE-----" in block:
-            out.append(crypto.load_certificate(crypto.FILETYPE_PEM, block + marker))
-    return out
 
 
 def negotiated(transport: ITransport) -> tuple[str | None, str | None]:

@@ -1,0 +1,247 @@
+"""
+Tests for loading and validating the gateway configuration file.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from mdgateway.config import ConfigError, load_config, parse_config
+from mdgateway.settings import parse_duration, parse_size
+
+ETC = Path(__file__).resolve().parent.parent / "etc"
+
+MINIMAL = """
+sender_helo_domain = "gw.test"
+[[listeners]]
+name = "smtp"
+endpoint = "tcp:10025:interface=127.0.0.1"
+[spool]
+directory = "spool"
+"""
+
+
+def problems(text: str) -> list[str]:
+    try:
+        parse_config(tomllib.loads(text), base=ETC)
+    except ConfigError as e:
+        return list(e.problems)
+    return []
+
+
+class ExampleFileTests(SynchronousTestCase):
+    """
+    The shipped configuration files.
+    """
+
+    def test_default_config_loads(self) -> None:
+        """
+        etc/mdgateway.toml loads as-is: loopback listener on 10025 with
+        STARTTLS, the example certificate, one rule, paths made absolute.
+        """
+        config = load_config(ETC / "mdgateway.toml")
+        (listener,) = config.listeners
+        self.assertEqual(listener.endpoint, "tcp:10025:interface=127.0.0.1")
+        self.assertEqual(listener.tls, "starttls")
+        self.assertTrue(Path(config.tls.certificate or "").is_file())
+        self.assertTrue(Path(config.spool.directory).is_absolute())
+        self.assertEqual([r.name for r in config.policy.rules], ["local"])
+        self.assertEqual(len(config.version), 12)
+
+    def test_examples_load_for_another_host(self) -> None:
+        """
+        The Office 365 and perimeter examples load without problems when the
+        files they name (certificates on the real host) are not checked.
+        """
+        for name in ("office365.toml", "perimeter.toml"):
+            config = load_config(ETC / name, check_files=False)
+            self.assertEqual(
+                [r.name for r in config.policy.rules], ["inbound", "outbound"]
+            )
+
+    def test_unreadable_and_invalid_files(self) -> None:
+        """
+        A missing file, invalid TOML and non-UTF-8 bytes each give one clear
+        problem line naming the file.
+        """
+        missing = self.mktemp()
+        with self.assertRaises(ConfigError) as caught:
+            load_config(missing)
+        self.assertIn("cannot read", caught.exception.problems[0])
+        bad = Path(self.mktemp())
+        bad.write_text("a = [")
+        with self.assertRaises(ConfigError) as caught:
+            load_config(bad)
+        self.assertIn("invalid TOML", caught.exception.problems[0])
+        bad.write_bytes(b"a = '\xff'")
+        with self.assertRaises(ConfigError) as caught:
+            load_config(bad)
+        self.assertIn("not UTF-8", caught.exception.problems[0])
+
+
+class ValidationTests(SynchronousTestCase):
+    """
+    Every mistake is reported with its key path, all at once.
+    """
+
+    def test_minimal_is_valid(self) -> None:
+        """
+        A listener and a spool directory are all that is required.
+        """
+        self.assertEqual(problems(MINIMAL), [])
+
+    def test_unknown_tls_mode(self) -> None:
+        """
+        A misspelt TLS mode names the key and the allowed modes.
+        """
+        lines = problems(
+            MINIMAL
+            + '\n[[listeners]]\nname = "b"\nendpoint = "tcp:1"\ntls = "startls"\n'
+        )
+        self.assertIn(
+            'listeners[1].tls: unknown mode "startls" (choose from none, starttls, '
+            "starttls-required, implicit)",
+            lines,
+        )
+
+    def test_many_problems_at_once(self) -> None:
+        """
+        Several mistakes in one file are all reported, each with its path:
+        bad host name, unknown key, bad size, bad duration, out-of-range
+        integer, missing required key, TLS mode without a certificate.
+        """
+        text = """
+sender_helo_domain = "not a host"
+colour = "blue"
+[[listeners]]
+endpoint = "tcp:25"
+tls = "implicit"
+[limits]
+message_size = "lots"
+idle_timeout = "soon"
+recipients = 0
+[spool]
+"""
+        lines = problems(text)
+        for expected in (
+            "sender_helo_domain: not a host name: 'not a host'",
+            "colour: unknown key",
+            "listeners[0].name: is required",
+            "listeners[0].tls: mode 'implicit' needs tls.certificate and tls.key",
+            "limits.message_size: not a size: 'lots'",
+            "limits.idle_timeout: not a duration: 'soon'",
+            "limits.recipients: must be at least 1",
+            "spool.directory: is required",
+        ):
+            self.assertIn(expected, lines)
+
+    def test_type_errors(self) -> None:
+        """
+        A value of the wrong type names the expected and the given type.
+        """
+        lines = problems(MINIMAL + '[limits]\nrecipients = "many"\nerrors = true\n')
+        self.assertIn("limits.recipients: expected an integer, got a string", lines)
+        self.assertIn("limits.errors: expected an integer, got a boolean", lines)
+
+    def test_proxy_needs_trusted_networks(self) -> None:
+        """
+        proxy_protocol without trusted_proxies is refused; a bad network is
+        named with its index.
+        """
+        text = MINIMAL.replace(
+            'endpoint = "tcp:10025:interface=127.0.0.1"',
+            'endpoint = "tcp:10025"\nproxy_protocol = true',
+        )
+        self.assertIn(
+            "listeners[0].trusted_proxies: proxy_protocol needs at least one "
+            "trusted proxy network",
+            problems(text),
+        )
+        bad = text.replace(
+            "proxy_protocol = true",
+            'proxy_protocol = true\ntrusted_proxies = ["10.0.0.0/33"]',
+        )
+        self.assertIn(
+            "listeners[0].trusted_proxies[0]: not an IP network: '10.0.0.0/33'",
+            problems(bad),
+        )
+
+    def test_endpoint_checks(self) -> None:
+        """
+        TLS and PROXY endpoint types are refused in favour of the listener
+        keys; a malformed endpoint is named.
+        """
+        ssl = MINIMAL.replace('"tcp:10025:interface=127.0.0.1"', '"ssl:465"')
+        self.assertTrue(
+            any(
+                line.startswith(
+                    "listeners[0].endpoint: unsupported endpoint type 'ssl'"
+                )
+                for line in problems(ssl)
+            )
+        )
+
+    def test_auth_needs_tls_and_users(self) -> None:
+        """
+        AUTH on a listener needs TLS and a users file.
+        """
+        text = MINIMAL.replace(
+            'endpoint = "tcp:10025:interface=127.0.0.1"',
+            'endpoint = "tcp:10025"\nauth = "required"',
+        )
+        lines = problems(text)
+        self.assertIn(
+            "listeners[0].auth_users_file: auth 'required' needs auth_users_file", lines
+        )
+        self.assertIn(
+            "listeners[0].auth: AUTH is offered only under TLS: set tls", lines
+        )
+
+    def test_bad_certificate(self) -> None:
+        """
+        A certificate file that is not PEM is reported under tls.
+        """
+        junk = Path(self.mktemp()).resolve()
+        junk.write_text("not a certificate")
+        text = MINIMAL + f'[tls]\ncertificate = "{junk}"\nkey = "{junk}"\n'
+        self.assertTrue(
+            any(line.startswith("tls: not valid PEM") for line in problems(text))
+        )
+
+    def test_duplicate_listener_names(self) -> None:
+        """
+        Two listeners with one name are refused.
+        """
+        text = MINIMAL + '[[listeners]]\nname = "smtp"\nendpoint = "tcp:10026"\n'
+        self.assertIn(
+            "listeners[1].name: duplicate listener name 'smtp'", problems(text)
+        )
+
+
+class UnitParsingTests(SynchronousTestCase):
+    """
+    Sizes and durations in the config file.
+    """
+
+    def test_sizes(self) -> None:
+        """
+        Sizes accept bytes and binary units; garbage is None.
+        """
+        self.assertEqual(parse_size("512"), 512)
+        self.assertEqual(parse_size("10k"), 10240)
+        self.assertEqual(parse_size("25MiB"), 25 * 1024 * 1024)
+        self.assertEqual(parse_size("1 GB"), 1024**3)
+        self.assertIsNone(parse_size("lots"))
+
+    def test_durations(self) -> None:
+        """
+        Durations accept seconds and ms/s/m/h/d units.
+        """
+        self.assertEqual(parse_duration("250ms"), 0.25)
+        self.assertEqual(parse_duration("5m"), 300)
+        self.assertEqual(parse_duration("1.5h"), 5400)
+        self.assertEqual(parse_duration("30"), 30)
+        self.assertIsNone(parse_duration("soon"))
