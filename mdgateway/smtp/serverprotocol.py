@@ -759,7 +759,9 @@ def listening_factory(
     """
     wrapped: Any = factory
     if factory.tls_options is not None and factory.implicit_tls:
-        wrapped = TLSMemoryBIOFactory(factory.tls_options, False, wrapped)
+        wrapped = TLSMemoryBIOFactory(
+            factory.tls_options, False, wrapped, clock=factory.clock
+        )
     if proxy_trusted is not None:
         wrapped = ProxyHeaderFactory(
             wrapped,
