@@ -115,6 +115,17 @@ class BodyChecker:
             self._count_received(chunk)
         return self.refusal is None
 
+    def finish(self) -> bool:
+        """
+        The content ended. BDAT content need not end in CRLF, so a last CR
+        or an over-long last line is judged only now.
+        """
+        if self._last_cr:
+            self._refuse(replies.BARE_LINEFEED)
+        elif self._line_length > self.max_line_length:
+            self._refuse(replies.DATA_LINE_TOO_LONG)
+        return self.refusal is None
+
     def _check_line_endings(self, chunk: bytes) -> None:
         crlf = chunk.count(b"\r\n")
         cr = chunk.count(b"\r")
@@ -146,14 +157,15 @@ class BodyChecker:
         self._line_length = len(chunk) - chunk.rfind(b"\n") - 1
 
     def _count_received(self, chunk: bytes) -> None:
-        # Look only at the header block; keep three bytes of context so a
-        # header split across chunks is still seen at its line start.
+        # Look only at the header block; keep ten bytes of context (one less
+        # than CRLF "received:") so a field name cut by a chunk boundary is
+        # seen once, and the CRLF CRLF ending the block too.
         text = self._header_tail + chunk
         end = text.find(b"\r\n\r\n")
         if end >= 0:
             text = text[: end + 2]
             self._in_headers = False
         self.received_count += len(re.findall(rb"\r\nreceived:", text.lower()))
-        self._header_tail = text[-3:] if self._in_headers else b""
+        self._header_tail = text[-10:] if self._in_headers else b""
         if self.received_count > self.max_received:
             self._refuse(replies.TOO_MANY_HOPS)

@@ -120,6 +120,9 @@ def _check_domain(domain: str, utf8: bool) -> None:
         literal = domain[1:-1]
         try:
             if literal[:5].lower() == "ipv6:":
+                if "%" in literal:
+                    # ipaddress takes an RFC 4007 zone id; RFC 5321 has none.
+                    raise ValueError(literal)
                 ipaddress.IPv6Address(literal[5:])
             elif ":" in literal:
                 if not _GENERAL_LITERAL.fullmatch(literal):
@@ -185,13 +188,19 @@ def _split_path(argument: str, prefix: str) -> tuple[str, str]:
 
 def _find_path_end(text: str) -> int:
     """
-    Index of the C{>} closing the path, skipping any inside a quoted string.
+    Index of the C{>} closing the path, skipping any inside a quoted string
+    or an address literal (whose dcontent may hold C{>} and C{"}).
     """
     quoted = False
     escaped = False
+    literal = False
     for index, char in enumerate(text):
         if escaped:
             escaped = False
+        elif literal:
+            literal = char != "]"
+        elif char == "[" and not quoted:
+            literal = True
         elif char == "\\" and quoted:
             escaped = True
         elif char == '"':
@@ -299,7 +308,7 @@ def parse_rcpt_to(argument: str, smtputf8: bool) -> RcptTo:
         if not notify <= valid or ("NEVER" in notify and len(notify) > 1):
             raise _syntax("5.5.4", "Bad NOTIFY parameter")
     path = _strip_source_route(path)
-    if path.casefold() == "postmaster":
+    if path.isascii() and path.lower() == "postmaster":
         return RcptTo(Mailbox(path, ""), params)
     if path == "":
         raise _syntax("5.1.3", "Bad recipient address syntax")
@@ -326,7 +335,8 @@ def parse_bdat(argument: str) -> tuple[int, bool]:
     Parse C{BDAT <size> [LAST]} (RFC 3030).
     """
     words = argument.split()
-    if not words or len(words) > 2 or not words[0].isdigit() or len(words[0]) > 20:
+    size = words[0] if words else ""
+    if len(words) > 2 or not (size.isascii() and size.isdigit()) or len(size) > 20:
         raise _syntax("5.5.4", "Syntax: BDAT <size> [LAST]")
     if len(words) == 2 and words[1].upper() != "LAST":
         raise _syntax("5.5.4", "Syntax: BDAT <size> [LAST]")

@@ -62,6 +62,8 @@ class ProxyHeaderParser:
                 if len(buffer) > _V1_MAX:
                     raise ProxyHeaderError("v1 header too long")
                 return None
+            if end + 2 > _V1_MAX:
+                raise ProxyHeaderError("v1 header too long")
             return _parse_v1(buffer[:end]), buffer[end + 2 :]
         if not V2_SIGNATURE.startswith(buffer[:12]):
             raise ProxyHeaderError("not a PROXY header")
@@ -84,6 +86,10 @@ def _parse_v1(line: bytes) -> ProxiedAddresses:
         return ProxiedAddresses(None, None, 1)
     if len(words) != 6 or words[0] != "PROXY" or words[1] not in ("TCP4", "TCP6"):
         raise ProxyHeaderError("malformed v1 header")
+    if not (words[4].isdigit() and words[5].isdigit()):
+        raise ProxyHeaderError("bad port in v1 header")
+    if "%" in words[2] or "%" in words[3]:
+        raise ProxyHeaderError("zone id in v1 header")
     try:
         source = ipaddress.ip_address(words[2])
         destination = ipaddress.ip_address(words[3])

@@ -516,7 +516,7 @@ class SMTPServerProtocol(Protocol):
         assert checker is not None and self.info is not None
         self._checker = None
         self._sink = None
-        if checker.refusal is not None or sink is None:
+        if not checker.finish() or sink is None:
             refusal = checker.refusal or replies.LOCAL_ERROR
             if sink is not None:
                 sink.abort()
