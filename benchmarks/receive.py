@@ -55,6 +55,9 @@ def smtp_source(port: int, count: int, sessions: int, size: int) -> float:
     return time.monotonic() - started
 
 
+RULE = 'client_networks = ["127.0.0.0/8"]'
+
+
 def gateway_run(count: int, sessions: int, size: int) -> float:
     with tempfile.TemporaryDirectory(prefix="mdgw-bench-") as tmp:
         work = Path(tmp)
