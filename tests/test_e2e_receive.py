@@ -28,6 +28,7 @@ from tests.gatewayproc import (
     free_port,
     queued_files,
     running_gateway,
+    wait_for_port,
 )
 
 pytestmark = pytest.mark.timeout(120)
@@ -506,3 +507,98 @@ def test_bad_config_exits_with_key_paths(tmp_path: Path) -> None:
     assert 'listeners[0].tls: unknown mode "startls"' in output
     assert "limits.message_size: not a size: 'huge'" in output
     assert "Traceback" not in output
+
+
+def test_auth_over_starttls(tmp_path: Path) -> None:
+    """
+    On a listener with AUTH required, AUTH is not offered before STARTTLS
+    and MAIL is refused; after STARTTLS, smtplib logs in (PLAIN and LOGIN,
+    checked through twisted.cred against the users file), a wrong password
+    gets 535 5.7.8, and the message is recorded as ESMTPSA with the user.
+    """
+    users = tmp_path / "users.txt"
+    users.write_text("alice:wonderland\n")
+    port = free_port()
+    spool = tmp_path / "spool"
+    toml = default_toml(
+        port,
+        spool,
+        listener_extra=f'auth = "required"\nauth_users_file = "{users}"',
+    )
+    with running_gateway(tmp_path, toml=toml, port=port) as (gw, port):
+        with smtplib.SMTP("127.0.0.1", port) as client:
+            client.ehlo()
+            assert not client.has_extn("auth")
+            code, _ = client.docmd("MAIL", "FROM:<a@example.com>")
+            assert code == 530
+            client.starttls(context=client_tls())
+            client.ehlo()
+            assert client.has_extn("auth")
+            with pytest.raises(smtplib.SMTPAuthenticationError) as caught:
+                client.login("alice", "wrong")
+            assert caught.value.smtp_code == 535
+            client.login("alice", "wonderland")
+            client.sendmail("a@example.com", ["r@example.org"], MESSAGE)
+        for mechanism in ("PLAIN", "LOGIN"):
+            with smtplib.SMTP("127.0.0.1", port) as client:
+                client.starttls(context=client_tls())
+                client.ehlo()
+                client.user, client.password = "alice", "wonderland"
+                code, _ = client.auth(
+                    mechanism, getattr(client, f"auth_{mechanism.lower()}")
+                )
+                assert code == 235
+        (entry,) = queued_files(spool)
+        _, envelope = spooled(spool, entry.stem)
+        assert envelope["protocol"] == "ESMTPSA"
+        assert envelope["authenticated_user"] == "alice"
+
+
+def test_twistd_runs_plugin_and_logs_structured_fields(tmp_path: Path) -> None:
+    """
+    'twistd -n mdgateway --config FILE' runs the gateway too; with twist's
+    JSON log, the queued event carries the message id, session id and client
+    as structured fields.
+    """
+    port = free_port()
+    config = tmp_path / "mdgateway.toml"
+    config.write_text(default_toml(port, tmp_path / "spool"))
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from twisted.scripts.twistd import run; run()",
+            "-n",
+            "--pidfile=",
+            f"--logfile={tmp_path / 'twistd.log'}",
+            "mdgateway",
+            "--config",
+            str(config),
+        ],
+        env=environment(),
+        cwd=str(REPO),
+    )
+    try:
+        wait_for_port(port, proc=proc)
+        with smtplib.SMTP("127.0.0.1", port) as client:
+            client.sendmail("a@example.com", ["r@example.org"], MESSAGE)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert "queued" in (tmp_path / "twistd.log").read_text()
+
+    (tmp_path / "json").mkdir()
+    with running_gateway(tmp_path / "json") as (gw, port):
+        with smtplib.SMTP("127.0.0.1", port) as client:
+            client.ehlo()
+            assert client.mail("a@example.com")[0] == 250
+            assert client.rcpt("r@example.org")[0] == 250
+            _, text = client.data(MESSAGE)
+        queued = [e for e in gw.log_events() if "message_id" in e]
+        assert queued and queued[-1]["message_id"] == queue_id_of(text)
+        assert queued[-1]["client"] == "127.0.0.1"
+        session = queued[-1]["session_id"]
+        assert any(
+            e.get("session_id") == session and "connect from" in e.get("log_format", "")
+            for e in gw.log_events()
+        )
