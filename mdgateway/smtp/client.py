@@ -1,0 +1,1322 @@
+# -*- test-case-name: tests.test_smtp_client -*-
+"""
+Sans-IO ESMTP client session: bytes and calls in, actions out.
+
+L{ClientSession} knows SMTP and nothing about sockets, files or time. The
+thin Twisted shim in L{mdgateway.smtp.clientprotocol} feeds it received
+bytes, timer expiry, TLS and connection events and body chunks, and carries
+out the actions it returns (write, start TLS, arm a timer, stream the body,
+report a result). Everything the relay needs to decide retries and bounces
+is reported, per recipient and per session, in frozen values defined here.
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+import re
+from collections import deque
+from collections.abc import Callable, Iterable
+
+import attrs
+
+from mdgateway.profiles import SmtpTimeouts
+from mdgateway.smtp.dotstuff import DotStuffer
+from mdgateway.smtp.replyparse import Reply, ReplyParser, ReplySyntaxError
+
+#: STARTTLS policies of an SMTP relay profile (see L{SmtpProfile.tls}).
+TLS_POLICIES = ("none", "opportunistic", "required", "verify")
+
+#: Longest wait for the reply to QUIT: it decides nothing, so a silent
+#: server should not hold up the caller for the full EHLO timeout.
+QUIT_TIMEOUT = 30.0
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_TOKEN = re.compile(r"[\x21-\x7e]+")
+
+
+class Stage(enum.Enum):
+    """
+    Where in the session something happened; also names the timeout that
+    applies while waiting there (RFC 5321 section 4.5.3.2).
+    """
+
+    CONNECT = "connect"
+    GREETING = "greeting"
+    EHLO = "ehlo"
+    HELO = "helo"
+    STARTTLS = "starttls"
+    AUTH = "auth"
+    IDLE = "idle"
+    RSET = "rset"
+    MAIL = "mail"
+    RCPT = "rcpt"
+    DATA = "data"
+    BODY = "body"
+    DATA_END = "data_end"
+    BDAT = "bdat"
+    QUIT = "quit"
+    LOCAL = "local"
+
+
+class FailureKind(enum.Enum):
+    """
+    Why a session ended before it could report per-recipient verdicts.
+    """
+
+    #: Could not connect: refused, unreachable, no address, connect timeout.
+    CONNECT = "connect"
+    #: TLS handshake or certificate check failed, or the policy demanded
+    #: STARTTLS and the server did not offer or refused it.
+    TLS = "tls"
+    #: The greeting was not 220 (4xx, 554, ...).
+    GREETING = "greeting"
+    #: EHLO and HELO were refused.
+    HELO = "helo"
+    #: Authentication failed, or could not be done safely (no TLS, no
+    #: supported mechanism).
+    AUTH = "auth"
+    #: The server said 421 (closing the transmission channel).
+    CLOSING = "closing"
+    #: No reply (or no progress writing the body) within the timeout.
+    TIMEOUT = "timeout"
+    #: The peer hung up or reset the connection.
+    LOST = "lost"
+    #: The server broke the protocol (malformed or unexpected reply).
+    PROTOCOL = "protocol"
+    #: The message body could not be read locally.
+    BODY = "body"
+    #: The caller aborted the session.
+    ABORTED = "aborted"
+
+
+def _no_control(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
+    if _CONTROL.search(value):
+        raise ValueError(f"{attribute.name} must not contain control characters")
+
+
+def _optional_token(
+    instance: object, attribute: attrs.Attribute[str | None], value: str | None
+) -> None:
+    if value is not None and not _TOKEN.fullmatch(value):
+        raise ValueError(f"{attribute.name} must be printable ASCII without spaces")
+
+
+def _helo_name(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
+    if not _TOKEN.fullmatch(value):
+        raise ValueError("helo must be a domain or address literal without spaces")
+
+
+@attrs.frozen
+class Credentials:
+    """
+    AUTH credentials; only ever sent under TLS.
+    """
+
+    user: str = attrs.field(validator=_no_control)
+    password: str = attrs.field(repr=False, validator=_no_control)
+
+
+@attrs.frozen
+class SessionConfig:
+    """
+    What one session needs to know before it starts.
+
+    @ivar helo: the name for EHLO/HELO (C{sender_helo_domain}).
+    @ivar tls: one of L{TLS_POLICIES}.
+    @ivar implicit_tls: C{True} when the connection is TLS from the first
+        byte (C{smtps://}); no STARTTLS then, and AUTH is allowed.
+    @ivar credentials: AUTH PLAIN/LOGIN credentials, or C{None}.
+    """
+
+    helo: str = attrs.field(validator=_helo_name)
+    tls: str = attrs.field(
+        default="opportunistic", validator=attrs.validators.in_(TLS_POLICIES)
+    )
+    implicit_tls: bool = False
+    credentials: Credentials | None = None
+    timeouts: SmtpTimeouts = SmtpTimeouts()
+
+
+@attrs.frozen
+class Recipient:
+    """
+    One envelope recipient with its optional DSN parameters (RFC 3461),
+    given already encoded (xtext) as they go on the wire.
+    """
+
+    address: str = attrs.field(validator=_no_control)
+    notify: str | None = attrs.field(default=None, validator=_optional_token)
+    orcpt: str | None = attrs.field(default=None, validator=_optional_token)
+
+
+def _recipients(values: Iterable[str | Recipient]) -> tuple[Recipient, ...]:
+    return tuple(v if isinstance(v, Recipient) else Recipient(v) for v in values)
+
+
+def _not_empty(
+    instance: object,
+    attribute: attrs.Attribute[tuple[Recipient, ...]],
+    value: tuple[Recipient, ...],
+) -> None:
+    if not value:
+        raise ValueError("an envelope needs at least one recipient")
+
+
+@attrs.frozen
+class Envelope:
+    """
+    One transaction's envelope.
+
+    @ivar mail_from: the reverse path without brackets; C{""} is the null
+        sender.
+    @ivar recipients: recipients in order; plain strings are accepted.
+    @ivar eight_bit: the body has 8-bit content (needs C{8BITMIME}).
+    @ivar smtputf8: the message needs C{SMTPUTF8} (UTF-8 headers); non-ASCII
+        addresses turn this on by themselves.
+    @ivar ret: DSN C{RET} value (C{FULL} or C{HDRS}).
+    @ivar envid: DSN C{ENVID} value, xtext-encoded.
+    """
+
+    mail_from: str = attrs.field(validator=_no_control)
+    recipients: tuple[Recipient, ...] = attrs.field(
+        converter=_recipients, validator=_not_empty
+    )
+    eight_bit: bool = False
+    smtputf8: bool = False
+    ret: str | None = attrs.field(default=None, validator=_optional_token)
+    envid: str | None = attrs.field(default=None, validator=_optional_token)
+
+    @property
+    def needs_smtputf8(self) -> bool:
+        """
+        C{True} if the flag is set or any address is not ASCII.
+        """
+        addresses = [self.mail_from] + [r.address for r in self.recipients]
+        return self.smtputf8 or not all(a.isascii() for a in addresses)
+
+
+@attrs.frozen
+class FileRegion:
+    """
+    Part of a file, sent as is: C{length} bytes from C{offset}, or to the
+    end of the file when C{length} is C{None}.
+    """
+
+    path: str
+    offset: int = attrs.field(default=0, validator=attrs.validators.ge(0))
+    length: int | None = None
+
+
+@attrs.frozen
+class Chunks:
+    """
+    Body bytes from an iterable of chunks (read once); C{size}, if known,
+    feeds C{SIZE=}.
+    """
+
+    chunks: Iterable[bytes] = attrs.field(eq=False)
+    size: int | None = None
+
+
+@attrs.frozen
+class MessageBody:
+    """
+    A message as a sequence of parts sent one after the other, so a caller
+    can put new header bytes in front of a spooled file without copying it.
+
+    Line ends should already be CRLF (the spool stores them so). On the
+    DATA path dot-stuffing and CRLF repair happen while streaming; BDAT
+    sends the bytes unchanged.
+    """
+
+    parts: tuple[bytes | FileRegion | Chunks, ...]
+
+    @classmethod
+    def from_file(cls, path: str, offset: int = 0, prefix: bytes = b"") -> MessageBody:
+        """
+        The file's contents from C{offset} on, after C{prefix}.
+        """
+        region = FileRegion(path, offset)
+        return cls((prefix, region) if prefix else (region,))
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> MessageBody:
+        """
+        A body held in memory (small messages, tests, bounces).
+        """
+        return cls((data,))
+
+    @classmethod
+    def from_chunks(
+        cls, chunks: Iterable[bytes], size: int | None = None
+    ) -> MessageBody:
+        """
+        A body produced by an iterable of byte chunks.
+        """
+        return cls((Chunks(chunks, size),))
+
+
+@attrs.frozen
+class ServerInfo:
+    """
+    What the client learnt about the server during session setup.
+
+    @ivar greeting: the 220 greeting.
+    @ivar ehlo: the last EHLO (or HELO) reply.
+    @ivar esmtp: C{False} when the server only took HELO.
+    @ivar extensions: EHLO keywords (upper case) and their parameters.
+    @ivar tls: the session runs over TLS (STARTTLS or implicit).
+    @ivar tls_verified: the certificate and name were checked.
+    @ivar auth_mechanism: C{PLAIN} or C{LOGIN} once authenticated.
+    """
+
+    greeting: Reply | None = None
+    ehlo: Reply | None = None
+    esmtp: bool = False
+    extensions: tuple[tuple[str, str], ...] = ()
+    tls: bool = False
+    tls_verified: bool = False
+    tls_version: str | None = None
+    tls_cipher: str | None = None
+    auth_mechanism: str | None = None
+
+    def extension(self, keyword: str) -> str | None:
+        """
+        Return the parameters of an advertised extension, C{None} if absent.
+        """
+        keyword = keyword.upper()
+        for name, params in self.extensions:
+            if name == keyword:
+                return params
+        return None
+
+    def has(self, keyword: str) -> bool:
+        """
+        C{True} if the server advertised the extension.
+        """
+        return self.extension(keyword) is not None
+
+    @property
+    def size_limit(self) -> int | None:
+        """
+        The C{SIZE} limit, or C{None} if none was announced.
+        """
+        value = self.extension("SIZE")
+        if value is None or not value.strip().isdigit():
+            return None
+        limit = int(value.strip())
+        return limit or None
+
+
+@attrs.frozen
+class RecipientResult:
+    """
+    The final verdict on one recipient in one transaction.
+
+    @ivar stage: which reply decided it: C{RCPT} (refused at RCPT),
+        C{MAIL} (the sender was refused), C{DATA} (the DATA command was
+        refused), C{DATA_END} or C{BDAT} (verdict on the message), or
+        C{LOCAL} (refused here before sending, e.g. missing extension).
+    """
+
+    address: str
+    code: int
+    enhanced: str | None
+    text: str
+    stage: Stage
+
+    @classmethod
+    def from_reply(cls, address: str, reply: Reply, stage: Stage) -> RecipientResult:
+        """
+        Build a verdict from a server reply.
+        """
+        return cls(address, reply.code, reply.enhanced, reply.text, stage)
+
+    @property
+    def delivered(self) -> bool:
+        """C{True} when the server took responsibility (2xx)."""
+        return 200 <= self.code < 300
+
+    @property
+    def transient(self) -> bool:
+        """C{True} for a 4xx verdict: try again later."""
+        return 400 <= self.code < 500
+
+    @property
+    def permanent(self) -> bool:
+        """C{True} for a 5xx verdict: bounce."""
+        return self.code >= 500
+
+
+@attrs.frozen
+class TransactionResult:
+    """
+    The outcome of one MAIL/RCPT/DATA transaction: a verdict per recipient.
+
+    @ivar recipients: one L{RecipientResult} per envelope recipient, in
+        order.
+    @ivar mail_reply: the reply to MAIL, C{None} if refused locally.
+    @ivar data_reply: the reply that settled the message for the accepted
+        recipients (DATA refusal, end of data or BDAT), if any.
+    @ivar dsn: the DSN parameters were passed on (the server offers DSN);
+        if C{False} the relay may owe the sender a "relayed" DSN.
+    """
+
+    server: ServerInfo
+    recipients: tuple[RecipientResult, ...]
+    mail_reply: Reply | None = None
+    data_reply: Reply | None = None
+    dsn: bool = False
+
+    @property
+    def delivered(self) -> tuple[RecipientResult, ...]:
+        """Recipients the server accepted the message for."""
+        return tuple(r for r in self.recipients if r.delivered)
+
+    @property
+    def transient(self) -> tuple[RecipientResult, ...]:
+        """Recipients to retry later."""
+        return tuple(r for r in self.recipients if r.transient)
+
+    @property
+    def permanent(self) -> tuple[RecipientResult, ...]:
+        """Recipients to bounce."""
+        return tuple(r for r in self.recipients if r.permanent)
+
+
+@attrs.frozen
+class SessionFailure:
+    """
+    The session ended without verdicts for the transaction in progress.
+
+    No recipient of that transaction was delivered (a loss right after the
+    end of data may still have delivered it: at-least-once). The relay
+    decides what to do; L{next_server} says when another server of the
+    profile should be tried first.
+
+    @ivar recipients: verdicts already final when the session ended
+        (recipients refused at RCPT), so they need not be retried.
+    """
+
+    kind: FailureKind
+    stage: Stage
+    message: str
+    reply: Reply | None = None
+    recipients: tuple[RecipientResult, ...] = ()
+
+    @property
+    def next_server(self) -> bool:
+        """
+        C{True} for connection, TLS and greeting failures: this server could
+        not even start a session, so another one may.
+        """
+        return self.kind in (FailureKind.CONNECT, FailureKind.TLS, FailureKind.GREETING)
+
+    def __str__(self) -> str:
+        text = f"{self.kind.value} at {self.stage.value}: {self.message}"
+        return f"{text} ({self.reply})" if self.reply is not None else text
+
+
+class SmtpSessionError(Exception):
+    """
+    Raised when a session fails; carries the L{SessionFailure}.
+    """
+
+    def __init__(self, failure: SessionFailure) -> None:
+        super().__init__(str(failure))
+        self.failure = failure
+
+
+# Actions: what the shim must do. ----------------------------------------
+
+
+@attrs.frozen
+class Send:
+    """
+    Write bytes. C{secret} marks AUTH lines that must never be logged.
+    """
+
+    data: bytes = attrs.field(repr=lambda d: f"<{len(d)} bytes>")
+    secret: bool = False
+
+
+@attrs.frozen
+class StartTLS:
+    """
+    Start TLS on the transport now (the server said 220 to STARTTLS);
+    bytes sent after this go through TLS.
+    """
+
+
+@attrs.frozen
+class ArmTimer:
+    """
+    (Re)start the single session timer; on expiry call
+    L{ClientSession.timer_expired}.
+    """
+
+    seconds: float
+    stage: Stage
+
+
+@attrs.frozen
+class CancelTimer:
+    """
+    Stop the session timer.
+    """
+
+
+@attrs.frozen
+class StartBody:
+    """
+    Start streaming the body: pass chunks to L{ClientSession.body_chunk}
+    while L{ClientSession.wants_body} is true, then call
+    L{ClientSession.body_end} once.
+    """
+
+    bdat: bool
+
+
+@attrs.frozen
+class ResumeBody:
+    """
+    L{ClientSession.wants_body} became true again (a BDAT reply arrived).
+    """
+
+
+@attrs.frozen
+class StopBody:
+    """
+    Stop streaming and drop the body source: the server refused it.
+    """
+
+
+@attrs.frozen
+class SessionReady:
+    """
+    The session is set up; transactions may start.
+    """
+
+    info: ServerInfo
+
+
+@attrs.frozen
+class TransactionDone:
+    """
+    The transaction started last is finished.
+    """
+
+    result: TransactionResult
+
+
+@attrs.frozen
+class SessionFailed:
+    """
+    The session is over because of C{failure}; it accepts nothing more.
+    """
+
+    failure: SessionFailure
+
+
+@attrs.frozen
+class Close:
+    """
+    Close the connection: C{abort} drops it at once, otherwise pending
+    writes (a final C{QUIT}) are flushed first.
+    """
+
+    abort: bool = False
+
+
+@attrs.frozen
+class QuitDone:
+    """
+    The session ended at the caller's request.
+    """
+
+
+Action = (
+    Send
+    | StartTLS
+    | ArmTimer
+    | CancelTimer
+    | StartBody
+    | ResumeBody
+    | StopBody
+    | SessionReady
+    | TransactionDone
+    | SessionFailed
+    | Close
+    | QuitDone
+)
+
+_Handler = Callable[[Reply], list[Action]]
+
+
+class _State(enum.Enum):
+    NEW = "new"
+    SETUP = "setup"
+    READY = "ready"
+    TRANSACTION = "transaction"
+    QUITTING = "quitting"
+    CLOSED = "closed"
+
+
+@attrs.define
+class _Command:
+    line: bytes
+    stage: Stage
+    handler: _Handler
+
+
+@attrs.define
+class _Transaction:
+    envelope: Envelope
+    bdat: bool
+    dsn: bool
+    mail_reply: Reply | None = None
+    rcpt_replies: list[Reply | None] = attrs.Factory(list)
+    data_reply: Reply | None = None
+    data_stage: Stage = Stage.DATA
+    done: bool = False
+    body_started: bool = False
+    streaming: bool = False
+    stuffer: DotStuffer | None = None
+    held: bytes | None = None
+    waiting: bool = False
+    #: A recipient probe: MAIL and RCPT only, never DATA.
+    probe: bool = False
+
+    @property
+    def mail_ok(self) -> bool:
+        return self.mail_reply is not None and self.mail_reply.code // 100 == 2
+
+    @property
+    def accepted(self) -> bool:
+        return self.mail_ok and any(
+            r is not None and r.code // 100 == 2 for r in self.rcpt_replies
+        )
+
+
+def _local_refusal(
+    envelope: Envelope, code: int, enhanced: str, text: str
+) -> tuple[RecipientResult, ...]:
+    return tuple(
+        RecipientResult(r.address, code, enhanced, text, Stage.LOCAL)
+        for r in envelope.recipients
+    )
+
+
+class ClientSession:
+    """
+    The client side of one SMTP connection, as a pure state machine.
+
+    Inputs are method calls; each returns the L{Action}s to carry out, in
+    order. One transaction runs at a time; after L{TransactionDone} the
+    session is ready for another (an C{RSET} goes first) or for L{quit}.
+    """
+
+    def __init__(self, config: SessionConfig) -> None:
+        self.config = config
+        self._parser = ReplyParser()
+        self._state = _State.NEW
+        self._outstanding: deque[_Command] = deque()
+        self._unsent: deque[_Command] = deque()
+        self._pipelining = False
+        self._tls = config.implicit_tls
+        self._info = ServerInfo(
+            tls=config.implicit_tls,
+            tls_verified=config.implicit_tls and config.tls == "verify",
+        )
+        self._txn: _Transaction | None = None
+        self._transactions = 0
+        self._login_step = 0
+        self._replying: Stage | None = None
+        self.failure: SessionFailure | None = None
+
+    # Introspection -------------------------------------------------------
+
+    @property
+    def info(self) -> ServerInfo:
+        """
+        What is known about the server so far.
+        """
+        return self._info
+
+    @property
+    def ready(self) -> bool:
+        """
+        C{True} when a transaction may start.
+        """
+        return self._state is _State.READY
+
+    @property
+    def closed(self) -> bool:
+        """
+        C{True} once the session is over (failed, quit or lost).
+        """
+        return self._state is _State.CLOSED
+
+    @property
+    def stage(self) -> Stage:
+        """
+        What the session is waiting for now.
+        """
+        if self._outstanding:
+            return self._outstanding[0].stage
+        if self._txn is not None and self._txn.streaming:
+            return Stage.BODY
+        if self._state is _State.NEW:
+            return Stage.CONNECT
+        return Stage.IDLE
+
+    @property
+    def wants_body(self) -> bool:
+        """
+        C{True} while the body streams and the next chunk may be sent.
+        """
+        txn = self._txn
+        return (
+            self._state is _State.TRANSACTION
+            and txn is not None
+            and txn.streaming
+            and not txn.waiting
+        )
+
+    # Connection events ---------------------------------------------------
+
+    def connection_made(self) -> list[Action]:
+        """
+        The connection is up; wait for the greeting.
+        """
+        self._state = _State.SETUP
+        self._outstanding.append(_Command(b"", Stage.GREETING, self._on_greeting))
+        return [self._arm()]
+
+    def tls_established(self, version: str | None, cipher: str | None) -> list[Action]:
+        """
+        The TLS handshake completed (for the record in L{ServerInfo}).
+        """
+        self._info = attrs.evolve(self._info, tls_version=version, tls_cipher=cipher)
+        return []
+
+    def connection_lost(self, tls_error: bool, detail: str) -> list[Action]:
+        """
+        The connection is gone. C{tls_error} says the TLS layer failed (a
+        handshake or certificate check error, or a loss before the
+        handshake finished).
+        """
+        if self._state is _State.CLOSED:
+            return []
+        if self._state is _State.QUITTING:
+            self._state = _State.CLOSED
+            return [CancelTimer(), QuitDone()]
+        kind = FailureKind.TLS if tls_error else FailureKind.LOST
+        return self._fail(kind, f"connection lost: {detail}", close="none")
+
+    def timer_expired(self) -> list[Action]:
+        """
+        The timer armed last ran out.
+        """
+        if self._state is _State.CLOSED:
+            return []
+        if self._state is _State.QUITTING:
+            self._state = _State.CLOSED
+            return [Close(abort=True), QuitDone()]
+        stage = self.stage
+        return self._fail(FailureKind.TIMEOUT, f"no progress at {stage.value}")
+
+    def abort(self, why: str = "aborted by the caller") -> list[Action]:
+        """
+        Give up at once.
+        """
+        if self._state is _State.CLOSED:
+            return []
+        if self._state is _State.QUITTING:
+            self._state = _State.CLOSED
+            return [CancelTimer(), Close(abort=True), QuitDone()]
+        return self._fail(FailureKind.ABORTED, why)
+
+    def data_received(self, data: bytes) -> list[Action]:
+        """
+        Bytes from the server.
+        """
+        if self._state is _State.CLOSED:
+            return []
+        self._parser.feed(data)
+        actions: list[Action] = []
+        while self._state is not _State.CLOSED:
+            try:
+                reply = self._parser.next_reply()
+            except ReplySyntaxError as e:
+                actions += self._fail(FailureKind.PROTOCOL, str(e))
+                break
+            if reply is None:
+                break
+            actions += self._on_reply(reply)
+        return actions
+
+    # Caller requests -----------------------------------------------------
+
+    def start_transaction(
+        self, envelope: Envelope, size: int | None, probe: bool = False
+    ) -> list[Action]:
+        """
+        Send one message's envelope.
+
+        @param size: the body size in bytes for C{SIZE=}, if known.
+        @param probe: send only MAIL and RCPT and report the RCPT replies
+            (recipient verification); the next transaction starts with RSET.
+        @raise RuntimeError: the session is not ready.
+        """
+        if self._state is not _State.READY:
+            raise RuntimeError(f"cannot start a transaction while {self._state.value}")
+        info = self._info
+        smtputf8 = envelope.needs_smtputf8
+        if smtputf8 and not info.has("SMTPUTF8"):
+            return self._refuse_locally(
+                envelope, 554, "5.6.7", "the server does not support SMTPUTF8"
+            )
+        if envelope.eight_bit and not info.has("8BITMIME"):
+            return self._refuse_locally(
+                envelope, 554, "5.6.3", "the server does not support 8BITMIME"
+            )
+        limit = info.size_limit
+        if limit is not None and size is not None and size > limit:
+            return self._refuse_locally(
+                envelope,
+                552,
+                "5.3.4",
+                f"message size {size} exceeds the server's limit of {limit}",
+            )
+
+        dsn = info.has("DSN")
+        txn = _Transaction(
+            envelope,
+            bdat=info.has("CHUNKING") and not probe,
+            dsn=dsn,
+            rcpt_replies=[None] * len(envelope.recipients),
+            probe=probe,
+        )
+        self._txn = txn
+        self._state = _State.TRANSACTION
+        self._pipelining = info.has("PIPELINING")
+
+        mail = b"MAIL FROM:<" + envelope.mail_from.encode("utf-8") + b">"
+        if size is not None and info.has("SIZE"):
+            mail += b" SIZE=%d" % size
+        if envelope.eight_bit:
+            mail += b" BODY=8BITMIME"
+        if smtputf8:
+            mail += b" SMTPUTF8"
+        if dsn and envelope.ret is not None:
+            mail += b" RET=" + envelope.ret.encode("ascii")
+        if dsn and envelope.envid is not None:
+            mail += b" ENVID=" + envelope.envid.encode("ascii")
+
+        commands: list[_Command] = []
+        if self._transactions:
+            commands.append(_Command(b"RSET", Stage.RSET, self._on_rset))
+        commands.append(_Command(mail, Stage.MAIL, self._on_mail))
+        for index, rcpt in enumerate(envelope.recipients):
+            line = b"RCPT TO:<" + rcpt.address.encode("utf-8") + b">"
+            if dsn and rcpt.notify is not None:
+                line += b" NOTIFY=" + rcpt.notify.encode("ascii")
+            if dsn and rcpt.orcpt is not None:
+                line += b" ORCPT=" + rcpt.orcpt.encode("ascii")
+            commands.append(_Command(line, Stage.RCPT, self._rcpt_handler(index)))
+        if not txn.bdat and not probe:
+            commands.append(_Command(b"DATA", Stage.DATA, self._on_data))
+        self._transactions += 1
+
+        if self._pipelining:
+            # RFC 2920: RSET, MAIL and RCPT may appear anywhere in a group,
+            # DATA only last. The body itself waits for the 354.
+            self._outstanding.extend(commands)
+            wire = b"".join(c.line + b"\r\n" for c in commands)
+            return [Send(wire), self._arm()]
+        self._unsent.extend(commands)
+        return self._advance()
+
+    def body_chunk(self, chunk: bytes) -> list[Action]:
+        """
+        The next piece of the body (only while L{wants_body}).
+        """
+        txn = self._txn
+        if txn is None or not txn.streaming:
+            raise RuntimeError("the body is not being streamed")
+        if not chunk:
+            return []
+        timer = ArmTimer(self.config.timeouts.data_block, Stage.BODY)
+        if not txn.bdat:
+            assert txn.stuffer is not None
+            return [Send(txn.stuffer.encode(chunk)), timer]
+        # BDAT: hold one chunk back so the last one can carry LAST.
+        held, txn.held = txn.held, chunk
+        if not held:
+            return [timer]
+        self._outstanding.append(_Command(b"", Stage.BDAT, self._on_bdat))
+        if not self._pipelining:
+            txn.waiting = True
+        return [Send(b"BDAT %d\r\n" % len(held) + held), timer]
+
+    def body_end(self) -> list[Action]:
+        """
+        The body source is exhausted.
+        """
+        txn = self._txn
+        if txn is None or not txn.streaming:
+            raise RuntimeError("the body is not being streamed")
+        txn.streaming = False
+        if not txn.bdat:
+            assert txn.stuffer is not None
+            data = txn.stuffer.finish()
+            self._outstanding.append(_Command(b"", Stage.DATA_END, self._on_data_end))
+        else:
+            held = txn.held or b""
+            txn.held = None
+            data = b"BDAT %d LAST\r\n" % len(held) + held
+            # The verdict on the whole message: DATA_END names its timeout.
+            self._outstanding.append(_Command(b"", Stage.DATA_END, self._on_bdat_last))
+        return [Send(data), self._arm()]
+
+    def body_failed(self, detail: str) -> list[Action]:
+        """
+        The body could not be read; the half-sent message cannot be
+        finished, so the session ends.
+        """
+        return self._fail(FailureKind.BODY, detail)
+
+    def quit(self) -> list[Action]:
+        """
+        End the session politely.
+
+        @raise RuntimeError: a transaction or the setup is in progress
+            (use L{abort} to give up then).
+        """
+        if self._state is _State.CLOSED:
+            return [QuitDone()]
+        if self._state is not _State.READY:
+            raise RuntimeError(f"cannot QUIT while {self._state.value}")
+        self._state = _State.QUITTING
+        self._outstanding.append(_Command(b"QUIT", Stage.QUIT, self._on_quit))
+        return [Send(b"QUIT\r\n"), self._arm()]
+
+    # Machinery -----------------------------------------------------------
+
+    def _arm(self) -> ArmTimer:
+        stage = self.stage
+        t = self.config.timeouts
+        seconds = {
+            Stage.GREETING: t.greeting,
+            Stage.MAIL: t.mail,
+            Stage.RSET: t.mail,
+            Stage.RCPT: t.rcpt,
+            Stage.DATA: t.data_init,
+            Stage.BODY: t.data_block,
+            Stage.BDAT: t.data_block,
+            Stage.DATA_END: t.data_term,
+            Stage.QUIT: min(t.ehlo, QUIT_TIMEOUT),
+        }.get(stage, t.ehlo)
+        return ArmTimer(seconds, stage)
+
+    def _send(self, command: _Command, secret: bool = False) -> list[Action]:
+        self._outstanding.append(command)
+        return [Send(command.line + b"\r\n", secret), self._arm()]
+
+    def _on_reply(self, reply: Reply) -> list[Action]:
+        if not self._outstanding:
+            if reply.code == 421:
+                return self._fail(
+                    FailureKind.CLOSING, "the server is closing", reply, close="close"
+                )
+            return self._fail(FailureKind.PROTOCOL, "unexpected reply", reply)
+        command = self._outstanding.popleft()
+        self._replying = command.stage
+        try:
+            if reply.code == 421 and command.stage is not Stage.QUIT:
+                # 421 ends the session whatever was asked (RFC 5321 3.8).
+                kind = (
+                    FailureKind.GREETING
+                    if command.stage is Stage.GREETING
+                    else FailureKind.CLOSING
+                )
+                return self._fail(kind, "the server is closing", reply, close="close")
+            actions = command.handler(reply)
+        finally:
+            self._replying = None
+        if self._state is not _State.TRANSACTION:
+            return actions
+        return actions + self._advance()
+
+    def _advance(self) -> list[Action]:
+        """
+        After a reply: send the next unpipelined command, start the body or
+        finish the transaction, and keep the timer on what we wait for.
+        """
+        txn = self._txn
+        assert txn is not None
+        if self._outstanding:
+            return [self._arm()]
+        if txn.streaming:
+            return []
+        if txn.probe and not self._unsent:
+            txn.done = True
+        if self._unsent and not txn.done:
+            command = self._unsent.popleft()
+            if command.stage is Stage.DATA and not txn.accepted:
+                txn.done = True
+                self._unsent.clear()
+            else:
+                return self._send(command)
+        if not txn.done and txn.bdat and not txn.body_started:
+            if txn.accepted:
+                txn.body_started = txn.streaming = True
+                return [
+                    StartBody(bdat=True),
+                    ArmTimer(self.config.timeouts.data_block, Stage.BODY),
+                ]
+            txn.done = True
+        if txn.done:
+            return self._finish()
+        return []
+
+    def _finish(self) -> list[Action]:
+        txn = self._txn
+        assert txn is not None
+        results = []
+        for index, rcpt in enumerate(txn.envelope.recipients):
+            if not txn.mail_ok:
+                assert txn.mail_reply is not None
+                results.append(
+                    RecipientResult.from_reply(rcpt.address, txn.mail_reply, Stage.MAIL)
+                )
+                continue
+            reply = txn.rcpt_replies[index]
+            if reply is None:
+                return self._fail(FailureKind.PROTOCOL, "a RCPT reply is missing")
+            if reply.code // 100 != 2 or txn.probe:
+                results.append(
+                    RecipientResult.from_reply(rcpt.address, reply, Stage.RCPT)
+                )
+            elif txn.data_reply is None:
+                return self._fail(FailureKind.PROTOCOL, "no verdict on the message")
+            else:
+                results.append(
+                    RecipientResult.from_reply(
+                        rcpt.address, txn.data_reply, txn.data_stage
+                    )
+                )
+        self._txn = None
+        self._state = _State.READY
+        result = TransactionResult(
+            server=self._info,
+            recipients=tuple(results),
+            mail_reply=txn.mail_reply,
+            data_reply=txn.data_reply,
+            dsn=txn.dsn,
+        )
+        return [CancelTimer(), TransactionDone(result)]
+
+    def _refuse_locally(
+        self, envelope: Envelope, code: int, enhanced: str, text: str
+    ) -> list[Action]:
+        result = TransactionResult(
+            server=self._info,
+            recipients=_local_refusal(envelope, code, enhanced, text),
+        )
+        return [TransactionDone(result)]
+
+    def _fail(
+        self,
+        kind: FailureKind,
+        message: str,
+        reply: Reply | None = None,
+        *,
+        close: str = "abort",
+    ) -> list[Action]:
+        """
+        End the session. C{close}: C{abort} drops the connection, C{close}
+        closes it after pending writes, C{quit} says QUIT first, C{none}
+        leaves it (already gone).
+        """
+        stage = self._replying or self.stage
+        partial: tuple[RecipientResult, ...] = ()
+        actions: list[Action] = [CancelTimer()]
+        txn = self._txn
+        if txn is not None:
+            if txn.streaming:
+                actions.append(StopBody())
+            if txn.mail_ok:
+                partial = tuple(
+                    RecipientResult.from_reply(r.address, rr, Stage.RCPT)
+                    for r, rr in zip(
+                        txn.envelope.recipients, txn.rcpt_replies, strict=True
+                    )
+                    if rr is not None and rr.code // 100 != 2
+                )
+            elif txn.mail_reply is not None and txn.mail_reply.code // 100 == 5:
+                partial = tuple(
+                    RecipientResult.from_reply(r.address, txn.mail_reply, Stage.MAIL)
+                    for r in txn.envelope.recipients
+                )
+            txn.streaming = False
+        self._txn = None
+        self._state = _State.CLOSED
+        self._outstanding.clear()
+        self._unsent.clear()
+        failure = SessionFailure(kind, stage, message, reply, partial)
+        self.failure = failure
+        if close == "quit":
+            actions.append(Send(b"QUIT\r\n"))
+        if close != "none":
+            actions.append(Close(abort=close == "abort"))
+        actions.append(SessionFailed(failure))
+        return actions
+
+    # Setup replies -------------------------------------------------------
+
+    def _ehlo(self) -> list[Action]:
+        line = b"EHLO " + self.config.helo.encode("ascii")
+        return self._send(_Command(line, Stage.EHLO, self._on_ehlo))
+
+    def _on_greeting(self, reply: Reply) -> list[Action]:
+        self._info = attrs.evolve(self._info, greeting=reply)
+        if reply.code == 220:
+            return self._ehlo()
+        if reply.code >= 400:
+            return self._fail(
+                FailureKind.GREETING,
+                "the server refused the session",
+                reply,
+                close="quit",
+            )
+        return self._fail(FailureKind.PROTOCOL, "unexpected greeting", reply)
+
+    def _on_ehlo(self, reply: Reply) -> list[Action]:
+        if reply.code // 100 == 2:
+            extensions: dict[str, str] = {}
+            for text in reply.lines[1:]:
+                keyword, _, params = text.strip().partition(" ")
+                keyword = keyword.upper()
+                if keyword.startswith("AUTH="):
+                    # Old form "AUTH=LOGIN PLAIN"; merge with "AUTH".
+                    params = (keyword[5:] + " " + params).strip()
+                    keyword = "AUTH"
+                if keyword in extensions and params:
+                    params = (extensions[keyword] + " " + params).strip()
+                if keyword:
+                    extensions[keyword] = params.strip()
+            self._info = attrs.evolve(
+                self._info,
+                ehlo=reply,
+                esmtp=True,
+                extensions=tuple(extensions.items()),
+            )
+            return self._after_hello()
+        if reply.code >= 500:
+            helo = b"HELO " + self.config.helo.encode("ascii")
+            return self._send(_Command(helo, Stage.HELO, self._on_helo))
+        return self._fail(FailureKind.HELO, "EHLO refused", reply, close="quit")
+
+    def _on_helo(self, reply: Reply) -> list[Action]:
+        if reply.code // 100 != 2:
+            return self._fail(FailureKind.HELO, "HELO refused", reply, close="quit")
+        self._info = attrs.evolve(self._info, ehlo=reply, esmtp=False, extensions=())
+        return self._after_hello()
+
+    def _after_hello(self) -> list[Action]:
+        policy = self.config.tls
+        if not self._tls and policy != "none":
+            if self._info.has("STARTTLS"):
+                return self._send(
+                    _Command(b"STARTTLS", Stage.STARTTLS, self._on_starttls)
+                )
+            if policy in ("required", "verify"):
+                return self._fail(
+                    FailureKind.TLS, "the server does not offer STARTTLS", close="quit"
+                )
+        return self._authenticate()
+
+    def _on_starttls(self, reply: Reply) -> list[Action]:
+        if reply.code == 220:
+            # Anything that came in plaintext behind the 220 may have been
+            # injected; it must not be read as if it came over TLS.
+            self._parser.discard()
+            self._tls = True
+            self._info = ServerInfo(
+                greeting=self._info.greeting,
+                tls=True,
+                tls_verified=self.config.tls == "verify",
+            )
+            return [StartTLS()] + self._ehlo()
+        if self.config.tls == "opportunistic":
+            return self._authenticate()
+        return self._fail(FailureKind.TLS, "STARTTLS refused", reply, close="quit")
+
+    def _authenticate(self) -> list[Action]:
+        credentials = self.config.credentials
+        if credentials is None:
+            return self._ready()
+        if not self._tls:
+            return self._fail(
+                FailureKind.AUTH, "will not send credentials without TLS", close="quit"
+            )
+        mechanisms = (self._info.extension("AUTH") or "").upper().split()
+        if "PLAIN" in mechanisms:
+            token = (
+                b"\0"
+                + credentials.user.encode()
+                + b"\0"
+                + credentials.password.encode()
+            )
+            line = b"AUTH PLAIN " + base64.b64encode(token)
+            return self._send(
+                _Command(line, Stage.AUTH, self._on_auth_plain), secret=True
+            )
+        if "LOGIN" in mechanisms:
+            self._login_step = 0
+            return self._send(_Command(b"AUTH LOGIN", Stage.AUTH, self._on_auth_login))
+        return self._fail(
+            FailureKind.AUTH,
+            "the server offers neither AUTH PLAIN nor LOGIN",
+            close="quit",
+        )
+
+    def _on_auth_plain(self, reply: Reply) -> list[Action]:
+        credentials = self.config.credentials
+        assert credentials is not None
+        if reply.code == 235:
+            return self._authenticated("PLAIN")
+        if reply.code == 334:
+            # The server wants the response after an empty challenge.
+            token = (
+                b"\0"
+                + credentials.user.encode()
+                + b"\0"
+                + credentials.password.encode()
+            )
+            command = _Command(base64.b64encode(token), Stage.AUTH, self._on_auth_plain)
+            return self._send(command, secret=True)
+        return self._fail(
+            FailureKind.AUTH, "authentication failed", reply, close="quit"
+        )
+
+    def _on_auth_login(self, reply: Reply) -> list[Action]:
+        credentials = self.config.credentials
+        assert credentials is not None
+        if reply.code == 235:
+            return self._authenticated("LOGIN")
+        if reply.code == 334 and self._login_step < 2:
+            value = credentials.user if self._login_step == 0 else credentials.password
+            self._login_step += 1
+            line = base64.b64encode(value.encode())
+            return self._send(
+                _Command(line, Stage.AUTH, self._on_auth_login), secret=True
+            )
+        return self._fail(
+            FailureKind.AUTH, "authentication failed", reply, close="quit"
+        )
+
+    def _authenticated(self, mechanism: str) -> list[Action]:
+        self._info = attrs.evolve(self._info, auth_mechanism=mechanism)
+        return self._ready()
+
+    def _ready(self) -> list[Action]:
+        self._state = _State.READY
+        return [CancelTimer(), SessionReady(self._info)]
+
+    # Transaction replies -------------------------------------------------
+
+    def _on_rset(self, reply: Reply) -> list[Action]:
+        if reply.code // 100 != 2:
+            return self._fail(FailureKind.PROTOCOL, "RSET refused", reply)
+        return []
+
+    def _on_mail(self, reply: Reply) -> list[Action]:
+        txn = self._txn
+        assert txn is not None
+        txn.mail_reply = reply
+        if reply.code // 100 != 2:
+            txn.done = True
+            self._unsent.clear()
+        return []
+
+    def _rcpt_handler(self, index: int) -> _Handler:
+        def on_rcpt(reply: Reply) -> list[Action]:
+            txn = self._txn
+            assert txn is not None
+            txn.rcpt_replies[index] = reply
+            return []
+
+        return on_rcpt
+
+    def _on_data(self, reply: Reply) -> list[Action]:
+        txn = self._txn
+        assert txn is not None
+        if reply.code == 354:
+            if txn.done or not txn.accepted:
+                # A server that says 354 with no valid recipient gets an
+                # empty message, whose verdict is then ignored (RFC 2920).
+                txn.done = True
+                self._outstanding.append(_Command(b"", Stage.DATA_END, self._ignore))
+                return [Send(b".\r\n")]
+            txn.body_started = txn.streaming = True
+            txn.stuffer = DotStuffer()
+            return [
+                StartBody(bdat=False),
+                ArmTimer(self.config.timeouts.data_block, Stage.BODY),
+            ]
+        if not txn.done and txn.accepted:
+            txn.data_reply = reply
+            txn.data_stage = Stage.DATA
+        txn.done = True
+        return []
+
+    def _on_data_end(self, reply: Reply) -> list[Action]:
+        txn = self._txn
+        assert txn is not None
+        txn.data_reply = reply
+        txn.data_stage = Stage.DATA_END
+        txn.done = True
+        return []
+
+    def _on_bdat(self, reply: Reply) -> list[Action]:
+        txn = self._txn
+        assert txn is not None
+        if txn.done:
+            return []
+        if reply.code // 100 == 2:
+            if txn.waiting:
+                txn.waiting = False
+                return [ResumeBody()]
+            return []
+        # RFC 3030: after a failed chunk send no more; the RSET before the
+        # next transaction clears the server's state.
+        txn.data_reply = reply
+        txn.data_stage = Stage.BDAT
+        txn.done = True
+        txn.waiting = False
+        actions: list[Action] = []
+        if txn.streaming:
+            txn.streaming = False
+            txn.held = None
+            actions.append(StopBody())
+        return actions
+
+    def _on_bdat_last(self, reply: Reply) -> list[Action]:
+        txn = self._txn
+        assert txn is not None
+        if not txn.done:
+            txn.data_reply = reply
+            txn.data_stage = Stage.BDAT
+            txn.done = True
+        return []
+
+    def _ignore(self, reply: Reply) -> list[Action]:
+        return []
+
+    def _on_quit(self, reply: Reply) -> list[Action]:
+        self._state = _State.CLOSED
+        return [CancelTimer(), Close(), QuitDone()]
