@@ -24,9 +24,10 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
-from mdgateway.admission import RulePolicy
+from mdgateway.admission import CachingVerifier, IRecipientVerifier, RulePolicy
 from mdgateway.config import ConfigError, GatewayConfig, ListenerConfig, load_config
 from mdgateway.gateway import Gateway, IRecipientPolicy
+from mdgateway.relayhosts import DNSPythonResolver
 from mdgateway.smtp.server import SessionSettings
 from mdgateway.smtp.serverprotocol import (
     ProtocolLimits,
@@ -35,6 +36,7 @@ from mdgateway.smtp.serverprotocol import (
 )
 from mdgateway.smtp.tls import server_tls_options
 from mdgateway.spool import Spool
+from mdgateway.verification import SmtpRecipientVerifier
 
 log = Logger()
 
@@ -127,11 +129,14 @@ def build_listener_factory(
     return factory, wrapped
 
 
-def recipient_policy(config: GatewayConfig) -> IRecipientPolicy:
+def recipient_policy(
+    config: GatewayConfig, verifier: IRecipientVerifier | None = None
+) -> IRecipientPolicy:
     """
-    The RCPT-time decision under C{config}: its security rules.
+    The RCPT-time decision under C{config}: its security rules, verifying
+    recipients with C{verifier} where a rule asks for it.
     """
-    return RulePolicy(config.policy)
+    return RulePolicy(config.policy, verifier)
 
 
 class GatewayService(MultiService):
@@ -152,6 +157,16 @@ class GatewayService(MultiService):
             minthreads=1, maxthreads=config.spool.threads, name="mdgateway-spool"
         )
         self.spool = Spool(config.spool.directory, reactor, self.threadpool)
+        # DNS waits can last seconds: they get their own threads, so they
+        # never hold up the spool's fsyncs.
+        self.dns_threadpool = ThreadPool(
+            minthreads=0, maxthreads=4, name="mdgateway-dns"
+        )
+        self.resolver = DNSPythonResolver(reactor, self.dns_threadpool)
+        self.verifier = CachingVerifier(
+            SmtpRecipientVerifier(reactor, config.sender_helo_domain, self.resolver),
+            reactor,
+        )
         checker = None
         auth_files = {
             listener.auth_users_file
@@ -163,7 +178,7 @@ class GatewayService(MultiService):
         self.gateway = Gateway(
             hostname=config.sender_helo_domain,
             spool=self.spool,
-            policy=policy or recipient_policy(config),
+            policy=policy or recipient_policy(config, self.verifier),
             clock=reactor,
             checker=checker,
         )
@@ -175,6 +190,7 @@ class GatewayService(MultiService):
     def startService(self) -> None:
         super().startService()
         self.threadpool.start()
+        self.dns_threadpool.start()
         d = Deferred.fromCoroutine(self._start())
         d.addErrback(self._failed_start)
 
@@ -229,6 +245,7 @@ class GatewayService(MultiService):
                 session.abort()
         await self.spool.close()
         self.threadpool.stop()
+        self.dns_threadpool.stop()
         await super().stopService()
         log.info("stopped")
 
@@ -251,7 +268,7 @@ class GatewayService(MultiService):
                 "listener, TLS and spool changes take effect after a restart; "
                 "rules and limits are applied now"
             )
-        self.gateway.policy = recipient_policy(new)
+        self.gateway.policy = recipient_policy(new, self.verifier)
         self.gateway.hostname = new.sender_helo_domain
         for factory in self.factories:
             for listener in old.listeners:
