@@ -1,0 +1,409 @@
+# -*- test-case-name: tests.test_message_decompose -*-
+"""
+Write the parts of a message that Core scans to files: the body (text and
+HTML parts) and every attachment, inline parts and the parts of attached
+messages included, decoded from their transfer encodings.
+
+This is plain blocking code meant for a worker thread.  It streams: each
+part is read in chunks and decoded incrementally, so memory stays bounded
+for any message size.  When the structure cannot be trusted the whole
+message is offered as one file, C{message.eml}, instead.
+"""
+
+from __future__ import annotations
+
+import binascii
+import enum
+import os
+import shutil
+from os import PathLike
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+import attrs
+
+from mdgateway.message.lines import read_range
+from mdgateway.message.structure import (
+    Defect,
+    Entity,
+    Limits,
+    Structure,
+    parse_structure,
+)
+
+#: The name under which an unreliable message is offered whole.
+WHOLE_MESSAGE_NAME = "message.eml"
+
+_BASE64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+_WHITESPACE = b" \t\r\n"
+#: Extensions for made-up names of unnamed attachments.
+_EXTENSIONS = {
+    "text/plain": ".txt",
+    "text/html": ".html",
+    "text/calendar": ".ics",
+    "text/csv": ".csv",
+    "text/xml": ".xml",
+    "message/rfc822": ".eml",
+    "message/global": ".eml",
+    "message/delivery-status": ".txt",
+    "text/rfc822-headers": ".txt",
+    "application/pkcs7-mime": ".p7m",
+    "application/x-pkcs7-mime": ".p7m",
+    "application/pkcs7-signature": ".p7s",
+    "application/x-pkcs7-signature": ".p7s",
+    "application/pgp-signature": ".asc",
+    "application/pgp-encrypted": ".asc",
+    "application/pdf": ".pdf",
+    "application/zip": ".zip",
+    "application/ms-tnef": ".dat",
+    "image/png": ".png",
+    "image/jpeg": ".jpg",
+    "image/gif": ".gif",
+}
+
+
+class PartKind(enum.Enum):
+    """
+    Whether a part is message text or an attachment.
+    """
+
+    BODY = "body"
+    ATTACHMENT = "attachment"
+
+
+@attrs.frozen
+class ScannablePart:
+    """
+    One decoded part written to disk for Core.
+
+    @ivar part_id: the entity's part id (see L{Entity.part_id}); the key
+        for replacements in L{mdgateway.message.rebuild.rebuild}.
+    @ivar kind: L{PartKind.BODY} for C{text/plain} and C{text/html} parts
+        that are neither C{attachment} nor named; otherwise attachment.
+    @ivar content_type: lowercased C{type/subtype}.
+    @ivar charset: the declared charset, if any.
+    @ivar filename: the decoded, cleaned file name, or a made-up one
+        (C{body.txt}, C{body.html}, C{part-1.2.bin}, ...).
+    @ivar named: whether C{filename} came from the message.
+    @ivar inline: the part is shown in place: disposition C{inline}, or no
+        disposition and body text or a part of C{multipart/related} (inline
+        images).
+    @ivar headers_start: see L{Entity}.
+    @ivar body_start: see L{Entity}.
+    @ivar end: see L{Entity}.
+    @ivar path: the file holding the decoded content.
+    @ivar size: its size in bytes.
+    @ivar in_attached_message: the part belongs to an attached message
+        (C{message/rfc822}), not to the message itself.
+    @ivar signed: changing this part would break an S/MIME or PGP/MIME
+        signature, or the part is an opaque C{pkcs7-mime} blob.
+    """
+
+    part_id: str
+    kind: PartKind
+    content_type: str
+    charset: str | None
+    filename: str
+    named: bool
+    inline: bool
+    headers_start: int
+    body_start: int
+    end: int
+    path: Path
+    size: int
+    in_attached_message: bool
+    signed: bool
+
+
+@attrs.frozen
+class Decomposition:
+    """
+    What to scan, and the structure to rebuild with.
+
+    @ivar parts: the scannable parts in file order; when unreliable, one
+        part, the whole message as C{message.eml}.
+    @ivar structure: the parsed structure (its C{defect} set when
+        unreliable, including for bad base64 found while decoding).
+    """
+
+    parts: tuple[ScannablePart, ...]
+    structure: Structure
+
+    @property
+    def unreliable(self) -> bool:
+        """
+        Whether the parts could not be trusted and the message is offered
+        whole (see L{Decomposition.defect}).
+        """
+        return self.structure.unreliable
+
+    @property
+    def defect(self) -> Defect | None:
+        """
+        Why the message is offered whole, if it is.
+        """
+        return self.structure.defect
+
+    @property
+    def detail(self) -> str:
+        """
+        A human-readable reason for C{defect}.
+        """
+        return self.structure.detail
+
+    @property
+    def signed(self) -> bool:
+        """
+        The message has S/MIME or PGP/MIME signed or encrypted content (see
+        L{Structure.signed}); by default it should not be modified.
+        """
+        return self.structure.signed
+
+
+class _Decoder(Protocol):
+    def feed(self, data: bytes) -> bytes: ...
+
+    def finish(self) -> bytes: ...
+
+
+class _Base64Error(Exception):
+    pass
+
+
+class _Identity:
+    def feed(self, data: bytes) -> bytes:
+        return data
+
+    def finish(self) -> bytes:
+        return b""
+
+
+class _Base64:
+    """
+    Incremental base64 decoding that tolerates line breaks, spaces and
+    missing final padding, and rejects everything else.
+    """
+
+    def __init__(self) -> None:
+        self._pending = b""
+        self._done = False
+
+    def feed(self, data: bytes) -> bytes:
+        data = data.translate(None, _WHITESPACE)
+        if not data:
+            return b""
+        if self._done:
+            if data.strip(b"="):
+                raise _Base64Error("data after the padding")
+            return b""
+        if data.translate(None, _BASE64_ALPHABET).strip(b"="):
+            raise _Base64Error("characters outside the base64 alphabet")
+        data = self._pending + data
+        pad = data.find(b"=")
+        if pad >= 0:
+            if data[pad:].strip(b"="):
+                raise _Base64Error("data after the padding")
+            if pad % 4 < 2:
+                raise _Base64Error("misplaced padding")
+            self._done = True
+            self._pending = b""
+            return _decode_base64(data[:pad])
+        whole = len(data) - len(data) % 4
+        self._pending = data[whole:]
+        return binascii.a2b_base64(data[:whole])
+
+    def finish(self) -> bytes:
+        if len(self._pending) % 4 == 1:
+            raise _Base64Error("truncated data")
+        return _decode_base64(self._pending)
+
+
+def _decode_base64(data: bytes) -> bytes:
+    if len(data) % 4 == 1:
+        raise _Base64Error("truncated data")
+    return binascii.a2b_base64(data + b"=" * (-len(data) % 4))
+
+
+class _QuotedPrintable:
+    """
+    Incremental quoted-printable decoding, cutting only where no escape or
+    soft line break can be split.
+    """
+
+    def __init__(self) -> None:
+        self._pending = b""
+
+    def feed(self, data: bytes) -> bytes:
+        data = self._pending + data
+        cut = data.rfind(b"\r\n") + 2
+        if cut < 2:
+            cut = len(data)
+            equals = data.rfind(b"=", max(0, cut - 3))
+            if equals >= 0:
+                cut = equals
+        self._pending = data[cut:]
+        return binascii.a2b_qp(data[:cut])
+
+    def finish(self) -> bytes:
+        data, self._pending = self._pending, b""
+        return binascii.a2b_qp(data)
+
+
+def _decoder(encoding: str) -> _Decoder:
+    if encoding == "base64":
+        return _Base64()
+    if encoding == "quoted-printable":
+        return _QuotedPrintable()
+    return _Identity()
+
+
+def _scannable(root: Entity) -> list[tuple[Entity, Entity | None, bool]]:
+    """
+    The leaves below C{root} in file order, each with its parent and
+    whether it lies inside an attached message.
+    """
+    found: list[tuple[Entity, Entity | None, bool]] = []
+    pending: list[tuple[Entity, Entity | None, bool]] = [(root, None, False)]
+    while pending:
+        entity, parent, attached = pending.pop()
+        if entity.is_leaf:
+            found.append((entity, parent, attached))
+            continue
+        inner = attached or not entity.is_multipart
+        pending.extend((child, entity, inner) for child in reversed(entity.children))
+    return found
+
+
+def _describe(entity: Entity) -> tuple[PartKind, str, bool]:
+    body = (
+        entity.content_type in ("text/plain", "text/html")
+        and entity.disposition != "attachment"
+        and entity.filename is None
+    )
+    if entity.filename is not None:
+        return (
+            PartKind.BODY if body else PartKind.ATTACHMENT,
+            entity.filename,
+            True,
+        )
+    if body:
+        suffix = ".html" if entity.content_type == "text/html" else ".txt"
+        return PartKind.BODY, f"body{suffix}", False
+    extension = _EXTENSIONS.get(entity.content_type, ".bin")
+    return PartKind.ATTACHMENT, f"part-{entity.part_id}{extension}", False
+
+
+def _inline(entity: Entity, parent: Entity | None, kind: PartKind) -> bool:
+    if entity.disposition is not None:
+        return entity.disposition == "inline"
+    related = parent is not None and parent.content_type == "multipart/related"
+    return kind is PartKind.BODY or related
+
+
+def _write_part(
+    source: BinaryIO,
+    entity: Entity,
+    parent: Entity | None,
+    attached: bool,
+    directory: Path,
+) -> ScannablePart:
+    path = directory / f"part-{entity.part_id}"
+    decoder = _decoder(entity.transfer_encoding)
+    size = 0
+    with open(path, "wb") as output:
+        for chunk in read_range(source, entity.body_start, entity.end):
+            data = decoder.feed(chunk)
+            output.write(data)
+            size += len(data)
+        data = decoder.finish()
+        output.write(data)
+        size += len(data)
+    kind, filename, named = _describe(entity)
+    return ScannablePart(
+        part_id=entity.part_id,
+        kind=kind,
+        content_type=entity.content_type,
+        charset=entity.charset,
+        filename=filename,
+        named=named,
+        inline=_inline(entity, parent, kind),
+        headers_start=entity.headers_start,
+        body_start=entity.body_start,
+        end=entity.end,
+        path=path,
+        size=size,
+        in_attached_message=attached,
+        signed=entity.signed,
+    )
+
+
+def _whole(source_path: Path, structure: Structure, directory: Path) -> Decomposition:
+    path = directory / WHOLE_MESSAGE_NAME
+    path.unlink(missing_ok=True)
+    try:
+        os.link(source_path, path)
+    except OSError:
+        shutil.copyfile(source_path, path)
+    part = ScannablePart(
+        part_id="1",
+        kind=PartKind.ATTACHMENT,
+        content_type="message/rfc822",
+        charset=None,
+        filename=WHOLE_MESSAGE_NAME,
+        named=False,
+        inline=False,
+        headers_start=0,
+        body_start=0,
+        end=structure.size,
+        path=path,
+        size=structure.size,
+        in_attached_message=False,
+        signed=structure.signed,
+    )
+    return Decomposition(parts=(part,), structure=structure)
+
+
+def decompose(
+    message: str | PathLike[str],
+    directory: str | PathLike[str],
+    limits: Limits | None = None,
+) -> Decomposition:
+    """
+    Parse a spooled message and write each scannable part, decoded, to
+    C{directory/part-<part id>}.
+
+    Never raises for bad content.  When the structure is unreliable (see
+    L{Defect}), or a base64 part turns out not to be base64, the part files
+    are removed and the message is offered whole as C{directory/message.eml}
+    (a hard link to the spooled file where possible, else a copy).
+
+    @param message: the spooled message file (CRLF lines).
+    @param directory: where the part files go; created if missing.
+    @raise OSError: if a file cannot be read or written.
+    """
+    source_path = Path(message)
+    target = Path(directory)
+    target.mkdir(parents=True, exist_ok=True)
+    with open(source_path, "rb") as source:
+        structure = parse_structure(source, limits)
+        if structure.root is None:
+            return _whole(source_path, structure, target)
+        parts: list[ScannablePart] = []
+        current: Entity | None = None
+        try:
+            for entity, parent, attached in _scannable(structure.root):
+                current = entity
+                parts.append(_write_part(source, entity, parent, attached, target))
+        except _Base64Error as error:
+            for part in parts:
+                part.path.unlink(missing_ok=True)
+            if current is not None:
+                (target / f"part-{current.part_id}").unlink(missing_ok=True)
+            broken = attrs.evolve(
+                structure,
+                root=None,
+                defect=Defect.BAD_BASE64,
+                detail=f"part {current.part_id if current else '?'}: {error}",
+            )
+            return _whole(source_path, broken, target)
+    return Decomposition(parts=tuple(parts), structure=structure)
