@@ -11,6 +11,7 @@ recipient, as the product does.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -31,6 +32,7 @@ log = Logger()
 RECIPIENT_OK = Reply.of(250, "2.1.5", "Ok")
 NO_RULE = Reply.of(550, "5.7.1", "No security rule")
 NO_POLICY = Reply.of(550, "5.1.1", "No policy for recipient")
+SCANNER_BUSY = Reply.of(451, "4.3.2", "Scanning service unavailable, try again later")
 
 #: Verification outcomes.
 ACCEPTED = "accepted"
@@ -126,10 +128,19 @@ class RulePolicy:
     """
 
     def __init__(
-        self, policy: Policy, verifier: IRecipientVerifier | None = None
+        self,
+        policy: Policy,
+        verifier: IRecipientVerifier | None = None,
+        scanning: Callable[[Rule], bool] | None = None,
     ) -> None:
+        """
+        @param scanning: whether the rule's Core profile can take more work
+            now; when not, new recipients get a 4xx instead of piling up
+            mail that cannot be scanned.
+        """
         self.policy = policy
         self.verifier = verifier
+        self.scanning = scanning
 
     def decide(
         self, info: ConnectionInfo, mail: MailFrom, rcpt: RcptTo
@@ -144,6 +155,8 @@ class RulePolicy:
         if not candidates:
             return RecipientDecision(NO_RULE)
         first = candidates[0]
+        if self.scanning is not None and not self.scanning(first):
+            return RecipientDecision(SCANNER_BUSY)
         if not first.recipient_verification or self.verifier is None:
             return RecipientDecision(RECIPIENT_OK, first)
         verifying = tuple(rule for rule in candidates if rule.recipient_verification)

@@ -96,6 +96,36 @@ class SpoolConfig:
 
 
 @attrs.frozen
+class DeliveryConfig:
+    """
+    Processing and relaying after the 250.
+
+    @ivar loop_secret_file: the HMAC key of the processed marker; every
+        instance of a cluster must share it. Created on first start.
+    """
+
+    concurrency: int = 16
+    retry_first: float = 300.0
+    retry_max: float = 3600.0
+    lifetime: float = 5 * 86400.0
+    delay_warning: float | None = None
+    loop_secret_file: str = ""
+    marker_max_age: float = 7 * 86400.0
+
+
+@attrs.frozen
+class EmulatorSettings:
+    """
+    A MetaDefender Core emulator started with the gateway, for trials and
+    tests (the default config scans with it).
+    """
+
+    enabled: bool = False
+    endpoint: str = "tcp:8008:interface=127.0.0.1"
+    latency: float = 0.0
+
+
+@attrs.frozen
 class GatewayConfig:
     """
     The whole configuration.
@@ -110,6 +140,8 @@ class GatewayConfig:
     limits: LimitsConfig
     policy: Policy
     spool: SpoolConfig
+    delivery: DeliveryConfig = DeliveryConfig()
+    emulator: EmulatorSettings = EmulatorSettings()
     drain_timeout: float = 30.0
     version: str = ""
     path: str = ""
@@ -190,6 +222,14 @@ def parse_config(
         threads=spool_section.integer("threads", 4, minimum=1, maximum=64),
     )
     spool_section.finish()
+    delivery = _delivery(root.table("delivery"), base, spool.directory)
+    emulator_section = root.table("emulator")
+    emulator = EmulatorSettings(
+        enabled=emulator_section.boolean("enabled", False),
+        endpoint=emulator_section.string("endpoint", "tcp:8008:interface=127.0.0.1"),
+        latency=emulator_section.duration("latency", 0.0),
+    )
+    emulator_section.finish()
     drain = root.table("drain")
     drain_timeout = drain.duration("timeout", 30.0)
     drain.finish()
@@ -202,6 +242,8 @@ def parse_config(
         limits=limits,
         policy=policy,
         spool=spool,
+        delivery=delivery,
+        emulator=emulator,
         drain_timeout=drain_timeout,
         version=version,
         path=path,
@@ -330,6 +372,29 @@ def _listener(section: Section, base: Path, check: bool) -> ListenerConfig:
         ),
         auth=auth,
         auth_users_file=users,
+    )
+    section.finish()
+    return config
+
+
+def _delivery(section: Section, base: Path, spool: str) -> DeliveryConfig:
+    secret = section.string("loop_secret_file")
+    warning = section.duration("delay_warning", 0.0)
+    config = DeliveryConfig(
+        concurrency=section.integer("concurrency", 16, minimum=1, maximum=1000),
+        retry_first=section.duration("retry_first", 300.0, minimum=1.0),
+        retry_max=section.duration("retry_max", 3600.0, minimum=1.0),
+        lifetime=section.duration("lifetime", 5 * 86400.0, minimum=60.0),
+        delay_warning=warning or None,
+        loop_secret_file=_path(base, secret)
+        if secret
+        else str(Path(spool) / "loop.secret"),
+        marker_max_age=section.duration("marker_max_age", 7 * 86400.0, minimum=60.0),
+    )
+    section.check(
+        "retry_max",
+        config.retry_max >= config.retry_first,
+        "must be at least retry_first",
     )
     section.finish()
     return config

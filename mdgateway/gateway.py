@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import email.utils
 import ipaddress
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -39,6 +39,7 @@ from mdgateway.spool import (
     Envelope,
     Recipient,
     Spool,
+    SpoolEntry,
     SpoolError,
     SpoolFullError,
     SpoolWriter,
@@ -49,6 +50,8 @@ log = Logger()
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 SENDER_OK = Reply.of(250, "2.1.0", "Ok")
+#: How much of each message's start is kept to look for loop markers.
+HEAD_BYTES = 64 * 1024
 RECIPIENT_OK = Reply.of(250, "2.1.5", "Ok")
 RELAY_DENIED = Reply.of(550, "5.7.1", "Relaying denied")
 
@@ -142,12 +145,22 @@ class Gateway:
         policy: IRecipientPolicy,
         clock: IReactorTime,
         checker: ICredentialsChecker | None = None,
+        looped: Callable[[bytes], bool] | None = None,
+        on_queued: Callable[[SpoolEntry], object] | None = None,
     ) -> None:
+        """
+        @param looped: given the start of a message (its header block),
+            whether it has already been through this gateway twice (two
+            valid processed markers): such a message is refused.
+        @param on_queued: called with each committed spool entry.
+        """
         self.hostname = hostname
         self.spool = spool
         self.policy = IRecipientPolicy(policy)
         self.clock = clock
         self.checker = checker
+        self.looped = looped
+        self.on_queued = on_queued
         self.accepting = True
         self.accepted = 0
         self.refused = 0
@@ -273,8 +286,11 @@ class SpoolSink:
         self.mail = mail
         self.recipients = recipients
         self.writer = writer
+        self.head = b""
 
     def write(self, data: bytes) -> bool:
+        if len(self.head) < HEAD_BYTES:
+            self.head += data[: HEAD_BYTES - len(self.head)]
         return self.writer.write(data)
 
     def on_drained(self, callback: Any) -> None:
@@ -314,6 +330,17 @@ class SpoolSink:
         )
 
     async def _commit(self) -> Reply:
+        looped = self.gateway.looped
+        if looped is not None and looped(self.head):
+            await self.writer.abort()
+            log.warn(
+                "message from {client} refused: it has been through this gateway "
+                "twice (mail loop)",
+                session_id=self.info.session_id,
+                client=self.info.client[0],
+                sender=self.mail.sender_text,
+            )
+            return replies.TOO_MANY_HOPS
         try:
             entry = await self.writer.commit(self.envelope())
         except SpoolFullError:
@@ -332,6 +359,8 @@ class SpoolSink:
             )
             return replies.LOCAL_ERROR
         self.gateway.accepted += 1
+        if self.gateway.on_queued is not None:
+            self.gateway.on_queued(entry)
         log.info(
             "queued {message_id} from {sender} for {count} recipient(s), {size} bytes",
             session_id=self.info.session_id,

@@ -8,7 +8,9 @@ and the classes it uses can be wired by any other Twisted program.
 
 from __future__ import annotations
 
+import io
 import os
+import re
 import signal
 from collections.abc import Sequence
 from typing import Any
@@ -20,13 +22,23 @@ from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
-from mdgateway.admission import CachingVerifier, IRecipientVerifier, RulePolicy
+from mdgateway import maildir
+from mdgateway.admission import CachingVerifier, RulePolicy
 from mdgateway.config import ConfigError, GatewayConfig, ListenerConfig, load_config
+from mdgateway.core.emulator import CoreEmulator, EmulatorConfig, build_site
+from mdgateway.core.runtime import CoreRuntime
+from mdgateway.dsn import DsnMessage, DsnSuppressedError, RecipientResult, write_dsn
 from mdgateway.gateway import Gateway, IRecipientPolicy
+from mdgateway.loop import load_or_create_secret, make_marker, scan_markers
+from mdgateway.pipeline import BounceMaker, LoopGuard, Pipeline, RetryPolicy
+from mdgateway.policy import Rule
+from mdgateway.processing import CopyProcessor
+from mdgateway.relay import Outgoing, Relay
 from mdgateway.relayhosts import DNSPythonResolver
 from mdgateway.smtp.server import SessionSettings
 from mdgateway.smtp.serverprotocol import (
@@ -36,7 +48,7 @@ from mdgateway.smtp.serverprotocol import (
 )
 from mdgateway.smtp.tls import server_tls_options
 from mdgateway.spool import Spool
-from mdgateway.verification import SmtpRecipientVerifier
+from mdgateway.verification import SmtpRecipientVerifier, read_password
 
 log = Logger()
 
@@ -129,19 +141,49 @@ def build_listener_factory(
     return factory, wrapped
 
 
-def recipient_policy(
-    config: GatewayConfig, verifier: IRecipientVerifier | None = None
-) -> IRecipientPolicy:
+def _dsn_result(
+    address: str, record: dict[str, Any], delayed: bool, retry_until: float
+) -> RecipientResult:
     """
-    The RCPT-time decision under C{config}: its security rules, verifying
-    recipients with C{verifier} where a rule asks for it.
+    One recipient's pipeline state as a DSN entry.
     """
-    return RulePolicy(config.policy, verifier)
+    code = record.get("code")
+    enhanced = str(record.get("enhanced") or "")
+    text = str(record.get("text") or "")
+    valid = re.fullmatch(r"[245]\.\d{1,3}\.\d{1,3}", enhanced) is not None
+    if delayed:
+        status = enhanced if valid and enhanced.startswith("4.") else "4.0.0"
+    else:
+        status = enhanced if valid and enhanced[:2] in ("4.", "5.") else "5.0.0"
+    server = str(record.get("server") or "")
+    remote = server.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]") or None
+    return RecipientResult(
+        address,
+        "delayed" if delayed else "failed",
+        status,
+        remote_mta=remote if server and not server.startswith("maildir") else None,
+        diagnostic_code=f"smtp; {code} {enhanced} {text}".strip()
+        if code
+        else text or None,
+        last_attempt=record.get("at"),
+        will_retry_until=retry_until if delayed else None,
+    )
+
+
+def _retry_policy(config: GatewayConfig) -> RetryPolicy:
+    delivery = config.delivery
+    return RetryPolicy(
+        first=delivery.retry_first,
+        maximum=delivery.retry_max,
+        lifetime=delivery.lifetime,
+        delay_warning=delivery.delay_warning,
+    )
 
 
 class GatewayService(MultiService):
     """
-    The running gateway: spool recovery, then listeners; on stop, drain.
+    The running gateway: spool recovery, the Core runtimes and pipeline,
+    then listeners; on stop, drain in the reverse order.
     """
 
     def __init__(
@@ -156,17 +198,23 @@ class GatewayService(MultiService):
         self.threadpool = ThreadPool(
             minthreads=1, maxthreads=config.spool.threads, name="mdgateway-spool"
         )
-        self.spool = Spool(config.spool.directory, reactor, self.threadpool)
-        # DNS waits can last seconds: they get their own threads, so they
-        # never hold up the spool's fsyncs.
+        # Decomposing and rebuilding large messages is slow work of its own;
+        # DNS waits can last seconds. Each has its own threads, so neither
+        # holds up the spool's fsyncs.
+        self.work_threadpool = ThreadPool(
+            minthreads=0, maxthreads=4, name="mdgateway-work"
+        )
         self.dns_threadpool = ThreadPool(
             minthreads=0, maxthreads=4, name="mdgateway-dns"
         )
+        self.spool = Spool(config.spool.directory, reactor, self.threadpool)
         self.resolver = DNSPythonResolver(reactor, self.dns_threadpool)
         self.verifier = CachingVerifier(
             SmtpRecipientVerifier(reactor, config.sender_helo_domain, self.resolver),
             reactor,
         )
+        self.runtimes: dict[str, CoreRuntime] = {}
+        self.secret = b""
         checker = None
         auth_files = {
             listener.auth_users_file
@@ -175,32 +223,147 @@ class GatewayService(MultiService):
         }
         if auth_files:
             checker = FilePasswordDB(sorted(auth_files)[0], cache=True)
+        self.relay = Relay(
+            reactor=reactor,
+            helo=config.sender_helo_domain,
+            resolver=self.resolver,
+            threadpool=self.work_threadpool,
+            maildir_writer=self._write_maildir,
+            password_reader=read_password,
+        )
+        self.processor = CopyProcessor(
+            reactor=reactor,
+            threadpool=self.work_threadpool,
+            scanner_for=self._scanner,
+            hostname=config.sender_helo_domain,
+        )
+        self.pipeline = Pipeline(
+            spool=self.spool,
+            policy=lambda: self.config.policy,
+            processor=self.processor,
+            relay=self.relay,
+            reactor=reactor,
+            threadpool=self.work_threadpool,
+            loop_guard=LoopGuard(self._marker, self._count_markers),
+            bounces=BounceMaker(self._write_bounce),
+            retry=_retry_policy(config),
+            concurrency=config.delivery.concurrency,
+        )
         self.gateway = Gateway(
             hostname=config.sender_helo_domain,
             spool=self.spool,
-            policy=policy or recipient_policy(config, self.verifier),
+            policy=policy or self._recipient_policy(config),
             clock=reactor,
             checker=checker,
+            looped=self._looped,
+            on_queued=self.pipeline.submit,
         )
+        self.emulator: Any = None
         self.factories: list[SMTPServerFactory] = []
         self.ports: list[IListeningPort] = []
         self.ready: Deferred[None] = Deferred()
         self.draining = False
 
+    # -- seams handed to the pieces ------------------------------------------
+
+    def _recipient_policy(self, config: GatewayConfig) -> IRecipientPolicy:
+        return RulePolicy(config.policy, self.verifier, self._scanning)
+
+    def _scanner(self, profile_name: str) -> CoreRuntime:
+        return self.runtimes[profile_name]
+
+    def _scanning(self, rule: Rule) -> bool:
+        runtime = self.runtimes.get(rule.core_profile.name)
+        return runtime is None or runtime.available()
+
+    def _marker(self, message_id: str, now: float) -> str:
+        return make_marker(self.secret, message_id, now)[1]
+
+    def _count_markers(self, path: str, now: float) -> int:
+        with open(path, "rb") as f:
+            count = scan_markers(
+                f, self.secret, now, max_age=self.config.delivery.marker_max_age
+            )
+        return count.valid
+
+    def _looped(self, head: bytes) -> bool:
+        count = scan_markers(
+            io.BytesIO(head),
+            self.secret,
+            self.reactor.seconds(),
+            max_age=self.config.delivery.marker_max_age,
+        )
+        return count.looped
+
+    def _write_maildir(self, folder: str, outgoing: Outgoing) -> str:
+        return maildir.deliver(
+            folder,
+            outgoing.path,
+            sender=outgoing.sender,
+            recipients=[r.address for r in outgoing.recipients],
+            now=self.reactor.seconds(),
+            prefix=outgoing.prefix,
+            offset=outgoing.offset,
+            hostname=self.config.sender_helo_domain,
+        )
+
+    def _write_bounce(
+        self,
+        message_path: str,
+        envelope: Any,
+        results: dict[str, dict[str, Any]],
+        path: str,
+        delayed: bool,
+    ) -> DsnMessage | None:
+        """
+        Write the DSN for C{results} (blocking); L{None} when none is due.
+        """
+        retry_until = envelope.received_at + self.config.delivery.lifetime
+        try:
+            return write_dsn(
+                path,
+                message_path,
+                envelope,
+                [_dsn_result(a, r, delayed, retry_until) for a, r in results.items()],
+                reporting_mta=self.config.sender_helo_domain,
+                now=self.reactor.seconds(),
+                arrival_date=envelope.received_at,
+            )
+        except DsnSuppressedError as e:
+            log.info(
+                "no DSN for {queue_id}: {reason}",
+                queue_id=envelope.queue_id,
+                reason=str(e),
+            )
+            return None
+
+    # -- life cycle ------------------------------------------------------------
+
     def startService(self) -> None:
         super().startService()
         self.threadpool.start()
+        self.work_threadpool.start()
         self.dns_threadpool.start()
         d = Deferred.fromCoroutine(self._start())
         d.addErrback(self._failed_start)
 
     async def _start(self) -> None:
+        self.secret = await deferToThreadPool(
+            self.reactor,
+            self.threadpool,
+            load_or_create_secret,
+            self.config.delivery.loop_secret_file,
+        )
+        if self.config.emulator.enabled:
+            await self._start_emulator()
+        self._sync_runtimes(self.config)
         entries = await self.spool.recover()
         log.info(
             "spool {directory}: {count} message(s) recovered",
             directory=self.config.spool.directory,
             count=len(entries),
         )
+        self.pipeline.start(entries)
         for listener in self.config.listeners:
             factory, wrapped = build_listener_factory(
                 listener, self.config, self.gateway, self.reactor
@@ -220,10 +383,38 @@ class GatewayService(MultiService):
             )
         self.ready.callback(None)
 
+    async def _start_emulator(self) -> None:
+        settings = self.config.emulator
+        emulator = CoreEmulator(self.reactor, EmulatorConfig(latency=settings.latency))
+        site = build_site(emulator, access_log=False, reactor=self.reactor)
+        port = await serverFromString(self.reactor, settings.endpoint).listen(site)
+        self.emulator = (emulator, port)
+        log.info(
+            "MetaDefender Core emulator listening on {endpoint}",
+            endpoint=settings.endpoint,
+        )
+
+    def _sync_runtimes(self, config: GatewayConfig) -> None:
+        """
+        One Core runtime per Core profile; a changed profile gets a new one.
+        """
+        for name, profile in config.policy.core_profiles.items():
+            runtime = self.runtimes.get(name)
+            if runtime is not None and runtime.profile == profile:
+                continue
+            if runtime is not None:
+                runtime.close()
+            self.runtimes[name] = CoreRuntime.from_profile(profile, self.reactor)
+
     def _failed_start(self, failure: Any) -> None:
-        log.failure("mdgateway failed to start", failure)
+        log.critical(
+            "mdgateway failed to start: {error}", error=failure.getErrorMessage()
+        )
+        self.ready.addErrback(lambda _: None)
         self.ready.errback(failure)
         if self.reactor.running:
+            # Exit non-zero, so a supervisor (systemd, a test) sees it.
+            self.reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
             self.reactor.stop()
 
     def stopService(self) -> Deferred[None]:
@@ -243,8 +434,16 @@ class GatewayService(MultiService):
         for factory in self.factories:
             for session in list(factory.sessions):
                 session.abort()
+        await self.pipeline.stop()
+        for runtime in self.runtimes.values():
+            await runtime.close()
+        if self.emulator is not None:
+            emulator, port = self.emulator
+            await port.stopListening()
+            emulator.close()
         await self.spool.close()
         self.threadpool.stop()
+        self.work_threadpool.stop()
         self.dns_threadpool.stop()
         await super().stopService()
         log.info("stopped")
@@ -268,7 +467,8 @@ class GatewayService(MultiService):
                 "listener, TLS and spool changes take effect after a restart; "
                 "rules and limits are applied now"
             )
-        self.gateway.policy = recipient_policy(new, self.verifier)
+        self._sync_runtimes(new)
+        self.gateway.policy = self._recipient_policy(new)
         self.gateway.hostname = new.sender_helo_domain
         for factory in self.factories:
             for listener in old.listeners:

@@ -1,0 +1,358 @@
+"""
+End to end after the 250: the real gateway (twistd plugin as a subprocess)
+scanning with its Core emulator over HTTP and relaying to a real aiosmtpd
+downstream server: clean, infected, sanitized and DLP mail, error handling,
+retries, bounces and loop prevention.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import smtplib
+import time
+from collections.abc import Callable
+from email.message import EmailMessage
+from pathlib import Path
+
+import pytest
+
+from tests.downstream import Received, RecordingHandler, _Controller
+from tests.gatewayproc import ETC, free_port, running_gateway
+
+pytestmark = pytest.mark.timeout(120)
+
+EICAR = b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
+
+
+def pipeline_toml(
+    port: int,
+    tmp_path: Path,
+    downstream: int,
+    rule: str = "",
+    core: str = "",
+    emulator: bool = True,
+) -> tuple[str, int]:
+    """
+    A gateway with the Core emulator on its own port, one rule relaying to
+    the aiosmtpd server on C{downstream}, and fast retries.
+    """
+    core_port = free_port()
+    toml = f"""
+sender_helo_domain = "gw.test"
+[[listeners]]
+name = "smtp"
+endpoint = "tcp:{port}:interface=127.0.0.1"
+tls = "starttls"
+[tls]
+certificate = "{ETC / "tls" / "localhost.crt"}"
+key = "{ETC / "tls" / "localhost.key"}"
+[spool]
+directory = "{tmp_path / "spool"}"
+[delivery]
+retry_first = "1s"
+retry_max = "2s"
+[emulator]
+enabled = {"true" if emulator else "false"}
+endpoint = "tcp:{core_port}:interface=127.0.0.1"
+[profiles.core.emulator]
+servers = ["http://127.0.0.1:{core_port}"]
+poll_interval = "50ms"
+{core}
+[profiles.smtp.downstream]
+servers = ["smtp://127.0.0.1:{downstream}"]
+tls = "none"
+[[rules]]
+name = "inbound"
+client_networks = ["127.0.0.0/8"]
+core_profile = "emulator"
+relay_profile = "downstream"
+{rule}
+"""
+    return toml, core_port
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 30.0) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError("condition not met in time")
+
+
+def send(
+    port: int,
+    message: EmailMessage | bytes,
+    sender: str = "alice@example.com",
+    recipients: tuple[str, ...] = ("bob@example.org",),
+) -> str:
+    data = (
+        message
+        if isinstance(message, bytes)
+        else message.as_bytes(policy=email.policy.SMTP)
+    )
+    with smtplib.SMTP("127.0.0.1", port) as client:
+        client.ehlo()
+        client.mail(sender)
+        for r in recipients:
+            client.rcpt(r)
+        code, text = client.data(data)
+    assert code == 250, text
+    return text.decode().rsplit(" ", 1)[1]
+
+
+def headers_of(received: Received) -> email.message.Message:
+    return email.message_from_bytes(received.content, policy=email.policy.compat32)
+
+
+def message(subject: str, attachment: tuple[bytes, str] | None = None) -> EmailMessage:
+    m = EmailMessage()
+    m["From"] = "alice@example.com"
+    m["To"] = "bob@example.org"
+    m["Subject"] = subject
+    m.set_content("Hello, Bob.\n")
+    if attachment is not None:
+        data, name = attachment
+        m.add_attachment(
+            data, maintype="application", subtype="octet-stream", filename=name
+        )
+    return m
+
+
+def test_clean_message_delivered_unchanged(
+    tmp_path: Path, smtpd: Callable[..., _Controller]
+) -> None:
+    """
+    A clean message reaches the downstream server byte for byte as the
+    gateway spooled it (its Received header, then the client's bytes),
+    with only the product's headers added at the top.
+    """
+    handler = RecordingHandler()
+    downstream = smtpd(handler)
+    port = free_port()
+    toml, _ = pipeline_toml(
+        port,
+        tmp_path,
+        downstream.port,
+        rule='custom_headers = { "X-Scanned-By" = "mdgateway" }',
+    )
+    raw = message("clean").as_bytes(policy=email.policy.SMTP)
+    with running_gateway(tmp_path, toml=toml, port=port):
+        queue_id = send(port, raw)
+        (got,) = wait_for(lambda: handler.messages)
+    assert got.mail_from == "alice@example.com"
+    assert got.rcpt_tos == ["bob@example.org"]
+    head, _, rest = got.content.partition(b"Received: from ")
+    assert rest.endswith(raw)
+    assert f"id {queue_id}".encode() in rest
+    parsed = headers_of(got)
+    assert parsed["X-Metadefender-Core-Result"] == "Allowed"
+    assert parsed["X-Metadefender-EmailSecurity-Sanitized"] == "False"
+    assert parsed["X-Metadefender-Core-Url"].startswith("http://127.0.0.1:")
+    assert parsed["X-Metadefender-Core-Rule"] == "Automatic"
+    assert parsed["X-Scanned-By"] == "mdgateway"
+    assert parsed["X-MD-Email-Security-Id"].startswith(f"{queue_id}.0; t=")
+    assert not list((tmp_path / "spool" / "queue").glob("*"))
+
+
+@pytest.mark.parametrize("action", ["strip", "block", "deliver"])
+def test_eicar(tmp_path: Path, smtpd: Callable[..., _Controller], action: str) -> None:
+    """
+    An EICAR attachment is stripped (replaced by a notice, the body kept),
+    blocked (nothing delivered) or delivered with Blocked/Infected in the
+    result header, as the rule's blocked_action says.
+    """
+    handler = RecordingHandler()
+    downstream = smtpd(handler)
+    port = free_port()
+    toml, _ = pipeline_toml(
+        port, tmp_path, downstream.port, rule=f'blocked_action = "{action}"'
+    )
+    with running_gateway(tmp_path, toml=toml, port=port) as (gw, _):
+        send(port, message("eicar", (EICAR, "eicar.com")))
+        if action == "block":
+            wait_for(lambda: not list((tmp_path / "spool" / "queue").glob("*.eml")))
+            time.sleep(0.5)
+            assert handler.messages == []
+            assert any(
+                "Blocked/Infected" in str(e.get("result")) for e in gw.log_events()
+            )
+            return
+        (got,) = wait_for(lambda: handler.messages)
+    parsed = headers_of(got)
+    assert parsed["X-Metadefender-Core-Result"] == "Blocked/Infected"
+    assert b"Hello, Bob." in got.content
+    if action == "strip":
+        assert EICAR not in got.content
+        assert b"was removed by the mail gateway: Infected" in got.content
+    else:
+        parsed_full = email.message_from_bytes(got.content, policy=email.policy.default)
+        (attachment,) = parsed_full.iter_attachments()
+        assert attachment.get_content() == EICAR
+
+
+def test_sanitized_document(tmp_path: Path, smtpd: Callable[..., _Controller]) -> None:
+    """
+    A document Core sanitizes is replaced by the converted file, and the
+    message says so in its headers and subject tag.
+    """
+    handler = RecordingHandler()
+    downstream = smtpd(handler)
+    port = free_port()
+    toml, _ = pipeline_toml(
+        port, tmp_path, downstream.port, rule='subject_tag_sanitized = "[SANITIZED]"'
+    )
+    original = b"PK\x03\x04 pretend this is a word document" * 20
+    with running_gateway(tmp_path, toml=toml, port=port):
+        send(port, message("report", (original, "report.docx")))
+        (got,) = wait_for(lambda: handler.messages)
+    parsed = email.message_from_bytes(got.content, policy=email.policy.default)
+    assert parsed["X-Metadefender-EmailSecurity-Sanitized"] == "True"
+    assert parsed["Subject"] == "[SANITIZED] report"
+    attachments = [p for p in parsed.iter_attachments()]
+    assert len(attachments) == 1
+    content = attachments[0].get_content()
+    assert content != original and len(content) > 0
+
+
+def test_core_down_retry_then_bypass_and_fail(
+    tmp_path: Path, smtpd: Callable[..., _Controller]
+) -> None:
+    """
+    With no Core reachable: a rule that retries keeps the message queued
+    and delivers nothing; one that bypasses delivers it marked
+    Bypassed/core_unreachable; one that fails bounces it to the sender.
+    """
+    handler = RecordingHandler()
+    downstream = smtpd(handler)
+    for action in ("retry", "bypass", "fail"):
+        port = free_port()
+        work = tmp_path / action
+        work.mkdir()
+        toml, _ = pipeline_toml(
+            port,
+            work,
+            downstream.port,
+            emulator=False,
+            rule=f'[rules.on_error]\ncore_unreachable = "{action}"',
+        )
+        with running_gateway(work, toml=toml, port=port):
+            before = len(handler.messages)
+            send(port, message(f"core down {action}"))
+            if action == "retry":
+                time.sleep(3)
+                assert len(handler.messages) == before
+                assert len(list((work / "spool" / "queue").glob("*.eml"))) == 1
+            elif action == "bypass":
+                wait_for(lambda before=before: len(handler.messages) > before)
+                got = headers_of(handler.messages[-1])
+                assert got["X-Metadefender-Core-Result"] == "Bypassed/core_unreachable"
+            else:
+                wait_for(lambda before=before: len(handler.messages) > before)
+                bounce = handler.messages[-1]
+                assert bounce.mail_from in ("", "<>")
+                assert bounce.rcpt_tos == ["alice@example.com"]
+                report = email.message_from_bytes(bounce.content)
+                assert report.get_content_type() == "multipart/report"
+                assert b"Action: failed" in bounce.content
+                assert b"Status: 5.7.0" in bounce.content
+
+
+def test_permanent_refusal_bounces(
+    tmp_path: Path, smtpd: Callable[..., _Controller]
+) -> None:
+    """
+    A 550 from the downstream server for one recipient ends in one RFC 3464
+    bounce to the sender naming that recipient, while the other recipient
+    gets the message.
+    """
+    handler = RecordingHandler(
+        rcpt_replies={"ghost@example.org": "550 5.1.1 No such user"}
+    )
+    downstream = smtpd(handler)
+    port = free_port()
+    toml, _ = pipeline_toml(port, tmp_path, downstream.port)
+    with running_gateway(tmp_path, toml=toml, port=port):
+        send(port, message("two"), recipients=("bob@example.org", "ghost@example.org"))
+        wait_for(lambda: len(handler.messages) >= 2)
+    delivered, bounce = handler.messages
+    assert delivered.rcpt_tos == ["bob@example.org"]
+    assert bounce.mail_from in ("", "<>") and bounce.rcpt_tos == ["alice@example.com"]
+    report = email.message_from_bytes(bounce.content, policy=email.policy.default)
+    status = [
+        p for p in report.walk() if p.get_content_type() == "message/delivery-status"
+    ][0]
+    text = status.as_string()
+    assert "Final-Recipient: rfc822; ghost@example.org" in text
+    assert "Status: 5.1.1" in text
+    assert "Diagnostic-Code: smtp; 550 5.1.1 No such user" in text
+
+
+def test_temporary_failure_then_success(
+    tmp_path: Path, smtpd: Callable[..., _Controller]
+) -> None:
+    """
+    A 451 at the end of data is retried and the message delivered once the
+    downstream server accepts it.
+    """
+
+    class Flaky(RecordingHandler):
+        calls = 0
+
+        async def handle_DATA(self, server, session, envelope):  # type: ignore[no-untyped-def]
+            Flaky.calls += 1
+            if Flaky.calls == 1:
+                return "451 4.3.0 try again"
+            return await super().handle_DATA(server, session, envelope)
+
+    handler = Flaky()
+    downstream = smtpd(handler)
+    port = free_port()
+    toml, _ = pipeline_toml(port, tmp_path, downstream.port)
+    with running_gateway(tmp_path, toml=toml, port=port):
+        send(port, message("flaky"))
+        (got,) = wait_for(lambda: handler.messages, timeout=30)
+    assert Flaky.calls == 2
+    assert headers_of(got)["X-Metadefender-Core-Result"] == "Allowed"
+
+
+def test_loop_marker(tmp_path: Path, smtpd: Callable[..., _Controller]) -> None:
+    """
+    A message that comes back with our valid marker is relayed once without
+    being scanned again (it gains a second marker); when it comes back once
+    more (two valid markers) it is refused with 554 5.4.6 instead of going
+    round until the hop limit; a forged marker counts for nothing: the
+    message is scanned and the forgery removed.
+    """
+    handler = RecordingHandler()
+    downstream = smtpd(handler)
+    port = free_port()
+    toml, _ = pipeline_toml(port, tmp_path, downstream.port)
+    with running_gateway(tmp_path, toml=toml, port=port) as (gw, _):
+        send(port, message("round"))
+        (first,) = wait_for(lambda: handler.messages)
+        assert first.content.count(b"X-MD-Email-Security-Id:") == 1
+        send(port, first.content)
+        wait_for(lambda: len(handler.messages) == 2)
+        second = handler.messages[1]
+        assert second.content.count(b"X-MD-Email-Security-Id:") == 2
+        assert second.content.count(b"X-Metadefender-Core-Result:") == 1
+        assert second.content.endswith(first.content)
+        with smtplib.SMTP("127.0.0.1", port) as client:
+            client.ehlo()
+            client.mail("alice@example.com")
+            client.rcpt("bob@example.org")
+            code, text = client.data(second.content)
+        assert (code, text[:5]) == (554, b"5.4.6")
+
+        forged = b"X-MD-Email-Security-Id: forged; t=1; mac=AAAA\r\n" + message(
+            "forged"
+        ).as_bytes(policy=email.policy.SMTP)
+        send(port, forged)
+        wait_for(lambda: len(handler.messages) == 3)
+        last = handler.messages[-1]
+        assert b"forged; t=1" not in last.content
+        assert last.content.count(b"X-MD-Email-Security-Id:") == 1
+        assert headers_of(last)["X-Metadefender-Core-Result"] == "Allowed"
