@@ -26,6 +26,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
+from mdgateway.loop import BodyHasher
 from mdgateway.smtp import replies
 from mdgateway.smtp.interfaces import (
     ConnectionInfo,
@@ -145,13 +146,14 @@ class Gateway:
         policy: IRecipientPolicy,
         clock: IReactorTime,
         checker: ICredentialsChecker | None = None,
-        looped: Callable[[bytes], bool] | None = None,
+        looped: Callable[[bytes, bytes], bool] | None = None,
         on_queued: Callable[[SpoolEntry], object] | None = None,
     ) -> None:
         """
-        @param looped: given the start of a message (its header block),
-            whether it has already been through this gateway twice (two
-            valid processed markers): such a message is refused.
+        @param looped: given the start of a message (its header block) and
+            the digest of its body, whether it has already been through this
+            gateway twice (two valid processed markers): such a message is
+            refused.
         @param on_queued: called with each committed spool entry.
         """
         self.hostname = hostname
@@ -287,10 +289,12 @@ class SpoolSink:
         self.recipients = recipients
         self.writer = writer
         self.head = b""
+        self.body = BodyHasher()
 
     def write(self, data: bytes) -> bool:
         if len(self.head) < HEAD_BYTES:
             self.head += data[: HEAD_BYTES - len(self.head)]
+        self.body.feed(data)
         return self.writer.write(data)
 
     def on_drained(self, callback: Any) -> None:
@@ -331,7 +335,7 @@ class SpoolSink:
 
     async def _commit(self) -> Reply:
         looped = self.gateway.looped
-        if looped is not None and looped(self.head):
+        if looped is not None and looped(self.head, self.body.digest()):
             await self.writer.abort()
             log.warn(
                 "message from {client} refused: it has been through this gateway "

@@ -10,16 +10,17 @@ keyed on it keeps working)::
     X-MD-Email-Security-Id: <message id>; t=<unix time>; mac=<base64url>
 
 The MAC is HMAC-SHA256, keyed with a secret that every instance of the
-cluster shares (L{load_or_create_secret}), over the message id and the time.
+cluster shares (L{load_or_create_secret}), over the message id, the time and
+the body.
 The secret is the cluster's identity: only a holder can mint a marker, so a
 forged one cannot make the gateway skip scanning, and a marker from another
 gateway (another secret) counts for nothing.  Old markers go stale
 (L{DEFAULT_MAX_AGE}), so a marker is not a permanent pass.
 
-A marker proves that I{we} minted it, not that this content is what we
-scanned: anyone who received a processed message can copy its marker onto
-another message until it goes stale.  Callers that skip scanning on a valid
-marker should keep C{max_age} short or confirm the id in their history.
+A marker alone would prove that I{we} minted it, not that this content is
+what we scanned, so the MAC also covers a digest of the body (L{BodyHasher}):
+a marker copied onto another message counts for nothing, and only content
+this cluster scanned can skip a second scan.
 
 Loop handling by the count of valid markers (L{MarkerCount}): none, a new
 message; one, a message we processed coming back once (relay it); two or
@@ -85,22 +86,67 @@ class SecretFileError(Exception):
     """
 
 
-def _mac(secret: bytes, message_id: str, timestamp: int) -> bytes:
+def _mac(secret: bytes, message_id: str, timestamp: int, body: bytes) -> bytes:
     data = _DOMAIN + message_id.encode("ascii") + b"\x00" + b"%d" % timestamp
-    return hmac.new(secret, data, hashlib.sha256).digest()
+    return hmac.new(secret, data + b"\x00" + body, hashlib.sha256).digest()
+
+
+class BodyHasher:
+    """
+    SHA-256 of a message's body (everything after the top-level header
+    block), fed in pieces as the message streams.
+
+    Binding the marker to the body means a marker copied onto another
+    message counts for nothing: only the content we scanned can skip a
+    second scan.
+    """
+
+    def __init__(self) -> None:
+        self._hash = hashlib.sha256()
+        self._tail = b"\r\n"
+        self._in_body = False
+
+    def feed(self, data: bytes) -> None:
+        if self._in_body:
+            self._hash.update(data)
+            return
+        text = self._tail + data
+        end = text.find(b"\r\n\r\n")
+        if end < 0:
+            self._tail = text[-3:]
+            return
+        self._in_body = True
+        self._hash.update(text[end + 4 :])
+
+    def digest(self) -> bytes:
+        return self._hash.digest()
+
+
+def body_digest(path: str, chunk: int = 1 << 20) -> bytes:
+    """
+    L{BodyHasher} over a whole file (blocking).
+    """
+    hasher = BodyHasher()
+    with open(path, "rb") as f:
+        while data := f.read(chunk):
+            hasher.feed(data)
+    return hasher.digest()
 
 
 def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
-def make_marker(secret: bytes, message_id: str, now: float) -> tuple[str, str]:
+def make_marker(
+    secret: bytes, message_id: str, now: float, body: bytes = b""
+) -> tuple[str, str]:
     """
     A new marker for a message the gateway processed.
 
     @param message_id: the gateway's id of the message (such as its queue
         id): 1 to 128 of C{A-Z a-z 0-9 . _ @ + -}.
     @param now: seconds since the epoch, from the injected clock.
+    @param body: the L{BodyHasher} digest of the message being marked.
     @return: C{(header name, value)}, ready for
         L{mdgateway.message.headers.format_fields}.
     @raise ValueError: for an id outside that alphabet, or an empty secret.
@@ -112,7 +158,7 @@ def make_marker(secret: bytes, message_id: str, now: float) -> tuple[str, str]:
     timestamp = int(now)
     if not _TIME.fullmatch(str(timestamp)):
         raise ValueError(f"time {now!r} cannot go into a marker")
-    mac = _b64(_mac(secret, message_id, timestamp))
+    mac = _b64(_mac(secret, message_id, timestamp, body))
     return MARKER_HEADER, f"{message_id}; t={timestamp}; mac={mac}"
 
 
@@ -145,6 +191,7 @@ def check_marker(
     now: float,
     max_age: float = DEFAULT_MAX_AGE,
     max_skew: float = DEFAULT_MAX_SKEW,
+    body: bytes = b"",
 ) -> MarkerCheck:
     """
     Check a marker header value (folded or not).
@@ -155,6 +202,8 @@ def check_marker(
     @param now: seconds since the epoch, from the injected clock.
     @param max_age: seconds after which a marker is L{STALE}.
     @param max_skew: seconds a marker may lie in the future.
+    @param body: the digest of the body the marker arrived with; a marker
+        made for another body is L{FORGED}.
     """
     parts = [part.strip(" \t\r\n") for part in value.split(";")]
     if len(parts) != 3:
@@ -179,7 +228,7 @@ def check_marker(
     except (binascii.Error, ValueError):
         return _malformed("bad mac=")
     if not secret or not hmac.compare_digest(
-        given, _mac(secret, message_id, timestamp)
+        given, _mac(secret, message_id, timestamp, body)
     ):
         return MarkerCheck(False, FORGED, message_id, timestamp)
     if timestamp > now + max_skew:
@@ -253,6 +302,7 @@ def scan_markers(
     max_age: float = DEFAULT_MAX_AGE,
     max_skew: float = DEFAULT_MAX_SKEW,
     limit: int = HEADER_LIMIT,
+    body: bytes = b"",
 ) -> MarkerCount:
     """
     Find and check every marker field in the top-level header block of a
@@ -260,11 +310,12 @@ def scan_markers(
     a worker thread).
 
     @param limit: the most bytes read; markers beyond are not seen.
+    @param body: the L{BodyHasher} digest of the message's body.
     """
     block, complete = _header_block(source, limit)
     headers = BytesHeaderParser(policy=compat32).parsebytes(block)
     checks = tuple(
-        check_marker(secret, str(value), now, max_age, max_skew)
+        check_marker(secret, str(value), now, max_age, max_skew, body)
         for value in headers.get_all(MARKER_HEADER, [])
     )
     distinct = {(c.message_id, c.time) for c in checks if c.valid}
@@ -281,11 +332,18 @@ def read_markers(
     limit: int = HEADER_LIMIT,
 ) -> MarkerCount:
     """
-    L{scan_markers} on a spooled message file (blocking).
+    L{scan_markers} on a spooled message file, bound to its body (blocking).
     """
+    body = body_digest(path)
     with open(path, "rb") as source:
         return scan_markers(
-            source, secret, now, max_age=max_age, max_skew=max_skew, limit=limit
+            source,
+            secret,
+            now,
+            max_age=max_age,
+            max_skew=max_skew,
+            limit=limit,
+            body=body,
         )
 
 

@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import Interface, implementer
 
-from mdgateway.loop import MARKER_HEADER
+from mdgateway.loop import MARKER_HEADER, body_digest
 from mdgateway.message.headers import format_field
 from mdgateway.policy import Policy, Rule
 from mdgateway.processing import CopyJob, CopyOutcome, CopyProcessor, Decision, Delivery
@@ -148,10 +148,11 @@ class LogHistory:
 @attrs.frozen
 class LoopGuard:
     """
-    The processed-marker seam: make our marker value, count valid markers.
+    The processed-marker seam: make our marker value for a copy id, a time
+    and a body digest; count the valid markers of a spooled file.
     """
 
-    make: Callable[[str, float], str]
+    make: Callable[[str, float, bytes], str]
     count_valid: Callable[[str, float], int]
 
 
@@ -345,9 +346,8 @@ class Pipeline:
         index = sorted({r.rule or "" for r in entry.envelope.recipients}).index(
             rule.name
         )
-        security_id = self.loop_guard.make(
-            f"{entry.queue_id}.{index}", self.reactor.seconds()
-        )
+        security_id = f"{entry.queue_id}.{index}"
+        now = self.reactor.seconds()
         workdir = os.path.join(self.spool.root, "work", f"{entry.queue_id}.{index}")
         await self._thread(_fresh_dir, workdir)
         try:
@@ -355,7 +355,10 @@ class Pipeline:
                 # Relayed once more, unscanned and unchanged but for a new
                 # marker: if it comes back yet again it carries two valid
                 # markers and the SMTP edge refuses it as a loop.
-                prefix = format_field(MARKER_HEADER, security_id)
+                body = await self._thread(body_digest, str(entry.message_path))
+                prefix = format_field(
+                    MARKER_HEADER, self.loop_guard.make(security_id, now, body)
+                )
                 outcome = CopyOutcome(
                     Decision.DELIVER,
                     "Skipped/AlreadyProcessed",
@@ -370,6 +373,7 @@ class Pipeline:
                     security_id,
                     entry.envelope.sender,
                     tuple(r.address for r in recipients),
+                    partial(self.loop_guard.make, security_id, now),
                 )
                 outcome = await self.processor.process(job)
             self.history.copy_processed(entry, rule, outcome)

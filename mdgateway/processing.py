@@ -13,6 +13,7 @@ files runs in a worker thread, so a 25 MB message never stalls the reactor.
 from __future__ import annotations
 
 import enum
+import hashlib
 import mimetypes
 import os
 import shutil
@@ -27,6 +28,7 @@ from twisted.python.threadpool import ThreadPool
 
 from mdgateway.core.errors import Condition, CoreError
 from mdgateway.core.verdict import Verdict
+from mdgateway.loop import MARKER_HEADER, body_digest
 from mdgateway.message.decompose import Decomposition, ScannablePart, decompose
 from mdgateway.message.errors import RebuildError
 from mdgateway.message.headers import format_fields, rewrite_headers
@@ -141,8 +143,11 @@ class CopyJob:
     @ivar message_path: the spooled message (our Received header first).
     @ivar workdir: an empty folder for decoded parts and rebuilt files;
         the caller removes it when the copy is done.
-    @ivar security_id: the value for C{X-MD-Email-Security-Id} (the loop
-        marker).
+    @ivar security_id: the copy's id in logs, notifications and history;
+        without C{marker} also the value of C{X-MD-Email-Security-Id}.
+    @ivar marker: makes the loop-marker value for a body digest (see
+        L{mdgateway.loop.BodyHasher}), so the marker is bound to the exact
+        content delivered.
     """
 
     message_path: str
@@ -151,6 +156,14 @@ class CopyJob:
     security_id: str
     sender: str
     recipients: tuple[str, ...]
+    marker: Callable[[bytes], str] | None = None
+
+    def marker_field(self, body: bytes) -> tuple[str, str]:
+        """
+        The C{X-MD-Email-Security-Id} field for a message with this body.
+        """
+        value = self.marker(body) if self.marker is not None else self.security_id
+        return (MARKER_HEADER, value)
 
 
 @attrs.frozen
@@ -445,7 +458,7 @@ class CopyProcessor:
                 job,
                 None,
                 {},
-                format_fields(self.stamp(job, result, False)),
+                self.stamp(job, result, False),
                 None,
             )
             return CopyOutcome(
@@ -475,13 +488,13 @@ class CopyProcessor:
         extra: Sequence[tuple[str, str]] = (),
     ) -> list[tuple[str, str]]:
         """
-        The product's headers for a processed copy, in order.
+        The product's headers for a processed copy, in order; the marker
+        goes in front of them once the delivered body is known.
         """
         rule = job.rule
         profile = rule.core_profile
         url = profile.servers[0].url if profile.servers else ""
         fields = [
-            ("X-MD-Email-Security-Id", job.security_id),
             ("X-Metadefender-Core-Url", url),
             ("X-Metadefender-Core-Result", result),
             ("X-Metadefender-Core-Rule", profile.rule),
@@ -503,29 +516,27 @@ class CopyProcessor:
         sanitized: bool,
     ) -> Delivery:
         rule = job.rule
-        prefix = format_fields(self.stamp(job, result, sanitized))
+        fields = self.stamp(job, result, sanitized)
         tag = None
         if result.startswith("Blocked/") and rule.subject_tag_blocked:
             tag = rule.subject_tag_blocked
         elif sanitized and rule.subject_tag_sanitized:
             tag = rule.subject_tag_sanitized
         return await self._thread(
-            _write_delivery, job, decomposition, replacements, prefix, tag
+            _write_delivery, job, decomposition, replacements, fields, tag
         )
 
     async def _original_copy(self, job: CopyJob, result: str) -> Delivery:
-        prefix = format_fields(
-            self.stamp(
-                job,
-                result,
-                False,
-                [
-                    ("X-Metadefender-EmailSecurity-OriginalCopy", "True"),
-                    ("X-Metadefender-To-Quarantine", "True"),
-                ],
-            )
+        fields = self.stamp(
+            job,
+            result,
+            False,
+            [
+                ("X-Metadefender-EmailSecurity-OriginalCopy", "True"),
+                ("X-Metadefender-To-Quarantine", "True"),
+            ],
         )
-        delivery = await self._thread(_write_delivery, job, None, {}, prefix, None)
+        delivery = await self._thread(_write_delivery, job, None, {}, fields, None)
         return attrs.evolve(delivery, kind="original copy")
 
     async def _notification(self, job: CopyJob, reason: str) -> Delivery:
@@ -549,7 +560,7 @@ def _write_delivery(
     job: CopyJob,
     decomposition: Decomposition | None,
     replacements: dict[str, NewFile | Notice],
-    prefix: bytes,
+    fields: list[tuple[str, str]],
     subject_tag: str | None,
 ) -> Delivery:
     """
@@ -562,6 +573,7 @@ def _write_delivery(
         rebuilt = os.path.join(job.workdir, "rebuilt.eml")
         rebuild_file(source, decomposition.structure, replacements, rebuilt)
         source = rebuilt
+    prefix = format_fields([job.marker_field(body_digest(source)), *fields])
     if subject_tag is None and not _has_own_headers(source):
         return Delivery(source, prefix, 0)
     final = os.path.join(job.workdir, f"final-{len(os.listdir(job.workdir))}.eml")
@@ -585,16 +597,16 @@ def _write_notification(path: str, job: CopyJob, reason: str, hostname: str) -> 
         ("MIME-Version", "1.0"),
         ("Content-Type", "text/plain; charset=utf-8"),
         ("Content-Transfer-Encoding", "8bit"),
-        ("X-MD-Email-Security-Id", job.security_id),
     ]
     body = (
         f"A message from {job.sender or 'the mail system'} to you was blocked "
         f"by the mail gateway.\r\n\r\nReason: {reason}\r\n"
         f"Reference: {job.security_id}\r\n\r\n"
         "Ask your administrator if you need the message released.\r\n"
-    )
+    ).encode()
+    fields.append(job.marker_field(hashlib.sha256(body).digest()))
     with open(path, "wb") as f:
-        f.write(format_fields(fields) + b"\r\n" + body.encode("utf-8"))
+        f.write(format_fields(fields) + b"\r\n" + body)
 
 
 def remove_workdir(path: str) -> None:

@@ -34,7 +34,12 @@ from mdgateway.core.emulator import CoreEmulator, EmulatorConfig, build_site
 from mdgateway.core.runtime import CoreRuntime
 from mdgateway.dsn import DsnMessage, DsnSuppressedError, RecipientResult, write_dsn
 from mdgateway.gateway import Gateway, IRecipientPolicy
-from mdgateway.loop import load_or_create_secret, make_marker, scan_markers
+from mdgateway.loop import (
+    load_or_create_secret,
+    make_marker,
+    read_markers,
+    scan_markers,
+)
 from mdgateway.pipeline import BounceMaker, LoopGuard, Pipeline, RetryPolicy
 from mdgateway.policy import Rule
 from mdgateway.processing import CopyProcessor
@@ -276,22 +281,28 @@ class GatewayService(MultiService):
         runtime = self.runtimes.get(rule.core_profile.name)
         return runtime is None or runtime.available()
 
-    def _marker(self, message_id: str, now: float) -> str:
-        return make_marker(self.secret, message_id, now)[1]
+    def _marker(self, message_id: str, now: float, body: bytes) -> str:
+        return make_marker(self.secret, message_id, now, body)[1]
 
     def _count_markers(self, path: str, now: float) -> int:
-        with open(path, "rb") as f:
-            count = scan_markers(
-                f, self.secret, now, max_age=self.config.delivery.marker_max_age
+        count = read_markers(
+            path, self.secret, now, max_age=self.config.delivery.marker_max_age
+        )
+        for check in count.invalid:
+            log.info(
+                "ignoring a {reason} loop marker for {marker_id}",
+                reason=check.reason,
+                marker_id=check.message_id,
             )
         return count.valid
 
-    def _looped(self, head: bytes) -> bool:
+    def _looped(self, head: bytes, body: bytes) -> bool:
         count = scan_markers(
             io.BytesIO(head),
             self.secret,
             self.reactor.seconds(),
             max_age=self.config.delivery.marker_max_age,
+            body=body,
         )
         return count.looped
 

@@ -323,8 +323,9 @@ def test_loop_marker(tmp_path: Path, smtpd: Callable[..., _Controller]) -> None:
     A message that comes back with our valid marker is relayed once without
     being scanned again (it gains a second marker); when it comes back once
     more (two valid markers) it is refused with 554 5.4.6 instead of going
-    round until the hop limit; a forged marker counts for nothing: the
-    message is scanned and the forgery removed.
+    round until the hop limit; a forged marker, or a valid one copied onto
+    another message, counts for nothing: that message is scanned and the
+    foreign marker removed.
     """
     handler = RecordingHandler()
     downstream = smtpd(handler)
@@ -356,3 +357,16 @@ def test_loop_marker(tmp_path: Path, smtpd: Callable[..., _Controller]) -> None:
         assert b"forged; t=1" not in last.content
         assert last.content.count(b"X-MD-Email-Security-Id:") == 1
         assert headers_of(last)["X-Metadefender-Core-Result"] == "Allowed"
+
+        stolen = headers_of(first)["X-MD-Email-Security-Id"]
+        other = message("different content")
+        other.set_content("Not the body that was scanned.\n")
+        copied = f"X-MD-Email-Security-Id: {stolen}\r\n".encode() + other.as_bytes(
+            policy=email.policy.SMTP
+        )
+        send(port, copied)
+        wait_for(lambda: len(handler.messages) == 4)
+        scanned = handler.messages[-1]
+        assert headers_of(scanned)["X-Metadefender-Core-Result"] == "Allowed"
+        assert scanned.content.count(b"X-MD-Email-Security-Id:") == 1
+        assert stolen.split(";")[0].encode() not in scanned.content

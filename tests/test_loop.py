@@ -5,6 +5,7 @@ Tests for L{mdgateway.loop}: the HMAC processed marker and its secret file.
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import os
 import stat
@@ -27,9 +28,11 @@ from mdgateway.loop import (
     OK,
     SECRET_SIZE,
     STALE,
+    BodyHasher,
     MarkerCheck,
     SecretFileError,
     _create_secret,
+    body_digest,
     check_marker,
     load_or_create_secret,
     make_marker,
@@ -330,13 +333,37 @@ class ScanTests(SynchronousTestCase):
 
     def test_read_markers_file(self) -> None:
         """
-        L{read_markers} reads a spooled message file by its path.
+        L{read_markers} reads a spooled message file by its path and binds
+        the check to that file's body: a marker made for this body is
+        valid, the same marker on another body counts for nothing.
         """
-        value = make_marker(SECRET, "id1", NOW)[1]
         path = self.mktemp()
+        body_of = _message("x").split(b"\r\n\r\n", 1)[1]
+        digest = hashlib.sha256(body_of).digest()
+        value = make_marker(SECRET, "id1", NOW, digest)[1]
         with open(path, "wb") as f:
             f.write(_message(value))
+        self.assertEqual(body_digest(path), digest)
         self.assertEqual(read_markers(path, SECRET, NOW).valid, 1)
+        copied = make_marker(SECRET, "id1", NOW, hashlib.sha256(b"other").digest())[1]
+        with open(path, "wb") as f:
+            f.write(_message(copied))
+        result = read_markers(path, SECRET, NOW)
+        self.assertEqual(result.valid, 0)
+        self.assertEqual(result.checks[0].reason, "forged")
+
+    def test_body_hasher_pieces(self) -> None:
+        """
+        The body digest is the same however the message is cut into pieces,
+        and covers only what follows the first blank line.
+        """
+        message = b"A: 1\r\nB: 2\r\n\r\nbody\r\n\r\nmore\r\n"
+        expected = hashlib.sha256(b"body\r\n\r\nmore\r\n").digest()
+        for size in range(1, len(message) + 1):
+            hasher = BodyHasher()
+            for start in range(0, len(message), size):
+                hasher.feed(message[start : start + size])
+            self.assertEqual(hasher.digest(), expected, size)
 
 
 class SecretTests(TmpMixin, SynchronousTestCase):
