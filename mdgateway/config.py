@@ -126,6 +126,36 @@ class EmulatorSettings:
 
 
 @attrs.frozen
+class StoreConfig:
+    """
+    Email history, refused log and quarantine.
+
+    @ivar location: a SQLite file (the default, one host) or a
+        C{postgresql://} URL (a cluster shares one database).
+    """
+
+    location: str
+    history_days: float | None = 30.0
+    quarantine_days: float | None = 30.0
+    instance: str = ""
+
+
+@attrs.frozen
+class AdminConfig:
+    """
+    The admin HTTP API (history, quarantine, queue, health, metrics).
+
+    @ivar endpoint: a Twisted server endpoint; empty means no admin API.
+    @ivar token_file: the bearer token; created (random, 0600) on first
+        start when missing.
+    """
+
+    endpoint: str = ""
+    token_file: str = ""
+    tls: bool = False
+
+
+@attrs.frozen
 class GatewayConfig:
     """
     The whole configuration.
@@ -142,6 +172,8 @@ class GatewayConfig:
     spool: SpoolConfig
     delivery: DeliveryConfig = DeliveryConfig()
     emulator: EmulatorSettings = EmulatorSettings()
+    store: StoreConfig = StoreConfig(location=":memory:")
+    admin: AdminConfig = AdminConfig()
     drain_timeout: float = 30.0
     version: str = ""
     path: str = ""
@@ -223,6 +255,8 @@ def parse_config(
     )
     spool_section.finish()
     delivery = _delivery(root.table("delivery"), base, spool.directory)
+    store = _store(root.table("store"), base, spool.directory)
+    admin = _admin(root.table("admin"), base, spool.directory)
     emulator_section = root.table("emulator")
     emulator = EmulatorSettings(
         enabled=emulator_section.boolean("enabled", False),
@@ -244,6 +278,8 @@ def parse_config(
         spool=spool,
         delivery=delivery,
         emulator=emulator,
+        store=store,
+        admin=admin,
         drain_timeout=drain_timeout,
         version=version,
         path=path,
@@ -372,6 +408,44 @@ def _listener(section: Section, base: Path, check: bool) -> ListenerConfig:
         ),
         auth=auth,
         auth_users_file=users,
+    )
+    section.finish()
+    return config
+
+
+def _store(section: Section, base: Path, spool: str) -> StoreConfig:
+    location = section.string("location") or str(Path(spool) / "history.sqlite")
+    if "://" not in location and location != ":memory:":
+        location = _path(base, location)
+    section.check(
+        "location",
+        "://" not in location or location.startswith(("postgresql://", "postgres://")),
+        "use a SQLite file path or a postgresql:// URL",
+    )
+    history = section.integer("history_days", 30, minimum=0)
+    quarantine = section.integer("quarantine_days", 30, minimum=0)
+    config = StoreConfig(
+        location=location,
+        history_days=history or None,
+        quarantine_days=quarantine or None,
+        instance=section.string("instance", socket.gethostname()),
+    )
+    section.finish()
+    return config
+
+
+def _admin(section: Section, base: Path, spool: str) -> AdminConfig:
+    endpoint = section.string("endpoint", "")
+    if endpoint:
+        try:
+            _parseServer(endpoint, None)
+        except Exception as e:
+            section.problems.add(f"{section.path}.endpoint", f"invalid endpoint: {e}")
+    token = section.string("token_file")
+    config = AdminConfig(
+        endpoint=endpoint,
+        token_file=_path(base, token) if token else str(Path(spool) / "admin.token"),
+        tls=section.boolean("tls", False),
     )
     section.finish()
     return config

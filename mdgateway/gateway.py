@@ -148,6 +148,7 @@ class Gateway:
         checker: ICredentialsChecker | None = None,
         looped: Callable[[bytes, bytes], bool] | None = None,
         on_queued: Callable[[SpoolEntry], object] | None = None,
+        on_refused: Callable[..., object] | None = None,
     ) -> None:
         """
         @param looped: given the start of a message (its header block) and
@@ -155,6 +156,8 @@ class Gateway:
             gateway twice (two valid processed markers): such a message is
             refused.
         @param on_queued: called with each committed spool entry.
+        @param on_refused: called as C{(info, sender, recipient, reply)} for
+            every refusal, for the refused-mail log.
         """
         self.hostname = hostname
         self.spool = spool
@@ -163,6 +166,7 @@ class Gateway:
         self.checker = checker
         self.looped = looped
         self.on_queued = on_queued
+        self.on_refused = on_refused
         self.accepting = True
         self.accepted = 0
         self.refused = 0
@@ -179,6 +183,13 @@ class Gateway:
             return replies.SHUTTING_DOWN
         info.context = self.policy
         return None
+
+    def message_refused(
+        self, info: ConnectionInfo, mail: MailFrom, reply: Reply
+    ) -> None:
+        self.refused += 1
+        if self.on_refused is not None:
+            self.on_refused(info, mail.sender_text, None, reply)
 
     def disconnected(self, info: ConnectionInfo) -> None:
         log.debug("disconnect", session_id=info.session_id, client=info.client[0])
@@ -208,6 +219,10 @@ class Gateway:
                     code=decision.reply.code,
                     config_version=info.config_version,
                 )
+                if self.on_refused is not None:
+                    self.on_refused(
+                        info, mail.sender_text, str(rcpt.recipient), decision.reply
+                    )
             return decision
 
         return d.addCallback(logged)

@@ -30,6 +30,7 @@ from mdgateway.policy import Policy, Rule
 from mdgateway.processing import CopyJob, CopyOutcome, CopyProcessor, Decision, Delivery
 from mdgateway.relay import Outgoing, RecipientOutcome, Relay, RelayRecipient, Status
 from mdgateway.spool import Envelope, Recipient, Spool, SpoolEntry
+from mdgateway.store.interfaces import MessageStatus, copy_id
 
 log = Logger()
 
@@ -62,17 +63,27 @@ class RetryPolicy:
 
 class IHistory(Interface):
     """
-    Where the pipeline reports what it did (the store, later a database).
+    Where the pipeline reports what it did: the store's email history, or
+    just the log. Every method is a coroutine; recording failures are the
+    history's own business and never stop delivery.
     """
 
-    def copy_processed(entry: SpoolEntry, rule: Rule, outcome: CopyOutcome) -> None:  # noqa: N805
+    async def received(entry: SpoolEntry, rule: Rule, copy_id: str) -> None:
+        """
+        A copy is being processed for the first time or again.
+        """
+
+    async def copy_processed(
+        entry: SpoolEntry, rule: Rule, copy_id: str, outcome: CopyOutcome
+    ) -> None:
         """
         A copy was scanned and acted on.
         """
 
-    def delivered(
-        entry: SpoolEntry,  # noqa: N805
+    async def delivered(
+        entry: SpoolEntry,
         rule: Rule,
+        copy_id: str,
         delivery: Delivery,
         outcomes: list[RecipientOutcome],
     ) -> None:
@@ -80,14 +91,18 @@ class IHistory(Interface):
         A delivery attempt ended with these per-recipient outcomes.
         """
 
-    def quarantine(entry: SpoolEntry, rule: Rule, reason: str) -> Any:  # noqa: N805
+    async def quarantine(
+        entry: SpoolEntry, rule: Rule, copy_id: str, reason: str
+    ) -> None:
         """
-        Keep the original of the entry; may return a Deferred.
+        Keep the original of the entry (before the spool entry goes).
         """
 
-    def finished(entry: SpoolEntry, state: dict[str, Any]) -> None:  # noqa: N805
+    async def status(
+        entry: SpoolEntry, copy_id: str, status: MessageStatus, text: str
+    ) -> None:
         """
-        The entry is done and about to be removed.
+        The copy's status changed.
         """
 
 
@@ -97,12 +112,15 @@ class LogHistory:
     History as structured log events only.
     """
 
-    def copy_processed(
-        self, entry: SpoolEntry, rule: Rule, outcome: CopyOutcome
+    async def received(self, entry: SpoolEntry, rule: Rule, copy_id: str) -> None:
+        log.debug("{message_id} processing", message_id=copy_id, rule=rule.name)
+
+    async def copy_processed(
+        self, entry: SpoolEntry, rule: Rule, copy_id: str, outcome: CopyOutcome
     ) -> None:
         log.info(
             "{message_id} rule {rule}: {result}, {decision}",
-            message_id=entry.queue_id,
+            message_id=copy_id,
             rule=rule.name,
             direction=rule.direction,
             result=outcome.result,
@@ -111,17 +129,18 @@ class LogHistory:
             parts=[attrs.asdict(p) for p in outcome.parts],
         )
 
-    def delivered(
+    async def delivered(
         self,
         entry: SpoolEntry,
         rule: Rule,
+        copy_id: str,
         delivery: Delivery,
         outcomes: list[RecipientOutcome],
     ) -> None:
         for o in outcomes:
             log.info(
                 "{message_id} to {recipient}: {status} ({reply})",
-                message_id=entry.queue_id,
+                message_id=copy_id,
                 recipient=o.address,
                 status=o.status.value,
                 reply=o.reply,
@@ -130,19 +149,67 @@ class LogHistory:
                 kind=delivery.kind,
             )
 
-    def quarantine(self, entry: SpoolEntry, rule: Rule, reason: str) -> None:
+    async def quarantine(
+        self, entry: SpoolEntry, rule: Rule, copy_id: str, reason: str
+    ) -> None:
         log.info(
-            "{message_id} original kept ({reason}): no quarantine store configured",
-            message_id=entry.queue_id,
+            "{message_id}: original quarantined ({reason})",
+            message_id=copy_id,
             reason=reason,
         )
 
-    def finished(self, entry: SpoolEntry, state: dict[str, Any]) -> None:
+    async def status(
+        self, entry: SpoolEntry, copy_id: str, status: MessageStatus, text: str
+    ) -> None:
         log.info(
-            "{message_id} done",
-            message_id=entry.queue_id,
-            recipients=state["recipients"],
+            "{message_id} {status}: {text}",
+            message_id=copy_id,
+            status=status.value,
+            text=text,
         )
+
+
+@implementer(IHistory)
+class TeeHistory:
+    """
+    Report to several histories in turn (the store and the log).
+    """
+
+    def __init__(self, *histories: IHistory) -> None:
+        self.histories = histories
+
+    async def received(self, entry: SpoolEntry, rule: Rule, copy_id: str) -> None:
+        for history in self.histories:
+            await history.received(entry, rule, copy_id)
+
+    async def copy_processed(
+        self, entry: SpoolEntry, rule: Rule, copy_id: str, outcome: CopyOutcome
+    ) -> None:
+        for history in self.histories:
+            await history.copy_processed(entry, rule, copy_id, outcome)
+
+    async def delivered(
+        self,
+        entry: SpoolEntry,
+        rule: Rule,
+        copy_id: str,
+        delivery: Delivery,
+        outcomes: list[RecipientOutcome],
+    ) -> None:
+        for history in self.histories:
+            await history.delivered(entry, rule, copy_id, delivery, outcomes)
+
+    async def quarantine(
+        self, entry: SpoolEntry, rule: Rule, copy_id: str, reason: str
+    ) -> None:
+        for history in self.histories:
+            await history.quarantine(entry, rule, copy_id, reason)
+
+    async def status(
+        self, entry: SpoolEntry, copy_id: str, status: MessageStatus, text: str
+    ) -> None:
+        for history in self.histories:
+            await history.status(entry, copy_id, status, text)
 
 
 @attrs.frozen
@@ -343,12 +410,11 @@ class Pipeline:
         recipients: list[Recipient],
         skip: bool,
     ) -> None:
-        index = sorted({r.rule or "" for r in entry.envelope.recipients}).index(
-            rule.name
-        )
-        security_id = f"{entry.queue_id}.{index}"
+        names = list(dict.fromkeys(r.rule or "" for r in entry.envelope.recipients))
+        security_id = copy_id(entry.queue_id, names.index(rule.name) + 1)
         now = self.reactor.seconds()
-        workdir = os.path.join(self.spool.root, "work", f"{entry.queue_id}.{index}")
+        workdir = os.path.join(self.spool.root, "work", security_id)
+        await self.history.received(entry, rule, security_id)
         await self._thread(_fresh_dir, workdir)
         try:
             if skip:
@@ -376,12 +442,16 @@ class Pipeline:
                     partial(self.loop_guard.make, security_id, now),
                 )
                 outcome = await self.processor.process(job)
-            self.history.copy_processed(entry, rule, outcome)
+            await self.history.copy_processed(entry, rule, security_id, outcome)
             if outcome.quarantine is not None:
-                kept = self.history.quarantine(entry, rule, outcome.quarantine)
-                if isinstance(kept, Deferred):
-                    await kept
-            await self._act(entry, state, rule, recipients, outcome)
+                await self.history.quarantine(
+                    entry, rule, security_id, outcome.quarantine
+                )
+            await self._act(entry, state, rule, security_id, recipients, outcome)
+            status, text = _copy_status(
+                outcome, [state["recipients"][r.address] for r in recipients]
+            )
+            await self.history.status(entry, security_id, status, text)
         finally:
             await self._thread(_remove_dir, workdir)
 
@@ -390,6 +460,7 @@ class Pipeline:
         entry: SpoolEntry,
         state: dict[str, Any],
         rule: Rule,
+        security_id: str,
         recipients: list[Recipient],
         outcome: CopyOutcome,
     ) -> None:
@@ -419,7 +490,7 @@ class Pipeline:
         for delivery in outcome.deliveries:
             outgoing = self._outgoing(entry, recipients, delivery)
             outcomes = await self.relay.deliver(rule.relay_profile, outgoing)
-            self.history.delivered(entry, rule, delivery, outcomes)
+            await self.history.delivered(entry, rule, security_id, delivery, outcomes)
             if delivery.kind != "message":
                 continue
             for o in outcomes:
@@ -510,7 +581,6 @@ class Pipeline:
             return
         if any(r.get("status") == FAILED for r in records.values()):
             await self._bounce(entry, state, delayed=False)
-        self.history.finished(entry, state)
         await self.spool.remove(entry)
         self._entries.pop(entry.queue_id, None)
         self.completed += 1
@@ -570,6 +640,31 @@ class Pipeline:
             bounce_id=bounce.queue_id,
         )
         self.submit(bounce)
+
+
+def _copy_status(
+    outcome: CopyOutcome, records: list[dict[str, Any]]
+) -> tuple[MessageStatus, str]:
+    """
+    A copy's history status from its outcome and its recipients' states.
+    """
+    statuses = [r.get("status", PENDING) for r in records]
+    if outcome.decision is Decision.RETRY or PENDING in statuses:
+        return MessageStatus.DEFERRED, f"deferred: {outcome.detail or outcome.result}"
+    if outcome.decision is Decision.FAIL:
+        return MessageStatus.FAILED, f"failed: {outcome.condition}"
+    if outcome.decision is Decision.BLOCK:
+        if outcome.quarantine is not None:
+            return MessageStatus.QUARANTINED, f"{outcome.result}, original quarantined"
+        return MessageStatus.BLOCKED, outcome.result
+    delivered = statuses.count(DELIVERED)
+    if delivered == len(statuses):
+        if outcome.result.startswith("Bypassed"):
+            return MessageStatus.BYPASSED, f"delivered unscanned: {outcome.result}"
+        return MessageStatus.DELIVERED, f"delivered: {outcome.result}"
+    if delivered:
+        return MessageStatus.PARTIALLY_DELIVERED, "some recipients bounced"
+    return MessageStatus.BOUNCED, "every recipient bounced"
 
 
 def _dsn_parameters(report: Any) -> dict[str, str | None]:

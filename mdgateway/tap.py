@@ -21,7 +21,7 @@ from twisted.cred.checkers import FilePasswordDB
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IReactorTime
-from twisted.internet.task import deferLater
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python import usage
@@ -34,13 +34,21 @@ from mdgateway.core.emulator import CoreEmulator, EmulatorConfig, build_site
 from mdgateway.core.runtime import CoreRuntime
 from mdgateway.dsn import DsnMessage, DsnSuppressedError, RecipientResult, write_dsn
 from mdgateway.gateway import Gateway, IRecipientPolicy
+from mdgateway.history import StoreHistory
 from mdgateway.loop import (
     load_or_create_secret,
     make_marker,
     read_markers,
     scan_markers,
 )
-from mdgateway.pipeline import BounceMaker, LoopGuard, Pipeline, RetryPolicy
+from mdgateway.pipeline import (
+    BounceMaker,
+    LogHistory,
+    LoopGuard,
+    Pipeline,
+    RetryPolicy,
+    TeeHistory,
+)
 from mdgateway.policy import Rule
 from mdgateway.processing import CopyProcessor
 from mdgateway.relay import Outgoing, Relay
@@ -53,6 +61,8 @@ from mdgateway.smtp.serverprotocol import (
 )
 from mdgateway.smtp.tls import server_tls_options
 from mdgateway.spool import Spool
+from mdgateway.store import store_for
+from mdgateway.store.interfaces import Refusal
 from mdgateway.verification import SmtpRecipientVerifier, read_password
 
 log = Logger()
@@ -218,6 +228,10 @@ class GatewayService(MultiService):
             SmtpRecipientVerifier(reactor, config.sender_helo_domain, self.resolver),
             reactor,
         )
+        self.store_threadpool = ThreadPool(
+            minthreads=0, maxthreads=5, name="mdgateway-store"
+        )
+        self.store = store_for(config.store.location, reactor, self.store_threadpool)
         self.runtimes: dict[str, CoreRuntime] = {}
         self.secret = b""
         checker = None
@@ -253,6 +267,16 @@ class GatewayService(MultiService):
             bounces=BounceMaker(self._write_bounce),
             retry=_retry_policy(config),
             concurrency=config.delivery.concurrency,
+            history=TeeHistory(
+                StoreHistory(
+                    self.store,
+                    reactor,
+                    self.work_threadpool,
+                    instance=config.store.instance,
+                    quarantine_days=config.store.quarantine_days,
+                ),
+                LogHistory(),
+            ),
         )
         self.gateway = Gateway(
             hostname=config.sender_helo_domain,
@@ -262,7 +286,10 @@ class GatewayService(MultiService):
             checker=checker,
             looped=self._looped,
             on_queued=self.pipeline.submit,
+            on_refused=self._refused,
         )
+        self.purger = LoopingCall(self._purge)
+        self.purger.clock = reactor
         self.emulator: Any = None
         self.factories: list[SMTPServerFactory] = []
         self.ports: list[IListeningPort] = []
@@ -273,6 +300,37 @@ class GatewayService(MultiService):
 
     def _recipient_policy(self, config: GatewayConfig) -> IRecipientPolicy:
         return RulePolicy(config.policy, self.verifier, self._scanning)
+
+    def _refused(
+        self, info: Any, sender: str | None, recipient: str | None, reply: Any
+    ) -> None:
+        refusal = Refusal(
+            at=self.reactor.seconds(),
+            listener=info.listener,
+            client_address=info.client[0],
+            code=reply.code,
+            reason=reply.text,
+            enhanced=reply.status or None,
+            helo=info.helo,
+            sender=sender,
+            recipient=recipient,
+        )
+        d = Deferred.fromCoroutine(self.store.record_refusal(refusal))
+        d.addErrback(lambda f: log.failure("could not record a refusal", f))
+
+    async def _purge(self) -> None:
+        counts = await self.store.purge(
+            self.reactor.seconds(),
+            self.config.store.history_days,
+            self.config.store.quarantine_days,
+        )
+        log.info(
+            "retention: removed {messages} messages, {refusals} refusals, "
+            "{quarantined} quarantined originals",
+            messages=counts.messages,
+            refusals=counts.refusals,
+            quarantined=counts.quarantined,
+        )
 
     def _scanner(self, profile_name: str) -> CoreRuntime:
         return self.runtimes[profile_name]
@@ -355,6 +413,7 @@ class GatewayService(MultiService):
         self.threadpool.start()
         self.work_threadpool.start()
         self.dns_threadpool.start()
+        self.store_threadpool.start()
         d = Deferred.fromCoroutine(self._start())
         d.addErrback(self._failed_start)
 
@@ -368,6 +427,10 @@ class GatewayService(MultiService):
         if self.config.emulator.enabled:
             await self._start_emulator()
         self._sync_runtimes(self.config)
+        await self.store.open()
+        self.purger.start(3600, now=True).addErrback(
+            lambda f: log.failure("retention job failed", f)
+        )
         entries = await self.spool.recover()
         log.info(
             "spool {directory}: {count} message(s) recovered",
@@ -446,6 +509,9 @@ class GatewayService(MultiService):
             for session in list(factory.sessions):
                 session.abort()
         await self.pipeline.stop()
+        if self.purger.running:
+            self.purger.stop()
+        await self.store.close()
         for runtime in self.runtimes.values():
             await runtime.close()
         if self.emulator is not None:
@@ -456,6 +522,7 @@ class GatewayService(MultiService):
         self.threadpool.stop()
         self.work_threadpool.stop()
         self.dns_threadpool.stop()
+        self.store_threadpool.stop()
         await super().stopService()
         log.info("stopped")
 

@@ -143,5 +143,10 @@ class FakeEnvelopeHandler:
         ok = self.users.get(username) == password
         return succeed(username if ok else None)
 
+    def message_refused(
+        self, info: ConnectionInfo, mail: MailFrom, reply: Reply
+    ) -> None:
+        self.events.append(("message refused", reply.code))
+
     def disconnected(self, info: ConnectionInfo) -> None:
         self.events.append(("disconnected", info.client))

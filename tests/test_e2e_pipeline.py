@@ -153,7 +153,7 @@ def test_clean_message_delivered_unchanged(
     assert parsed["X-Metadefender-Core-Url"].startswith("http://127.0.0.1:")
     assert parsed["X-Metadefender-Core-Rule"] == "Automatic"
     assert parsed["X-Scanned-By"] == "mdgateway"
-    assert parsed["X-MD-Email-Security-Id"].startswith(f"{queue_id}.0; t=")
+    assert parsed["X-MD-Email-Security-Id"].startswith(f"{queue_id}.1; t=")
     assert not list((tmp_path / "spool" / "queue").glob("*"))
 
 

@@ -138,6 +138,12 @@ class IEnvelopeHandler(Interface):
             with L{None} when the credentials are refused.
         """
 
+    def message_refused(info: ConnectionInfo, mail: MailFrom, reply: Reply) -> None:
+        """
+        Message content was refused (too big, bare CR/LF, a loop...); for
+        the refused-mail log.
+        """
+
     def disconnected(info: ConnectionInfo) -> None:
         """
         The connection is gone.

@@ -527,6 +527,11 @@ class SMTPServerProtocol(Protocol):
                 reason=refusal.text,
                 code=refusal.code,
             )
+            transaction = self.session.transaction
+            if transaction is not None:
+                self.factory.handler.message_refused(
+                    self.info, transaction.mail, refusal
+                )
             self._run(self.session.message_received(refusal))
             return
         self._waiting = True
