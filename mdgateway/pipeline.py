@@ -40,8 +40,11 @@ FAILED = "failed"
 BLOCKED = "blocked"
 FINAL = frozenset({DELIVERED, FAILED, BLOCKED})
 
-#: C{Envelope.extra["generated"]} of messages the gateway made itself.
+#: C{Envelope.extra["generated"]} of messages the gateway made itself (not
+#: scanned): bounces, and quarantined originals released or forwarded.
 GENERATED_DSN = "dsn"
+GENERATED_RELEASE = "release"
+UNSCANNED = frozenset({GENERATED_DSN, GENERATED_RELEASE})
 
 
 @attrs.frozen
@@ -366,7 +369,7 @@ class Pipeline:
         state = await self.spool.read_state(entry) or self._fresh_state(envelope)
         now = self.reactor.seconds()
         state["attempts"] = int(state.get("attempts", 0)) + 1
-        generated = envelope.extra.get("generated") == GENERATED_DSN
+        generated = envelope.extra.get("generated") in UNSCANNED
         markers = (
             0
             if generated
@@ -616,7 +619,7 @@ class Pipeline:
             if report is None or not report.reported:
                 await writer.abort()
                 return
-            await _copy_into(writer, path)
+            await copy_file_into(writer, path)
             # The bounce goes back the way the first failed copy came in.
             first = next(r for r in envelope.recipients if r.address in results)
             dsn_envelope = Envelope(
@@ -676,7 +679,7 @@ def _dsn_parameters(report: Any) -> dict[str, str | None]:
     return params
 
 
-async def _copy_into(writer: Any, path: str) -> None:
+async def copy_file_into(writer: Any, path: str) -> None:
     """
     Stream a file into a spool writer, waiting whenever it asks to.
 

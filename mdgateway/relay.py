@@ -186,6 +186,7 @@ class Relay:
         self._throttled_until: dict[str, float] = {}
         self._throttle_step: dict[str, float] = {}
         self._settings: dict[str, ClientSettings] = {}
+        self._unreachable_at: dict[str, float] = {}
 
     # -- throttling ----------------------------------------------------------
 
@@ -258,8 +259,18 @@ class Relay:
                 if isinstance(outcome, str):
                     last = outcome
                     continue
+                self._unreachable_at.pop(profile.name, None)
                 return outcome
+        self._unreachable_at[profile.name] = self.reactor.seconds()
         return _all(outgoing, Status.DEFERRED, 451, "4.4.1", last)
+
+    def healthy(self, profile: SmtpProfile, window: float = 60.0) -> bool:
+        """
+        Whether some server of the profile answered lately (it is not
+        healthy when the last attempt, within C{window}, reached none).
+        """
+        failed = self._unreachable_at.get(profile.name)
+        return failed is None or self.reactor.seconds() - failed > window
 
     async def _maildir(
         self, server: RelayServer, outgoing: Outgoing

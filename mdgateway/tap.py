@@ -526,7 +526,7 @@ class GatewayService(MultiService):
         await super().stopService()
         log.info("stopped")
 
-    def reload(self) -> bool:
+    def reload(self) -> tuple[bool, list[str]]:
         """
         Load the configuration file again. If it is valid, new sessions use
         its rules and limits while sessions in progress keep theirs; if not,
@@ -538,7 +538,7 @@ class GatewayService(MultiService):
         except ConfigError as e:
             for problem in e.problems:
                 log.error("configuration reload refused: {problem}", problem=problem)
-            return False
+            return False, list(e.problems)
         old = self.config
         if (new.listeners, new.tls, new.spool) != (old.listeners, old.tls, old.spool):
             log.warn(
@@ -563,7 +563,7 @@ class GatewayService(MultiService):
             path=new.path,
             rules=len(new.policy.rules),
         )
-        return True
+        return True, []
 
     def _live_sessions(self) -> int:
         return sum(len(f.sessions) for f in self.factories)
