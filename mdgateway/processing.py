@@ -16,6 +16,7 @@ import enum
 import hashlib
 import mimetypes
 import os
+import re
 import shutil
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -27,7 +28,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from mdgateway.core.errors import Condition, CoreError
-from mdgateway.core.verdict import Verdict
+from mdgateway.core.verdict import Outcome, Verdict
 from mdgateway.loop import MARKER_HEADER, body_digest
 from mdgateway.message.decompose import Decomposition, ScannablePart, decompose
 from mdgateway.message.errors import RebuildError
@@ -50,6 +51,10 @@ _CONDITION_KEYS = {
     Condition.NOT_SCANNED: "not_scanned",
 }
 MODIFICATION_FAILURE = "modification_failure"
+#: Which error action wins when parts failed with different conditions: a
+#: bypass for one part must never deliver a part the rule retries or fails.
+_SEVERITY = {"bypass": 0, "retry": 1, "fail": 2}
+_OWN_MARKER = re.compile(rb"\nx-md-email-security-id[ \t]*:")
 
 
 class Decision(enum.Enum):
@@ -207,11 +212,17 @@ class CopyProcessor:
         blocked = [s for s in scanned if s.verdict is not None and s.verdict.blocked]
         errors = [s for s in scanned if s.error is not None]
         bypassed: str | None = None
-        if errors and not blocked:
-            condition = self._condition(errors[0].error)
+        if errors and not (blocked and rule.blocked_action == "block"):
+            worst = max(
+                errors,
+                key=lambda s: _SEVERITY[
+                    self._error_action(rule, self._condition(s.error))
+                ],
+            )
+            condition = self._condition(worst.error)
             action = self._error_action(rule, condition)
             if action != "bypass":
-                detail = f"{errors[0].part.filename}: {errors[0].error}"
+                detail = f"{worst.part.filename}: {worst.error}"
                 return CopyOutcome(
                     Decision.RETRY if action == "retry" else Decision.FAIL,
                     f"Failed/{condition}",
@@ -230,7 +241,7 @@ class CopyProcessor:
                 await self._sanitized(
                     scanner, job, decomposition, scanned, replacements, actions
                 )
-            except CoreError as e:
+            except (CoreError, OSError, ValueError) as e:
                 return await self._modification_failed(job, reports, str(e))
         result = f"Bypassed/{bypassed}" if bypassed else "Allowed"
         sanitized = bool(replacements)
@@ -280,6 +291,15 @@ class CopyProcessor:
                 verdict = await scanner.scan(str(part.path), part.filename)
             except CoreError as e:
                 return _Scanned(part, None, e)
+            if verdict.outcome is Outcome.OTHER:
+                # A final result we do not know is not a pass: fail closed
+                # through the rule's "not scanned" handling.
+                error = CoreError(
+                    Condition.NOT_SCANNED,
+                    f"unknown result {verdict.result!r}",
+                    verdict=verdict,
+                )
+                return _Scanned(part, None, error)
             return _Scanned(part, verdict, None)
 
         results: list[_Scanned] = await gatherResults(
@@ -348,6 +368,7 @@ class CopyProcessor:
                 dest,
                 content_type,
                 name if part.named or part.kind.value == "attachment" else None,
+                charset=part.charset if content_type.startswith("text/") else None,
             )
             actions.append(f"sanitized part {part.part_id} ({part.filename} -> {name})")
 
@@ -410,14 +431,36 @@ class CopyProcessor:
                 await self._sanitized(
                     scanner, job, decomposition, clean, replacements, actions
                 )
-            except CoreError as e:
-                return await self._modification_failed(job, reports, str(e))
+            except (CoreError, OSError, ValueError) as e:
+                bypass = rule.on_error.action_for(MODIFICATION_FAILURE) == "bypass"
+                if action != "strip" or not bypass:
+                    return await self._modification_failed(job, reports, str(e))
+                # Bypass Deep CDR only: the blocked parts are still stripped.
+                replacements = {
+                    p: r for p, r in replacements.items() if isinstance(r, Notice)
+                }
+                actions = [a for a in actions if a.startswith("stripped ")]
         sanitized = any(isinstance(r, NewFile) for r in replacements.values())
         try:
             main = await self._build(
                 job, decomposition, replacements, result, sanitized
             )
         except (RebuildError, OSError) as e:
+            if action == "strip":
+                # The blocked content cannot be taken out: it goes, with the
+                # whole message, never through.
+                log.error(
+                    "message copy {security_id}: cannot strip ({error}); blocked",
+                    security_id=job.security_id,
+                    error=str(e),
+                )
+                return CopyOutcome(
+                    Decision.BLOCK,
+                    result,
+                    parts=tuple(reports),
+                    actions=("blocked: the blocked content could not be stripped",),
+                    quarantine="blocked",
+                )
             return await self._modification_failed(job, reports, str(e))
         stripped = {p for p, r in replacements.items() if isinstance(r, Notice)}
         reports = [
@@ -431,10 +474,14 @@ class CopyProcessor:
             )
             for r in reports
         ]
+        deliveries = [main]
+        if quarantine is not None and rule.external_quarantine:
+            deliveries.append(await self._original_copy(job, result))
+            quarantine = None
         return CopyOutcome(
             Decision.DELIVER,
             result,
-            (main,),
+            tuple(deliveries),
             sanitized=sanitized,
             parts=tuple(reports),
             actions=tuple(actions) or ("delivered blocked content",),
@@ -552,8 +599,8 @@ def _has_own_headers(path: str, limit: int = 256 * 1024) -> bool:
     with open(path, "rb") as f:
         head = f.read(limit)
     end = head.find(b"\r\n\r\n")
-    block = (head if end < 0 else head[: end + 2]).lower()
-    return b"\nx-metadefender-" in block or b"\nx-md-email-security-id:" in block
+    block = b"\n" + (head if end < 0 else head[: end + 2]).lower()
+    return b"\nx-metadefender-" in block or _OWN_MARKER.search(block) is not None
 
 
 def _write_delivery(
