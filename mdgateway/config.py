@@ -175,6 +175,7 @@ class GatewayConfig:
     store: StoreConfig = StoreConfig(location=":memory:")
     admin: AdminConfig = AdminConfig()
     drain_timeout: float = 30.0
+    drain_grace: float = 0.0
     version: str = ""
     path: str = ""
 
@@ -266,6 +267,7 @@ def parse_config(
     emulator_section.finish()
     drain = root.table("drain")
     drain_timeout = drain.duration("timeout", 30.0)
+    drain_grace = drain.duration("grace", 0.0)
     drain.finish()
     root.finish()
     problems.raise_if_any()
@@ -281,6 +283,7 @@ def parse_config(
         store=store,
         admin=admin,
         drain_timeout=drain_timeout,
+        drain_grace=drain_grace,
         version=version,
         path=path,
     )

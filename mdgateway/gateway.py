@@ -167,6 +167,8 @@ class Gateway:
         self.looped = looped
         self.on_queued = on_queued
         self.on_refused = on_refused
+        #: Called as C{(info, opened)} when a session starts and ends.
+        self.on_connection: Callable[[ConnectionInfo, bool], object] | None = None
         self.accepting = True
         self.accepted = 0
         self.refused = 0
@@ -182,6 +184,8 @@ class Gateway:
         if not self.accepting:
             return replies.SHUTTING_DOWN
         info.context = self.policy
+        if self.on_connection is not None:
+            self.on_connection(info, True)
         return None
 
     def message_refused(
@@ -193,6 +197,8 @@ class Gateway:
 
     def disconnected(self, info: ConnectionInfo) -> None:
         log.debug("disconnect", session_id=info.session_id, client=info.client[0])
+        if self.on_connection is not None and info.context is not None:
+            self.on_connection(info, False)
 
     def check_sender(self, info: ConnectionInfo, mail: MailFrom) -> Reply:
         if not self.spool.writable():

@@ -201,3 +201,48 @@ class StoreHistory:
         await self._safely(
             "a status", lambda: self.store.update_status(copy_id, status, text)
         )
+
+
+@implementer(IHistory)
+class MetricsHistory:
+    """
+    The pipeline's events as Prometheus metrics.
+    """
+
+    def __init__(self, metrics: Any) -> None:
+        self.metrics = metrics
+
+    async def received(self, entry: SpoolEntry, rule: Rule, copy_id: str) -> None:
+        return None
+
+    async def copy_processed(
+        self, entry: SpoolEntry, rule: Rule, copy_id: str, outcome: CopyOutcome
+    ) -> None:
+        metrics = self.metrics
+        metrics.verdict(outcome.result.split("/", 1)[0])
+        if outcome.sanitized:
+            metrics.cdr("sanitized")
+        for part in outcome.parts:
+            if part.dlp_hits:
+                metrics.dlp("redacted" if part.action == "sanitized" else "hits")
+
+    async def delivered(
+        self,
+        entry: SpoolEntry,
+        rule: Rule,
+        copy_id: str,
+        delivery: Delivery,
+        outcomes: list[RecipientOutcome],
+    ) -> None:
+        for o in outcomes:
+            self.metrics.delivery(rule.relay_profile.name, o.code)
+
+    async def quarantine(
+        self, entry: SpoolEntry, rule: Rule, copy_id: str, reason: str
+    ) -> None:
+        return None
+
+    async def status(
+        self, entry: SpoolEntry, copy_id: str, status: MessageStatus, text: str
+    ) -> None:
+        return None

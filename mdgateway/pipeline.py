@@ -272,6 +272,8 @@ class Pipeline:
         self._entries: dict[str, SpoolEntry] = {}
         self._stopping = False
         self.completed = 0
+        #: Called for each bounce sent (metrics).
+        self.on_bounce: Callable[[], object] | None = None
 
     # -- scheduling ------------------------------------------------------------
 
@@ -635,6 +637,8 @@ class Pipeline:
             bounce = await writer.commit(dsn_envelope)
         finally:
             await self._thread(_remove_file, path)
+        if not delayed and self.on_bounce is not None:
+            self.on_bounce()
         log.info(
             "{message_id}: {kind} sent to {sender} as {bounce_id}",
             message_id=entry.queue_id,

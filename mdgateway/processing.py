@@ -192,11 +192,13 @@ class CopyProcessor:
         threadpool: ThreadPool,
         scanner_for: Callable[[str], IScanner],
         hostname: str,
+        metrics: Any = None,
     ) -> None:
         self.reactor = reactor
         self.threadpool = threadpool
         self.scanner_for = scanner_for
         self.hostname = hostname
+        self.metrics = metrics
 
     async def _thread(self, function: Callable[..., Any], *args: Any) -> Any:
         return await deferToThreadPool(self.reactor, self.threadpool, function, *args)
@@ -207,7 +209,9 @@ class CopyProcessor:
             decompose, job.message_path, os.path.join(job.workdir, "parts")
         )
         scanner = self.scanner_for(rule.core_profile.name)
-        scanned = await self._scan_all(scanner, decomposition.parts)
+        scanned = await self._scan_all(
+            scanner, decomposition.parts, rule.core_profile.name
+        )
         reports = [self._report(s) for s in scanned]
         blocked = [s for s in scanned if s.verdict is not None and s.verdict.blocked]
         errors = [s for s in scanned if s.error is not None]
@@ -284,13 +288,30 @@ class CopyProcessor:
     # -- scanning ----------------------------------------------------------
 
     async def _scan_all(
-        self, scanner: Any, parts: Sequence[ScannablePart]
+        self, scanner: Any, parts: Sequence[ScannablePart], profile: str
     ) -> list[_Scanned]:
         async def one(part: ScannablePart) -> _Scanned:
+            started = self.reactor.seconds()
             try:
                 verdict = await scanner.scan(str(part.path), part.filename)
             except CoreError as e:
+                if self.metrics is not None:
+                    self.metrics.core_scan(
+                        profile, self.reactor.seconds() - started, "error"
+                    )
+                    self.metrics.core_error(profile, e.condition.value)
                 return _Scanned(part, None, e)
+            if self.metrics is not None:
+                outcome = (
+                    "blocked"
+                    if verdict.blocked
+                    else "sanitized"
+                    if verdict.sanitized
+                    else "allowed"
+                )
+                self.metrics.core_scan(
+                    profile, self.reactor.seconds() - started, outcome
+                )
             if verdict.outcome is Outcome.OTHER:
                 # A final result we do not know is not a pass: fail closed
                 # through the rule's "not scanned" handling.

@@ -41,7 +41,7 @@ class CoreProfile:
     strategy: str = "failover"
     rule: str = "Automatic"
     user_agent: str = "mdemailsecurity"
-    poll_interval: float = 0.5
+    poll_interval: float = 0.2
     scan_timeout: float = 300.0
     concurrency: int = 20
     ca_file: str | None = None

@@ -18,7 +18,7 @@ from typing import Any
 import attrs
 from twisted.application.service import IService, MultiService
 from twisted.cred.checkers import FilePasswordDB
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
@@ -28,19 +28,22 @@ from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
 from mdgateway import maildir
+from mdgateway.admin import AdminAPI
 from mdgateway.admission import CachingVerifier, RulePolicy
 from mdgateway.config import ConfigError, GatewayConfig, ListenerConfig, load_config
 from mdgateway.core.emulator import CoreEmulator, EmulatorConfig, build_site
 from mdgateway.core.runtime import CoreRuntime
 from mdgateway.dsn import DsnMessage, DsnSuppressedError, RecipientResult, write_dsn
 from mdgateway.gateway import Gateway, IRecipientPolicy
-from mdgateway.history import StoreHistory
+from mdgateway.history import MetricsHistory, StoreHistory
 from mdgateway.loop import (
     load_or_create_secret,
     make_marker,
     read_markers,
     scan_markers,
 )
+from mdgateway.metrics import Metrics
+from mdgateway.ops import GatewayOperations
 from mdgateway.pipeline import (
     BounceMaker,
     LogHistory,
@@ -60,7 +63,7 @@ from mdgateway.smtp.serverprotocol import (
     listening_factory,
 )
 from mdgateway.smtp.tls import server_tls_options
-from mdgateway.spool import Spool
+from mdgateway.spool import Spool, SpoolEntry
 from mdgateway.store import store_for
 from mdgateway.store.interfaces import Refusal
 from mdgateway.verification import SmtpRecipientVerifier, read_password
@@ -156,6 +159,28 @@ def build_listener_factory(
     return factory, wrapped
 
 
+def load_or_create_token(path: str) -> str:
+    """
+    The admin bearer token from C{path}; on first start a random one is
+    written there (mode 0600). Blocking: run it in a thread.
+    """
+    import secrets
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.read().strip()
+        if token:
+            return token
+    except FileNotFoundError:
+        pass
+    os.makedirs(os.path.dirname(path) or ".", 0o700, exist_ok=True)
+    token = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(token + "\n")
+    return token
+
+
 def _dsn_result(
     address: str, record: dict[str, Any], delayed: bool, retry_until: float
 ) -> RecipientResult:
@@ -228,6 +253,7 @@ class GatewayService(MultiService):
             SmtpRecipientVerifier(reactor, config.sender_helo_domain, self.resolver),
             reactor,
         )
+        self.metrics = Metrics()
         self.store_threadpool = ThreadPool(
             minthreads=0, maxthreads=5, name="mdgateway-store"
         )
@@ -255,6 +281,7 @@ class GatewayService(MultiService):
             threadpool=self.work_threadpool,
             scanner_for=self._scanner,
             hostname=config.sender_helo_domain,
+            metrics=self.metrics,
         )
         self.pipeline = Pipeline(
             spool=self.spool,
@@ -276,8 +303,10 @@ class GatewayService(MultiService):
                     quarantine_days=config.store.quarantine_days,
                 ),
                 LogHistory(),
+                MetricsHistory(self.metrics),
             ),
         )
+        self.pipeline.on_bounce = self.metrics.bounce
         self.gateway = Gateway(
             hostname=config.sender_helo_domain,
             spool=self.spool,
@@ -285,9 +314,22 @@ class GatewayService(MultiService):
             clock=reactor,
             checker=checker,
             looped=self._looped,
-            on_queued=self.pipeline.submit,
+            on_queued=self._queued,
             on_refused=self._refused,
         )
+        self.gateway.on_connection = self._connection
+        self.operations = GatewayOperations(
+            reactor=reactor,
+            spool=self.spool,
+            pipeline=self.pipeline,
+            store=self.store,
+            metrics=self.metrics,
+            policy=lambda: self.config.policy,
+            reload=self.reload,
+            checks=self._checks,
+        )
+        self._watch_metrics()
+        self.admin_port: IListeningPort | None = None
         self.purger = LoopingCall(self._purge)
         self.purger.clock = reactor
         self.emulator: Any = None
@@ -301,9 +343,62 @@ class GatewayService(MultiService):
     def _recipient_policy(self, config: GatewayConfig) -> IRecipientPolicy:
         return RulePolicy(config.policy, self.verifier, self._scanning)
 
+    def _queued(self, entry: SpoolEntry) -> None:
+        self.metrics.message_accepted(entry.envelope.listener)
+        for recipient in entry.envelope.recipients:
+            self.metrics.rule_matched(recipient.rule, recipient.direction)
+        self.pipeline.submit(entry)
+
+    def _connection(self, info: Any, opened: bool) -> None:
+        if opened:
+            self.metrics.session_opened(info.listener)
+            return
+        self.metrics.session_closed(info.listener)
+        if info.tls_version:
+            self.metrics.tls_established(info.listener, info.tls_version)
+
+    def _watch_metrics(self) -> None:
+        metrics = self.metrics
+        metrics.watch_queue_depth(lambda: self.spool.entry_count)
+        metrics.watch_queue_oldest_seconds(self.spool.oldest_age)
+        metrics.watch_core_servers_up(
+            lambda: {
+                name: sum(1 for s in runtime.status() if s.up)
+                for name, runtime in self.runtimes.items()
+            }
+        )
+        metrics.watch_relay_throttled(
+            lambda: {
+                name: bool(self.relay.throttled_until(profile))
+                for name, profile in self.config.policy.smtp_profiles.items()
+            }
+        )
+
+    def _checks(self) -> dict[str, bool]:
+        """
+        Readiness: listeners up, spool writable, a healthy server in every
+        Core and relay profile in use, not draining.
+        """
+        policy = self.config.policy
+        core = all(
+            any(s.up for s in self.runtimes[p.name].status())
+            for p in policy.core_profiles_in_use()
+            if p.name in self.runtimes
+        )
+        relay = all(self.relay.healthy(p) for p in policy.smtp_profiles_in_use())
+        return {
+            "listening": bool(self.ports)
+            and len(self.ports) == len(self.config.listeners),
+            "spool_writable": self.spool.writable(),
+            "core": core,
+            "relay": relay,
+            "not_draining": not self.draining,
+        }
+
     def _refused(
         self, info: Any, sender: str | None, recipient: str | None, reply: Any
     ) -> None:
+        self.metrics.refused(reply.code, reply.status or None, reply.text)
         refusal = Refusal(
             at=self.reactor.seconds(),
             listener=info.listener,
@@ -455,7 +550,25 @@ class GatewayService(MultiService):
                 tls=listener.tls,
                 proxy=listener.proxy_protocol,
             )
+        if self.config.admin.endpoint:
+            await self._start_admin()
         self.ready.callback(None)
+
+    async def _start_admin(self) -> None:
+        settings = self.config.admin
+        token = await deferToThreadPool(
+            self.reactor, self.threadpool, load_or_create_token, settings.token_file
+        )
+        api = AdminAPI(self.operations, token, self.reactor)
+        site = api.site()
+        site.noisy = False
+        endpoint = serverFromString(self.reactor, settings.endpoint)
+        self.admin_port = await endpoint.listen(site)
+        log.info(
+            "admin API listening on {endpoint} (token in {token_file})",
+            endpoint=settings.endpoint,
+            token_file=settings.token_file,
+        )
 
     async def _start_emulator(self) -> None:
         settings = self.config.emulator
@@ -496,6 +609,14 @@ class GatewayService(MultiService):
 
     async def _stop(self) -> None:
         self.draining = True
+        if self.config.drain_grace:
+            # Readiness is red now; give the load balancer time to notice
+            # before the listener goes away.
+            log.info(
+                "draining: not ready; listeners close in {grace}s",
+                grace=self.config.drain_grace,
+            )
+            await deferLater(self.reactor, self.config.drain_grace, lambda: None)
         self.gateway.accepting = False
         log.info("draining: listeners closed, sessions finishing")
         await DeferredList([succeed(p.stopListening()) for p in self.ports])
@@ -509,6 +630,8 @@ class GatewayService(MultiService):
             for session in list(factory.sessions):
                 session.abort()
         await self.pipeline.stop()
+        if self.admin_port is not None:
+            await maybeDeferred(self.admin_port.stopListening)
         if self.purger.running:
             self.purger.stop()
         await self.store.close()
