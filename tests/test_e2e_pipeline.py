@@ -370,3 +370,84 @@ def test_loop_marker(tmp_path: Path, smtpd: Callable[..., _Controller]) -> None:
         assert headers_of(scanned)["X-Metadefender-Core-Result"] == "Allowed"
         assert scanned.content.count(b"X-MD-Email-Security-Id:") == 1
         assert stolen.split(";")[0].encode() not in scanned.content
+
+
+def test_verified_starttls_relay(
+    tmp_path: Path, smtpd: Callable[..., _Controller]
+) -> None:
+    """
+    Through a relay profile with tls = "verify" (STARTTLS required, the
+    certificate checked against a private CA and the name localhost), a
+    message reaches a real downstream server byte for byte apart from the
+    gateway's headers; against a server whose certificate the CA did not
+    sign, nothing is delivered and the message waits in the queue.
+    """
+    from tests.certs import make_test_pki
+
+    pki = make_test_pki(tmp_path / "pki")
+    other = make_test_pki(tmp_path / "other")
+    handler = RecordingHandler()
+    good = smtpd(handler, tls_context=pki.server_ssl_context(), require_starttls=True)
+    port = free_port()
+    toml, _ = pipeline_toml(port, tmp_path, good.port)
+    toml = toml.replace(
+        f'servers = ["smtp://127.0.0.1:{good.port}"]\ntls = "none"',
+        f'servers = ["smtp://localhost:{good.port}"]\ntls = "verify"\n'
+        f'ca_file = "{pki.ca_cert}"',
+    )
+    raw = message("over verified TLS").as_bytes(policy=email.policy.SMTP)
+    with running_gateway(tmp_path, toml=toml, port=port):
+        send(port, raw)
+        (got,) = wait_for(lambda: handler.messages)
+    assert got.content.endswith(raw)
+    assert headers_of(got)["X-Metadefender-Core-Result"] == "Allowed"
+
+    untrusted = RecordingHandler()
+    bad = smtpd(
+        untrusted, tls_context=other.server_ssl_context(), require_starttls=True
+    )
+    work = tmp_path / "bad"
+    work.mkdir()
+    port = free_port()
+    toml, _ = pipeline_toml(port, work, bad.port)
+    toml = toml.replace(
+        f'servers = ["smtp://127.0.0.1:{bad.port}"]\ntls = "none"',
+        f'servers = ["smtp://localhost:{bad.port}"]\ntls = "verify"\n'
+        f'ca_file = "{pki.ca_cert}"',
+    )
+    with running_gateway(work, toml=toml, port=port):
+        send(port, message("must not go"))
+        time.sleep(3)
+        assert untrusted.messages == []
+        assert len(list((work / "spool" / "queue").glob("*.eml"))) == 1
+
+
+def test_downstream_outage_then_delivery(
+    tmp_path: Path, smtpd: Callable[..., _Controller]
+) -> None:
+    """
+    While the downstream server is down the message waits (retried with
+    backoff); once the server is back it is delivered, once.
+    """
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        down = s.getsockname()[1]
+    port = free_port()
+    toml, _ = pipeline_toml(port, tmp_path, down)
+    with running_gateway(tmp_path, toml=toml, port=port):
+        send(port, message("patience"))
+        time.sleep(4)
+        assert len(list((tmp_path / "spool" / "queue").glob("*.eml"))) == 1
+        handler = RecordingHandler()
+        controller = _Controller(handler, hostname="127.0.0.1", port=down)
+        controller.start()
+        try:
+            (got,) = wait_for(lambda: handler.messages, timeout=30)
+            time.sleep(2)
+            assert len(handler.messages) == 1
+        finally:
+            controller.stop()
+    assert headers_of(got)["X-Metadefender-Core-Result"] == "Allowed"
+    assert not list((tmp_path / "spool" / "queue").glob("*.eml"))
