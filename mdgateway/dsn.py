@@ -51,7 +51,7 @@ from typing import BinaryIO, Protocol
 import attrs
 
 from mdgateway.message.fields import get_parameter, split_parameters
-from mdgateway.message.headers import decode_value, format_field
+from mdgateway.message.headers import decode_value, format_field, read_header_block
 
 #: The actions a report can give a recipient (RFC 3464 2.3.3; C{expanded}
 #: is not something the gateway does).
@@ -385,23 +385,6 @@ class _Original:
     fields: dict[bytes, bytes]
 
 
-def _header_block(source: BinaryIO, limit: int) -> tuple[bytes, bool]:
-    """
-    The top-level header block (without its blank line), at most C{limit}
-    bytes of it, cut at a line end when the limit is hit.
-    """
-    data = source.read(limit + 4)
-    if data.startswith(b"\r\n"):
-        return b"", True
-    end = data.find(b"\r\n\r\n")
-    if end >= 0 and end + 2 <= limit:
-        return data[: end + 2], True
-    if len(data) <= limit:
-        return data, True
-    cut = data.rfind(b"\r\n", 0, limit)
-    return (data[: cut + 2] if cut >= 0 else b""), False
-
-
 def _fields(block: bytes) -> Iterator[tuple[bytes, bytes]]:
     """
     C{(lowercased name, raw value)} for each field, until a line that is
@@ -424,7 +407,7 @@ def _fields(block: bytes) -> Iterator[tuple[bytes, bytes]]:
 
 
 def _read_original(source: BinaryIO, limit: int) -> _Original:
-    block, complete = _header_block(source, limit)
+    block, complete = read_header_block(source, limit)
     fields: dict[bytes, bytes] = {}
     for name, value in _fields(block):
         fields.setdefault(name, value)

@@ -46,6 +46,8 @@ from typing import BinaryIO
 
 import attrs
 
+from mdgateway.message.headers import read_header_block
+
 #: The marker header: the product's id header, carrying our MAC.
 MARKER_HEADER = "X-MD-Email-Security-Id"
 #: Bytes of a newly created secret.
@@ -277,23 +279,6 @@ class MarkerCount:
         return tuple(check for check in self.checks if not check.valid)
 
 
-def _header_block(source: BinaryIO, limit: int) -> tuple[bytes, bool]:
-    """
-    The top-level header block (without its blank line), at most C{limit}
-    bytes of it, cut at a line end when the limit is hit.
-    """
-    data = source.read(limit + 4)
-    end = data.find(b"\r\n\r\n")
-    if data.startswith(b"\r\n"):
-        return b"", True
-    if end >= 0 and end + 2 <= limit:
-        return data[: end + 2], True
-    if len(data) <= limit:
-        return data, True
-    cut = data.rfind(b"\r\n", 0, limit)
-    return (data[: cut + 2] if cut >= 0 else b""), False
-
-
 def scan_markers(
     source: BinaryIO,
     secret: bytes,
@@ -312,7 +297,7 @@ def scan_markers(
     @param limit: the most bytes read; markers beyond are not seen.
     @param body: the L{BodyHasher} digest of the message's body.
     """
-    block, complete = _header_block(source, limit)
+    block, complete = read_header_block(source, limit)
     headers = BytesHeaderParser(policy=compat32).parsebytes(block)
     checks = tuple(
         check_marker(secret, str(value), now, max_age, max_skew, body)

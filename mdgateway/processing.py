@@ -32,7 +32,11 @@ from mdgateway.core.verdict import Outcome, Verdict
 from mdgateway.loop import MARKER_HEADER, body_digest
 from mdgateway.message.decompose import Decomposition, ScannablePart, decompose
 from mdgateway.message.errors import RebuildError
-from mdgateway.message.headers import format_fields, rewrite_headers
+from mdgateway.message.headers import (
+    format_fields,
+    read_header_block,
+    rewrite_headers,
+)
 from mdgateway.message.rebuild import NewFile, Notice, rebuild_file
 from mdgateway.policy import Rule
 
@@ -618,9 +622,8 @@ def _has_own_headers(path: str, limit: int = 256 * 1024) -> bool:
     Whether the top-level header block carries any header we stamp.
     """
     with open(path, "rb") as f:
-        head = f.read(limit)
-    end = head.find(b"\r\n\r\n")
-    block = b"\n" + (head if end < 0 else head[: end + 2]).lower()
+        block, _ = read_header_block(f, limit)
+    block = b"\n" + block.lower()
     return b"\nx-metadefender-" in block or _OWN_MARKER.search(block) is not None
 
 

@@ -315,6 +315,24 @@ def remove_headers(source: BinaryIO, output: BinaryIO, names: Iterable[str]) -> 
     return rewrite_headers(source, output, remove=names).removed
 
 
+def read_header_block(source: BinaryIO, limit: int) -> tuple[bytes, bool]:
+    """
+    The top-level header block (without its blank line), at most C{limit}
+    bytes of it, cut at a line end when the limit is hit; and whether the
+    whole block was read.
+    """
+    data = source.read(limit + 4)
+    if data.startswith(b"\r\n"):
+        return b"", True
+    end = data.find(b"\r\n\r\n")
+    if end >= 0 and end + 2 <= limit:
+        return data[: end + 2], True
+    if len(data) <= limit:
+        return data, True
+    cut = data.rfind(b"\r\n", 0, limit)
+    return (data[: cut + 2] if cut >= 0 else b""), False
+
+
 @attrs.frozen
 class HeaderSummary:
     """

@@ -358,9 +358,7 @@ class SmtpClientProtocol(Protocol):
         self._operation = d
         self._body = body
         try:
-            actions = self.session.start_transaction(
-                envelope, size, probe=body is None
-            )
+            actions = self.session.start_transaction(envelope, size, probe=body is None)
         except BaseException:
             self._operation = self._body = None
             raise
