@@ -19,6 +19,7 @@ are pooled connections.
 
 from __future__ import annotations
 
+import abc
 import base64
 import binascii
 import hashlib
@@ -849,7 +850,7 @@ def _job_purge_refusals(tx: Tx, cutoff: float, batch: int) -> int:
 
 
 @implementer(IStore)
-class SqlStore:
+class SqlStore(abc.ABC):
     """
     L{IStore} over a SQL database; a backend subclass supplies
     connections and transactions (see L{_transaction}).
@@ -900,6 +901,7 @@ class SqlStore:
 
     # Backend hooks, called in a pool thread.
 
+    @abc.abstractmethod
     def _transaction(self, write: bool, durable: bool) -> AbstractContextManager[Tx]:
         """
         A context manager that begins a transaction on a suitable connection
@@ -907,18 +909,18 @@ class SqlStore:
         back when it raises. C{durable} asks for the commit to reach stable
         storage even where the backend normally relaxes that.
         """
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _close_connections(self) -> None:
         """
         Close every connection (pool thread; nothing is in flight).
         """
 
+    @abc.abstractmethod
     def _driver_errors(self) -> tuple[type[BaseException], ...]:
         """
         The driver's exception classes, mapped onto L{StoreError}.
         """
-        raise NotImplementedError
 
     # Running jobs
 
