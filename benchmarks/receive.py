@@ -95,7 +95,16 @@ def postfix_run(count: int, sessions: int, size: int) -> float:
     )
     try:
         time.sleep(0.3)
-        return smtp_source(2525, count, sessions, size)
+        seconds = smtp_source(2525, count, sessions, size)
+        # Let Postfix relay what it queued before the sink goes away, so no
+        # leftovers skew the next run.
+        deadline = time.monotonic() + 120
+        while (
+            time.monotonic() < deadline
+            and subprocess.run(["postqueue", "-j"], capture_output=True).stdout.strip()
+        ):
+            time.sleep(0.5)
+        return seconds
     finally:
         sink.terminate()
         sink.wait()

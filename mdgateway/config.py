@@ -91,8 +91,16 @@ class LimitsConfig:
 
 @attrs.frozen
 class SpoolConfig:
+    """
+    The local spool.
+
+    @ivar min_free: below this much free space new mail gets
+        C{452 4.3.1}, so the spool never fills its disk.
+    """
+
     directory: str
     threads: int = 4
+    min_free: int = 64 * 1024 * 1024
 
 
 @attrs.frozen
@@ -253,6 +261,7 @@ def parse_config(
             base, spool_section.string("directory", required=True) or "spool"
         ),
         threads=spool_section.integer("threads", 4, minimum=1, maximum=64),
+        min_free=spool_section.size("min_free", 64 * 1024 * 1024),
     )
     spool_section.finish()
     delivery = _delivery(root.table("delivery"), base, spool.directory)

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -73,12 +74,17 @@ class StoreHistory:
         *,
         instance: str = "",
         quarantine_days: float | None = 30.0,
+        backlog: int = 2000,
     ) -> None:
         self.store = store
         self.reactor = reactor
         self.threadpool = threadpool
         self.instance = instance
         self.quarantine_days = quarantine_days
+        self.backlog = backlog
+        self._chains: dict[str, Deferred[None]] = {}
+        self._pending = 0
+        self._room: list[Deferred[None]] = []
 
     async def _safely(self, what: str, call: Callable[[], Awaitable[Any]]) -> Any:
         try:
@@ -86,6 +92,60 @@ class StoreHistory:
         except Exception:
             log.failure("history: could not record {what}", what=what)
             return None
+
+    async def _later(
+        self, copy_id: str, what: str, call: Callable[[], Awaitable[Any]]
+    ) -> None:
+        """
+        Record in the background, in order for each copy, so the pipeline
+        never waits on the database; only when the backlog is full does the
+        caller wait for room.
+        """
+        while self._pending >= self.backlog:
+            room: Deferred[None] = Deferred()
+            self._room.append(room)
+            await room
+        self._pending += 1
+        previous = self._chains.get(copy_id)
+
+        async def run() -> None:
+            if previous is not None:
+                await previous
+            await self._safely(what, call)
+
+        step: Deferred[None] = Deferred.fromCoroutine(run())
+        self._chains[copy_id] = step
+
+        def done(_: object) -> None:
+            self._pending -= 1
+            if self._chains.get(copy_id) is step:
+                del self._chains[copy_id]
+            if self._room:
+                self._room.pop(0).callback(None)
+
+        step.addBoth(done)
+
+    async def flush(self, copy_id: str) -> None:
+        """
+        Wait until everything recorded for C{copy_id} so far is written.
+        """
+        step = self._chains.get(copy_id)
+        if step is not None:
+            waiter: Deferred[None] = Deferred()
+
+            def release(result: object) -> object:
+                waiter.callback(None)
+                return result
+
+            step.addBoth(release)
+            await waiter
+
+    async def drain(self) -> None:
+        """
+        Wait until every recording in the background is written (at stop).
+        """
+        while self._chains:
+            await self.flush(next(iter(self._chains)))
 
     async def received(self, entry: SpoolEntry, rule: Rule, copy_id: str) -> None:
         envelope = entry.envelope
@@ -117,7 +177,7 @@ class StoreHistory:
                 copy_id, MessageStatus.PROCESSING, f"processing under rule {rule.name}"
             )
 
-        await self._safely("a received message", record)
+        await self._later(copy_id, "a received message", record)
 
     async def copy_processed(
         self, entry: SpoolEntry, rule: Rule, copy_id: str, outcome: CopyOutcome
@@ -146,7 +206,7 @@ class StoreHistory:
                 copy_id, f"{outcome.result}: {outcome.decision.value}"
             )
 
-        await self._safely("verdicts", record)
+        await self._later(copy_id, "verdicts", record)
 
     async def delivered(
         self,
@@ -157,7 +217,8 @@ class StoreHistory:
         outcomes: list[RecipientOutcome],
     ) -> None:
         if delivery.kind != "message":
-            await self._safely(
+            await self._later(
+                copy_id,
                 "an event",
                 lambda: self.store.add_event(
                     copy_id,
@@ -177,7 +238,9 @@ class StoreHistory:
                 server=o.server or None,
                 at=self.reactor.seconds(),
             )
-            await self._safely("a delivery", partial(self._delivery, copy_id, result))
+            await self._later(
+                copy_id, "a delivery", partial(self._delivery, copy_id, result)
+            )
 
     async def _delivery(self, copy_id: str, result: RecipientResult) -> None:
         await self.store.record_delivery(copy_id, result)
@@ -188,6 +251,9 @@ class StoreHistory:
         expires = None
         if self.quarantine_days:
             expires = self.reactor.seconds() + self.quarantine_days * 86400
+        # The original must be in the store before the spool entry goes:
+        # this one is waited for, after what came before it for the copy.
+        await self.flush(copy_id)
         await self._safely(
             "a quarantined original",
             lambda: self.store.quarantine(
@@ -198,8 +264,8 @@ class StoreHistory:
     async def status(
         self, entry: SpoolEntry, copy_id: str, status: MessageStatus, text: str
     ) -> None:
-        await self._safely(
-            "a status", lambda: self.store.update_status(copy_id, status, text)
+        await self._later(
+            copy_id, "a status", lambda: self.store.update_status(copy_id, status, text)
         )
 
 

@@ -247,7 +247,12 @@ class GatewayService(MultiService):
         self.dns_threadpool = ThreadPool(
             minthreads=0, maxthreads=4, name="mdgateway-dns"
         )
-        self.spool = Spool(config.spool.directory, reactor, self.threadpool)
+        self.spool = Spool(
+            config.spool.directory,
+            reactor,
+            self.threadpool,
+            min_free_bytes=config.spool.min_free,
+        )
         self.resolver = DNSPythonResolver(reactor, self.dns_threadpool)
         self.verifier = CachingVerifier(
             SmtpRecipientVerifier(reactor, config.sender_helo_domain, self.resolver),
@@ -276,6 +281,13 @@ class GatewayService(MultiService):
             maildir_writer=self._write_maildir,
             password_reader=read_password,
         )
+        self.store_history = StoreHistory(
+            self.store,
+            reactor,
+            self.work_threadpool,
+            instance=config.store.instance,
+            quarantine_days=config.store.quarantine_days,
+        )
         self.processor = CopyProcessor(
             reactor=reactor,
             threadpool=self.work_threadpool,
@@ -295,13 +307,7 @@ class GatewayService(MultiService):
             retry=_retry_policy(config),
             concurrency=config.delivery.concurrency,
             history=TeeHistory(
-                StoreHistory(
-                    self.store,
-                    reactor,
-                    self.work_threadpool,
-                    instance=config.store.instance,
-                    quarantine_days=config.store.quarantine_days,
-                ),
+                self.store_history,
                 LogHistory(),
                 MetricsHistory(self.metrics),
             ),
@@ -634,6 +640,7 @@ class GatewayService(MultiService):
             await maybeDeferred(self.admin_port.stopListening)
         if self.purger.running:
             self.purger.stop()
+        await self.store_history.drain()
         await self.store.close()
         for runtime in self.runtimes.values():
             await runtime.close()
