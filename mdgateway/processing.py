@@ -166,6 +166,8 @@ class CopyJob:
     sender: str
     recipients: tuple[str, ...]
     marker: Callable[[bytes], str] | None = None
+    #: The Core server that gave the verdicts (it may be a failover server).
+    core_url: str | None = None
 
     def marker_field(self, body: bytes) -> tuple[str, str]:
         """
@@ -217,6 +219,10 @@ class CopyProcessor:
             scanner, decomposition.parts, rule.core_profile.name
         )
         reports = [self._report(s) for s in scanned]
+        used = next(
+            (s.verdict.core_url for s in scanned if s.verdict is not None), None
+        )
+        job = attrs.evolve(job, core_url=used)
         blocked = [s for s in scanned if s.verdict is not None and s.verdict.blocked]
         errors = [s for s in scanned if s.error is not None]
         bypassed: str | None = None
@@ -565,7 +571,7 @@ class CopyProcessor:
         """
         rule = job.rule
         profile = rule.core_profile
-        url = profile.servers[0].url if profile.servers else ""
+        url = job.core_url or (profile.servers[0].url if profile.servers else "")
         fields = [
             ("X-Metadefender-Core-Url", url),
             ("X-Metadefender-Core-Result", result),

@@ -1440,3 +1440,18 @@ async def test_marker_binds_delivered_body(
                 "X-MD-Email-Security-Id",
                 expected,
             )
+
+
+@pytest.mark.timeout(60)
+@pytest_twisted.ensureDeferred
+async def test_core_url_names_the_server_that_scanned(harness: Harness) -> None:
+    """
+    When a failover server gave the verdicts, X-Metadefender-Core-Url names
+    that server, not the profile's first one.
+    """
+    run = await harness.process(
+        FakeScanner(core_url="http://core-b.test:8008"), make_rule(), "plain.eml"
+    )
+    prefix = run.delivery.prefix
+    assert b"X-Metadefender-Core-Url: http://core-b.test:8008\r\n" in prefix
+    assert b"core.test:8008" not in prefix
