@@ -51,6 +51,9 @@ log = Logger()
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 SENDER_OK = Reply.of(250, "2.1.0", "Ok")
+#: C{Envelope.extra} key of the body's SHA-256 (hex), computed as the
+#: message streams in so the pipeline need not read the file again.
+BODY_DIGEST = "body_sha256"
 #: How much of each message's start is kept to look for loop markers.
 HEAD_BYTES = 64 * 1024
 RECIPIENT_OK = Reply.of(250, "2.1.5", "Ok")
@@ -352,6 +355,7 @@ class SpoolSink:
             protocol=info.protocol_name,
             listener=info.listener,
             config_version=info.config_version,
+            extra={BODY_DIGEST: self.body.digest().hex()},
         )
 
     async def _commit(self) -> Reply:

@@ -223,7 +223,7 @@ class LoopGuard:
     """
 
     make: Callable[[str, float, bytes], str]
-    count_valid: Callable[[str, float], int]
+    count_valid: Callable[[str, float, bytes | None], int]
 
 
 @attrs.frozen
@@ -376,7 +376,10 @@ class Pipeline:
             0
             if generated
             else await self._thread(
-                self.loop_guard.count_valid, str(entry.message_path), now
+                self.loop_guard.count_valid,
+                str(entry.message_path),
+                now,
+                _received_digest(envelope),
             )
         )
         for rule, recipients in self._copies(entry, state):
@@ -426,7 +429,9 @@ class Pipeline:
                 # Relayed once more, unscanned and unchanged but for a new
                 # marker: if it comes back yet again it carries two valid
                 # markers and the SMTP edge refuses it as a loop.
-                body = await self._thread(body_digest, str(entry.message_path))
+                body = _received_digest(entry.envelope) or await self._thread(
+                    body_digest, str(entry.message_path)
+                )
                 prefix = format_field(
                     MARKER_HEADER, self.loop_guard.make(security_id, now, body)
                 )
@@ -647,6 +652,18 @@ class Pipeline:
             bounce_id=bounce.queue_id,
         )
         self.submit(bounce)
+
+
+def _received_digest(envelope: Envelope) -> bytes | None:
+    """
+    The body digest the SMTP edge computed while the message streamed in
+    (L{mdgateway.gateway.BODY_DIGEST}), so the file is not read again.
+    """
+    text = envelope.extra.get("body_sha256")
+    try:
+        return bytes.fromhex(text) if isinstance(text, str) else None
+    except ValueError:
+        return None
 
 
 def _copy_status(

@@ -17,7 +17,6 @@ import hashlib
 import mimetypes
 import os
 import re
-import shutil
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -684,10 +683,3 @@ def _write_notification(path: str, job: CopyJob, reason: str, hostname: str) -> 
     fields.append(job.marker_field(hashlib.sha256(body).digest()))
     with open(path, "wb") as f:
         f.write(format_fields(fields) + b"\r\n" + body)
-
-
-def remove_workdir(path: str) -> None:
-    """
-    Remove a copy's work folder and everything in it.
-    """
-    shutil.rmtree(path, ignore_errors=True)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -455,15 +455,3 @@ async def _quit(client: SmtpClient) -> None:
         pass
     finally:
         client.abort()
-
-
-def sanitize_recipients(
-    recipients: Sequence[RelayRecipient],
-) -> tuple[RelayRecipient, ...]:
-    """
-    Recipients in order, each once.
-    """
-    seen: dict[str, RelayRecipient] = {}
-    for r in recipients:
-        seen.setdefault(r.address, r)
-    return tuple(seen.values())

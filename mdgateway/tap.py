@@ -13,6 +13,7 @@ import os
 import re
 import signal
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import attrs
@@ -59,6 +60,7 @@ from mdgateway.relayhosts import DNSPythonResolver
 from mdgateway.smtp.server import SessionSettings
 from mdgateway.smtp.serverprotocol import (
     ProtocolLimits,
+    ProxyHeaderFactory,
     SMTPServerFactory,
     listening_factory,
 )
@@ -443,10 +445,13 @@ class GatewayService(MultiService):
     def _marker(self, message_id: str, now: float, body: bytes) -> str:
         return make_marker(self.secret, message_id, now, body)[1]
 
-    def _count_markers(self, path: str, now: float) -> int:
-        count = read_markers(
-            path, self.secret, now, max_age=self.config.delivery.marker_max_age
-        )
+    def _count_markers(self, path: str, now: float, body: bytes | None) -> int:
+        max_age = self.config.delivery.marker_max_age
+        if body is None:
+            count = read_markers(path, self.secret, now, max_age=max_age)
+        else:
+            with open(path, "rb") as f:
+                count = scan_markers(f, self.secret, now, max_age=max_age, body=body)
         for check in count.invalid:
             log.info(
                 "ignoring a {reason} loop marker for {marker_id}",
@@ -543,6 +548,8 @@ class GatewayService(MultiService):
             factory, wrapped = build_listener_factory(
                 listener, self.config, self.gateway, self.reactor
             )
+            if isinstance(wrapped, ProxyHeaderFactory):
+                wrapped.on_error = partial(self.metrics.proxy_error, listener.name)
             endpoint = serverFromString(self.reactor, listener.endpoint)
             port = await endpoint.listen(wrapped)
             self.factories.append(factory)

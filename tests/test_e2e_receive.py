@@ -6,6 +6,7 @@ implicit TLS, a pipelining client, PROXY v1/v2 clients and hostile input.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import smtplib
 import socket
@@ -108,7 +109,8 @@ def test_plain_smtplib_queues_exact_bytes(gateway) -> None:
     A message sent with smtplib over plain TCP gets 250 2.0.0 with a queue
     id only once spooled; the spool holds a Received header naming the
     client, HELO, protocol and queue id, followed by the content exactly as
-    sent (dot-unstuffed), and an envelope with sender and recipients.
+    sent (dot-unstuffed), and an envelope with sender, recipients and the
+    SHA-256 of the body computed while it streamed in.
     """
     gw, port, spool = gateway
     with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test") as client:
@@ -129,6 +131,8 @@ def test_plain_smtplib_queues_exact_bytes(gateway) -> None:
     assert envelope["recipients"][0]["parameters"] == {"NOTIFY": "FAILURE"}
     assert envelope["mail_parameters"]["BODY"] == "8BITMIME"
     assert envelope["client_helo"] == "client.test"
+    body = message.split(b"\r\n\r\n", 1)[1]
+    assert envelope["extra"]["body_sha256"] == hashlib.sha256(body).hexdigest()
 
 
 def test_starttls_smtplib(gateway) -> None:

@@ -425,15 +425,18 @@ class ProxyHeaderTests(SynchronousTestCase):
     def test_untrusted_peer_dropped(self) -> None:
         """
         A connection from outside the trusted networks is aborted at once,
-        with no banner, and counted as a PROXY error.
+        with no banner, and counted as a PROXY error (reported to metrics too).
         """
         outer, handler, _ = self.wrapped("10.0.0.0/8")
+        reported: list[str] = []
+        outer.on_error = lambda: reported.append("error")
         protocol = outer.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
         transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 1))
         protocol.makeConnection(transport)
         self.assertEqual(transport.value(), b"")
         self.assertTrue(transport.disconnecting)
         self.assertEqual(outer.proxy_errors, 1)
+        self.assertEqual(reported, ["error"])
 
     def test_bad_header_and_timeout(self) -> None:
         """

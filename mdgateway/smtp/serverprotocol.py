@@ -638,7 +638,7 @@ class ProxyHeaderProtocol(ProtocolWrapper):
                 listener=self.factory.listener,
                 peer=peer[0],
             )
-            self.factory.proxy_errors += 1
+            self.factory.proxy_error()
             transport.abortConnection()
             return
         self._timer = self.factory.clock.callLater(
@@ -647,7 +647,7 @@ class ProxyHeaderProtocol(ProtocolWrapper):
 
     def _no_header(self) -> None:
         self._timer = None
-        self.factory.proxy_errors += 1
+        self.factory.proxy_error()
         log.info("PROXY header timed out", listener=self.factory.listener)
         assert self.transport is not None
         self.transport.abortConnection()
@@ -660,7 +660,7 @@ class ProxyHeaderProtocol(ProtocolWrapper):
         try:
             result = parser.feed(data)
         except ProxyHeaderError as e:
-            self.factory.proxy_errors += 1
+            self.factory.proxy_error()
             log.warn(
                 "bad PROXY header on {listener}: {error}",
                 listener=self.factory.listener,
@@ -741,6 +741,14 @@ class ProxyHeaderFactory(WrappingFactory):
         self.listener = listener
         self.header_timeout = header_timeout
         self.proxy_errors = 0
+        #: Called for each connection dropped for a missing, bad or
+        #: untrusted PROXY header (metrics).
+        self.on_error: Callable[[], object] | None = None
+
+    def proxy_error(self) -> None:
+        self.proxy_errors += 1
+        if self.on_error is not None:
+            self.on_error()
 
     def trusts(self, host: str) -> bool:
         try:
