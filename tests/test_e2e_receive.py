@@ -293,7 +293,7 @@ def test_starttls_injection_discarded(gateway) -> None:
 def test_long_command_line_then_disconnect(gateway) -> None:
     """
     An over-long command line gets 500 5.5.2 and the session continues;
-    repeated abuse gets a disconnect.
+    the third gets 421 4.7.0 and a disconnect.
     """
     gw, port, spool = gateway
     raw = Raw(port)
@@ -304,8 +304,8 @@ def test_long_command_line_then_disconnect(gateway) -> None:
     raw.send(b"X" * 5000 + b"\r\n")
     raw.reply()
     raw.send(b"Y" * 100000)
-    code, _ = raw.reply()
-    assert code == 500
+    code, lines = raw.reply()
+    assert (code, lines[0][4:9]) == (421, "4.7.0")
     assert raw.closed()
 
 

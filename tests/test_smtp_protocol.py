@@ -139,6 +139,20 @@ class FramingTests(SynchronousTestCase):
         handler.pending.pop(0).callback(None)  # second RCPT, then DATA
         self.assertEqual(codes(transport), [250, 354])
 
+    def test_long_burst_of_immediate_checks_does_not_nest(self) -> None:
+        """
+        Checks that answer at once (the common case) do not make the loop
+        recurse per command: MAIL and 2,000 RCPTs pipelined in one write
+        (far past the interpreter's recursion limit) all get their 250s.
+        """
+        protocol, transport, _, _ = connect(max_recipients=5000)
+        replies(transport)
+        burst = b"EHLO c\r\nMAIL FROM:<a@x.example>\r\n" + b"".join(
+            b"RCPT TO:<r%d@y.example>\r\n" % n for n in range(2000)
+        )
+        protocol.dataReceived(burst)
+        self.assertEqual(codes(transport), [250] * 2002)
+
     def test_data_content_and_queue_reply(self) -> None:
         """
         DATA content reaches the sink dot-unstuffed and CRLF intact; the
@@ -199,7 +213,7 @@ class FramingTests(SynchronousTestCase):
     def test_long_command_line(self) -> None:
         """
         A command line over the limit gets 500 5.5.2 without buffering it
-        whole; the third time the connection is closed.
+        whole; the third gets 421 4.7.0 and the connection is closed.
         """
         protocol, transport, _, _ = connect(limits=ProtocolLimits(max_command_line=600))
         replies(transport)
@@ -209,7 +223,7 @@ class FramingTests(SynchronousTestCase):
         self.assertLessEqual(len(protocol._buffer), 700)
         protocol.dataReceived(b"Z" * 700 + b"\r\n")
         protocol.dataReceived(b"Z" * 700 + b"\r\n")
-        self.assertEqual(codes(transport), [500, 500])
+        self.assertEqual(codes(transport), [500, 421])
         self.assertTrue(transport.disconnecting)
 
     def test_drain_refuses_new_commands(self) -> None:

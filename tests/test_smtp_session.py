@@ -47,6 +47,17 @@ class GreetingAndHelloTests(SynchronousTestCase):
     The greeting, EHLO and HELO.
     """
 
+    def test_reply_text_is_ascii_on_the_wire(self) -> None:
+        """
+        Reply text that carries non-ASCII characters (a client's word quoted
+        back, a downstream's text) goes out escaped: RFC 5321 4.2 replies
+        are US-ASCII.
+        """
+        self.assertEqual(
+            Reply.of(501, "5.5.4", "Bad parameter: 'D\u00c9J\u00c0'").to_bytes(),
+            b"501 5.5.4 Bad parameter: 'D\\xc9J\\xc0'\r\n",
+        )
+
     def test_greeting_names_host(self) -> None:
         """
         The banner is a 220 naming the configured host.

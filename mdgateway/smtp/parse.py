@@ -218,7 +218,7 @@ def parse_parameters(text: str, utf8_values: bool = False) -> dict[str, str | No
     for word in text.split():
         keyword, eq, value = word.partition("=")
         if not _KEYWORD.fullmatch(keyword):
-            raise _syntax("5.5.4", f"Bad parameter syntax: {word[:40]!r}")
+            raise _syntax("5.5.4", f"Bad parameter syntax: {word[:40]!a}")
         if eq and not (_VALUE_UTF8 if utf8_values else _VALUE).fullmatch(value):
             raise _syntax("5.5.4", f"Bad parameter value for {keyword.upper()}")
         key = keyword.upper()

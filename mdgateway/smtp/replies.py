@@ -54,7 +54,9 @@ class Reply:
             separator = " " if index == last else "-"
             status = f"{self.status} " if self.status else ""
             out.append(f"{self.code}{separator}{status}{line}\r\n")
-        return "".join(out).encode("utf-8")
+        # Reply text is US-ASCII (RFC 5321 4.2); anything else that slipped
+        # in (a client's word quoted back, a downstream's text) is escaped.
+        return "".join(out).encode("ascii", "backslashreplace")
 
 
 # Replies used in more than one place. Text follows Postfix's where it has one,
@@ -67,6 +69,9 @@ BAD_SEQUENCE_NESTED = Reply.of(503, "5.5.1", "Error: nested MAIL command")
 BAD_SEQUENCE_RCPT = Reply.of(503, "5.5.1", "Error: need RCPT command")
 UNKNOWN_COMMAND = Reply.of(502, "5.5.2", "Error: command not recognized")
 LINE_TOO_LONG = Reply.of(500, "5.5.2", "Error: line too long")
+TOO_MANY_LONG_LINES = Reply.of(
+    421, "4.7.0", "Error: too many long lines, closing connection"
+)
 TLS_REQUIRED = Reply.of(530, "5.7.0", "Must issue a STARTTLS command first")
 SHUTTING_DOWN = Reply.of(421, "4.3.2", "Service shutting down, try again later")
 TOO_MANY_ERRORS = Reply.of(421, "4.7.0", "Too many errors, closing connection")

@@ -253,6 +253,21 @@ class SMTPServerProtocol(Protocol):
         self._process()
 
     def _process(self) -> None:
+        # A check that answers at once (most do) calls back into here from
+        # inside the loop below; the loop itself carries on, so a long
+        # pipelined burst never nests one stack level per command.
+        if self._processing:
+            return
+        self._processing = True
+        try:
+            self._consume()
+        finally:
+            self._processing = False
+        self._flow_control()
+
+    _processing = False
+
+    def _consume(self) -> None:
         while self._buffer and not self._waiting:
             mode = self._mode
             if mode is _Mode.COMMAND:
@@ -271,7 +286,6 @@ class SMTPServerProtocol(Protocol):
                 self._mode = _Mode.COMMAND
             else:
                 self._buffer = b""
-        self._flow_control()
 
     def _flow_control(self) -> None:
         assert self.transport is not None
@@ -318,7 +332,7 @@ class SMTPServerProtocol(Protocol):
     def _long_line(self) -> None:
         self._long_lines += 1
         if self._long_lines >= self.factory.limits.max_long_lines:
-            self._close_with(replies.LINE_TOO_LONG)
+            self._close_with(replies.TOO_MANY_LONG_LINES)
             return
         self._run(self.session.line_too_long())
 
