@@ -31,6 +31,7 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet import reactor, task, threads
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -679,6 +680,48 @@ class EmulatorApiTests(SynchronousTestCase):
         wire.emulator.close()
         self.assertTrue(transport.disconnecting)
         self.assertEqual(wire.result(data_id).status, 404)
+
+
+class BlockingScanTests(SynchronousTestCase):
+    """
+    The content scan of an upload can run off the reactor thread.
+    """
+
+    def test_upload_answered_when_scan_done(self) -> None:
+        """
+        With a C{blocking} runner the upload's scan is handed to it, and
+        the HTTP answer (with the data_id of the registered job) is written
+        only when the runner's result arrives.
+        """
+        wire = Wire()
+        handed: list[tuple[Any, tuple[Any, ...], Deferred[Any]]] = []
+
+        def runner(function: Any, *args: Any) -> Deferred[Any]:
+            d: Deferred[Any] = Deferred()
+            handed.append((function, args, d))
+            return d
+
+        wire.emulator = CoreEmulator(wire.clock, blocking=runner, seed=1)
+        self.addCleanup(wire.emulator.close)
+        wire.site = build_site(wire.emulator, access_log=False, reactor=wire.clock)
+        channel = wire.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        assert channel is not None
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        body = b"hello"
+        channel.dataReceived(
+            b"POST /file HTTP/1.1\r\nHost: core\r\nfilename: a.txt\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+        )
+        self.assertEqual(transport.value(), b"")
+        self.assertEqual(wire.emulator.in_flight, 0)
+        ((function, args, d),) = handed
+        d.callback(function(*args))
+        answer = parse_response(transport.value())
+        self.assertEqual(answer.status, 200)
+        data_id = answer.json()["data_id"]
+        self.assertEqual(wire.emulator.in_flight, 1)
+        self.assertEqual(wire.final(data_id)["scan_results"]["scan_all_result_i"], 0)
 
 
 class ApiKeyTests(SynchronousTestCase):

@@ -25,19 +25,21 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
-from typing import IO, Any, BinaryIO, cast
+from collections.abc import Callable, Iterator
+from typing import IO, Any, BinaryIO, NamedTuple, cast
 from urllib.parse import quote, unquote
 
 import attrs
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import (
     IDelayedCall,
     IListeningPort,
     IPushProducer,
     IReactorTime,
 )
+from twisted.logger import Logger
 from twisted.protocols.policies import WrappingFactory
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
@@ -48,6 +50,8 @@ from mdgateway.core.emulator_scan import (
     scan_stream,
     write_converted,
 )
+
+_log = Logger()
 
 DEFAULT_SANITIZE_TYPES = frozenset(
     {"docx", "xlsx", "pptx", "pdf", "html", "htm", "doc", "xls", "rtf"}
@@ -161,8 +165,16 @@ class CoreEmulator:
         *,
         workdir: str | None = None,
         seed: int | None = None,
+        blocking: Callable[..., Deferred[Any]] | None = None,
     ) -> None:
+        """
+        @param blocking: runs a blocking call (the content scan of an
+            upload) off the reactor thread, returning a L{Deferred} of its
+            result, for example C{partial(deferToThreadPool, reactor, pool)}.
+            Without it the scan runs inline, as the tests want.
+        """
         self.clock = clock
+        self._blocking = blocking
         self.config = config or EmulatorConfig()
         self._started = _iso(clock.seconds())
         self.counters: collections.Counter[str] = collections.Counter()
@@ -285,17 +297,50 @@ class CoreEmulator:
         """
         C{POST /file}: scan the body once, start the latency timer.
         """
-        now = self.clock.seconds()
-        self._purge(now)
-        config = self.config
-        if self._in_flight >= config.queue_size:
+        busy = self._admit()
+        if busy is not None:
+            return busy
+        examined = self._examine(content, raw_filename)
+        return self._register(examined, raw_filename, rule, user_agent)
+
+    def submit_later(
+        self,
+        content: IO[bytes],
+        *,
+        raw_filename: str,
+        rule: str | None,
+        user_agent: str,
+    ) -> Deferred[Reply]:
+        """
+        L{submit}, with the content scan run by the C{blocking} runner, so
+        a large upload does not hold up the reactor (and, embedded in the
+        gateway, its SMTP sessions).
+        """
+        busy = self._admit()
+        if busy is not None:
+            return succeed(busy)
+        if self._blocking is None:
+            examining = succeed(self._examine(content, raw_filename))
+        else:
+            examining = self._blocking(self._examine, content, raw_filename)
+        return examining.addCallback(self._register, raw_filename, rule, user_agent)
+
+    def _admit(self) -> Reply | None:
+        self._purge(self.clock.seconds())
+        if self._in_flight >= self.config.queue_size:
             self.counters["busy"] += 1
             return 503, {"err": "Server is too busy. Try again later."}
         self.counters["submit"] += 1
+        return None
+
+    def _examine(self, content: IO[bytes], raw_filename: str) -> _Examined:
+        """
+        The blocking part of a submission: scan the content and write the
+        converted (sanitized or redacted) file. Touches no shared state.
+        """
+        config = self.config
         content.seek(0)
         findings = scan_stream(cast(BinaryIO, content))
-        if findings.size == 0:
-            return 422, {"err": "File is empty."}
         data_id = uuid.uuid4().hex
         filename = unquote(raw_filename)
         stem, dot, extension = filename.rpartition(".")
@@ -320,6 +365,27 @@ class CoreEmulator:
                 write_converted(
                     cast(BinaryIO, content), out, findings.cards, sanitized=sanitized
                 )
+        return _Examined(
+            data_id, filename, findings, sanitized, converted_path, converted_name
+        )
+
+    def _register(
+        self,
+        examined: _Examined,
+        raw_filename: str,
+        rule: str | None,
+        user_agent: str,
+    ) -> Reply:
+        """
+        The reactor part of a submission: record the job, start its timer.
+        """
+        data_id, filename, findings, sanitized, converted_path, converted_name = (
+            examined
+        )
+        if findings.size == 0:
+            return 422, {"err": "File is empty."}
+        now = self.clock.seconds()
+        config = self.config
         job = _Job(
             data_id=data_id,
             raw_filename=raw_filename,
@@ -666,6 +732,22 @@ def _apikey(request: Request) -> str | None:
     return key
 
 
+class _Examined(NamedTuple):
+    data_id: str
+    filename: str
+    findings: Findings
+    sanitized: bool
+    converted_path: str | None
+    converted_name: str | None
+
+
+def _failed(request: Request, failure: Failure) -> None:
+    _log.failure("emulator submission failed", failure)
+    if not request.finished and not request._disconnected:
+        request.write(_json(request, (500, {"err": "Internal error"})))
+        request.finish()
+
+
 def _json(request: Request, reply: Reply) -> bytes:
     status, doc = reply
     request.setResponseCode(status)
@@ -908,22 +990,29 @@ class _File(_Node):
             return self
         return _Result(self.emulator, path.decode("ascii", "replace"))
 
-    def render_POST(self, request: Request) -> bytes:
+    def render_POST(self, request: Request) -> bytes | int:
         if request.getHeader(b"content-length") is None:
             return _json(request, (411, {"err": "Missing Content-Length header."}))
         content = request.content
         if content is None:
             return _json(request, (422, {"err": "File is empty."}))
         rule = _header(request, b"rule") or _header(request, b"workflow")
-        return _json(
-            request,
-            self.emulator.submit(
-                content,
-                raw_filename=_header(request, b"filename") or "",
-                rule=unquote(rule) if rule is not None else None,
-                user_agent=_header(request, b"user_agent") or "",
-            ),
+        submitted = self.emulator.submit_later(
+            content,
+            raw_filename=_header(request, b"filename") or "",
+            rule=unquote(rule) if rule is not None else None,
+            user_agent=_header(request, b"user_agent") or "",
         )
+
+        def answer(reply: Reply) -> None:
+            body = _json(request, reply)
+            if not request.finished and not request._disconnected:
+                request.write(body)
+                request.finish()
+
+        submitted.addCallback(answer)
+        submitted.addErrback(lambda f: _failed(request, f))
+        return NOT_DONE_YET
 
 
 class _Login(_Node):

@@ -5,12 +5,14 @@ The C{mdcore-emulator} twistd/twist plugin: C{twist mdcore-emulator --port 8008}
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -144,8 +146,15 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
+    blocking = None
+    if hasattr(reactor, "getThreadPool"):
+        blocking = partial(deferToThreadPool, reactor, reactor.getThreadPool())
     emulator = CoreEmulator(
-        reactor, options.config(), workdir=options["workdir"], seed=options["seed"]
+        reactor,
+        options.config(),
+        workdir=options["workdir"],
+        seed=options["seed"],
+        blocking=blocking,
     )
     if options["fail-next"]:
         emulator.fail_next(options["fail-next"])
