@@ -18,6 +18,12 @@ Layout under the spool root (directories 0700, files 0600)::
     queue/<id>.json         committed envelope; its presence marks a complete entry
     state/<id>.json         mutable delivery state, replaced atomically
     corrupt/                envelopes recovery could not use, kept for an operator
+    lock                    flock-ed by the one process using this root
+
+Anything else under the root (such as the C{workers/} roots of other
+processes) is not this spool's: recovery never looks at it. A spool can
+adopt the entries of another root (L{Spool.adopt}), so that a root no
+process uses any more does not strand its mail.
 
 All disk work runs in an injected thread pool, never on the reactor thread.
 """
@@ -32,6 +38,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import suppress
 from typing import Any, TypeVar
@@ -39,6 +46,7 @@ from typing import Any, TypeVar
 import attrs
 from twisted.internet.defer import Deferred, DeferredLock, fail, gatherResults, succeed
 from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -55,6 +63,13 @@ _MESSAGE_SUFFIX = ".eml"
 _ENVELOPE_SUFFIX = ".json"
 _TEMP_SUFFIX = ".tmp"
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+#: The folder under a spool root where processing keeps its scratch files
+#: (see L{mdgateway.pipeline}); nothing in it outlives its process.
+SCRATCH = "work"
+#: Seconds between attempts to take a spool root's lock while waiting.
+_LOCK_RETRY = 0.25
+#: Times the lock is taken again when its file was replaced meanwhile.
+_LOCK_ATTEMPTS = 5
 
 
 # --------------------------------------------------------------------------
@@ -72,6 +87,14 @@ class SpoolFullError(SpoolError):
     """
     The file system is full or over quota (C{ENOSPC}, C{EDQUOT}); nothing
     was queued. The SMTP server answers C{452 4.3.1}.
+    """
+
+
+class SpoolInUseError(SpoolError):
+    """
+    Another process holds the lock of the spool root. Two processes on one
+    root would deliver each other's messages twice and clean away each
+    other's work, so the second one does not start.
     """
 
 
@@ -448,6 +471,7 @@ class _Paths:
     queue: str
     state: str
     corrupt: str
+    lock: str
 
     @classmethod
     def under(cls, root: str) -> _Paths:
@@ -458,7 +482,15 @@ class _Paths:
             queue=join(root, "queue"),
             state=join(root, "state"),
             corrupt=join(root, "corrupt"),
+            lock=join(root, "lock"),
         )
+
+    @property
+    def layout(self) -> tuple[str, ...]:
+        """
+        The directories of the layout, in creation order.
+        """
+        return (self.incoming, self.queue, self.state, self.corrupt)
 
     def entry(self, queue_id: str, envelope: Envelope, size: int) -> SpoolEntry:
         return SpoolEntry(
@@ -567,6 +599,35 @@ class IFileOps(Interface):
         system of C{path}; inodes are C{None} where it does not count them.
         """
 
+    def open_lock(path: str) -> int:  # noqa: N805
+        """
+        Open the lock file C{path} for L{lock}, creating it (mode 0600) if
+        missing; C{FileNotFoundError} if its directory is missing.
+        """
+
+    def names_file(fd: int, path: str) -> bool:  # noqa: N805
+        """
+        Whether C{path} still names the open file C{fd} (C{False} when it
+        names nothing or another file).
+        """
+
+    def link(source: str, destination: str) -> None:  # noqa: N805
+        """
+        Give the file C{source} the further name C{destination} (a hard
+        link, same file system); C{FileExistsError} if C{destination}
+        exists.
+        """
+
+    def same_file(first: str, second: str) -> bool:  # noqa: N805
+        """
+        Whether both names exist and name one file.
+        """
+
+    def rmdir(path: str) -> None:  # noqa: N805
+        """
+        Remove an empty directory.
+        """
+
 
 @implementer(IFileOps)
 class OSFileOps:
@@ -650,9 +711,39 @@ class OSFileOps:
         inodes = st.f_favail if st.f_files else None
         return st.f_bavail * st.f_frsize, inodes
 
+    def open_lock(self, path: str) -> int:
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+        return os.open(path, flags, 0o600)
+
+    def names_file(self, fd: int, path: str) -> bool:
+        try:
+            named = os.stat(path, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        opened = os.fstat(fd)
+        return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
+
+    def link(self, source: str, destination: str) -> None:
+        os.link(source, destination, follow_symlinks=False)
+
+    def same_file(self, first: str, second: str) -> bool:
+        try:
+            a = os.stat(first, follow_symlinks=False)
+            b = os.stat(second, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+    def rmdir(self, path: str) -> None:
+        os.rmdir(path)
+
 
 # --------------------------------------------------------------------------
 # Blocking jobs (run in pool threads; they touch no shared Python state)
+
+
+def _nothing() -> None:
+    pass
 
 
 def _unlink_quietly(ops: IFileOps, path: str) -> None:
@@ -760,6 +851,48 @@ def _job_free_space(ops: IFileOps, path: str) -> tuple[int, int | None]:
     return ops.free_space(path)
 
 
+def _make_layout(ops: IFileOps, paths: _Paths) -> None:
+    created = False
+    for directory in (paths.root, *paths.layout):
+        created = ops.mkdir(directory) or created
+    if created:
+        ops.fsync_directory(paths.root)
+
+
+def _job_lock(ops: IFileOps, paths: _Paths, create_root: bool) -> int | None:
+    """
+    Take the lock of a spool root without blocking: the open lock file, or
+    C{None} when another open file holds the lock.
+
+    A lock won on a file that was removed meanwhile (the root's last user
+    adopted it away and deleted it) guards nothing, so it is taken again on
+    the file now named C{lock}.
+
+    @param create_root: create the root if missing; if false, a missing
+        root raises C{FileNotFoundError}.
+    """
+    for _ in range(_LOCK_ATTEMPTS):
+        if create_root:
+            ops.mkdir(paths.root)
+        try:
+            fd = ops.open_lock(paths.lock)
+        except FileNotFoundError:
+            if not create_root:
+                raise
+            continue  # the root was removed right after we made sure of it
+        try:
+            busy = not ops.lock(fd, False)
+            if not busy and ops.names_file(fd, paths.lock):
+                return fd
+        except BaseException:
+            _close_quietly(ops, fd)
+            raise
+        _close_quietly(ops, fd)
+        if busy:
+            return None
+    raise OSError(errno.EAGAIN, "the lock file keeps being replaced", paths.lock)
+
+
 def _remove_unless_busy(
     ops: IFileOps, path: str, still_orphan: Callable[[], bool] | None = None
 ) -> bool | None:
@@ -844,13 +977,10 @@ def _job_recover(
 ) -> tuple[RecoveryReport, list[tuple[str, str]], tuple[int, int | None]]:
     """
     Create the layout, remove what no live writer owns, and list entries.
+    Only the layout's directories are scanned: the C{lock} file and
+    anything else under the root are left alone.
     """
-    created = False
-    for directory in (paths.root, paths.incoming, paths.queue, paths.state):
-        created = ops.mkdir(directory) or created
-    created = ops.mkdir(paths.corrupt) or created
-    if created:
-        ops.fsync_directory(paths.root)
+    _make_layout(ops, paths)
 
     busy: list[str] = []
     partials: list[str] = []
@@ -980,6 +1110,113 @@ def _job_remove(ops: IFileOps, paths: _Paths, queue_id: str) -> None:
     ops.fsync_directory(paths.queue)
     _unlink_quietly(ops, os.path.join(paths.queue, queue_id + _MESSAGE_SUFFIX))
     _unlink_quietly(ops, os.path.join(paths.state, queue_id + _ENVELOPE_SUFFIX))
+
+
+def _job_adopt_entry(
+    ops: IFileOps, ours: _Paths, source: _Paths, queue_id: str
+) -> bool:
+    """
+    Move one complete entry from the root C{source} into C{ours} under its
+    own id, complete in at least one of the two at every instant.
+
+    The message and the state (if any) are hard-linked in and made durable,
+    then the envelope, which completes the entry here, and C{queue/} is made
+    durable. Only then does the source lose the envelope (made durable
+    first, as in L{_job_remove}), the state and the message.
+
+    A name that exists here already is the same file when an earlier
+    adoption was cut short, and is kept; if our envelope is the source's,
+    the entry is complete here and only the source's copy is removed (our
+    state, perhaps newer, stands). Any other existing name is an id
+    collision: the links this call made are removed again and the entry
+    stays in the source.
+
+    @return: whether the entry was moved; C{False} on a collision.
+    """
+
+    join = os.path.join
+    message = (
+        join(source.queue, queue_id + _MESSAGE_SUFFIX),
+        join(ours.queue, queue_id + _MESSAGE_SUFFIX),
+    )
+    state = (
+        join(source.state, queue_id + _ENVELOPE_SUFFIX),
+        join(ours.state, queue_id + _ENVELOPE_SUFFIX),
+    )
+    envelope = (
+        join(source.queue, queue_id + _ENVELOPE_SUFFIX),
+        join(ours.queue, queue_id + _ENVELOPE_SUFFIX),
+    )
+    has_state = ops.exists(state[0])
+    if not ops.same_file(*envelope):
+        made: list[str] = []
+
+        def link(pair: tuple[str, str]) -> bool:
+            try:
+                ops.link(*pair)
+            except FileExistsError:
+                return ops.same_file(*pair)
+            made.append(pair[1])
+            return True
+
+        pairs = [message, state] if has_state else [message]
+        if not all(link(pair) for pair in pairs):
+            for path in made:
+                _unlink_quietly(ops, path)
+            return False
+        ops.fsync_directory(ours.queue)
+        if has_state:
+            ops.fsync_directory(ours.state)
+        if not link(envelope):
+            for path in made:
+                _unlink_quietly(ops, path)
+            return False
+    ops.fsync_directory(ours.queue)
+    _unlink_quietly(ops, envelope[0])
+    ops.fsync_directory(source.queue)
+    _unlink_quietly(ops, state[0])
+    _unlink_quietly(ops, message[0])
+    if has_state:
+        ops.fsync_directory(source.state)
+    ops.fsync_directory(source.queue)
+    return True
+
+
+def _job_remove_root(ops: IFileOps, paths: _Paths) -> list[str]:
+    """
+    Remove the root C{paths} if nothing is left in it but its empty layout
+    directories and its lock file: those, the lock file, then the root.
+
+    @return: what is left (paths relative to the root), in which case
+        nothing was removed; C{[]} when the root is gone.
+    """
+    remains: list[str] = []
+    for name in sorted(ops.listdir(paths.root)):
+        path = os.path.join(paths.root, name)
+        if name == SCRATCH:
+            # The processing scratch of the process that owned the root:
+            # copies of parts, never the only copy of anything.
+            shutil.rmtree(path, ignore_errors=True)
+            continue
+        if path in paths.layout:
+            remains.extend(f"{name}/{inner}" for inner in sorted(ops.listdir(path)))
+        elif path != paths.lock:
+            remains.append(name)
+    if remains:
+        return remains
+    for directory in paths.layout:
+        with suppress(FileNotFoundError):
+            ops.rmdir(directory)
+    _unlink_quietly(ops, paths.lock)
+    try:
+        ops.rmdir(paths.root)
+    except OSError as e:
+        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+        # Someone waiting for the lock has just made a new lock file.
+        return sorted(ops.listdir(paths.root))
+    ops.fsync_directory(os.path.dirname(paths.root))
+    return []
 
 
 # --------------------------------------------------------------------------
@@ -1289,13 +1526,22 @@ class Spool:
     """
     The spool directory of one gateway instance.
 
-    Call L{recover} once at start, before any L{open_writer}: it creates the
-    layout, removes what a crash left half done and returns the entries to
-    process. Entry ids are unique across processes, and files a live writer
-    holds are flock-ed, so a second process sharing the directory neither
-    collides with nor cleans away this one's work. (Consuming the same
-    C{queue/} from two processes needs a claim protocol that this class
-    does not provide.)
+    Call L{recover} once at start, before any L{open_writer}: it takes the
+    root's lock, creates the layout, removes what a crash left half done
+    and returns the entries to process. The lock is held until L{close},
+    so a second process on the same root fails at start with
+    L{SpoolInUseError} instead of delivering this one's mail twice. To
+    wait for a predecessor that is still draining, or to L{adopt} the
+    entries of other roots, call L{acquire} before L{recover}::
+
+        await spool.acquire(wait=30)
+        for root in stale_roots:
+            await spool.adopt(root)
+        entries = await spool.recover()
+
+    (Besides the lock, entry ids are unique across processes and files a
+    live writer holds are flock-ed, so recovery never cleans away the work
+    of a live writer.)
 
     @ivar last_recovery: what the last L{recover} found.
     """
@@ -1317,7 +1563,7 @@ class Spool:
         space_check_interval: float = 1.0,
     ) -> None:
         """
-        @param root: the spool directory (created by L{recover} if missing).
+        @param root: the spool directory (created by L{acquire} if missing).
         @param reactor: provides L{IReactorTime} and L{IReactorFromThreads}.
         @param threadpool: runs every blocking call; started by the caller.
         @param fileops: the file-system calls; L{OSFileOps} by default.
@@ -1352,6 +1598,8 @@ class Spool:
         self._closed = False
         self._entries: dict[str, float] = {}
         self._locks: dict[str, DeferredLock] = {}
+        self._lock_fd: int | None = None
+        self._acquiring = DeferredLock()
         self.last_recovery: RecoveryReport | None = None
         self.corrupt_count = 0
 
@@ -1367,30 +1615,189 @@ class Spool:
 
     # Start-up
 
+    async def acquire(self, wait: float = 0.0) -> None:
+        """
+        Create the root if needed and take its lock (C{flock} on
+        C{<root>/lock}), held until L{close}. Does nothing once held.
+
+        @param wait: seconds of the injected clock to keep trying, every
+            0.25 s, while another process holds the lock (a predecessor
+            still draining); the wait is logged once.
+        @raise SpoolInUseError: when another process still holds it.
+        @raise SpoolError: when the root or the lock file cannot be made.
+        @raise RuntimeError: after L{close}.
+        """
+        await self._acquiring.acquire()
+        try:
+            if self._lock_fd is None:
+                try:
+                    self._lock_fd = await self._take_lock(self._paths, wait, True)
+                except OSError as e:
+                    raise _spool_error(e) from e
+        finally:
+            self._acquiring.release()
+
+    async def _take_lock(self, paths: _Paths, wait: float, create_root: bool) -> int:
+        """
+        The open lock file of the root C{paths}, locked by us.
+
+        @raise SpoolInUseError: when another holds it for C{wait} seconds.
+        @raise OSError: from L{_job_lock}.
+        """
+        deadline = self._clock.seconds() + wait
+        waiting = False
+        while True:
+            if self._closed:
+                raise RuntimeError("the spool is closed")
+            fd = await self._run(_job_lock, self._ops, paths, create_root)
+            if fd is not None:
+                if self._closed:
+                    await self._run(_close_quietly, self._ops, fd)
+                    raise RuntimeError("the spool is closed")
+                return fd
+            now = self._clock.seconds()
+            if now >= deadline:
+                raise SpoolInUseError(
+                    f"spool directory {paths.root} is in use by another process"
+                )
+            if not waiting:
+                waiting = True
+                self._log.warn(
+                    "spool directory {directory} is in use by another process; "
+                    "waiting up to {wait} s for it",
+                    directory=paths.root,
+                    wait=wait,
+                )
+            await deferLater(self._clock, min(_LOCK_RETRY, deadline - now), _nothing)
+
+    async def adopt(self, source_root: FilePath[str] | str | os.PathLike[str]) -> int:
+        """
+        Move the complete entries of another spool root into this one,
+        keeping their queue ids, and remove that root if nothing else is
+        left in it; L{recover} then returns them with this spool's own.
+
+        For a root no process uses any more (a worker that is no longer
+        configured), so that its mail is not stranded. Call it after
+        L{acquire} and before L{recover}: the entries must be in place when
+        recovery lists them.
+
+        The source's lock is taken first. Its leftovers of a crash are
+        cleaned up as its own recovery would (partial files removed,
+        unusable envelopes kept in its C{corrupt/}); then each complete
+        entry is moved so that a crash at any point leaves it complete in
+        at least one of the two roots (see L{_job_adopt_entry}); an
+        adoption cut short is completed by the next one without
+        duplicates. An entry whose id exists here already stays in the
+        source, with a warning; so does anything else not a spool entry.
+
+        @param source_root: the root to empty; a missing one adopts nothing.
+        @return: the number of entries moved.
+        @raise RuntimeError: without our lock, after L{recover}, or after
+            L{close}.
+        @raise ValueError: when C{source_root} is this spool's root.
+        @raise SpoolInUseError: when another process holds the source's
+            lock; nothing was touched.
+        @raise SpoolError: when the disk failed; what was moved is here,
+            the rest is still in the source (and perhaps in both).
+        """
+        if self._lock_fd is None or self._recovered or self._closed:
+            raise RuntimeError(
+                "Spool.adopt() must come after acquire() and before recover()"
+            )
+        path = source_root.path if isinstance(source_root, FilePath) else source_root
+        source = _Paths.under(os.path.abspath(os.fspath(path)))
+        if source.root == self._paths.root:
+            raise ValueError(f"a spool cannot adopt its own root {source.root}")
+        try:
+            fd = await self._take_lock(source, 0.0, False)
+        except FileNotFoundError:
+            return 0
+        except OSError as e:
+            raise _spool_error(e) from e
+        try:
+            adopted = await self._adopt_locked(source)
+        except OSError as e:
+            raise _spool_error(e) from e
+        finally:
+            await self._run(_close_quietly, self._ops, fd)
+        self._log.info(
+            "adopted {count} spool entries from {source}",
+            count=adopted,
+            source=source.root,
+        )
+        return adopted
+
+    async def _adopt_locked(self, source: _Paths) -> int:
+        await self._run(_make_layout, self._ops, self._paths)
+        report, problems, _ = await self._run(_job_recover, self._ops, source)
+        self._report_recovery(source, report, problems)
+        adopted = 0
+        for entry in report.entries:
+            moved = await self._run(
+                _job_adopt_entry, self._ops, self._paths, source, entry.queue_id
+            )
+            if moved:
+                adopted += 1
+            else:
+                self._log.warn(
+                    "spool entry {queue_id} of {source} is not adopted: its id "
+                    "is taken in {root}; it stays in {source}",
+                    queue_id=entry.queue_id,
+                    source=source.root,
+                    root=self._paths.root,
+                )
+        remains = await self._run(_job_remove_root, self._ops, source)
+        if remains:
+            self._log.warn(
+                "spool directory {source} is kept: it still holds {remains}",
+                source=source.root,
+                remains=remains,
+            )
+        return adopted
+
     async def recover(self) -> list[SpoolEntry]:
         """
-        Create the layout if needed and clean up after a crash.
+        Take the root's lock (see L{acquire}) unless held, create the
+        layout if needed and clean up after a crash.
 
         Removes partial files in C{incoming/} and messages in C{queue/}
         without an envelope (interrupted commits, never acknowledged);
         moves envelopes without message, or unreadable ones, to
         C{corrupt/} with a critical log line; removes orphan state files.
-        Files locked by a live writer (another process) are left alone.
+        Files locked by a live writer are left alone, and so is everything
+        outside the layout's directories.
 
         @return: the complete entries, oldest first.
+        @raise SpoolInUseError: when another process holds the lock.
         """
+        if self._lock_fd is None:
+            await self.acquire()
         report, problems, space = await self._run(_job_recover, self._ops, self._paths)
         self.last_recovery = report
         self._entries = {e.queue_id: e.envelope.received_at for e in report.entries}
         self._recovered = True
         self._space_result(space)
+        self._report_recovery(self._paths, report, problems)
+        self._log.info(
+            "spool recovered: {entries} entries, {partials} partial files removed",
+            entries=len(report.entries),
+            partials=len(report.removed_partials),
+        )
+        return list(report.entries)
+
+    def _report_recovery(
+        self, paths: _Paths, report: RecoveryReport, problems: list[tuple[str, str]]
+    ) -> None:
+        """
+        Count and log what the recovery of the root C{paths} found wrong.
+        """
         self.corrupt_count += len(report.corrupt)
         for queue_id, problem in problems:
             self._log.critical(
                 "spool entry {queue_id} is corrupt ({problem}); moved to {corrupt}",
                 queue_id=queue_id,
                 problem=problem,
-                corrupt=self._paths.corrupt,
+                corrupt=paths.corrupt,
             )
         if report.removed_unfinished:
             self._log.warn(
@@ -1401,15 +1808,9 @@ class Spool:
         if report.unknown:
             self._log.warn(
                 "unknown files in {queue}: {names}",
-                queue=self._paths.queue,
+                queue=paths.queue,
                 names=list(report.unknown),
             )
-        self._log.info(
-            "spool recovered: {entries} entries, {partials} partial files removed",
-            entries=len(report.entries),
-            partials=len(report.removed_partials),
-        )
-        return list(report.entries)
 
     # Receiving
 
@@ -1449,8 +1850,8 @@ class Spool:
         Stop taking messages and let disk work in flight finish, so the
         thread pool can be stopped: writers still receiving are aborted
         (their files removed), commits under way complete, state changes
-        under way land. After this, L{open_writer} raises and L{writable}
-        is false.
+        under way land; then the root's lock is released. After this,
+        L{open_writer} raises and L{writable} is false.
         """
         self._closed = True
         waits: list[Deferred[Any]] = []
@@ -1461,7 +1862,12 @@ class Spool:
             writer.abort()
         for lock in list(self._locks.values()):
             waits.append(lock.acquire().addCallback(lambda lock: lock.release()))
-        await gatherResults(waits)
+        try:
+            await gatherResults(waits)
+        finally:
+            fd, self._lock_fd = self._lock_fd, None
+            if fd is not None:
+                await self._run(_close_quietly, self._ops, fd)
 
     def _write_failed(self, error: SpoolError) -> None:
         self._space_ok = False

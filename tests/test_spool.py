@@ -48,6 +48,7 @@ from mdgateway.spool import (
     SpoolEntry,
     SpoolError,
     SpoolFullError,
+    SpoolInUseError,
     SpoolWriter,
     is_queue_id,
 )
@@ -186,6 +187,60 @@ class FaultyFileOps(OSFileOps):
         self._check("free_space", path)
         return self.free if self.free is not None else super().free_space(path)
 
+    def open_lock(self, path: str) -> int:
+        self._check("open_lock", path)
+        return super().open_lock(path)
+
+    def link(self, source: str, destination: str) -> None:
+        self._check("link", destination)
+        super().link(source, destination)
+
+    def rmdir(self, path: str) -> None:
+        self._check("rmdir", path)
+        super().rmdir(path)
+
+
+class CrashedError(OSError):
+    """
+    The file operation that a simulated crash cut off.
+    """
+
+
+@implementer(IFileOps)
+class DyingFileOps(OSFileOps):
+    """
+    The real file operations, until the process "dies" at call number
+    C{die_at} (counted from 1): that call and every later one raise
+    L{CrashedError} without touching the disk, except C{close}, which the kernel
+    does for a dead process. The disk is then left exactly as a crash at
+    that point would leave it (short of a power loss).
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.die_at: int | None = None
+
+    def _step(self) -> None:
+        self.count += 1
+        if self.die_at is not None and self.count >= self.die_at:
+            raise CrashedError(errno.EIO, "crashed")
+
+
+def _dying(name: str) -> Callable[..., Any]:
+    real = getattr(OSFileOps, name)
+
+    @functools.wraps(real)
+    def call(self: DyingFileOps, *args: Any) -> Any:
+        self._step()
+        return real(self, *args)
+
+    return call
+
+
+for _name in IFileOps.names():
+    if _name != "close":
+        setattr(DyingFileOps, _name, _dying(_name))
+
 
 # --------------------------------------------------------------------------
 # Helpers
@@ -231,16 +286,48 @@ def names(directory: Path) -> list[str]:
     return sorted(os.listdir(directory))
 
 
+def close_spool(spool: Spool, pool: Any) -> Deferred[None]:
+    d = Deferred.fromCoroutine(spool.close())
+    if isinstance(pool, ManualThreadPool):
+        pool.run_all()
+    return d
+
+
 class SpoolTestMixin:
     """
     Fresh directories under pytest's C{tmp_path}, and spools on them with a
-    L{ThreadsClock} and a chosen fake pool.
+    L{ThreadsClock} and a chosen fake pool. Spools still open at the end of
+    a test are closed (releasing their locks).
     """
 
     @pytest.fixture(autouse=True)
-    def _tmp_root(self, tmp_path: Path) -> None:
+    def _tmp_root(self, tmp_path: Path) -> Iterator[None]:
         self._tmp_path = tmp_path
         self._tmp_count = 0
+        self._spools: list[tuple[Spool, Any]] = []
+        yield
+        for spool, pool in self._spools:
+            close_spool(spool, pool).addErrback(lambda f: None)
+
+    def release(self, root: Path) -> None:
+        """
+        Close this test's spools on C{root}, as the end of their process
+        would, so that another can lock it.
+        """
+        keep = []
+        for spool, pool in self._spools:
+            if spool.root == os.path.abspath(root):
+                result_of(close_spool(spool, pool))
+            else:
+                keep.append((spool, pool))
+        self._spools = keep
+
+    def reopen(self, root: Path, pool: Any = None, **kw: Any) -> Spool:
+        """
+        A new spool on C{root} after closing the earlier ones (a restart).
+        """
+        self.release(root)
+        return self.make_spool(root, pool, **kw)
 
     def tmp(self) -> Path:
         self._tmp_count += 1
@@ -257,7 +344,9 @@ class SpoolTestMixin:
         pool = pool if pool is not None else SynchronousThreadPool()
         kw.setdefault("min_free_bytes", 0)
         kw.setdefault("min_free_inodes", 0)
-        return Spool(str(root), clock, pool, **kw)
+        spool = Spool(str(root), clock, pool, **kw)
+        self._spools.append((spool, pool))
+        return spool
 
     def recovered(self, root: Path, pool: Any = None, **kw: Any) -> Spool:
         spool = self.make_spool(root, pool, **kw)
@@ -328,6 +417,23 @@ class FakeVerificationTests(SpoolTestMixin, SynchronousTestCase):
         """
         verifyObject(IFileOps, OSFileOps())
         verifyObject(IFileOps, FaultyFileOps())
+        verifyObject(IFileOps, DyingFileOps())
+
+    def test_dying_fileops(self) -> None:
+        """
+        L{DyingFileOps} works like the real calls until C{die_at}, then
+        every call but C{close} raises L{CrashedError} and changes nothing.
+        """
+        ops = DyingFileOps()
+        root = self.tmp()
+        ops.mkdir(str(root))
+        fd = ops.create(str(root / "a"))
+        ops.die_at = 3
+        self.assertRaises(CrashedError, ops.create, str(root / "b"))
+        self.assertRaises(CrashedError, ops.unlink, str(root / "a"))
+        ops.close(fd)
+        self.assertEqual(names(root), ["a"])
+        self.assertEqual(ops.count, 4)
 
     def test_fileops_basics(self) -> None:
         """
@@ -356,6 +462,42 @@ class FakeVerificationTests(SpoolTestMixin, SynchronousTestCase):
         )
         ops.move_noreplace(str(root / "a"), str(root / "c"))
         self.assertEqual(names(root), ["b", "c", "d"])
+
+    def test_fileops_lock_link_rmdir(self) -> None:
+        """
+        L{OSFileOps} opens a lock file creating it 0600 (or the existing
+        one); tells whether a name still names an open file; links without
+        replacing an existing name; tells hard links apart from copies; and
+        removes only empty directories.
+        """
+        ops = OSFileOps()
+        root = self.tmp()
+        ops.mkdir(str(root / "d"))
+        lock = str(root / "lock")
+        fd = ops.open_lock(lock)
+        self.assertEqual(stat.S_IMODE(os.fstat(fd).st_mode), 0o600)
+        again = ops.open_lock(lock)
+        self.assertTrue(ops.lock(fd, False))
+        self.assertFalse(ops.lock(again, False))
+        ops.close(again)
+        self.assertTrue(ops.names_file(fd, lock))
+        os.unlink(lock)
+        self.assertFalse(ops.names_file(fd, lock))
+        Path(lock).write_bytes(b"")
+        self.assertFalse(ops.names_file(fd, lock))
+        ops.close(fd)
+        self.assertRaises(FileNotFoundError, ops.open_lock, str(root / "x" / "lock"))
+        (root / "a").write_bytes(b"a")
+        (root / "b").write_bytes(b"a")
+        ops.link(str(root / "a"), str(root / "d" / "a"))
+        self.assertRaises(FileExistsError, ops.link, str(root / "a"), str(root / "b"))
+        self.assertTrue(ops.same_file(str(root / "a"), str(root / "d" / "a")))
+        self.assertFalse(ops.same_file(str(root / "a"), str(root / "b")))
+        self.assertFalse(ops.same_file(str(root / "a"), str(root / "c")))
+        self.assertRaises(OSError, ops.rmdir, str(root / "d"))
+        os.unlink(root / "d" / "a")
+        ops.rmdir(str(root / "d"))
+        self.assertEqual(names(root), ["a", "b", "lock"])
 
 
 # --------------------------------------------------------------------------
@@ -601,7 +743,7 @@ class WriterTests(SpoolTestMixin, SynchronousTestCase):
         self.assertEqual(spool.entry_count, 1)
         self.assertEqual(spool.active_writers, 0)
 
-        again = self.make_spool(root)
+        again = self.reopen(root)
         self.assertEqual(result_of(again.recover()), [entry])
         self.assertEqual(result_of(again.list_entries()), [entry])
         self.assertEqual(again.entry_count, 1)
@@ -720,16 +862,14 @@ class WriterTests(SpoolTestMixin, SynchronousTestCase):
 
     def test_queue_id_collision_in_incoming(self) -> None:
         """
-        Two writers given the same id (two processes sharing the directory)
-        never share a file: the second fails with L{SpoolError}, the first
-        commits intact.
+        Two writers given the same id never share a file: the second fails
+        with L{SpoolError}, the first commits intact.
         """
         root = self.tmp()
-        first = self.recovered(root, new_queue_id=lambda: "0" * 20)
-        second = self.recovered(root, new_queue_id=lambda: "0" * 20)
-        a = first.open_writer()
+        spool = self.recovered(root, new_queue_id=lambda: "0" * 20)
+        a = spool.open_writer()
         a.write(b"first")
-        b = second.open_writer()
+        b = spool.open_writer()
         self.assertIsInstance(b.error, SpoolError)
         self.assertRaises(SpoolError, result_of, b.commit(make_envelope()))
         entry = result_of(a.commit(make_envelope()))
@@ -1099,8 +1239,9 @@ class RecoveryTests(SpoolTestMixin, SynchronousTestCase):
         root = self.tmp() / "var" / "spool"
         spool = self.make_spool(root)
         self.assertEqual(result_of(spool.recover()), [])
-        self.assertEqual(names(root), ["corrupt", "incoming", "queue", "state"])
+        self.assertEqual(names(root), ["corrupt", "incoming", "lock", "queue", "state"])
         self.assertEqual(stat.S_IMODE(os.stat(root).st_mode), 0o700)
+        self.assertEqual(stat.S_IMODE(os.stat(root / "lock").st_mode), 0o600)
         self.assertTrue(spool.writable())
 
     def test_partial_removed(self) -> None:
@@ -1112,7 +1253,7 @@ class RecoveryTests(SpoolTestMixin, SynchronousTestCase):
         self.recovered(root)
         (root / "incoming" / f"{'1' * 20}.eml").write_bytes(b"partial")
         (root / "incoming" / f"{'1' * 20}.json").write_bytes(b"{")
-        again = self.make_spool(root)
+        again = self.reopen(root)
         self.assertEqual(result_of(again.recover()), [])
         self.assertEqual(names(root / "incoming"), [])
         assert again.last_recovery is not None
@@ -1123,20 +1264,24 @@ class RecoveryTests(SpoolTestMixin, SynchronousTestCase):
 
     def test_live_writer_left_alone(self) -> None:
         """
-        A second process recovering the same directory leaves alone the file
-        a live writer holds locked, and that writer still commits.
+        Recovery leaves alone a file in C{incoming/} that a live writer
+        holds locked (here one that ignores the root's lock, such as an
+        older version), and removes it once the lock is gone.
         """
         root = self.tmp()
-        spool = self.recovered(root)
-        writer = spool.open_writer()
-        writer.write(b"live")
-        other = self.make_spool(root)
+        self.recovered(root)
+        ops = OSFileOps()
+        name = f"{'2' * 20}.eml"
+        fd = ops.create(str(root / "incoming" / name))
+        ops.lock(fd, True)
+        other = self.reopen(root)
         self.assertEqual(result_of(other.recover()), [])
-        self.assertEqual(names(root / "incoming"), [writer.queue_id + ".eml"])
+        self.assertEqual(names(root / "incoming"), [name])
         assert other.last_recovery is not None
-        self.assertEqual(other.last_recovery.busy, (f"incoming/{writer.queue_id}.eml",))
-        entry = result_of(writer.commit(make_envelope()))
-        self.assertEqual(result_of(other.list_entries()), [entry])
+        self.assertEqual(other.last_recovery.busy, (f"incoming/{name}",))
+        ops.close(fd)
+        result_of(self.reopen(root).recover())
+        self.assertEqual(names(root / "incoming"), [])
 
     def test_message_without_envelope(self) -> None:
         """
@@ -1148,7 +1293,7 @@ class RecoveryTests(SpoolTestMixin, SynchronousTestCase):
         keep = self.committed(spool)
         lost = self.committed(spool)
         os.unlink(lost.envelope_path)
-        again = self.make_spool(root)
+        again = self.reopen(root)
         self.assertEqual(result_of(again.recover()), [keep])
         self.assertFalse(os.path.exists(lost.message_path))
         assert again.last_recovery is not None
@@ -1163,7 +1308,7 @@ class RecoveryTests(SpoolTestMixin, SynchronousTestCase):
         spool = self.recovered(root)
         broken = self.committed(spool)
         os.unlink(broken.message_path)
-        again = self.make_spool(root)
+        again = self.reopen(root)
         self.assertEqual(result_of(again.recover()), [])
         self.assertEqual(names(root / "queue"), [])
         self.assertEqual(names(root / "corrupt"), [broken.queue_id + ".json"])
@@ -1190,7 +1335,7 @@ class RecoveryTests(SpoolTestMixin, SynchronousTestCase):
         Path(garbled.envelope_path).write_bytes(b"{garbage")
         Path(wrong.envelope_path).write_text(make_envelope(queue_id="0" * 20).to_json())
         self.assertEqual(result_of(spool.list_entries()), [])
-        again = self.make_spool(root)
+        again = self.reopen(root)
         self.assertEqual(result_of(again.recover()), [])
         self.assertEqual(
             names(root / "corrupt"),
@@ -1206,7 +1351,7 @@ class RecoveryTests(SpoolTestMixin, SynchronousTestCase):
         root = self.tmp()
         self.recovered(root)
         (root / "queue" / "README").write_text("hands off")
-        again = self.make_spool(root)
+        again = self.reopen(root)
         result_of(again.recover())
         assert again.last_recovery is not None
         self.assertEqual(again.last_recovery.unknown, ("README",))
@@ -1224,7 +1369,7 @@ class RecoveryTests(SpoolTestMixin, SynchronousTestCase):
         (root / "state" / f"{entry.queue_id}.json.abc.tmp").write_bytes(b"{")
         (root / "state" / f"{'1' * 20}.json").write_bytes(b"{}")
         (root / "state" / "notes.txt").write_bytes(b"operator's")
-        again = self.make_spool(root)
+        again = self.reopen(root)
         self.assertEqual(result_of(again.recover()), [entry])
         self.assertEqual(names(root / "state"), [entry.queue_id + ".json", "notes.txt"])
         self.assertEqual(result_of(again.read_state(entry)), {"a": 1})
@@ -1245,6 +1390,7 @@ class RecoveryTests(SpoolTestMixin, SynchronousTestCase):
         self.assertEqual((spool.entry_count, spool.oldest_age()), (2, 100.0))
         result_of(spool.remove(old))
         self.assertEqual((spool.entry_count, spool.oldest_age()), (1, 10.0))
+        self.release(root)
         again = self.recovered(root, clock=clock)
         self.assertEqual((again.entry_count, again.oldest_age()), (1, 10.0))
         self.assertEqual(result_of(again.list_entries()), [new])
@@ -1387,10 +1533,528 @@ class StateTests(SpoolTestMixin, SynchronousTestCase):
         result_of(spool.write_state(entry, {"done": True}))
         ops.faults["fsync_directory"] = ("queue", errno.EIO)
         self.assertRaises(SpoolError, result_of, spool.remove(entry))
-        again = self.make_spool(root)
+        again = self.reopen(root)
         self.assertEqual(result_of(again.recover()), [])
         self.assertEqual(names(root / "queue"), [])
         self.assertEqual(names(root / "state"), [])
+
+
+# --------------------------------------------------------------------------
+# The root's lock
+
+
+def tree(root: Path) -> dict[str, tuple[bytes, int] | None]:
+    """
+    Everything under C{root}: directories map to C{None}, files to their
+    bytes and inode (so a replaced file shows).
+    """
+    found: dict[str, tuple[bytes, int] | None] = {}
+    for directory, dirs, files in os.walk(root):
+        for name in dirs:
+            found[os.path.relpath(os.path.join(directory, name), root)] = None
+        for name in files:
+            path = os.path.join(directory, name)
+            found[os.path.relpath(path, root)] = (
+                Path(path).read_bytes(),
+                os.stat(path).st_ino,
+            )
+    return found
+
+
+class LogCapture:
+    """
+    Collects the events logged during a test.
+    """
+
+    def setUp(self) -> None:
+        self.events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(  # type: ignore[attr-defined]
+            globalLogPublisher.removeObserver, self.events.append
+        )
+
+    def logged(self, text: str) -> list[dict[str, Any]]:
+        """
+        The events whose format contains C{text}.
+        """
+        return [e for e in self.events if text in (e.get("log_format") or "")]
+
+
+class LockTests(LogCapture, SpoolTestMixin, SynchronousTestCase):
+    """
+    One process at a time uses a spool root: a second one fails at start.
+    """
+
+    def test_second_spool_refused(self) -> None:
+        """
+        While one spool holds the root, another one's L{Spool.recover} and
+        L{Spool.acquire} fail with L{SpoolInUseError} naming the directory
+        and saying another process uses it; the lock file is 0600 and
+        nothing was cleaned up by the refused spool.
+        """
+        root = self.tmp()
+        first = self.recovered(root)
+        (root / "incoming" / f"{'3' * 20}.eml").write_bytes(b"partial")
+        second = self.make_spool(root)
+        for attempt in (second.recover, second.acquire):
+            error = self.assertRaises(SpoolInUseError, result_of, attempt())
+            self.assertIn(str(root), str(error))
+            self.assertIn("in use by another process", str(error))
+        self.assertIsInstance(error, SpoolError)
+        self.assertRaises(RuntimeError, second.open_writer)
+        self.assertEqual(names(root / "incoming"), [f"{'3' * 20}.eml"])
+        self.assertEqual(stat.S_IMODE(os.stat(root / "lock").st_mode), 0o600)
+        self.assertTrue(first.writable())
+
+    def test_close_releases(self) -> None:
+        """
+        After L{Spool.close} another spool takes the root, and the closed
+        one can no longer take it back.
+        """
+        root = self.tmp()
+        first = self.recovered(root)
+        result_of(first.close())
+        second = self.make_spool(root)
+        self.assertEqual(result_of(second.recover()), [])
+        self.assertRaises(RuntimeError, result_of, first.acquire())
+        self.assertRaises(SpoolInUseError, result_of, self.make_spool(root).acquire())
+
+    def test_acquire_creates_root_and_is_idempotent(self) -> None:
+        """
+        L{Spool.acquire} creates the root (and its parents, 0700) with only
+        the lock file in it, and a second call, or L{Spool.recover}
+        afterwards, does not open the lock again.
+        """
+        root = self.tmp() / "a" / "b"
+        ops = FaultyFileOps()
+        spool = self.make_spool(root, fileops=ops)
+        result_of(spool.acquire())
+        self.assertEqual(names(root), ["lock"])
+        self.assertEqual(stat.S_IMODE(os.stat(root).st_mode), 0o700)
+        result_of(spool.acquire())
+        result_of(spool.recover())
+        self.assertEqual([n for n, _ in ops.calls].count("open_lock"), 1)
+
+    def test_wait_then_acquire(self) -> None:
+        """
+        With C{wait}, L{Spool.acquire} retries every 0.25 s of the injected
+        clock, logs once that it waits (naming the directory), and succeeds
+        as soon as the holder closes.
+        """
+        root = self.tmp()
+        clock = ThreadsClock()
+        first = self.recovered(root)
+        ops = FaultyFileOps()
+        second = self.make_spool(root, clock=clock, fileops=ops)
+        d = Deferred.fromCoroutine(second.acquire(wait=1.0))
+        self.assertNoResult(d)
+        clock.advance(0.25)
+        self.assertNoResult(d)
+        result_of(first.close())
+        clock.advance(0.24)
+        self.assertNoResult(d)
+        clock.advance(0.01)
+        self.assertIsNone(result_of(d))
+        self.assertEqual([n for n, _ in ops.calls].count("open_lock"), 3)
+        waits = self.logged("waiting up to")
+        self.assertEqual(len(waits), 1)
+        self.assertEqual(waits[0]["directory"], str(root))
+        self.assertRaises(SpoolInUseError, result_of, self.make_spool(root).acquire())
+
+    def test_wait_gives_up(self) -> None:
+        """
+        When the holder keeps the lock for all of C{wait}, L{Spool.acquire}
+        tries at 0, 0.25, 0.5, 0.75 and 1 s, then fails with
+        L{SpoolInUseError}; the wait is logged once.
+        """
+        root = self.tmp()
+        clock = ThreadsClock()
+        self.recovered(root)
+        ops = FaultyFileOps()
+        second = self.make_spool(root, clock=clock, fileops=ops)
+        d = Deferred.fromCoroutine(second.acquire(wait=1.0))
+        for _ in range(3):
+            clock.advance(0.25)
+            self.assertNoResult(d)
+        clock.advance(0.25)
+        self.assertRaises(SpoolInUseError, result_of, d)
+        self.assertEqual([n for n, _ in ops.calls].count("open_lock"), 5)
+        self.assertEqual(len(self.logged("waiting up to")), 1)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_close_while_waiting(self) -> None:
+        """
+        Closing a spool that waits for the lock ends the wait with
+        L{RuntimeError} and leaves no lock taken.
+        """
+        root = self.tmp()
+        clock = ThreadsClock()
+        first = self.recovered(root)
+        second = self.make_spool(root, clock=clock)
+        d = Deferred.fromCoroutine(second.acquire(wait=5.0))
+        result_of(second.close())
+        result_of(first.close())
+        clock.advance(0.25)
+        self.assertRaises(RuntimeError, result_of, d)
+        self.assertEqual(result_of(self.make_spool(root).recover()), [])
+
+    def test_lock_file_replaced(self) -> None:
+        """
+        A lock won on a lock file that was removed meanwhile (its root
+        adopted away by its last user) is taken again on the file now
+        named C{lock}, so that it excludes the next process.
+        """
+        root = self.tmp()
+        lock = root / "lock"
+
+        @implementer(IFileOps)
+        class RacingFileOps(FaultyFileOps):
+            raced = False
+
+            def lock(self, fd: int, blocking: bool) -> bool:
+                if not self.raced and lock.exists():
+                    self.raced = True
+                    os.unlink(lock)
+                return super().lock(fd, blocking)
+
+        ops = RacingFileOps()
+        spool = self.make_spool(root, fileops=ops)
+        result_of(spool.acquire())
+        self.assertTrue(ops.raced)
+        self.assertEqual([n for n, _ in ops.calls].count("open_lock"), 2)
+        self.assertRaises(SpoolInUseError, result_of, self.make_spool(root).acquire())
+
+    def test_recovery_leaves_workers_and_lock(self) -> None:
+        """
+        Recovery only scans its layout: a C{workers/} directory under the
+        root, with spool files of its own, and the lock file survive it
+        unchanged.
+        """
+        root = self.tmp()
+        self.recovered(root)
+        other = root / "workers" / "1"
+        for part in ("incoming", "queue", "state"):
+            (other / part).mkdir(parents=True)
+        (other / "incoming" / f"{'4' * 20}.eml").write_bytes(b"partial")
+        (other / "queue" / f"{'4' * 20}.eml").write_bytes(b"no envelope")
+        (other / "queue" / f"{'5' * 20}.json").write_bytes(b"{bad")
+        (other / "state" / f"{'6' * 20}.json").write_bytes(b"{}")
+        (other / "lock").write_bytes(b"")
+        before = tree(root)
+        again = self.reopen(root)
+        self.assertEqual(result_of(again.recover()), [])
+        self.assertEqual(tree(root), before)
+
+
+# --------------------------------------------------------------------------
+# Adopting another root's entries
+
+
+class AdoptTests(LogCapture, SpoolTestMixin, SynchronousTestCase):
+    """
+    The entries of a root no process uses any more move into a live spool,
+    never lost on the way.
+    """
+
+    def fill(
+        self, root: Path, messages: list[tuple[bytes, dict[str, Any] | None]]
+    ) -> list[SpoolEntry]:
+        """
+        Commit C{messages} (bytes, delivery state or C{None}) into the
+        spool at C{root}, then close it, as a worker that stopped would.
+        """
+        spool = self.recovered(root)
+        entries = []
+        for n, (body, state) in enumerate(messages):
+            writer = spool.open_writer()
+            writer.write(body)
+            entry = result_of(writer.commit(make_envelope(sender=f"s{n}@example.com")))
+            if state is not None:
+                result_of(spool.write_state(entry, state))
+            entries.append(entry)
+        self.release(root)
+        return entries
+
+    def holder(self, root: Path, **kw: Any) -> Spool:
+        """
+        A spool on C{root} holding its lock, ready to adopt.
+        """
+        spool = self.make_spool(root, **kw)
+        result_of(spool.acquire())
+        return spool
+
+    def assertHolds(
+        self,
+        spool: Spool,
+        expected: list[SpoolEntry],
+        bodies: dict[str, bytes],
+        states: dict[str, dict[str, Any] | None],
+    ) -> None:
+        """
+        C{spool} recovers exactly the C{expected} entries (same ids and
+        envelopes), with their message bytes and delivery states (by id).
+        """
+        entries = result_of(spool.recover())
+        self.assertEqual(
+            [(e.queue_id, e.envelope, e.size) for e in entries],
+            sorted((e.queue_id, e.envelope, e.size) for e in expected),
+        )
+        for entry in entries:
+            self.assertEqual(
+                Path(entry.message_path).read_bytes(), bodies[entry.queue_id]
+            )
+            self.assertEqual(
+                result_of(spool.read_state(entry)), states.get(entry.queue_id)
+            )
+
+    def test_moves_entries(self) -> None:
+        """
+        L{Spool.adopt} moves every complete entry, keeping its queue id,
+        envelope, message bytes and delivery state, returns their number,
+        logs it, and removes the emptied source root; recovery then returns
+        the adopted entries with this spool's own.
+        """
+        source, root = self.tmp(), self.tmp()
+        moved = self.fill(
+            source,
+            [(b"one\r\n", {"rcpt": "deferred"}), (b"two\r\n" * 1000, None)],
+        )
+        (own,) = self.fill(root, [(b"own\r\n", None)])
+        bodies = {e.queue_id: Path(e.message_path).read_bytes() for e in [*moved, own]}
+        spool = self.holder(root)
+        self.assertEqual(result_of(spool.adopt(str(source))), 2)
+        self.assertFalse(source.exists())
+        self.assertEqual(
+            names(root / "queue"),
+            sorted(
+                f"{e.queue_id}{s}" for e in [*moved, own] for s in (".eml", ".json")
+            ),
+        )
+        self.assertEqual(names(root / "state"), [moved[0].queue_id + ".json"])
+        (info,) = self.logged("adopted {count}")
+        self.assertEqual((info["count"], info["source"]), (2, str(source)))
+        self.assertHolds(
+            spool, [*moved, own], bodies, {moved[0].queue_id: {"rcpt": "deferred"}}
+        )
+
+    def test_leftovers_handled_like_recovery(self) -> None:
+        """
+        What is not a complete entry in the source is treated as its own
+        recovery would: partial files and a message without envelope are
+        removed, an envelope without message stays in the source's
+        C{corrupt/} (logged critical); the source root is then kept, with a
+        warning naming what remains, and so is anything not the spool's.
+        """
+        source, root = self.tmp(), self.tmp()
+        (entry,) = self.fill(source, [(b"complete", None)])
+        broken, unfinished = self.fill(source, [(b"broken", None), (b"half", None)])
+        os.unlink(broken.message_path)
+        os.unlink(unfinished.envelope_path)
+        (source / "incoming" / f"{'7' * 20}.eml").write_bytes(b"partial")
+        (source / "workers").mkdir()
+        spool = self.holder(root)
+        self.assertEqual(result_of(spool.adopt(source)), 1)
+        self.assertEqual(names(source / "incoming"), [])
+        self.assertEqual(names(source / "queue"), [])
+        self.assertEqual(names(source / "corrupt"), [broken.queue_id + ".json"])
+        self.assertEqual(
+            names(source), ["corrupt", "incoming", "lock", "queue", "state", "workers"]
+        )
+        (kept,) = self.logged("is kept")
+        self.assertEqual(
+            kept["remains"], [f"corrupt/{broken.queue_id}.json", "workers"]
+        )
+        critical = self.logged("is corrupt")
+        self.assertEqual([e["queue_id"] for e in critical], [broken.queue_id])
+        self.assertEqual(critical[0]["corrupt"], str(source / "corrupt"))
+        self.assertEqual(
+            [e.queue_id for e in result_of(spool.recover())], [entry.queue_id]
+        )
+
+    def test_id_taken_stays_in_source(self) -> None:
+        """
+        An entry whose queue id this spool has already stays whole in the
+        source, with a warning, and this spool's entry is untouched; the
+        source root is kept.
+        """
+        source, root = self.tmp(), self.tmp()
+        (theirs,) = self.fill(source, [(b"theirs", {"a": 1})])
+        spool = self.recovered(root, new_queue_id=lambda: theirs.queue_id)
+        writer = spool.open_writer()
+        writer.write(b"ours")
+        ours = result_of(writer.commit(make_envelope(sender="ours@example.com")))
+        self.release(root)
+        before = tree(source)
+        del before["lock"]
+        spool = self.holder(root)
+        self.assertEqual(result_of(spool.adopt(source)), 0)
+        after = tree(source)
+        del after["lock"]
+        self.assertEqual(after, before)
+        (warning,) = self.logged("is not adopted")
+        self.assertEqual(warning["queue_id"], theirs.queue_id)
+        self.assertEqual(names(root / "state"), [])
+        self.assertEqual(result_of(spool.recover()), [ours])
+        self.assertEqual(Path(ours.message_path).read_bytes(), b"ours")
+
+    def test_locked_source_untouched(self) -> None:
+        """
+        A source root whose lock another process holds is refused with
+        L{SpoolInUseError} naming it, and nothing in it changes; the
+        adopting spool can still recover.
+        """
+        source, root = self.tmp(), self.tmp()
+        self.fill(source, [(b"busy", None)])
+        live = self.recovered(source)
+        (source / "incoming" / f"{'8' * 20}.eml").write_bytes(b"partial")
+        before = tree(source)
+        spool = self.holder(root)
+        error = self.assertRaises(SpoolInUseError, result_of, spool.adopt(source))
+        self.assertIn(str(source), str(error))
+        self.assertEqual(tree(source), before)
+        self.assertEqual(result_of(spool.recover()), [])
+        self.assertTrue(live.writable())
+
+    def test_order(self) -> None:
+        """
+        An entry moves as: message and state linked in, their directories
+        fsynced, the envelope linked last and C{queue/} fsynced; then the
+        source's envelope unlinked and made durable, its state and message
+        unlinked and their directories fsynced. The emptied source goes
+        last: layout directories, lock file, root, and its parent fsynced.
+        """
+        source, root = self.tmp(), self.tmp()
+        (entry,) = self.fill(source, [(b"x", {"s": 1})])
+        ops = FaultyFileOps()
+        spool = self.holder(root, fileops=ops)
+        ops.calls.clear()
+        result_of(spool.adopt(source))
+        base = self._tmp_path
+        steps = [
+            (name, os.path.relpath(path, base))
+            for name, path in ops.calls
+            if name in ("link", "unlink", "fsync_directory", "rmdir")
+        ]
+        q = entry.queue_id
+        src, dst = source.name, root.name
+        self.assertEqual(
+            steps,
+            [
+                ("fsync_directory", dst),  # its layout, made now
+                ("link", f"{dst}/queue/{q}.eml"),
+                ("link", f"{dst}/state/{q}.json"),
+                ("fsync_directory", f"{dst}/queue"),
+                ("fsync_directory", f"{dst}/state"),
+                ("link", f"{dst}/queue/{q}.json"),
+                ("fsync_directory", f"{dst}/queue"),
+                ("unlink", f"{src}/queue/{q}.json"),
+                ("fsync_directory", f"{src}/queue"),
+                ("unlink", f"{src}/state/{q}.json"),
+                ("unlink", f"{src}/queue/{q}.eml"),
+                ("fsync_directory", f"{src}/state"),
+                ("fsync_directory", f"{src}/queue"),
+                ("rmdir", f"{src}/incoming"),
+                ("rmdir", f"{src}/queue"),
+                ("rmdir", f"{src}/state"),
+                ("rmdir", f"{src}/corrupt"),
+                ("unlink", f"{src}/lock"),
+                ("rmdir", src),
+                ("fsync_directory", "."),
+            ],
+        )
+
+    def test_misuse(self) -> None:
+        """
+        L{Spool.adopt} needs this spool's lock and must come before
+        L{Spool.recover} (L{RuntimeError} otherwise); it refuses the
+        spool's own root (L{ValueError}); a source that does not exist
+        adopts nothing and is not created.
+        """
+        source, root = self.tmp(), self.tmp()
+        self.fill(source, [(b"x", None)])
+        spool = self.make_spool(root)
+        self.assertRaises(RuntimeError, result_of, spool.adopt(source))
+        result_of(spool.acquire())
+        self.assertRaises(ValueError, result_of, spool.adopt(root))
+        missing = self.tmp()
+        self.assertEqual(result_of(spool.adopt(missing)), 0)
+        self.assertFalse(missing.exists())
+        result_of(spool.recover())
+        self.assertRaises(RuntimeError, result_of, spool.adopt(source))
+        self.assertEqual(len(names(source / "queue")), 2)
+
+    def test_crash_at_every_step(self) -> None:
+        """
+        Whichever file operation of an adoption the process dies at, every
+        entry is complete (envelope, message bytes and state) in at least
+        one of the two roots; and the next start's adoption then leaves each
+        entry exactly once, intact, in the adopting spool and removes the
+        source root.
+        """
+        messages: list[tuple[bytes, dict[str, Any] | None]] = [
+            (b"first\r\n", {"rcpt": "done"}),
+            (b"second\r\n" * 100, None),
+        ]
+        die_at = 0
+        while True:
+            die_at += 1
+            source, root = self.tmp(), self.tmp()
+            moved = self.fill(source, messages)
+            bodies = {e.queue_id: b for e, (b, _) in zip(moved, messages, strict=True)}
+            states = {e.queue_id: s for e, (_, s) in zip(moved, messages, strict=True)}
+            ops = DyingFileOps()
+            spool = self.holder(root, fileops=ops)
+            ops.die_at = ops.count + die_at
+            try:
+                result_of(spool.adopt(source))
+            except SpoolError as e:
+                self.assertIsInstance(e.__cause__, CrashedError)
+                finished = False
+            else:
+                finished = True
+            self.release(root)
+
+            for entry in moved:
+                self.assertTrue(
+                    any(
+                        self.complete_in(
+                            place, entry, bodies[entry.queue_id], states[entry.queue_id]
+                        )
+                        for place in (source, root)
+                    ),
+                    f"{entry.queue_id} lost when dying at call {die_at}",
+                )
+            restarted = self.holder(root)
+            result_of(restarted.adopt(source))
+            self.assertFalse(source.exists(), die_at)
+            self.assertHolds(restarted, moved, bodies, states)
+            self.release(root)
+            if finished:
+                break
+        self.assertGreater(die_at, 30)
+
+    def complete_in(
+        self,
+        root: Path,
+        entry: SpoolEntry,
+        body: bytes,
+        state: dict[str, Any] | None,
+    ) -> bool:
+        """
+        Whether C{root} holds C{entry} complete: its envelope, its exact
+        message bytes and, if it had one, its delivery state.
+        """
+        queue = root / "queue"
+        envelope = queue / f"{entry.queue_id}.json"
+        message = queue / f"{entry.queue_id}.eml"
+        state_file = root / "state" / f"{entry.queue_id}.json"
+        if not (envelope.exists() and message.exists()):
+            return False
+        self.assertEqual(Envelope.from_json(envelope.read_bytes()), entry.envelope)
+        self.assertEqual(message.read_bytes(), body)
+        if state is not None:
+            self.assertEqual(json.loads(state_file.read_bytes()), state)
+        return True
 
 
 # --------------------------------------------------------------------------
@@ -1436,9 +2100,11 @@ async def test_real_pool_round_trip(tmp_path: Path, threadpool: ThreadPool) -> N
     for n, entry in enumerate(entries):
         with open(entry.message_path, "rb") as f:
             assert f.read() == b"".join(b"%d:%d " % (n, i) * 1000 for i in range(50))
+    await spool.close()
     again = Spool(tmp_path, reactor, threadpool, min_free_bytes=0)
     assert await again.recover() == sorted(entries, key=lambda e: e.queue_id)
     assert os.listdir(tmp_path / "incoming") == []
+    await again.close()
 
 
 @pytest.mark.timeout(60)
@@ -1469,6 +2135,7 @@ async def test_real_pool_memory_bounded(tmp_path: Path, threadpool: ThreadPool) 
     assert entry.size == 25 * 1024 * 1024
     with open(entry.message_path, "rb") as f:
         assert hashlib.file_digest(f, "sha256").digest() == digest.digest()
+    await spool.close()
 
 
 @pytest.mark.timeout(60)
@@ -1496,6 +2163,7 @@ async def test_real_pool_abort_and_full(tmp_path: Path, threadpool: ThreadPool) 
     assert writer.full
     assert os.listdir(tmp_path / "incoming") == []
     assert os.listdir(tmp_path / "queue") == []
+    await spool.close()
 
 
 # --------------------------------------------------------------------------
@@ -1598,3 +2266,4 @@ def test_sigkill_after_commit(tmp_path: Path) -> None:
         queued = sorted(os.listdir(tmp_path / "queue"))
         assert queued == sorted(f"{q}{s}" for q in entries for s in (".eml", ".json"))
         assert os.listdir(tmp_path / "corrupt") == []
+        result_of(spool.close())  # its lock, so the next child can start
