@@ -164,10 +164,28 @@ class Processes:
 
 def process_cpu(pid: int) -> float:
     """
-    CPU seconds (user and system) used so far by process C{pid}.
+    CPU seconds (user and system) used so far by process C{pid} and its
+    live descendants (a gateway's worker processes).
     """
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    stats: dict[int, tuple[int, int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            text = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = text.rsplit(")", 1)[1].split()
+        stats[int(entry)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
+    family, ticks, grew = {pid}, 0, True
+    while grew:
+        grew = False
+        for child, (parent, _) in stats.items():
+            if parent in family and child not in family:
+                family.add(child)
+                grew = True
+    ticks = sum(stats[p][1] for p in family if p in stats)
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def process_memory(pid: int, field: str = "VmRSS") -> int:
@@ -219,6 +237,7 @@ class GatewaySettings:
     retry_max: float = 2.0
     core_retry_after: float = 2.0
     spool_threads: int = 4
+    workers: int = 1
 
     def toml(self) -> str:
         """
@@ -257,6 +276,9 @@ latency = {self.latency}
 
 [drain]
 timeout = "5s"
+
+[processes]
+workers = {self.workers}
 
 [profiles.core.bench]
 servers = ["http://127.0.0.1:{self.core_port}"]
@@ -391,6 +413,12 @@ def spool_leftovers(spool: Path) -> dict[str, int]:
     if not spool.is_dir():
         return counts
     for folder in sorted(p for p in spool.iterdir() if p.is_dir()):
+        if folder.name == "workers":
+            # Each worker process has a spool root of its own here.
+            for root in sorted(p for p in folder.iterdir() if p.is_dir()):
+                for name, n in spool_leftovers(root).items():
+                    counts[f"workers/{root.name}/{name}"] = n
+            continue
         n = sum(1 for p in folder.rglob("*") if p.is_file())
         if n:
             counts[folder.name] = n

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import platform
 import shutil
@@ -127,9 +128,11 @@ class Tuning:
     core_concurrency: int
     poll_interval: float
     separate_core: bool = False
+    workers: int = 1
 
     def settings(self, **kwargs: Any) -> GatewaySettings:
         return GatewaySettings(
+            workers=self.workers,
             concurrency=self.concurrency,
             core_concurrency=self.core_concurrency,
             poll_interval=self.poll_interval,
@@ -712,6 +715,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="throughput runs: the Core emulator as a process of its own",
     )
+    parser.add_argument(
+        "--workers",
+        default="1,2",
+        help="gateway processes ([processes] workers); a list runs each in turn "
+        "for the throughput group",
+    )
     parser.add_argument("--timeout", type=float, default=1200, help="seconds per run")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     args = parser.parse_args(argv)
@@ -725,6 +734,7 @@ def main(argv: list[str] | None = None) -> int:
     tuning = Tuning(
         args.concurrency, args.core_concurrency, args.poll_interval, args.separate_core
     )
+    worker_counts = [int(n) for n in args.workers.split(",")]
     postfix = not args.no_postfix and postfix_available()
     root = Path(tempfile.mkdtemp(prefix="mdgw-run-"))
     if postfix:
@@ -749,22 +759,26 @@ def main(argv: list[str] | None = None) -> int:
         if "throughput" in groups:
             report["throughput"] = rows = []
             postfix_done: dict[tuple[str, int, int], dict[str, Any]] = {}
-            for scenario in THROUGHPUT:
+            for scenario, workers in itertools.product(THROUGHPUT, worker_counts):
                 if scenario.key not in wanted:
                     continue
                 count = scenario.quick if args.quick else scenario.count
-                say(f"throughput: {scenario.label} x {count} through the gateway")
+                label = scenario.label
+                if len(worker_counts) > 1:
+                    label += f", {workers} proc"
+                say(f"throughput: {label} x {count} through the gateway")
                 row: dict[str, Any] = {
                     "key": scenario.key,
-                    "label": scenario.label,
+                    "label": label,
                     "count": count,
+                    "workers": workers,
                 }
                 row["gateway"] = _guarded(
                     gateway_throughput,
                     scenario,
                     count,
-                    _fresh(root, scenario.key),
-                    tuning,
+                    _fresh(root, f"{scenario.key}-{workers}"),
+                    attrs.evolve(tuning, workers=workers),
                     args.timeout,
                 )
                 key = (scenario.kind, scenario.size, count)
@@ -794,7 +808,7 @@ def main(argv: list[str] | None = None) -> int:
                 latency[label] = _guarded(
                     gateway_latency,
                     _fresh(root, label.replace(" ", "-").replace(",", "")),
-                    tuning,
+                    attrs.evolve(tuning, workers=max(worker_counts)),
                     probes,
                     25 * MiB,
                     2,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import os
 import socket
 import tomllib
 from collections.abc import Mapping
@@ -184,6 +185,7 @@ class GatewayConfig:
     admin: AdminConfig = AdminConfig()
     drain_timeout: float = 30.0
     drain_grace: float = 0.0
+    workers: int = 1
     version: str = ""
     path: str = ""
 
@@ -278,6 +280,9 @@ def parse_config(
     drain_timeout = drain.duration("timeout", 30.0)
     drain_grace = drain.duration("grace", 0.0)
     drain.finish()
+    processes = root.table("processes")
+    workers = _workers(processes)
+    processes.finish()
     root.finish()
     problems.raise_if_any()
     return GatewayConfig(
@@ -293,9 +298,23 @@ def parse_config(
         admin=admin,
         drain_timeout=drain_timeout,
         drain_grace=drain_grace,
+        workers=workers,
         version=version,
         path=path,
     )
+
+
+def _workers(section: Section) -> int:
+    """
+    C{[processes] workers}: a count, or C{"auto"} for one per CPU.
+    """
+    if isinstance(section.data.get("workers"), str):
+        value = section.string("workers")
+        section.check(
+            "workers", value == "auto", f"expected a count or 'auto', got {value!r}"
+        )
+        return max(1, min(64, os.cpu_count() or 1))
+    return section.integer("workers", 1, minimum=1, maximum=64)
 
 
 def _is_hostname(name: str) -> bool:

@@ -483,11 +483,82 @@ class Metrics:
 
     # -- Exposition
 
+    #: Where the other processes' snapshots come from (set in a primary
+    #: with workers, see L{mdgateway.workers}); C{None}: this process only.
+    remote: Callable[[], Iterable[Snapshot]] | None = None
+
     def render(self, accept: str = "") -> tuple[bytes, str]:
         """
         The registry in the text format a scraper asked for with its
         C{Accept} header (OpenMetrics when asked, else Prometheus text
-        0.0.4): C{(body, content_type)}.
+        0.0.4): C{(body, content_type)}. With workers, their latest
+        snapshots are merged in, so one scrape shows the whole gateway.
         """
         encoder, content_type = choose_encoder(accept)
-        return encoder(self.registry), content_type
+        if self.remote is None:
+            return encoder(self.registry), content_type
+        return encoder(_Merged(self.registry, list(self.remote()))), content_type
+
+    def snapshot(self) -> Snapshot:
+        """
+        Every family of this process as JSON-able data, for a primary to
+        merge into its own (see L{render}).
+        """
+        return [
+            {
+                "name": family.name,
+                "help": family.documentation,
+                "type": family.type,
+                "unit": family.unit,
+                "samples": [[s.name, s.labels, s.value] for s in family.samples],
+            }
+            for family in self.registry.collect()
+        ]
+
+
+#: One process's metric families, as L{Metrics.snapshot} makes them.
+Snapshot = list[dict[str, Any]]
+
+#: Gauges whose whole-gateway value is not the sum over processes.
+_COMBINE: Mapping[str, Callable[[list[float]], float]] = {
+    "mdgateway_queue_oldest_seconds": max,
+    "mdgateway_relay_throttled": max,
+    "mdgateway_core_servers_up": min,
+}
+
+
+class _Merged:
+    """
+    A registry's families with other processes' snapshots folded in:
+    counters, histograms and most gauges add up, a few gauges take the
+    maximum or minimum (L{_COMBINE}), C{_created} times the earliest.
+    """
+
+    def __init__(self, registry: CollectorRegistry, snapshots: list[Snapshot]):
+        self._registry = registry
+        self._others: dict[str, list[dict[str, Any]]] = {}
+        for snapshot in snapshots:
+            for family in snapshot:
+                if isinstance(family, dict) and isinstance(family.get("name"), str):
+                    self._others.setdefault(family["name"], []).append(family)
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._registry.collect():
+            values: dict[tuple[str, tuple[tuple[str, str], ...]], list[float]] = {}
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                values.setdefault(key, []).append(sample.value)
+            for other in self._others.get(family.name, []):
+                for item in other.get("samples", []):
+                    try:
+                        name, labels, value = item
+                        key = (str(name), tuple(sorted(labels.items())))
+                        values.setdefault(key, []).append(float(value))
+                    except (TypeError, ValueError, AttributeError):
+                        continue
+            combine = _COMBINE.get(family.name, sum)
+            merged = Metric(family.name, family.documentation, family.type, family.unit)
+            for (name, labels), found in values.items():
+                pick = min if name.endswith("_created") else combine
+                merged.add_sample(name, dict(labels), pick(found))
+            yield merged

@@ -29,7 +29,7 @@ from mdgateway.message.headers import format_field
 from mdgateway.policy import Policy, Rule
 from mdgateway.processing import CopyJob, CopyOutcome, CopyProcessor, Decision, Delivery
 from mdgateway.relay import Outgoing, RecipientOutcome, Relay, RelayRecipient, Status
-from mdgateway.spool import Envelope, Recipient, Spool, SpoolEntry
+from mdgateway.spool import SCRATCH, Envelope, Recipient, Spool, SpoolEntry
 from mdgateway.store.interfaces import MessageStatus, copy_id
 
 log = Logger()
@@ -277,6 +277,13 @@ class Pipeline:
 
     # -- scheduling ------------------------------------------------------------
 
+    async def clear_scratch(self) -> None:
+        """
+        Remove the scratch files a previous run of this spool left behind
+        (a crash mid-processing); call before L{start}.
+        """
+        await self._thread(_remove_dir, os.path.join(self.spool.root, SCRATCH))
+
     def start(self, entries: Iterable[SpoolEntry]) -> None:
         """
         Take over the entries found in the spool at start.
@@ -421,7 +428,7 @@ class Pipeline:
         names = list(dict.fromkeys(r.rule or "" for r in entry.envelope.recipients))
         security_id = copy_id(entry.queue_id, names.index(rule.name) + 1)
         now = self.reactor.seconds()
-        workdir = os.path.join(self.spool.root, "work", security_id)
+        workdir = os.path.join(self.spool.root, SCRATCH, security_id)
         await self.history.received(entry, rule, security_id)
         await self._thread(_fresh_dir, workdir)
         try:
@@ -613,7 +620,7 @@ class Pipeline:
             if r.get("status", PENDING) == wanted
         }
         writer = self.spool.open_writer()
-        path = os.path.join(self.spool.root, "work", f"{writer.queue_id}.dsn")
+        path = os.path.join(self.spool.root, SCRATCH, f"{writer.queue_id}.dsn")
         try:
             report = await self._thread(
                 self.bounces.write,

@@ -12,6 +12,7 @@ import io
 import os
 import re
 import signal
+import socket
 from collections.abc import Sequence
 from functools import partial
 from typing import Any
@@ -24,7 +25,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
+from twisted.logger import Logger, globalLogPublisher
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
@@ -65,10 +66,18 @@ from mdgateway.smtp.serverprotocol import (
     listening_factory,
 )
 from mdgateway.smtp.tls import server_tls_options
-from mdgateway.spool import Spool, SpoolEntry
+from mdgateway.spool import Spool, SpoolEntry, SpoolInUseError
 from mdgateway.store import store_for
 from mdgateway.store.interfaces import Refusal
 from mdgateway.verification import SmtpRecipientVerifier, read_password
+from mdgateway.workers import (
+    Supervisor,
+    WorkerRole,
+    stale_worker_spools,
+    worker_command,
+    worker_environment,
+    worker_spool,
+)
 
 log = Logger()
 
@@ -233,10 +242,13 @@ class GatewayService(MultiService):
         config: GatewayConfig,
         reactor: Any,
         policy: IRecipientPolicy | None = None,
+        role: WorkerRole | None = None,
     ) -> None:
         super().__init__()
         self.config = config
         self.reactor = reactor
+        self.role = role or WorkerRole()
+        self.supervisor: Supervisor | None = None
         self.threadpool = ThreadPool(
             minthreads=1, maxthreads=config.spool.threads, name="mdgateway-spool"
         )
@@ -250,7 +262,7 @@ class GatewayService(MultiService):
             minthreads=0, maxthreads=4, name="mdgateway-dns"
         )
         self.spool = Spool(
-            config.spool.directory,
+            worker_spool(config.spool.directory, self.role.index),
             reactor,
             self.threadpool,
             min_free_bytes=config.spool.min_free,
@@ -530,19 +542,35 @@ class GatewayService(MultiService):
             load_or_create_secret,
             self.config.delivery.loop_secret_file,
         )
-        if self.config.emulator.enabled:
+        primary = self.role.primary
+        if primary and self.config.emulator.enabled:
             await self._start_emulator()
         self._sync_runtimes(self.config)
         await self.store.open()
-        self.purger.start(3600, now=True).addErrback(
-            lambda f: log.failure("retention job failed", f)
-        )
+        if primary:
+            self.purger.start(3600, now=True).addErrback(
+                lambda f: log.failure("retention job failed", f)
+            )
+            await self.spool.acquire()
+            for stale in stale_worker_spools(
+                self.config.spool.directory, self.config.workers
+            ):
+                try:
+                    await self.spool.adopt(stale)
+                except SpoolInUseError as e:
+                    # A retired worker still draining: its messages are
+                    # safe where they are; the next start adopts them.
+                    log.warn("not adopted yet: {error}", error=str(e))
+        else:
+            # A predecessor of this worker may still be draining.
+            await self.spool.acquire(wait=self.config.drain_timeout + 30)
         entries = await self.spool.recover()
         log.info(
             "spool {directory}: {count} message(s) recovered",
-            directory=self.config.spool.directory,
+            directory=self.spool.root,
             count=len(entries),
         )
+        await self.pipeline.clear_scratch()
         self.pipeline.start(entries)
         for listener in self.config.listeners:
             factory, wrapped = build_listener_factory(
@@ -550,8 +578,13 @@ class GatewayService(MultiService):
             )
             if isinstance(wrapped, ProxyHeaderFactory):
                 wrapped.on_error = partial(self.metrics.proxy_error, listener.name)
-            endpoint = serverFromString(self.reactor, listener.endpoint)
-            port = await endpoint.listen(wrapped)
+            if primary:
+                endpoint = serverFromString(self.reactor, listener.endpoint)
+                port = await endpoint.listen(wrapped)
+            else:
+                port = adopt_listener(
+                    self.reactor, self.role.listen_fds[listener.name], wrapped
+                )
             self.factories.append(factory)
             self.ports.append(port)
             host = port.getHost()
@@ -563,9 +596,28 @@ class GatewayService(MultiService):
                 tls=listener.tls,
                 proxy=listener.proxy_protocol,
             )
-        if self.config.admin.endpoint:
+        if primary and self.config.admin.endpoint:
             await self._start_admin()
+        if primary and self.config.workers > 1:
+            self._start_workers()
         self.ready.callback(None)
+
+    def _start_workers(self) -> None:
+        fds = {
+            listener.name: port.fileno()  # type: ignore[attr-defined]
+            for listener, port in zip(self.config.listeners, self.ports, strict=True)
+        }
+        self.supervisor = Supervisor(
+            reactor=self.reactor,
+            clock=self.reactor,
+            count=self.config.workers,
+            command=partial(worker_command, os.path.abspath(self.config.path)),
+            listen_fds=fds,
+            observer=globalLogPublisher,
+            environment=worker_environment(),
+        )
+        self.metrics.remote = self.supervisor.snapshots
+        self.supervisor.start()
 
     async def _start_admin(self) -> None:
         settings = self.config.admin
@@ -585,7 +637,11 @@ class GatewayService(MultiService):
 
     async def _start_emulator(self) -> None:
         settings = self.config.emulator
-        emulator = CoreEmulator(self.reactor, EmulatorConfig(latency=settings.latency))
+        emulator = CoreEmulator(
+            self.reactor,
+            EmulatorConfig(latency=settings.latency),
+            blocking=partial(deferToThreadPool, self.reactor, self.work_threadpool),
+        )
         site = build_site(emulator, access_log=False, reactor=self.reactor)
         port = await serverFromString(self.reactor, settings.endpoint).listen(site)
         self.emulator = (emulator, port)
@@ -622,7 +678,7 @@ class GatewayService(MultiService):
 
     async def _stop(self) -> None:
         self.draining = True
-        if self.config.drain_grace:
+        if self.config.drain_grace and self.role.primary:
             # Readiness is red now; give the load balancer time to notice
             # before the listener goes away.
             log.info(
@@ -631,6 +687,11 @@ class GatewayService(MultiService):
             )
             await deferLater(self.reactor, self.config.drain_grace, lambda: None)
         self.gateway.accepting = False
+        workers_stopped: Deferred[None] = succeed(None)
+        if self.supervisor is not None:
+            workers_stopped = Deferred.fromCoroutine(
+                self.supervisor.stop(self.config.drain_timeout + 30)
+            )
         log.info("draining: listeners closed, sessions finishing")
         await DeferredList([succeed(p.stopListening()) for p in self.ports])
         sessions = [s for f in self.factories for s in f.sessions]
@@ -643,6 +704,7 @@ class GatewayService(MultiService):
             for session in list(factory.sessions):
                 session.abort()
         await self.pipeline.stop()
+        await workers_stopped
         if self.admin_port is not None:
             await maybeDeferred(self.admin_port.stopListening)
         if self.purger.running:
@@ -683,6 +745,8 @@ class GatewayService(MultiService):
                 "rules and limits are applied now"
             )
         self._sync_runtimes(new)
+        if self.supervisor is not None:
+            self.supervisor.signal_all("HUP")
         self.gateway.policy = self._recipient_policy(new)
         self.gateway.hostname = new.sender_helo_domain
         for factory in self.factories:
@@ -704,6 +768,21 @@ class GatewayService(MultiService):
 
     def _live_sessions(self) -> int:
         return sum(len(f.sessions) for f in self.factories)
+
+
+def adopt_listener(reactor: Any, fd: int, factory: Any) -> IListeningPort:
+    """
+    Serve C{factory} on the listening socket inherited as C{fd} (a worker
+    shares the primary's sockets).
+    """
+    sock = socket.socket(fileno=fd)
+    try:
+        port: IListeningPort = reactor.adoptStreamPort(
+            sock.fileno(), sock.family, factory
+        )
+    finally:
+        sock.close()  # adoptStreamPort keeps a duplicate
+    return port
 
 
 def makeService(options: Options) -> IService:

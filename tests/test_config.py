@@ -221,6 +221,32 @@ recipients = 0
         )
 
 
+class ProcessesTests(SynchronousTestCase):
+    """
+    C{[processes] workers}.
+    """
+
+    def test_workers(self) -> None:
+        """
+        One process by default; a count; C{"auto"} is one per CPU (at
+        least one); anything else is refused naming the key.
+        """
+        base = tomllib.loads(MINIMAL)
+        self.assertEqual(parse_config(base, base=ETC).workers, 1)
+        three = {**base, "processes": {"workers": 3}}
+        self.assertEqual(parse_config(three, base=ETC).workers, 3)
+        auto = {**base, "processes": {"workers": "auto"}}
+        self.assertGreaterEqual(parse_config(auto, base=ETC).workers, 1)
+        for bad, message in (
+            ("0", "processes.workers: must be at least 1"),
+            ("65", "processes.workers: must be at most 64"),
+            ('"many"', "processes.workers: expected a count or 'auto', got 'many'"),
+        ):
+            self.assertEqual(
+                problems(MINIMAL + f"[processes]\nworkers = {bad}\n"), [message]
+            )
+
+
 class UnitParsingTests(SynchronousTestCase):
     """
     Sizes and durations in the config file.

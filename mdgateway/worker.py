@@ -1,0 +1,121 @@
+# -*- test-case-name: tests.test_workers -*-
+"""
+C{python -m mdgateway.worker}: one worker process of a gateway with
+C{[processes] workers} above 1. The primary starts it; operators never do.
+
+It runs the same L{GatewayService} as the primary, on its own spool root,
+serving the listening sockets it inherited. It logs JSON to standard
+output (the primary re-publishes each event), pushes its metrics on
+descriptor 3 every few seconds, reloads on C{SIGHUP}, and drains and exits
+on C{SIGTERM} or when its standard input closes (the primary stopping, or
+dying).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from typing import Any
+
+from twisted.internet.interfaces import IReadDescriptor
+from twisted.internet.main import CONNECTION_DONE
+from twisted.logger import globalLogBeginner, jsonFileLogObserver
+from zope.interface import implementer
+
+from mdgateway.settings import ConfigError
+from mdgateway.workers import METRICS_FD, Frames, WorkerRole, parse_listen_fds
+
+#: Seconds between two metric snapshots sent to the primary.
+METRICS_EVERY = 2.0
+
+
+@implementer(IReadDescriptor)
+class _ParentWatch:
+    """
+    Reads the worker's standard input only to notice its end: the primary
+    closed it (orderly stop) or died.
+    """
+
+    def __init__(self, on_closed: Any) -> None:
+        self._on_closed = on_closed
+
+    def fileno(self) -> int:
+        return 0
+
+    def doRead(self) -> Any:
+        try:
+            data = os.read(0, 4096)
+        except BlockingIOError:
+            return None
+        except OSError:
+            data = b""
+        if not data:
+            return CONNECTION_DONE
+        return None
+
+    def connectionLost(self, reason: Any) -> None:
+        self._on_closed()
+
+    def logPrefix(self) -> str:
+        return "parent"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mdgateway.worker")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--index", type=int, required=True)
+    parser.add_argument("--listen", default="")
+    args = parser.parse_args(argv)
+
+    from twisted.internet import reactor as default_reactor
+
+    reactor: Any = default_reactor
+
+    from mdgateway.config import load_config
+    from mdgateway.tap import GatewayService
+
+    globalLogBeginner.beginLoggingTo(
+        [jsonFileLogObserver(sys.stdout)], redirectStandardIO=False
+    )
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        print("invalid configuration:\n  " + "\n  ".join(e.problems), file=sys.stderr)
+        return 2
+    role = WorkerRole(index=args.index, listen_fds=parse_listen_fds(args.listen))
+    service = GatewayService(config, reactor, role=role)
+    status = {"code": 0}
+
+    def failed(_: object) -> None:
+        status["code"] = 1
+
+    service.ready.addErrback(failed)
+    os.set_blocking(0, False)
+    watch = _ParentWatch(lambda: reactor.stop() if reactor.running else None)
+    metrics_out = os.fdopen(METRICS_FD, "wb", buffering=0)
+
+    def push_metrics() -> None:
+        try:
+            frame = json.dumps(service.metrics.snapshot()).encode()
+            metrics_out.write(Frames.encode(frame))
+        except (OSError, ValueError):
+            return
+        reactor.callLater(METRICS_EVERY, push_metrics)
+
+    def started() -> None:
+        service.startService()
+        reactor.addReader(watch)
+        service.ready.addCallback(lambda _: push_metrics())
+
+    signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(service.reload))
+    reactor.callWhenRunning(started)
+    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    reactor.run()
+    return status["code"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

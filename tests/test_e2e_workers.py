@@ -1,0 +1,196 @@
+"""
+End to end: the gateway with C{[processes] workers = 2} (the twist plugin as
+a subprocess, which starts its worker itself) sharing one listener, each
+process with a spool of its own; crash recovery of a worker, adoption of a
+retired worker's spool, merged metrics and an orderly stop of both.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import smtplib
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.downstream import RecordingHandler
+from tests.gatewayproc import GatewayProcess, free_port, running_gateway, wait_for_port
+from tests.test_e2e_admin import TOKEN, admin_section
+from tests.test_e2e_pipeline import pipeline_toml
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def wait_for(check: Callable[[], Any], timeout: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {check}")
+
+
+def send(port: int, tag: str) -> str:
+    message = (
+        f"From: a@example.com\r\nTo: r@example.org\r\nSubject: {tag}\r\n"
+        f"Message-ID: <{tag}@test>\r\n\r\nbody of {tag}\r\n"
+    )
+    with smtplib.SMTP("127.0.0.1", port, local_hostname="c.test", timeout=20) as s:
+        s.sendmail("a@example.com", ["r@example.org"], message)
+    return tag
+
+
+def subjects(handler: RecordingHandler) -> list[str]:
+    found = []
+    for received in handler.messages:
+        for line in received.content.split(b"\r\n"):
+            if line.startswith(b"Subject: "):
+                found.append(line[9:].decode())
+    return found
+
+
+def events(gw: GatewayProcess, text: str) -> list[dict]:
+    return [e for e in gw.log_events() if text in str(e.get("log_format", ""))]
+
+
+def worker_pid(gw: GatewayProcess, after: int = 0) -> int:
+    started = wait_for(lambda: events(gw, "worker {worker} started")[after:])
+    return int(started[0]["pid"])
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    status = Path(f"/proc/{pid}/status")
+    return not (status.exists() and "State:\tZ" in status.read_text())
+
+
+@contextmanager
+def stopped(gw: GatewayProcess) -> Iterator[None]:
+    """
+    Freeze the primary, so only the worker can accept connections (the
+    built-in Core emulator freezes with it: nothing is scanned meanwhile).
+    """
+    assert gw.proc is not None
+    gw.proc.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        gw.proc.send_signal(signal.SIGCONT)
+
+
+def workers_toml(
+    tmp_path: Path, port: int, downstream: int, workers: int, extra: str = ""
+) -> str:
+    toml, _ = pipeline_toml(port, tmp_path, downstream)
+    return toml + f"\n[processes]\nworkers = {workers}\n[drain]\ntimeout = 5\n" + extra
+
+
+def metric(admin: int, name: str) -> float:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{admin}/metrics",
+        headers={"Authorization": f"Bearer {TOKEN}"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        text = response.read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name + "{") or line.startswith(name + " ")
+    )
+
+
+def test_two_processes_share_the_listener(
+    tmp_path: Path, smtpd: Callable[..., Any]
+) -> None:
+    """
+    With two workers configured, the primary starts one worker that serves
+    the same listening socket: while the primary is frozen the worker
+    alone answers and queues in its own spool (C{workers/1}), its log
+    events reach the primary's log marked C{worker: 1}, every message is
+    delivered exactly once, C{/metrics} on the primary counts the messages
+    of both processes, and SIGTERM stops both.
+    """
+    handler = RecordingHandler()
+    downstream = smtpd(handler)
+    port, admin = free_port(), free_port()
+    toml = workers_toml(
+        tmp_path, port, downstream.port, 2, admin_section(admin, tmp_path)
+    )
+    with running_gateway(tmp_path, toml=toml, port=port) as (gw, _):
+        wait_for_port(admin)
+        pid = worker_pid(gw)
+        wait_for(
+            lambda: [
+                e for e in events(gw, "listening on {listener}") if e.get("worker") == 1
+            ]
+        )
+        sent = [send(port, f"m{n}") for n in range(10)]
+        with stopped(gw):
+            by_worker = [send(port, f"w{n}") for n in range(3)]
+            queued = list(
+                (tmp_path / "spool" / "workers" / "1" / "queue").glob("*.json")
+            )
+            assert len(queued) >= 3
+        wait_for(lambda: len(handler.messages) == 13)
+        assert sorted(subjects(handler)) == sorted(sent + by_worker)
+        worker_queued = [
+            e for e in events(gw, "queued {message_id}") if e.get("worker") == 1
+        ]
+        assert len(worker_queued) >= 3
+        accepted = "mdgateway_smtp_messages_accepted_total"
+        wait_for(lambda: metric(admin, accepted) == 13, timeout=15)
+        assert gw.terminate(60) in (0, -signal.SIGTERM)
+        wait_for(lambda: not alive(pid), timeout=30)
+        assert events(gw, "worker {worker} stopped")
+        assert not events(gw, "exited unexpectedly")
+
+
+def test_killed_worker_restarts_and_retired_spool_is_adopted(
+    tmp_path: Path, smtpd: Callable[..., Any]
+) -> None:
+    """
+    A worker killed with messages in its spool is restarted by the primary
+    and its successor delivers them; when the whole gateway dies with
+    messages in a worker's spool and comes back with one process, the
+    primary adopts that spool's messages and delivers them. Each message
+    arrives exactly once.
+    """
+    handler = RecordingHandler()
+    downstream = smtpd(handler)
+    port = free_port()
+    toml = workers_toml(tmp_path, port, downstream.port, 2)
+    worker_spool = tmp_path / "spool" / "workers" / "1"
+    with running_gateway(tmp_path, toml=toml, port=port) as (gw, _):
+        pid = worker_pid(gw)
+        with stopped(gw):
+            first = [send(port, f"k{n}") for n in range(2)]
+            os.kill(pid, signal.SIGKILL)
+        new_pid = worker_pid(gw, after=1)
+        assert new_pid != pid
+        assert events(gw, "exited unexpectedly")
+        wait_for(lambda: len(handler.messages) == 2)
+        assert sorted(subjects(handler)) == sorted(first)
+        with stopped(gw):
+            second = [send(port, f"a{n}") for n in range(2)]
+            os.kill(new_pid, signal.SIGKILL)
+            gw.kill()
+        assert len(list((worker_spool / "queue").glob("*.json"))) == 2
+    second_run = tmp_path / "second"
+    second_run.mkdir()
+    toml = workers_toml(tmp_path, port, downstream.port, 1)
+    with running_gateway(second_run, toml=toml, port=port) as (gw, _):
+        wait_for(lambda: len(handler.messages) == 4)
+        assert sorted(subjects(handler)) == sorted(first + second)
+        assert not worker_spool.exists()
+        assert not events(gw, "worker {worker} started")
+        gw.terminate(60)

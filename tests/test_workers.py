@@ -1,0 +1,349 @@
+"""
+The multi-process pieces: pipe framing, listener descriptors, stale worker
+spools, the supervisor (with a fake process reactor and a clock) and the
+merging of worker metrics.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.task import Clock
+from twisted.logger import LogLevel, eventAsJSON
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from mdgateway.metrics import Metrics
+from mdgateway.workers import (
+    FIRST_LISTEN_FD,
+    METRICS_FD,
+    Frames,
+    LogRecords,
+    Supervisor,
+    WorkerRole,
+    format_listen_fds,
+    parse_listen_fds,
+    stale_worker_spools,
+    worker_spool,
+)
+
+
+class FramingTests(SynchronousTestCase):
+    """
+    The two pipes from a worker, split into events and frames.
+    """
+
+    def test_log_records_across_chunks(self) -> None:
+        """
+        RFC 7464 records split at any byte come out as whole events, with
+        their fields; a line that is not JSON becomes a text event.
+        """
+        stream = b"".join(
+            b"\x1e" + eventAsJSON(e).encode() + b"\n"
+            for e in (
+                {"log_format": "one {n}", "n": 1, "log_level": LogLevel.info},
+                {"log_format": "two", "log_level": LogLevel.error},
+            )
+        )
+        stream += b"Traceback: not json\n"
+        records = LogRecords()
+        events = []
+        for i in range(0, len(stream), 7):
+            events.extend(records.feed(stream[i : i + 7]))
+        self.assertEqual([e["log_format"] for e in events[:2]], ["one {n}", "two"])
+        self.assertEqual(events[0]["n"], 1)
+        self.assertEqual(events[1]["log_level"], LogLevel.error)
+        self.assertEqual(events[2]["line"], "Traceback: not json")
+
+    def test_log_records_flush_keeps_last_partial_line(self) -> None:
+        """
+        Whatever a worker wrote without a final newline before it died is
+        still published.
+        """
+        records = LogRecords()
+        self.assertEqual(records.feed(b"last words"), [])
+        (event,) = records.flush()
+        self.assertEqual(event["line"], "last words")
+
+    def test_frames(self) -> None:
+        """
+        Length-prefixed frames survive arbitrary splitting; a malformed
+        prefix stops the stream instead of misreading it.
+        """
+        data = Frames.encode(b"abc") + Frames.encode(b"") + Frames.encode(b"\n9\n")
+        frames = Frames()
+        out = []
+        for byte in data:
+            out.extend(frames.feed(bytes([byte])))
+        self.assertEqual(out, [b"abc", b"", b"\n9\n"])
+        broken = Frames()
+        self.assertEqual(broken.feed(b"x\nabc"), [])
+        self.assertTrue(broken.broken)
+        self.assertEqual(broken.feed(Frames.encode(b"ok")), [])
+
+    def test_listen_fds_round_trip(self) -> None:
+        """
+        Listener descriptors go to the worker's command line and back; junk
+        is refused.
+        """
+        fds = {"smtp": 4, "submission": 5}
+        self.assertEqual(parse_listen_fds(format_listen_fds(fds)), fds)
+        self.assertEqual(parse_listen_fds(""), {})
+        self.assertRaises(ValueError, parse_listen_fds, "smtp=x")
+        self.assertRaises(ValueError, parse_listen_fds, "smtp")
+
+
+class SpoolRootTests(SynchronousTestCase):
+    """
+    Where each process keeps its messages.
+    """
+
+    def test_worker_spool(self) -> None:
+        """
+        The primary keeps the configured directory; worker k a folder below.
+        """
+        self.assertEqual(worker_spool("/var/spool/md", 0), "/var/spool/md")
+        self.assertEqual(worker_spool("/var/spool/md", 3), "/var/spool/md/workers/3")
+        self.assertTrue(WorkerRole().primary)
+        self.assertFalse(WorkerRole(index=2).primary)
+
+    def test_stale_worker_spools(self) -> None:
+        """
+        Spools of workers beyond the configured count are found (so their
+        messages are adopted); current ones and stray names are not.
+        """
+        root = Path(self.mktemp())
+        for name in ("1", "2", "3", "notes"):
+            (root / "workers" / name).mkdir(parents=True)
+        self.assertEqual(
+            stale_worker_spools(str(root), 2),
+            [str(root / "workers" / "2"), str(root / "workers" / "3")],
+        )
+        self.assertEqual(stale_worker_spools(str(root), 4), [])
+        self.assertEqual(stale_worker_spools(str(root / "none"), 1), [])
+
+
+@attrs.define
+class FakeProcess:
+    """
+    What L{Supervisor} uses of an L{IProcessTransport}.
+    """
+
+    protocol: Any
+    pid: int
+    args: list[str]
+    child_fds: dict[int, Any]
+    signals: list[str] = attrs.field(factory=list)
+    stdin_closed: bool = False
+
+    def signalProcess(self, name: str) -> None:
+        self.signals.append(name)
+
+    def closeStdin(self) -> None:
+        self.stdin_closed = True
+
+    def end(self, reason: Failure) -> None:
+        self.protocol.processEnded(reason)
+
+
+class FakeProcessReactor:
+    """
+    Records spawned processes instead of starting them.
+    """
+
+    def __init__(self) -> None:
+        self.spawned: list[FakeProcess] = []
+
+    def spawnProcess(
+        self, protocol: Any, executable: str, args: list[str], env: Any, childFDs: Any
+    ) -> FakeProcess:
+        process = FakeProcess(protocol, 1000 + len(self.spawned), args, childFDs)
+        protocol.makeConnection(process)
+        self.spawned.append(process)
+        return process
+
+
+def killed() -> Failure:
+    return Failure(ProcessTerminated(signal=9))
+
+
+class SupervisorTests(SynchronousTestCase):
+    """
+    Starting, restarting, signalling and stopping the workers.
+    """
+
+    def setUp(self) -> None:
+        self.reactor = FakeProcessReactor()
+        self.clock = Clock()
+        self.events: list[dict[str, Any]] = []
+        self.supervisor = Supervisor(
+            reactor=self.reactor,  # type: ignore[arg-type]
+            clock=self.clock,
+            count=3,
+            command=lambda index, fds: ["worker", str(index), format_listen_fds(fds)],
+            listen_fds={"smtp": 17, "smtps": 21},
+            observer=self.events.append,
+            environment={},
+        )
+
+    def test_start_passes_sockets_and_pipes(self) -> None:
+        """
+        N-1 workers start; each gets stdin, a log pipe, stderr, the metrics
+        pipe and the listening sockets at fixed descriptors, named on its
+        command line.
+        """
+        self.supervisor.start()
+        self.assertEqual(len(self.reactor.spawned), 2)
+        first = self.reactor.spawned[0]
+        self.assertEqual(
+            first.child_fds,
+            {0: "w", 1: "r", 2: 2, METRICS_FD: "r", FIRST_LISTEN_FD: 17, 5: 21},
+        )
+        self.assertEqual(first.args, ["worker", "1", "smtp=4,smtps=5"])
+        self.assertEqual(self.reactor.spawned[1].args[1], "2")
+        self.assertEqual(self.supervisor.running, 2)
+
+    def test_worker_logs_are_published_with_index(self) -> None:
+        """
+        A worker's JSON log events reach the primary's observer marked
+        with the worker's index.
+        """
+        self.supervisor.start()
+        worker = self.reactor.spawned[1]
+        record = eventAsJSON({"log_format": "hi", "log_level": LogLevel.warn})
+        worker.protocol.childDataReceived(1, b"\x1e" + record.encode() + b"\n")
+        (event,) = [e for e in self.events if e.get("log_format") == "hi"]
+        self.assertEqual(event["worker"], 2)
+        self.assertEqual(event["log_level"], LogLevel.warn)
+
+    def test_crash_restarts_with_backoff(self) -> None:
+        """
+        A worker that dies is started again after a delay that doubles
+        while it keeps dying, and is logged as critical each time.
+        """
+        self.supervisor.start()
+        self.reactor.spawned[0].end(killed())
+        self.assertEqual(len(self.reactor.spawned), 2)
+        self.clock.advance(1.0)
+        self.assertEqual(len(self.reactor.spawned), 3)
+        self.assertEqual(self.reactor.spawned[2].args[1], "1")
+        self.reactor.spawned[2].end(killed())
+        self.clock.advance(1.0)
+        self.assertEqual(len(self.reactor.spawned), 3)
+        self.clock.advance(1.0)
+        self.assertEqual(len(self.reactor.spawned), 4)
+
+    def test_signal_all(self) -> None:
+        """
+        A reload signal goes to every running worker.
+        """
+        self.supervisor.start()
+        self.supervisor.signal_all("HUP")
+        self.assertEqual([p.signals for p in self.reactor.spawned], [["HUP"], ["HUP"]])
+
+    def test_stop_closes_stdin_and_waits(self) -> None:
+        """
+        Stopping asks each worker to drain by closing its stdin and ends
+        when all have exited; a worker that dies then is not restarted.
+        """
+        self.supervisor.start()
+        stopped = Deferred.fromCoroutine(self.supervisor.stop(30))
+        self.assertTrue(all(p.stdin_closed for p in self.reactor.spawned))
+        self.assertNoResult(stopped)
+        self.reactor.spawned[0].end(Failure(ProcessDone(0)))
+        self.assertNoResult(stopped)
+        self.reactor.spawned[1].end(Failure(ProcessDone(0)))
+        self.successResultOf(stopped)
+        self.clock.advance(60)
+        self.assertEqual(len(self.reactor.spawned), 2)
+        self.assertEqual(self.supervisor.running, 0)
+
+    def test_stop_kills_after_timeout(self) -> None:
+        """
+        A worker still running when the drain time is up is killed.
+        """
+        self.supervisor.start()
+        stopped = Deferred.fromCoroutine(self.supervisor.stop(30))
+        self.reactor.spawned[0].end(Failure(ProcessDone(0)))
+        self.clock.advance(30)
+        self.assertEqual(self.reactor.spawned[1].signals, ["KILL"])
+        self.reactor.spawned[1].end(killed())
+        self.successResultOf(stopped)
+
+    def test_stop_cancels_pending_restart(self) -> None:
+        """
+        A crashed worker waiting for its restart is not started once the
+        gateway is stopping.
+        """
+        self.supervisor.start()
+        self.reactor.spawned[0].end(killed())
+        stopped = Deferred.fromCoroutine(self.supervisor.stop(30))
+        self.reactor.spawned[1].end(Failure(ProcessDone(0)))
+        self.successResultOf(stopped)
+        self.clock.advance(60)
+        self.assertEqual(len(self.reactor.spawned), 2)
+
+    def test_metrics_snapshots(self) -> None:
+        """
+        The latest snapshot a running worker pushed is what the supervisor
+        offers; a dead worker's is dropped; garbage is ignored.
+        """
+        self.supervisor.start()
+        worker = self.reactor.spawned[0]
+        worker.protocol.childDataReceived(METRICS_FD, Frames.encode(b"[1]"))
+        worker.protocol.childDataReceived(METRICS_FD, Frames.encode(b"{not json"))
+        self.assertEqual(list(self.supervisor.snapshots()), [[1]])
+        worker.end(killed())
+        self.assertEqual(list(self.supervisor.snapshots()), [])
+
+
+def sample(text: str, name: str, labels: str = "") -> float:
+    for line in text.splitlines():
+        if line.startswith(name + (labels or " ")):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name}{labels} not in metrics")
+
+
+class MergedMetricsTests(SynchronousTestCase):
+    """
+    One scrape of the primary shows the whole gateway.
+    """
+
+    def test_counters_and_gauges_merge(self) -> None:
+        """
+        Counters and histograms add up over processes, including label
+        sets only a worker has; the oldest-message gauge takes the maximum.
+        """
+        primary, worker = Metrics(), Metrics()
+        primary.message_accepted("smtp")
+        worker.message_accepted("smtp")
+        worker.message_accepted("smtp")
+        worker.message_accepted("submission")
+        worker.core_scan("p", 0.2, "ok")
+        primary.watch_queue_oldest_seconds(lambda: 5.0)
+        worker.watch_queue_oldest_seconds(lambda: 50.0)
+        primary.watch_queue_depth(lambda: 2)
+        worker.watch_queue_depth(lambda: 3)
+        snapshot = json.loads(json.dumps(worker.snapshot()))
+        primary.remote = lambda: [snapshot]
+        text = primary.render()[0].decode()
+        accepted = "mdgateway_smtp_messages_accepted_total"
+        self.assertEqual(sample(text, accepted, '{listener="smtp"}'), 3)
+        self.assertEqual(sample(text, accepted, '{listener="submission"}'), 1)
+        self.assertEqual(sample(text, "mdgateway_core_scan_seconds_count", "{"), 1)
+        self.assertEqual(sample(text, "mdgateway_queue_oldest_seconds"), 50)
+        self.assertEqual(sample(text, "mdgateway_queue_depth"), 5)
+
+    def test_alone_without_workers(self) -> None:
+        """
+        Without workers the registry renders unchanged.
+        """
+        metrics = Metrics()
+        metrics.message_accepted("smtp")
+        text = metrics.render()[0].decode()
+        self.assertEqual(sample(text, "mdgateway_smtp_messages_accepted_total", "{"), 1)
