@@ -190,6 +190,7 @@ def queue_entry(e: QueueEntry) -> JSON:
         "next_attempt": iso(e.next_attempt),
         "last_error": e.last_error,
         "generated": e.generated,
+        "worker": e.worker,
     }
 
 

@@ -388,7 +388,18 @@ def _queue_list(client: AdminClient, args: argparse.Namespace, out: TextIO) -> i
     if not data["items"]:
         out.write("the queue is empty\n")
         return EXIT_OK
-    rows = [
+    headings: tuple[str, ...] = (
+        "QUEUE ID",
+        "RECEIVED",
+        "SENDER",
+        "RCPTS",
+        "SIZE",
+        "TRIES",
+        "NEXT TRY",
+        "LAST ERROR",
+    )
+    widths: tuple[int, ...] = (24, 19, 32, 5, 7, 5, 19, 50)
+    rows: list[tuple[Any, ...]] = [
         (
             e["queue_id"],
             local_time(e["received_at"]),
@@ -401,23 +412,14 @@ def _queue_list(client: AdminClient, args: argparse.Namespace, out: TextIO) -> i
         )
         for e in data["items"]
     ]
-    out.write(
-        table(
-            (
-                "QUEUE ID",
-                "RECEIVED",
-                "SENDER",
-                "RCPTS",
-                "SIZE",
-                "TRIES",
-                "NEXT TRY",
-                "LAST ERROR",
-            ),
-            rows,
-            (24, 19, 32, 5, 7, 5, 19, 50),
-        )
-        + "\n"
-    )
+    if any(e.get("worker") for e in data["items"]):
+        # Several processes ([processes] workers): say whose spool.
+        headings, widths = ("PROC", *headings), (4, *widths)
+        rows = [
+            (e.get("worker", 0), *row)
+            for e, row in zip(data["items"], rows, strict=True)
+        ]
+    out.write(table(headings, rows, widths) + "\n")
     out.write(f"{len(rows)} queued\n")
     return EXIT_OK
 

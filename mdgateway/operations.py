@@ -38,6 +38,9 @@ class QueueRecipient:
 class QueueEntry:
     """
     One message in the spool, for the queue view.
+
+    @ivar worker: the process whose spool holds it (0: the primary; see
+        L{mdgateway.workers}).
     """
 
     queue_id: str
@@ -49,6 +52,7 @@ class QueueEntry:
     next_attempt: float | None
     last_error: str
     generated: str | None = None
+    worker: int = 0
 
 
 @attrs.frozen

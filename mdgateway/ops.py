@@ -28,7 +28,7 @@ from mdgateway.operations import (
 )
 from mdgateway.pipeline import GENERATED_RELEASE, Pipeline, copy_file_into
 from mdgateway.smtp.parse import ParseError, parse_mailbox
-from mdgateway.spool import Envelope, Recipient, Spool
+from mdgateway.spool import Envelope, Recipient, Spool, SpoolEntry
 from mdgateway.store.interfaces import IStore, NotFoundError, QuarantineItem
 
 log = Logger()
@@ -54,6 +54,7 @@ class GatewayOperations:
         policy: Callable[[], Any],
         reload: Callable[[], tuple[bool, list[str]]],
         checks: Callable[[], dict[str, bool]],
+        worker_spools: Callable[[], list[tuple[int, str]]] = list,
     ) -> None:
         self.reactor = reactor
         self.spool = spool
@@ -63,6 +64,7 @@ class GatewayOperations:
         self._policy = policy
         self._reload = reload
         self._checks = checks
+        self._worker_spools = worker_spools
 
     # -- the queue -------------------------------------------------------------
 
@@ -73,39 +75,24 @@ class GatewayOperations:
         out = []
         for entry in await self.spool.list_entries():
             state = await self.spool.read_state(entry) or {}
-            records = state.get("recipients", {})
-            recipients = tuple(
-                QueueRecipient(
-                    r.address,
-                    records.get(r.address, {}).get("status", "pending"),
-                    r.rule,
-                    _reply(records.get(r.address, {})),
-                )
-                for r in entry.envelope.recipients
-            )
-            errors = [
-                q.last_reply
-                for q in recipients
-                if q.status == "pending" and q.last_reply
-            ]
             out.append(
-                QueueEntry(
-                    queue_id=entry.queue_id,
-                    received_at=entry.envelope.received_at,
-                    sender=entry.envelope.sender,
-                    size=entry.size,
-                    recipients=recipients,
-                    attempts=int(state.get("attempts", 0)),
-                    next_attempt=self.pipeline.next_attempt(entry.queue_id),
-                    last_error=errors[-1] if errors else "",
-                    generated=entry.envelope.extra.get("generated"),
-                )
+                _queue_entry(entry, state, self.pipeline.next_attempt(entry.queue_id))
             )
+        # With [processes] workers, each worker's spool is read (never
+        # changed) from here; its own process schedules its retries.
+        for worker, root in self._worker_spools():
+            for entry, held in await self.spool.list_root(root):
+                out.append(_queue_entry(entry, held or {}, None, worker))
+        out.sort(key=lambda e: e.received_at)
         return out
 
     def retry_now(self, queue_id: str) -> Deferred[None]:
         if not self.pipeline.retry_now(queue_id):
-            raise OperationError(404, f"no queued message {queue_id}")
+            raise OperationError(
+                404,
+                f"no queued message {queue_id} in this process's spool "
+                "(a worker process retries its own messages)",
+            )
         log.info("retry now requested for {message_id}", message_id=queue_id)
         return Deferred.fromCoroutine(_nothing())
 
@@ -213,6 +200,42 @@ def _reply(record: dict[str, Any]) -> str:
         return str(record.get("text", ""))
     parts = (record.get("code"), record.get("enhanced", ""), record.get("text", ""))
     return " ".join(str(p) for p in parts if p)
+
+
+def _queue_entry(
+    entry: SpoolEntry,
+    state: dict[str, Any],
+    next_attempt: float | None,
+    worker: int = 0,
+) -> QueueEntry:
+    """
+    The queue view of one spooled message and its delivery state.
+    """
+    records = state.get("recipients", {})
+    recipients = tuple(
+        QueueRecipient(
+            r.address,
+            records.get(r.address, {}).get("status", "pending"),
+            r.rule,
+            _reply(records.get(r.address, {})),
+        )
+        for r in entry.envelope.recipients
+    )
+    errors = [
+        q.last_reply for q in recipients if q.status == "pending" and q.last_reply
+    ]
+    return QueueEntry(
+        queue_id=entry.queue_id,
+        received_at=entry.envelope.received_at,
+        sender=entry.envelope.sender,
+        size=entry.size,
+        recipients=recipients,
+        attempts=int(state.get("attempts", 0)),
+        next_attempt=next_attempt,
+        last_error=errors[-1] if errors else "",
+        generated=entry.envelope.extra.get("generated"),
+        worker=worker,
+    )
 
 
 async def _nothing() -> None:

@@ -1089,6 +1089,25 @@ def _job_write_state(ops: IFileOps, paths: _Paths, queue_id: str, data: bytes) -
         _close_quietly(ops, fd)
 
 
+def _job_list_root(
+    ops: IFileOps, paths: _Paths
+) -> list[tuple[SpoolEntry, dict[str, Any] | None]]:
+    if not ops.exists(paths.queue):
+        return []
+    entries, _ = _job_list(ops, paths)
+    out: list[tuple[SpoolEntry, dict[str, Any] | None]] = []
+    for entry in entries:
+        state: Any = None
+        data = _job_read_state(ops, entry.state_path)
+        if data is not None:
+            try:
+                state = json.loads(data.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError):
+                state = None
+        out.append((entry, state if isinstance(state, dict) else None))
+    return out
+
+
 def _job_read_state(ops: IFileOps, path: str) -> bytes | None:
     try:
         return ops.read_bytes(path)
@@ -1941,6 +1960,16 @@ class Spool:
                 problem=problem,
             )
         return entries
+
+    async def list_root(
+        self, root: str
+    ) -> list[tuple[SpoolEntry, dict[str, Any] | None]]:
+        """
+        The complete entries of another process's spool root (a worker's),
+        with their delivery state, oldest first. Reads only: the owner
+        renames every file into place, so what is read is whole.
+        """
+        return await self._run(_job_list_root, self._ops, _Paths.under(root))
 
     async def _serially(self, queue_id: str, job: Callable[..., _T], *args: Any) -> _T:
         """

@@ -347,6 +347,7 @@ class GatewayService(MultiService):
             policy=lambda: self.config.policy,
             reload=self.reload,
             checks=self._checks,
+            worker_spools=self._worker_spools,
         )
         self._watch_metrics()
         self.admin_port: IListeningPort | None = None
@@ -765,6 +766,12 @@ class GatewayService(MultiService):
             rules=len(new.policy.rules),
         )
         return True, []
+
+    def _worker_spools(self) -> list[tuple[int, str]]:
+        if not self.role.primary:
+            return []
+        root = self.config.spool.directory
+        return [(k, worker_spool(root, k)) for k in range(1, self.config.workers)]
 
     def _live_sessions(self) -> int:
         return sum(len(f.sessions) for f in self.factories)

@@ -7,6 +7,7 @@ retired worker's spool, merged metrics and an orderly stop of both.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import smtplib
@@ -21,7 +22,7 @@ import pytest
 
 from tests.downstream import RecordingHandler
 from tests.gatewayproc import GatewayProcess, free_port, running_gateway, wait_for_port
-from tests.test_e2e_admin import TOKEN, admin_section
+from tests.test_e2e_admin import TOKEN, admin_section, call
 from tests.test_e2e_pipeline import pipeline_toml
 
 pytestmark = pytest.mark.timeout(120)
@@ -37,13 +38,13 @@ def wait_for(check: Callable[[], Any], timeout: float = 30.0) -> Any:
     raise AssertionError(f"timed out waiting for {check}")
 
 
-def send(port: int, tag: str) -> str:
+def send(port: int, tag: str, to: str = "r@example.org") -> str:
     message = (
-        f"From: a@example.com\r\nTo: r@example.org\r\nSubject: {tag}\r\n"
+        f"From: a@example.com\r\nTo: {to}\r\nSubject: {tag}\r\n"
         f"Message-ID: <{tag}@test>\r\n\r\nbody of {tag}\r\n"
     )
     with smtplib.SMTP("127.0.0.1", port, local_hostname="c.test", timeout=20) as s:
-        s.sendmail("a@example.com", ["r@example.org"], message)
+        s.sendmail("a@example.com", [to], message)
     return tag
 
 
@@ -118,9 +119,13 @@ def test_two_processes_share_the_listener(
     alone answers and queues in its own spool (C{workers/1}), its log
     events reach the primary's log marked C{worker: 1}, every message is
     delivered exactly once, C{/metrics} on the primary counts the messages
-    of both processes, and SIGTERM stops both.
+    of both processes, the primary's C{/api/queue} lists a message waiting
+    in the worker's spool (with its worker and last error), and SIGTERM
+    stops both.
     """
-    handler = RecordingHandler()
+    handler = RecordingHandler(
+        rcpt_replies={"later@example.org": "451 4.3.0 Try again later"}
+    )
     downstream = smtpd(handler)
     port, admin = free_port(), free_port()
     toml = workers_toml(
@@ -137,6 +142,7 @@ def test_two_processes_share_the_listener(
         sent = [send(port, f"m{n}") for n in range(10)]
         with stopped(gw):
             by_worker = [send(port, f"w{n}") for n in range(3)]
+            send(port, "deferred", to="later@example.org")
             queued = list(
                 (tmp_path / "spool" / "workers" / "1" / "queue").glob("*.json")
             )
@@ -148,7 +154,15 @@ def test_two_processes_share_the_listener(
         ]
         assert len(worker_queued) >= 3
         accepted = "mdgateway_smtp_messages_accepted_total"
-        wait_for(lambda: metric(admin, accepted) == 13, timeout=15)
+        wait_for(lambda: metric(admin, accepted) == 14, timeout=15)
+
+        def deferred_in_worker() -> list[dict]:
+            items = json.loads(call(admin, "/api/queue")[1])["items"]
+            return [i for i in items if i["worker"] == 1 and i["last_error"]]
+
+        (waiting,) = wait_for(deferred_in_worker)
+        assert waiting["last_error"].startswith("451 4.3.0")
+        assert [r["address"] for r in waiting["recipients"]] == ["later@example.org"]
         assert gw.terminate(60) in (0, -signal.SIGTERM)
         wait_for(lambda: not alive(pid), timeout=30)
         assert events(gw, "worker {worker} stopped")

@@ -1775,6 +1775,26 @@ class AdoptTests(LogCapture, SpoolTestMixin, SynchronousTestCase):
         self.release(root)
         return entries
 
+    def test_list_root_reads_another_spool(self) -> None:
+        """
+        A spool lists another root's complete entries with their delivery
+        states while that root's owner still holds it, and changes nothing
+        there; a root that does not exist lists nothing.
+        """
+        source, own = self.tmp(), self.tmp()
+        entries = self.fill(source, [(b"one\r\n", {"attempts": 2}), (b"two\r\n", None)])
+        owner = self.holder(source)
+        reader = self.recovered(own)
+        before = tree(source)
+        listed = result_of(reader.list_root(str(source)))
+        self.assertEqual(
+            [e for e, _ in listed], sorted(entries, key=lambda e: e.queue_id)
+        )
+        self.assertEqual([state for _, state in listed], [{"attempts": 2}, None])
+        self.assertEqual(tree(source), before)
+        self.assertEqual(result_of(reader.list_root(str(own / "none"))), [])
+        self.assertTrue(owner)
+
     def holder(self, root: Path, **kw: Any) -> Spool:
         """
         A spool on C{root} holding its lock, ready to adopt.
