@@ -24,7 +24,7 @@ import psycopg
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred, DeferredList, gatherResults
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
@@ -951,6 +951,39 @@ async def test_concurrent_writes(store: SqlStore) -> None:
         MessageFilter(statuses=MessageStatus.DELIVERED), PageRequest(limit=100)
     )
     assert page.total == 40
+
+
+@pytest_twisted.ensureDeferred
+async def test_grouped_writes_fail_alone(store: SqlStore) -> None:
+    """
+    Writes issued together are committed together, yet one that fails (an
+    event for an unknown message, here in the middle of the group) fails
+    alone with its own error and leaves no trace, while the writes before
+    and after it are kept.
+    """
+    await store.record_received(received("G0.1", at=1))
+    calls = [
+        Deferred.fromCoroutine(store.add_event("G0.1", f"event {n}", at=10 + n))
+        for n in range(3)
+    ]
+    calls.append(Deferred.fromCoroutine(store.add_event("NOPE.1", "lost", at=20)))
+    calls += [
+        Deferred.fromCoroutine(store.record_received(received(f"G{n}.1", at=n)))
+        for n in range(1, 4)
+    ]
+    results = await DeferredList(calls, consumeErrors=True)
+    failed = [r for ok, r in results if not ok]
+    assert len(failed) == 1
+    assert failed[0].check(NotFoundError)
+    record = await store.get_message("G0.1")
+    texts = [e.text for e in record.timeline]
+    assert [t for t in texts if t.startswith("event")] == [
+        "event 0",
+        "event 1",
+        "event 2",
+    ]
+    for n in range(1, 4):
+        assert (await store.get_message(f"G{n}.1")).summary.id == f"G{n}.1"
 
 
 def _thread_recording_connect(backend: Backend, seen: list[threading.Thread]) -> Any:
