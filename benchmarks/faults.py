@@ -80,6 +80,7 @@ class Form:
 
     count: int
     sessions: int
+    workers: int = 1
     outage: float
     duration: float
     settle: float
@@ -360,7 +361,11 @@ class Rig:
     """
 
     def __init__(
-        self, processes: Processes, work: Path, spool: Path | None = None
+        self,
+        processes: Processes,
+        work: Path,
+        form: Form,
+        spool: Path | None = None,
     ) -> None:
         self.processes = processes
         self.work = work
@@ -382,6 +387,7 @@ class Rig:
             retry_first=1.0,
             retry_max=2.0,
             core_retry_after=1.0,
+            workers=form.workers,
         )
         self.gateway = Gateway(self.settings, work)
         processes.on_exit(self.gateway.stop)
@@ -496,7 +502,7 @@ def sigkill(work: Path, form: Form = SHORT) -> Report:
     notes: list[str] = []
     outages = Outages()
     with Processes() as processes:
-        rig = Rig(processes, work)
+        rig = Rig(processes, work, form)
         load = Load(lambda: rig.settings.port, form.count, form.sessions, "kill")
         load.start()
         for k in range(form.kills):
@@ -521,7 +527,7 @@ def core_outage(work: Path, form: Form = SHORT) -> Report:
     notes: list[str] = []
     outages = Outages()
     with Processes() as processes:
-        rig = Rig(processes, work)
+        rig = Rig(processes, work, form)
         load = Load(
             lambda: rig.settings.port, form.count, form.sessions, "core", form.duration
         )
@@ -546,7 +552,7 @@ def downstream_outage(work: Path, form: Form = SHORT) -> Report:
     notes: list[str] = []
     outages = Outages()
     with Processes() as processes:
-        rig = Rig(processes, work)
+        rig = Rig(processes, work, form)
         load = Load(
             lambda: rig.settings.port, form.count, form.sessions, "down", form.duration
         )
@@ -635,7 +641,7 @@ def disk_full(work: Path, form: Form = SHORT) -> Report:
     notes: list[str] = []
     outages = Outages()
     with tmpfs(work / "spool") as spool, Processes() as processes:
-        rig = Rig(processes, work, spool=spool)
+        rig = Rig(processes, work, form, spool=spool)
         load = Load(
             lambda: rig.settings.port, form.count, form.sessions, "full", form.duration
         )
@@ -737,10 +743,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only", default=",".join(SCENARIOS), help=", ".join(SCENARIOS)
     )
+    parser.add_argument(
+        "--workers", type=int, default=1, help="gateway processes ([processes] workers)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    form = SHORT if args.short else FULL
+    form = attrs.evolve(SHORT if args.short else FULL, workers=args.workers)
     root = Path(tempfile.mkdtemp(prefix="mdgw-faults-"))
     failed = False
     try:
