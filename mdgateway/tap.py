@@ -8,6 +8,7 @@ and the classes it uses can be wired by any other Twisted program.
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import re
@@ -22,6 +23,7 @@ from twisted.application.service import IService, MultiService
 from twisted.cred.checkers import FilePasswordDB
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.internet.threads import deferToThreadPool
@@ -580,8 +582,7 @@ class GatewayService(MultiService):
             if isinstance(wrapped, ProxyHeaderFactory):
                 wrapped.on_error = partial(self.metrics.proxy_error, listener.name)
             if primary:
-                endpoint = serverFromString(self.reactor, listener.endpoint)
-                port = await endpoint.listen(wrapped)
+                port = await self._listen(listener.endpoint, wrapped)
             else:
                 port = adopt_listener(
                     self.reactor, self.role.listen_fds[listener.name], wrapped
@@ -602,6 +603,34 @@ class GatewayService(MultiService):
         if primary and self.config.workers > 1:
             self._start_workers()
         self.ready.callback(None)
+
+    async def _listen(self, description: str, factory: Any) -> IListeningPort:
+        """
+        Listen on C{description}; while the address is in use, keep trying
+        for as long as a predecessor may take to drain (after a crash its
+        workers still hold the old socket until they have finished).
+        """
+        deadline = self.reactor.seconds() + self.config.drain_timeout + 5
+        warned = False
+        while True:
+            try:
+                port: IListeningPort = await serverFromString(
+                    self.reactor, description
+                ).listen(factory)
+                return port
+            except CannotListenError as e:
+                in_use = getattr(e.socketError, "errno", None) == errno.EADDRINUSE
+                if not in_use or self.reactor.seconds() >= deadline:
+                    raise
+                if not warned:
+                    warned = True
+                    log.warn(
+                        "{endpoint} is in use (a predecessor draining?); "
+                        "retrying until {seconds:g}s have passed",
+                        endpoint=description,
+                        seconds=self.config.drain_timeout + 5,
+                    )
+                await deferLater(self.reactor, 0.25, lambda: None)
 
     def _start_workers(self) -> None:
         fds = {

@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import smtplib
+import socket
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -208,3 +209,33 @@ def test_killed_worker_restarts_and_retired_spool_is_adopted(
         assert not worker_spool.exists()
         assert not events(gw, "worker {worker} started")
         gw.terminate(60)
+
+
+def test_restart_waits_for_address_in_use(
+    tmp_path: Path, smtpd: Callable[..., Any]
+) -> None:
+    """
+    A gateway started while its listening address is still held (here by a
+    plain socket standing in for a predecessor's draining worker) logs that
+    it waits, and starts serving as soon as the address is free.
+    """
+    downstream = smtpd(RecordingHandler())
+    port = free_port()
+    blocker = socket.socket()
+    blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    blocker.bind(("127.0.0.1", port))
+    blocker.listen(1)
+    config = tmp_path / "mdgateway.toml"
+    config.write_text(workers_toml(tmp_path, port, downstream.port, 1))
+    gw = GatewayProcess(config, tmp_path / "gateway.log")
+    gw.start()
+    try:
+        wait_for(lambda: events(gw, "is in use (a predecessor draining?)"))
+        assert gw.proc is not None and gw.proc.poll() is None
+        blocker.close()
+        wait_for_port(port, proc=gw.proc)
+        send(port, "after-wait")
+        assert gw.terminate(60) in (0, -signal.SIGTERM)
+    finally:
+        blocker.close()
+        gw.kill()
