@@ -80,11 +80,11 @@ class Form:
 
     count: int
     sessions: int
-    workers: int = 1
     outage: float
     duration: float
     settle: float
     kills: int = 3
+    workers: int = 1
 
 
 SHORT = Form(count=200, sessions=10, outage=4.0, duration=10.0, settle=60.0)
