@@ -12,7 +12,6 @@ import os
 import signal
 import smtplib
 import socket
-import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -24,19 +23,9 @@ import pytest
 from tests.downstream import RecordingHandler
 from tests.gatewayproc import GatewayProcess, free_port, running_gateway, wait_for_port
 from tests.test_e2e_admin import TOKEN, admin_section, call
-from tests.test_e2e_pipeline import pipeline_toml
+from tests.test_e2e_pipeline import pipeline_toml, wait_for
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def wait_for(check: Callable[[], Any], timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {check}")
 
 
 def send(port: int, tag: str, to: str = "r@example.org") -> str:
