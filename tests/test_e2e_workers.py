@@ -110,8 +110,8 @@ def test_two_processes_share_the_listener(
     events reach the primary's log marked C{worker: 1}, every message is
     delivered exactly once, C{/metrics} on the primary counts the messages
     of both processes, the primary's C{/api/queue} lists a message waiting
-    in the worker's spool (with its worker and last error), and SIGTERM
-    stops both.
+    in the worker's spool (with its worker and last error), SIGHUP to the
+    primary reloads the configuration in both, and SIGTERM stops both.
     """
     handler = RecordingHandler(
         rcpt_replies={"later@example.org": "451 4.3.0 Try again later"}
@@ -145,6 +145,13 @@ def test_two_processes_share_the_listener(
         assert len(worker_queued) >= 3
         accepted = "mdgateway_smtp_messages_accepted_total"
         wait_for(lambda: metric(admin, accepted) == 14, timeout=15)
+        config = tmp_path / "mdgateway.toml"
+        config.write_text(config.read_text() + "\n# changed\n")
+        assert gw.proc is not None
+        gw.proc.send_signal(signal.SIGHUP)
+        loaded = "configuration {config_version} loaded"
+        wait_for(lambda: [e for e in events(gw, loaded) if e.get("worker") == 1])
+        assert [e for e in events(gw, loaded) if "worker" not in e]
 
         def deferred_in_worker() -> list[dict]:
             items = json.loads(call(admin, "/api/queue")[1])["items"]
