@@ -673,6 +673,56 @@ async def test_upload_headers_and_garbage_answer(tmp_path: Path) -> None:
             await stopped
 
 
+class _Redirect(Resource):
+    """
+    Answers every request with a redirect to C{location}.
+    """
+
+    isLeaf = True
+
+    def __init__(self, location: bytes) -> None:
+        super().__init__()
+        self.location = location
+
+    def render(self, request: Request) -> bytes:
+        request.setResponseCode(302)
+        request.setHeader(b"location", self.location)
+        return b""
+
+
+@pytest.mark.timeout(60)
+@pytest_twisted.ensureDeferred
+async def test_redirect_not_followed() -> None:
+    """
+    A redirect from a Core server is an error of that server, never
+    followed: the request (with its API key) does not go to the place it
+    points at.
+    """
+    elsewhere = _Recorder(b"{}")
+    other = reactor.listenTCP(0, Site(elsewhere), interface="127.0.0.1")  # type: ignore[arg-type]
+    other_host = other.getHost()
+    assert isinstance(other_host, IPv4Address)
+    target = f"http://127.0.0.1:{other_host.port}/file/abc".encode()
+    port = reactor.listenTCP(0, Site(_Redirect(target)), interface="127.0.0.1")  # type: ignore[arg-type]
+    host = port.getHost()
+    assert isinstance(host, IPv4Address)
+    profile = CoreProfile(
+        name="redir", servers=(CoreServer(f"http://127.0.0.1:{host.port}", apikey="k"),)
+    )
+    http, pool = build_http_client(reactor, profile)
+    client = CoreClient(profile.servers[0], profile, http, reactor)
+    try:
+        error = await expect_error(client.fetch("abc"))
+        assert "302" in str(error)
+        assert elsewhere.headers == {}
+    finally:
+        await pool.closeCachedConnections()
+        for listening in (port, other):
+            stopped = listening.stopListening()
+            if stopped is not None:
+                await stopped
+
+
 class _Silent(Resource):
     """
     Never answers.

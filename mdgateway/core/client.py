@@ -467,6 +467,9 @@ class CoreClient:
             headers=all_headers,
             data=data,
             unbuffered=True,
+            # Core never redirects; following one would send the API key
+            # wherever the answer pointed (and costs a layer per request).
+            allow_redirects=False,
         )
         response: IResponse = await self._bounded(
             request, self._request_timeout, what, "no answer"
