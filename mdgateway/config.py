@@ -97,11 +97,15 @@ class SpoolConfig:
 
     @ivar min_free: below this much free space new mail gets
         C{452 4.3.1}, so the spool never fills its disk.
+    @ivar max_queue: with this many messages waiting in one process's
+        spool, new mail gets C{452 4.3.1} until delivery catches up
+        (0: no limit but C{min_free}).
     """
 
     directory: str
     threads: int = 4
     min_free: int = 64 * 1024 * 1024
+    max_queue: int = 0
 
 
 @attrs.frozen
@@ -264,6 +268,7 @@ def parse_config(
         ),
         threads=spool_section.integer("threads", 4, minimum=1, maximum=64),
         min_free=spool_section.size("min_free", 64 * 1024 * 1024),
+        max_queue=spool_section.integer("max_queue", 0, minimum=0),
     )
     spool_section.finish()
     delivery = _delivery(root.table("delivery"), base, spool.directory)

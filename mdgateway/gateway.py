@@ -152,6 +152,7 @@ class Gateway:
         looped: Callable[[bytes, bytes], bool] | None = None,
         on_queued: Callable[[SpoolEntry], object] | None = None,
         on_refused: Callable[..., object] | None = None,
+        max_queue: int = 0,
     ) -> None:
         """
         @param looped: given the start of a message (its header block) and
@@ -161,6 +162,8 @@ class Gateway:
         @param on_queued: called with each committed spool entry.
         @param on_refused: called as C{(info, sender, recipient, reply)} for
             every refusal, for the refused-mail log.
+        @param max_queue: spool entries at which new mail is refused with
+            C{452 4.3.1} (back-pressure when delivery falls behind); 0: none.
         """
         self.hostname = hostname
         self.spool = spool
@@ -170,6 +173,8 @@ class Gateway:
         self.looped = looped
         self.on_queued = on_queued
         self.on_refused = on_refused
+        self.max_queue = max_queue
+        self._queue_full = False
         #: Called as C{(info, opened)} when a session starts and ends.
         self.on_connection: Callable[[ConnectionInfo, bool], object] | None = None
         self.accepting = True
@@ -206,7 +211,23 @@ class Gateway:
     def check_sender(self, info: ConnectionInfo, mail: MailFrom) -> Reply:
         if not self.spool.writable():
             return replies.SPOOL_FULL
+        if self._queue_is_full():
+            return replies.QUEUE_FULL
         return SENDER_OK
+
+    def _queue_is_full(self) -> bool:
+        full = bool(self.max_queue) and self.spool.entry_count >= self.max_queue
+        if full != self._queue_full:
+            self._queue_full = full
+            if full:
+                log.warn(
+                    "queue full ({count} messages): new mail gets 452 4.3.1 "
+                    "until delivery catches up",
+                    count=self.spool.entry_count,
+                )
+            else:
+                log.info("queue below its limit again: accepting mail")
+        return full
 
     def check_recipient(
         self, info: ConnectionInfo, mail: MailFrom, rcpt: RcptTo

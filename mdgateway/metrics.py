@@ -93,6 +93,8 @@ _REFUSAL_RULES: tuple[tuple[str | None, str | None, str], ...] = (
     (None, "bare cr or lf", "smuggling"),
     (None, "line exceeds", "line_too_long"),
     (None, "line too long", "line_too_long"),
+    (None, "too many long lines", "line_too_long"),
+    (None, "mail queue full", "queue_full"),
     (None, "too many recipients", "too_many_recipients"),
     (None, "too many connections", "too_many_connections"),
     (None, "too many errors", "too_many_errors"),

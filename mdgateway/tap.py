@@ -338,6 +338,7 @@ class GatewayService(MultiService):
             looped=self._looped,
             on_queued=self._queued,
             on_refused=self._refused,
+            max_queue=config.spool.max_queue,
         )
         self.gateway.on_connection = self._connection
         self.operations = GatewayOperations(

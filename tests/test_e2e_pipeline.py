@@ -545,3 +545,40 @@ def test_relay_failover(tmp_path: Path, smtpd: Callable[..., _Controller]) -> No
         send(port, message("failover"))
         (got,) = wait_for(lambda: handler.messages)
     assert headers_of(got)["X-Metadefender-Core-Result"] == "Allowed"
+
+
+@pytest.mark.timeout(120)
+def test_queue_limit_back_pressure(
+    tmp_path: Path, smtpd: Callable[..., _Controller]
+) -> None:
+    """
+    With C{spool.max_queue} messages waiting (here: the downstream defers
+    them), new mail gets C{452 4.3.1 Mail queue full} at MAIL, a 4xx so
+    senders retry; once delivery catches up, mail is accepted again.
+    """
+    handler = RecordingHandler(rcpt_replies={"r@example.org": "451 4.3.0 later"})
+    downstream = smtpd(handler)
+    port = free_port()
+    toml, _ = pipeline_toml(port, tmp_path, downstream.port)
+    toml = toml.replace("[spool]\n", "[spool]\nmax_queue = 2\n", 1)
+    with running_gateway(tmp_path, toml=toml, port=port) as (gw, _):
+        for _ in range(2):
+            with smtplib.SMTP("127.0.0.1", port, timeout=20) as client:
+                client.sendmail(
+                    "a@example.com", ["r@example.org"], b"Subject: q\r\n\r\nx\r\n"
+                )
+        with smtplib.SMTP("127.0.0.1", port, timeout=20) as client:
+            client.ehlo()
+            code, text = client.mail("a@example.com")
+            assert (code, text[:5]) == (452, b"4.3.1")
+            assert b"queue full" in text
+        handler.rcpt_replies.clear()
+        wait_for(lambda: len(handler.messages) == 2)
+
+        def accepted() -> bool:
+            with smtplib.SMTP("127.0.0.1", port, timeout=20) as client:
+                client.ehlo()
+                return client.mail("a@example.com")[0] == 250
+
+        wait_for(accepted)
+        assert [e for e in gw.log_events() if "queue full" in str(e.get("log_format"))]

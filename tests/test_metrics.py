@@ -141,6 +141,8 @@ class SmtpEdgeTests(SynchronousTestCase):
             replies.MESSAGE_TOO_BIG: "too_big",
             replies.TOO_MANY_HOPS: "loop",
             replies.SPOOL_FULL: "spool_full",
+            replies.QUEUE_FULL: "queue_full",
+            replies.TOO_MANY_LONG_LINES: "line_too_long",
             replies.BARE_LINEFEED: "smuggling",
             replies.DATA_LINE_TOO_LONG: "line_too_long",
             replies.TOO_MANY_RECIPIENTS: "too_many_recipients",
