@@ -235,3 +235,24 @@ def test_restart_waits_for_address_in_use(
     finally:
         blocker.close()
         gw.kill()
+
+
+def test_worker_exits_when_primary_dies(
+    tmp_path: Path, smtpd: Callable[..., Any]
+) -> None:
+    """
+    When the primary is killed outright, its worker notices (its standard
+    input closes), drains and exits instead of living on unsupervised.
+    """
+    downstream = smtpd(RecordingHandler())
+    port = free_port()
+    toml = workers_toml(tmp_path, port, downstream.port, 2)
+    with running_gateway(tmp_path, toml=toml, port=port) as (gw, _):
+        pid = worker_pid(gw)
+        wait_for(
+            lambda: [
+                e for e in events(gw, "listening on {listener}") if e.get("worker") == 1
+            ]
+        )
+        gw.kill()
+        wait_for(lambda: not alive(pid), timeout=30)
