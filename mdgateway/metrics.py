@@ -174,6 +174,7 @@ class _Watched:
         self.queue_oldest: Callable[[], float | None] | None = None
         self.core_up: Callable[[], Mapping[str, float]] | None = None
         self.throttled: Callable[[], Mapping[str, bool | float]] | None = None
+        self.workers: Callable[[], float] | None = None
 
     def _families(self) -> tuple[GaugeMetricFamily, ...]:
         return (
@@ -194,13 +195,17 @@ class _Watched:
                 "1 while an SMTP relay profile is throttled (e.g. 4.7.500).",
                 labels=["profile"],
             ),
+            GaugeMetricFamily(
+                "mdgateway_workers_running",
+                "Worker processes running beside the primary ([processes] workers).",
+            ),
         )
 
     def describe(self) -> Iterable[Metric]:
         return self._families()
 
     def collect(self) -> Iterator[Metric]:
-        depth, oldest, core_up, throttled = self._families()
+        depth, oldest, core_up, throttled, workers = self._families()
         value = _call(self.queue_depth, "queue_depth")
         if value is not None:
             depth.add_metric([], float(value))
@@ -220,6 +225,10 @@ class _Watched:
             for profile, flag in sorted(flags.items()):
                 throttled.add_metric([_name(profile)], float(flag))
             yield throttled
+        running = _call(self.workers, "workers_running")
+        if running is not None:
+            workers.add_metric([], float(running))
+            yield workers
 
 
 def _call(callback: Callable[[], Any] | None, what: str, missing: Any = None) -> Any:
@@ -482,6 +491,12 @@ class Metrics:
         throttled now.
         """
         self._watched.throttled = callback
+
+    def watch_workers(self, callback: Callable[[], float]) -> None:
+        """
+        C{callback()} is the number of worker processes running now.
+        """
+        self._watched.workers = callback
 
     # -- Exposition
 

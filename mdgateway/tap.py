@@ -648,6 +648,8 @@ class GatewayService(MultiService):
             environment=worker_environment(),
         )
         self.metrics.remote = self.supervisor.snapshots
+        supervisor = self.supervisor
+        self.metrics.watch_workers(lambda: supervisor.running)
         self.supervisor.start()
 
     async def _start_admin(self) -> None:

@@ -145,6 +145,7 @@ def test_two_processes_share_the_listener(
         assert len(worker_queued) >= 3
         accepted = "mdgateway_smtp_messages_accepted_total"
         wait_for(lambda: metric(admin, accepted) == 14, timeout=15)
+        assert metric(admin, "mdgateway_workers_running") == 1
         config = tmp_path / "mdgateway.toml"
         config.write_text(config.read_text() + "\n# changed\n")
         assert gw.proc is not None

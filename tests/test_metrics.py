@@ -356,6 +356,8 @@ class GaugeTests(SynchronousTestCase):
         self.assertEqual(value(m, "mdgateway_relay_throttled", profile="maildir"), 0.0)
         m.watch_queue_oldest_seconds(lambda: 42.5)
         self.assertEqual(value(m, "mdgateway_queue_oldest_seconds"), 42.5)
+        m.watch_workers(lambda: 3)
+        self.assertEqual(value(m, "mdgateway_workers_running"), 3.0)
 
     def test_failing_callback(self) -> None:
         """
