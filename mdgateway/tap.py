@@ -772,10 +772,11 @@ class GatewayService(MultiService):
                 log.error("configuration reload refused: {problem}", problem=problem)
             return False, list(e.problems)
         old = self.config
-        if (new.listeners, new.tls, new.spool) != (old.listeners, old.tls, old.spool):
+        kept = ("listeners", "tls", "spool", "workers")
+        if any(getattr(new, k) != getattr(old, k) for k in kept):
             log.warn(
-                "listener, TLS and spool changes take effect after a restart; "
-                "rules and limits are applied now"
+                "listener, TLS, spool and process count changes take effect "
+                "after a restart; rules and limits are applied now"
             )
         self._sync_runtimes(new)
         if self.supervisor is not None:
@@ -788,9 +789,7 @@ class GatewayService(MultiService):
                     factory.settings = session_settings(listener, new)
                     factory.limits = protocol_limits(listener, new)
                     factory.config_version = new.version
-        self.config = attrs.evolve(
-            new, listeners=old.listeners, tls=old.tls, spool=old.spool
-        )
+        self.config = attrs.evolve(new, **{k: getattr(old, k) for k in kept})
         log.info(
             "configuration {config_version} loaded from {path}",
             config_version=new.version,

@@ -11,14 +11,17 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.task import Clock
-from twisted.logger import LogLevel, eventAsJSON
+from twisted.logger import LogLevel, eventAsJSON, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+from mdgateway.config import load_config
 from mdgateway.metrics import Metrics
+from mdgateway.tap import GatewayService
 from mdgateway.workers import (
     FIRST_LISTEN_FD,
     METRICS_FD,
@@ -31,6 +34,7 @@ from mdgateway.workers import (
     stale_worker_spools,
     worker_spool,
 )
+from tests.gatewayproc import default_toml, free_port
 
 
 class FramingTests(SynchronousTestCase):
@@ -347,3 +351,32 @@ class MergedMetricsTests(SynchronousTestCase):
         metrics.message_accepted("smtp")
         text = metrics.render()[0].decode()
         self.assertEqual(sample(text, "mdgateway_smtp_messages_accepted_total", "{"), 1)
+
+
+class ReloadTests(SynchronousTestCase):
+    """
+    What a configuration reload may and may not change with workers.
+    """
+
+    def test_reload_keeps_process_count(self) -> None:
+        """
+        A reload applies new rules but keeps the number of processes (and
+        listeners and spool) until a restart, saying so in the log.
+        """
+        folder = Path(self.mktemp())
+        folder.mkdir()
+        config = folder / "gw.toml"
+        base = default_toml(free_port(), folder / "spool")
+        config.write_text(base + "[processes]\nworkers = 2\n")
+        service = GatewayService(load_config(config), reactor)
+        config.write_text(base + "[processes]\nworkers = 3\n")
+        warnings: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(warnings.append)
+        self.addCleanup(globalLogPublisher.removeObserver, warnings.append)
+        loaded, problems = service.reload()
+        self.assertEqual((loaded, problems), (True, []))
+        self.assertEqual(service.config.workers, 2)
+        self.assertEqual(service.config.version, load_config(config).version)
+        self.assertTrue(
+            [e for e in warnings if "process count" in str(e.get("log_format"))]
+        )
