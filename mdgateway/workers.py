@@ -226,6 +226,11 @@ class _WorkerProtocol(ProcessProtocol):
 
 @attrs.define
 class _Worker:
+    """
+    The supervisor's record of one worker slot: its current process (if
+    any), its restart back-off and its latest metric snapshot.
+    """
+
     supervisor: Supervisor
     index: int
     transport: Any = None
