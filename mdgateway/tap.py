@@ -14,6 +14,7 @@ import os
 import re
 import signal
 import socket
+import sys
 from collections.abc import Sequence
 from functools import partial
 from typing import Any
@@ -22,9 +23,10 @@ import attrs
 from twisted.application.service import IService, MultiService
 from twisted.cred.checkers import FilePasswordDB
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
-from twisted.internet.endpoints import serverFromString
+from twisted.internet.endpoints import HostnameEndpoint, _parseServer, serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IReactorTime
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger, globalLogPublisher
@@ -35,7 +37,6 @@ from mdgateway import maildir
 from mdgateway.admin import AdminAPI
 from mdgateway.admission import CachingVerifier, RulePolicy
 from mdgateway.config import ConfigError, GatewayConfig, ListenerConfig, load_config
-from mdgateway.core.emulator import CoreEmulator, EmulatorConfig, build_site
 from mdgateway.core.runtime import CoreRuntime
 from mdgateway.dsn import DsnMessage, DsnSuppressedError, RecipientResult, write_dsn
 from mdgateway.gateway import Gateway, IRecipientPolicy
@@ -356,7 +357,7 @@ class GatewayService(MultiService):
         self.admin_port: IListeningPort | None = None
         self.purger = LoopingCall(self._purge)
         self.purger.clock = reactor
-        self.emulator: Any = None
+        self.emulator: Supervisor | None = None
         self.factories: list[SMTPServerFactory] = []
         self.ports: list[IListeningPort] = []
         self.ready: Deferred[None] = Deferred()
@@ -669,19 +670,60 @@ class GatewayService(MultiService):
         )
 
     async def _start_emulator(self) -> None:
+        """
+        Start the built-in Core emulator as a process of its own (kept
+        alive like a worker) and wait until it listens.
+        """
         settings = self.config.emulator
-        emulator = CoreEmulator(
-            self.reactor,
-            EmulatorConfig(latency=settings.latency),
-            blocking=partial(deferToThreadPool, self.reactor, self.work_threadpool),
+        command = [
+            sys.executable,
+            "-m",
+            "mdgateway.core.emulator_process",
+            "--endpoint",
+            settings.endpoint,
+            "--latency",
+            repr(settings.latency),
+        ]
+        self.emulator = Supervisor(
+            reactor=self.reactor,
+            clock=self.reactor,
+            count=2,
+            command=lambda index, fds: command,
+            listen_fds={},
+            observer=globalLogPublisher,
+            environment=worker_environment(),
+            name="emulator",
         )
-        site = build_site(emulator, access_log=False, reactor=self.reactor)
-        port = await serverFromString(self.reactor, settings.endpoint).listen(site)
-        self.emulator = (emulator, port)
-        log.info(
-            "MetaDefender Core emulator listening on {endpoint}",
-            endpoint=settings.endpoint,
-        )
+        self.emulator.start()
+        await self._wait_listening(settings.endpoint, timeout=30)
+
+    async def _wait_listening(self, description: str, timeout: float) -> None:
+        """
+        Connect to the TCP server endpoint C{description} until it answers.
+        """
+        kind, args, kwargs = _parseServer(description, None)
+        if kind != "TCP":
+            return
+        port = int(args[0]) if args else int(kwargs.get("port", 0))
+        host = str(kwargs.get("interface") or "127.0.0.1")
+        if host in ("0.0.0.0", "::"):
+            host = "127.0.0.1" if host == "0.0.0.0" else "::1"
+        endpoint = HostnameEndpoint(self.reactor, host.encode(), port, timeout=1)
+        deadline = self.reactor.seconds() + timeout
+        while True:
+            try:
+                protocol = await endpoint.connect(Factory.forProtocol(Protocol))
+            except Exception:
+                if self.reactor.seconds() >= deadline:
+                    raise RuntimeError(
+                        f"nothing listens on {description} after {timeout:g}s"
+                    ) from None
+                await deferLater(self.reactor, 0.1, lambda: None)
+            else:
+                transport = getattr(protocol, "transport", None)
+                if transport is not None:
+                    transport.loseConnection()
+                return
 
     def _sync_runtimes(self, config: GatewayConfig) -> None:
         """
@@ -747,9 +789,7 @@ class GatewayService(MultiService):
         for runtime in self.runtimes.values():
             await runtime.close()
         if self.emulator is not None:
-            emulator, port = self.emulator
-            await port.stopListening()
-            emulator.close()
+            await self.emulator.stop(10)
         await self.spool.close()
         self.threadpool.stop()
         self.work_threadpool.stop()

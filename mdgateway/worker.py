@@ -20,47 +20,19 @@ import signal
 import sys
 from typing import Any
 
-from twisted.internet.interfaces import IReadDescriptor
-from twisted.internet.main import CONNECTION_DONE
 from twisted.logger import globalLogBeginner, jsonFileLogObserver
-from zope.interface import implementer
 
 from mdgateway.settings import ConfigError
-from mdgateway.workers import METRICS_FD, Frames, WorkerRole, parse_listen_fds
+from mdgateway.workers import (
+    METRICS_FD,
+    Frames,
+    ParentWatch,
+    WorkerRole,
+    parse_listen_fds,
+)
 
 #: Seconds between two metric snapshots sent to the primary.
 METRICS_EVERY = 2.0
-
-
-@implementer(IReadDescriptor)
-class _ParentWatch:
-    """
-    Reads the worker's standard input only to notice its end: the primary
-    closed it (orderly stop) or died.
-    """
-
-    def __init__(self, on_closed: Any) -> None:
-        self._on_closed = on_closed
-
-    def fileno(self) -> int:
-        return 0
-
-    def doRead(self) -> Any:
-        try:
-            data = os.read(0, 4096)
-        except BlockingIOError:
-            return None
-        except OSError:
-            data = b""
-        if not data:
-            return CONNECTION_DONE
-        return None
-
-    def connectionLost(self, reason: Any) -> None:
-        self._on_closed()
-
-    def logPrefix(self) -> str:
-        return "parent"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 
     service.ready.addErrback(failed)
     os.set_blocking(0, False)
-    watch = _ParentWatch(lambda: reactor.stop() if reactor.running else None)
+    watch = ParentWatch(lambda: reactor.stop() if reactor.running else None)
     metrics_out = os.fdopen(METRICS_FD, "wb", buffering=0)
 
     def push_metrics() -> None:

@@ -35,10 +35,12 @@ from typing import Any
 import attrs
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.error import ProcessDone, ProcessExitedAlready
-from twisted.internet.interfaces import IReactorProcess, IReactorTime
+from twisted.internet.interfaces import IReactorProcess, IReactorTime, IReadDescriptor
+from twisted.internet.main import CONNECTION_DONE
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import ILogObserver, Logger, LogLevel, eventFromJSON
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 log = Logger()
 
@@ -193,6 +195,38 @@ class Frames:
             self._buffer = rest[size:]
 
 
+@implementer(IReadDescriptor)
+class ParentWatch:
+    """
+    Reads a child's standard input only to notice its end: the primary
+    closed it (orderly stop) or died. Set descriptor 0 non-blocking and
+    add it as a reader.
+    """
+
+    def __init__(self, on_closed: Any) -> None:
+        self._on_closed = on_closed
+
+    def fileno(self) -> int:
+        return 0
+
+    def doRead(self) -> Any:
+        try:
+            data = os.read(0, 4096)
+        except BlockingIOError:
+            return None
+        except OSError:
+            data = b""
+        if not data:
+            return CONNECTION_DONE
+        return None
+
+    def connectionLost(self, reason: Any) -> None:
+        self._on_closed()
+
+    def logPrefix(self) -> str:
+        return "parent"
+
+
 # -- the supervisor --------------------------------------------------------------
 
 
@@ -263,6 +297,9 @@ class Supervisor:
     @param listen_fds: parent descriptors of the listening sockets by
         listener name; each worker gets them at L{FIRST_LISTEN_FD} onwards.
     @param observer: where the workers' log events go (the primary's log).
+    @param name: what the children are: C{"worker"} (numbered, their events
+        marked C{worker: k}) or another process the primary keeps alive,
+        such as the built-in Core emulator (events marked C{process: name}).
     """
 
     def __init__(
@@ -274,7 +311,9 @@ class Supervisor:
         listen_fds: Mapping[str, int],
         observer: ILogObserver,
         environment: Mapping[str, str] | None = None,
+        name: str = "worker",
     ) -> None:
+        self._name = name
         self._reactor = reactor
         self._clock = clock
         self._command = command
@@ -314,34 +353,40 @@ class Supervisor:
             )
         except OSError as e:
             log.critical(
-                "worker {worker} could not be started: {error}",
-                worker=worker.index,
+                "{process} could not be started: {error}",
+                process=self._label(worker),
                 error=str(e),
             )
             worker.transport = None
             self._ended(worker, Failure(e))
             return
-        log.info(
-            "worker {worker} started (pid {pid})",
-            worker=worker.index,
-            pid=worker.transport.pid,
-        )
+        fields = {**self._marks(worker.index), "process": self._label(worker)}
+        log.info("{process} started (pid {pid})", pid=worker.transport.pid, **fields)
+
+    def _label(self, worker: _Worker) -> str:
+        return f"worker {worker.index}" if self._name == "worker" else self._name
+
+    def _marks(self, index: int) -> dict[str, Any]:
+        if self._name == "worker":
+            return {"worker": index}
+        return {"process": self._name}
 
     def _ended(self, worker: _Worker, reason: Failure) -> None:
         exited, worker.exited = worker.exited, None
         status = exit_reason(reason)
         if self._stopping:
             log.info(
-                "worker {worker} stopped ({status})", worker=worker.index, status=status
+                "{process} stopped ({status})",
+                process=self._label(worker),
+                status=status,
             )
         else:
             lived = self._clock.seconds() - worker.started_at
             if lived >= STABLE_AFTER:
                 worker.delay = RESTART_FIRST
             log.critical(
-                "worker {worker} exited unexpectedly ({status}); "
-                "restarting in {delay:g}s",
-                worker=worker.index,
+                "{process} exited unexpectedly ({status}); restarting in {delay:g}s",
+                process=self._label(worker),
                 status=status,
                 delay=worker.delay,
             )
@@ -355,7 +400,7 @@ class Supervisor:
         Re-emit a worker's log event in the primary's log, marked with the
         worker's index.
         """
-        event["worker"] = index
+        event.update(self._marks(index))
         if event.get("log_level") is None:
             event["log_level"] = LogLevel.info
         self._observer(event)
@@ -406,8 +451,8 @@ class Supervisor:
         for worker in self._workers:
             if worker.transport is not None:
                 log.error(
-                    "worker {worker} did not drain in time; killing it",
-                    worker=worker.index,
+                    "{process} did not drain in time; killing it",
+                    process=self._label(worker),
                 )
                 try:
                     worker.transport.signalProcess("KILL")

@@ -7,6 +7,7 @@ retired worker's spool, merged metrics and an orderly stop of both.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -51,8 +52,17 @@ def events(gw: GatewayProcess, text: str) -> list[dict]:
     return [e for e in gw.log_events() if text in str(e.get("log_format", ""))]
 
 
+def worker_events(gw: GatewayProcess, text: str) -> list[dict]:
+    """
+    The primary's events about its workers (not the built-in emulator).
+    """
+    return [
+        e for e in events(gw, text) if str(e.get("process", "")).startswith("worker")
+    ]
+
+
 def worker_pid(gw: GatewayProcess, after: int = 0) -> int:
-    started = wait_for(lambda: events(gw, "worker {worker} started")[after:])
+    started = wait_for(lambda: worker_events(gw, "{process} started")[after:])
     return int(started[0]["pid"])
 
 
@@ -68,15 +78,25 @@ def alive(pid: int) -> bool:
 @contextmanager
 def stopped(gw: GatewayProcess) -> Iterator[None]:
     """
-    Freeze the primary, so only the worker can accept connections (the
-    built-in Core emulator freezes with it: nothing is scanned meanwhile).
+    Freeze the primary, so only the worker can accept connections, and the
+    built-in Core emulator (a process of its own), so nothing is scanned
+    meanwhile and what the worker accepts stays in its spool.
     """
     assert gw.proc is not None
-    gw.proc.send_signal(signal.SIGSTOP)
+    (emulator,) = wait_for(
+        lambda: [
+            e for e in events(gw, "{process} started") if e.get("process") == "emulator"
+        ][-1:]
+    )
+    frozen = [gw.proc.pid, int(emulator["pid"])]
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
     try:
         yield
     finally:
-        gw.proc.send_signal(signal.SIGCONT)
+        for pid in frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
 
 
 def workers_toml(
@@ -163,7 +183,7 @@ def test_two_processes_share_the_listener(
         assert [r["address"] for r in waiting["recipients"]] == ["later@example.org"]
         assert gw.terminate(60) in (0, -signal.SIGTERM)
         wait_for(lambda: not alive(pid), timeout=30)
-        assert events(gw, "worker {worker} stopped")
+        assert worker_events(gw, "{process} stopped")
         assert not events(gw, "exited unexpectedly")
 
 
@@ -204,7 +224,7 @@ def test_killed_worker_restarts_and_retired_spool_is_adopted(
         wait_for(lambda: len(handler.messages) == 4)
         assert sorted(subjects(handler)) == sorted(first + second)
         assert not worker_spool.exists()
-        assert not events(gw, "worker {worker} started")
+        assert not worker_events(gw, "{process} started")
         gw.terminate(60)
 
 
