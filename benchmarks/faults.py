@@ -713,14 +713,17 @@ def _wait_streaming(spool: Path, timeout: float = 30.0) -> None:
     """
     Wait until a message being received has more than 2 MiB in the spool.
     """
-    incoming = spool / "incoming"
+    # Any process may have taken it: the primary's spool or a worker's.
+    folders = [spool / "incoming"]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            if any(p.stat().st_size > 2 * MiB for p in incoming.iterdir()):
-                return
-        except OSError:
-            pass
+        folders[1:] = sorted(spool.glob("workers/*/incoming"))
+        for incoming in folders:
+            try:
+                if any(p.stat().st_size > 2 * MiB for p in incoming.iterdir()):
+                    return
+            except OSError:
+                pass
         time.sleep(0.01)
     raise TimeoutError("the big message never started streaming into the spool")
 
