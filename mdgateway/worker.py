@@ -16,19 +16,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 from typing import Any
-
-from twisted.logger import globalLogBeginner, jsonFileLogObserver
 
 from mdgateway.settings import ConfigError
 from mdgateway.workers import (
     METRICS_FD,
     Frames,
-    ParentWatch,
     WorkerRole,
     parse_listen_fds,
+    run_child,
 )
 
 #: Seconds between two metric snapshots sent to the primary.
@@ -49,9 +46,6 @@ def main(argv: list[str] | None = None) -> int:
     from mdgateway.config import load_config
     from mdgateway.tap import GatewayService
 
-    globalLogBeginner.beginLoggingTo(
-        [jsonFileLogObserver(sys.stdout)], redirectStandardIO=False
-    )
     try:
         config = load_config(args.config)
     except ConfigError as e:
@@ -65,8 +59,6 @@ def main(argv: list[str] | None = None) -> int:
         status["code"] = 1
 
     service.ready.addErrback(failed)
-    os.set_blocking(0, False)
-    watch = ParentWatch(lambda: reactor.stop() if reactor.running else None)
     metrics_out = os.fdopen(METRICS_FD, "wb", buffering=0)
 
     def push_metrics() -> None:
@@ -79,13 +71,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def started() -> None:
         service.startService()
-        reactor.addReader(watch)
         service.ready.addCallback(lambda _: push_metrics())
 
-    signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(service.reload))
-    reactor.callWhenRunning(started)
-    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
-    reactor.run()
+    run_child(reactor, started, service.stopService, on_hangup=service.reload)
     return status["code"]
 
 

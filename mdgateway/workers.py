@@ -38,7 +38,14 @@ from twisted.internet.error import ProcessDone, ProcessExitedAlready
 from twisted.internet.interfaces import IReactorProcess, IReactorTime, IReadDescriptor
 from twisted.internet.main import CONNECTION_DONE
 from twisted.internet.protocol import ProcessProtocol
-from twisted.logger import ILogObserver, Logger, LogLevel, eventFromJSON
+from twisted.logger import (
+    ILogObserver,
+    Logger,
+    LogLevel,
+    eventFromJSON,
+    globalLogBeginner,
+    jsonFileLogObserver,
+)
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -225,6 +232,40 @@ class ParentWatch:
 
     def logPrefix(self) -> str:
         return "parent"
+
+
+def run_child(
+    reactor: Any,
+    start: Callable[[], object],
+    stop: Callable[[], object],
+    on_hangup: Callable[[], object] | None = None,
+) -> None:
+    """
+    The life of a process the primary supervises (a worker, the built-in
+    Core emulator): JSON log events on standard output, C{start} once the
+    reactor runs, C{stop} before it shuts down, which happens on SIGTERM or
+    when standard input closes (the primary stopping or gone); SIGHUP runs
+    C{on_hangup}, or is ignored.
+    """
+    globalLogBeginner.beginLoggingTo(
+        [jsonFileLogObserver(sys.stdout)], redirectStandardIO=False
+    )
+
+    def started() -> None:
+        os.set_blocking(0, False)
+        reactor.addReader(
+            ParentWatch(lambda: reactor.stop() if reactor.running else None)
+        )
+        start()
+
+    if on_hangup is None:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    else:
+        hangup = on_hangup
+        signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(hangup))
+    reactor.callWhenRunning(started)
+    reactor.addSystemEventTrigger("before", "shutdown", stop)
+    reactor.run()
 
 
 # -- the supervisor --------------------------------------------------------------

@@ -14,8 +14,6 @@ exits when its standard input closes (the gateway stopping, or dying).
 from __future__ import annotations
 
 import argparse
-import os
-import signal
 import sys
 from functools import partial
 from typing import Any
@@ -23,10 +21,10 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger, globalLogBeginner, jsonFileLogObserver
+from twisted.logger import Logger
 
 from mdgateway.core.emulator import CoreEmulator, EmulatorConfig, build_site
-from mdgateway.workers import ParentWatch
+from mdgateway.workers import run_child
 
 log = Logger()
 
@@ -40,9 +38,6 @@ def main(argv: list[str] | None = None) -> int:
     from twisted.internet import reactor as default_reactor
 
     reactor: Any = default_reactor
-    globalLogBeginner.beginLoggingTo(
-        [jsonFileLogObserver(sys.stdout)], redirectStandardIO=False
-    )
     emulator = CoreEmulator(
         reactor,
         EmulatorConfig(latency=args.latency),
@@ -68,18 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         reactor.stop()
 
     def started() -> None:
-        os.set_blocking(0, False)
-        reactor.addReader(
-            ParentWatch(lambda: reactor.stop() if reactor.running else None)
-        )
         Deferred.fromCoroutine(listen()).addErrback(failed)
 
-    # The gateway passes SIGHUP on to its workers only; this one has
-    # nothing to reload, and must not die of it.
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    reactor.callWhenRunning(started)
-    reactor.addSystemEventTrigger("before", "shutdown", emulator.close)
-    reactor.run()
+    # Nothing to reload: SIGHUP is ignored, so it never kills the emulator.
+    run_child(reactor, started, emulator.close)
     return status["code"]
 
 
