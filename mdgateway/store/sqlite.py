@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 
@@ -113,7 +114,7 @@ class SqliteStore(SqlStore):
         if self._writer is None:
             conn = self._new_connection()
             if not self._memory:
-                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                mode = self._switch_to_wal(conn)
                 if str(mode).lower() != "wal":
                     self._log.warn(
                         "SQLite store {path} is in journal mode {mode}, not WAL",
@@ -123,6 +124,23 @@ class SqliteStore(SqlStore):
             conn.execute(f"PRAGMA synchronous = {self._synchronous}")
             self._writer = conn
         return self._writer
+
+    def _switch_to_wal(self, conn: sqlite3.Connection) -> str:
+        """
+        C{PRAGMA journal_mode = WAL}, waiting like any other statement: when
+        several processes open one new file at once (workers starting
+        together) SQLite answers this one with SQLITE_BUSY at once instead
+        of calling the busy handler, so retry it for up to C{busy_timeout}
+        (pool thread: sleeping blocks nothing else).
+        """
+        deadline = time.monotonic() + self._busy_ms / 1000
+        while True:
+            try:
+                return str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.05)
 
     @contextmanager
     def _transaction(self, write: bool, durable: bool) -> Iterator[Tx]:

@@ -34,7 +34,6 @@ from typing import IO, Any, TypeVar
 
 from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore
 from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
-from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -78,8 +77,6 @@ CHUNK_SIZE = 256 * 1024
 
 #: Rows one purge transaction removes, so other writers get their turn.
 PURGE_BATCH = 200
-#: Tries to open (and migrate) a store that another process holds locked.
-OPEN_ATTEMPTS = 5
 #: Writes one group-commit transaction takes at most.
 WRITE_BATCH = 200
 
@@ -1064,19 +1061,9 @@ class SqlStore(abc.ABC):
     async def open(self) -> None:
         if self._opened:
             return
-        for attempt in range(1, OPEN_ATTEMPTS + 1):
-            try:
-                self.applied_migrations = await self._call(
-                    True, migrate, self._clock.seconds(), opening=True
-                )
-                break
-            except StoreError as e:
-                # Several processes opening one new SQLite file at once
-                # (workers starting together) can meet SQLITE_BUSY where
-                # SQLite does not wait (switching to WAL, say): try again.
-                if "locked" not in str(e) or attempt == OPEN_ATTEMPTS:
-                    raise
-                await deferLater(self._clock, 0.2 * attempt, lambda: None)
+        self.applied_migrations = await self._call(
+            True, migrate, self._clock.seconds(), opening=True
+        )
         self._opened = True
         if self.applied_migrations:
             self._log.info(
