@@ -56,9 +56,20 @@ class ListenerConfig:
         """
         The (interface, port) this listener binds, for loop detection.
         """
-        kind, args, kwargs = _parseServer(self.endpoint, None)
-        port = int(args[0]) if args else int(kwargs.get("port", 0))
-        return str(kwargs.get("interface", "")), port
+        _, interface, port = endpoint_address(self.endpoint)
+        return interface, port
+
+
+def endpoint_address(description: str) -> tuple[str, str, int]:
+    """
+    The kind (C{"TCP"}, C{"SSL"}, C{"UNIX"}...), interface and port of a
+    Twisted server endpoint description (port 0 and C{""} where none).
+    """
+    kind, args, kwargs = _parseServer(description, None)
+    port = (
+        int(args[0]) if args and str(args[0]).isdigit() else int(kwargs.get("port", 0))
+    )
+    return str(kind), str(kwargs.get("interface", "")), port
 
 
 @attrs.frozen

@@ -1097,15 +1097,21 @@ def _job_list_root(
     entries, _ = _job_list(ops, paths)
     out: list[tuple[SpoolEntry, dict[str, Any] | None]] = []
     for entry in entries:
-        state: Any = None
         data = _job_read_state(ops, entry.state_path)
-        if data is not None:
-            try:
-                state = json.loads(data.decode("utf-8"))
-            except (UnicodeDecodeError, ValueError):
-                state = None
+        state = None if data is None else _decode_state(data)
         out.append((entry, state if isinstance(state, dict) else None))
     return out
+
+
+def _decode_state(data: bytes) -> Any:
+    """
+    A delivery state file's JSON, or the exception that kept it from being
+    read as such.
+    """
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        return e
 
 
 def _job_read_state(ops: IFileOps, path: str) -> bytes | None:
@@ -1998,10 +2004,7 @@ class Spool:
         )
         if data is None:
             return None
-        try:
-            state = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as e:
-            state = e
+        state = _decode_state(data)
         if not isinstance(state, dict):
             self._log.critical(
                 "delivery state of {queue_id} is unreadable ({problem}); starting over",

@@ -23,7 +23,7 @@ import attrs
 from twisted.application.service import IService, MultiService
 from twisted.cred.checkers import FilePasswordDB
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
-from twisted.internet.endpoints import HostnameEndpoint, _parseServer, serverFromString
+from twisted.internet.endpoints import HostnameEndpoint, serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
@@ -36,7 +36,13 @@ from twisted.python.threadpool import ThreadPool
 from mdgateway import maildir
 from mdgateway.admin import AdminAPI
 from mdgateway.admission import CachingVerifier, RulePolicy
-from mdgateway.config import ConfigError, GatewayConfig, ListenerConfig, load_config
+from mdgateway.config import (
+    ConfigError,
+    GatewayConfig,
+    ListenerConfig,
+    endpoint_address,
+    load_config,
+)
 from mdgateway.core.runtime import CoreRuntime
 from mdgateway.dsn import DsnMessage, DsnSuppressedError, RecipientResult, write_dsn
 from mdgateway.gateway import Gateway, IRecipientPolicy
@@ -557,9 +563,14 @@ class GatewayService(MultiService):
                 lambda f: log.failure("retention job failed", f)
             )
             await self.spool.acquire()
-            for stale in stale_worker_spools(
-                self.config.spool.directory, self.config.workers
-            ):
+            stale_spools = await deferToThreadPool(
+                self.reactor,
+                self.threadpool,
+                stale_worker_spools,
+                self.config.spool.directory,
+                self.config.workers,
+            )
+            for stale in stale_spools:
                 try:
                     await self.spool.adopt(stale)
                 except SpoolInUseError as e:
@@ -642,7 +653,7 @@ class GatewayService(MultiService):
         self.supervisor = Supervisor(
             reactor=self.reactor,
             clock=self.reactor,
-            count=self.config.workers,
+            children=self.config.workers - 1,
             command=partial(worker_command, os.path.abspath(self.config.path)),
             listen_fds=fds,
             observer=globalLogPublisher,
@@ -687,7 +698,7 @@ class GatewayService(MultiService):
         self.emulator = Supervisor(
             reactor=self.reactor,
             clock=self.reactor,
-            count=2,
+            children=1,
             command=lambda index, fds: command,
             listen_fds={},
             observer=globalLogPublisher,
@@ -701,11 +712,10 @@ class GatewayService(MultiService):
         """
         Connect to the TCP server endpoint C{description} until it answers.
         """
-        kind, args, kwargs = _parseServer(description, None)
+        kind, interface, port = endpoint_address(description)
         if kind != "TCP":
             return
-        port = int(args[0]) if args else int(kwargs.get("port", 0))
-        host = str(kwargs.get("interface") or "127.0.0.1")
+        host = interface or "127.0.0.1"
         if host in ("0.0.0.0", "::"):
             host = "127.0.0.1" if host == "0.0.0.0" else "::1"
         endpoint = HostnameEndpoint(self.reactor, host.encode(), port, timeout=1)

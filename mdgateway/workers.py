@@ -334,6 +334,7 @@ class Supervisor:
     Starts the workers, restarts one that dies (backing off if it keeps
     dying), passes signals on and stops them all on drain.
 
+    @param children: how many processes to keep running, numbered from 1.
     @param command: the worker command line for index I{k}.
     @param listen_fds: parent descriptors of the listening sockets by
         listener name; each worker gets them at L{FIRST_LISTEN_FD} onwards.
@@ -347,7 +348,7 @@ class Supervisor:
         self,
         reactor: IReactorProcess,
         clock: IReactorTime,
-        count: int,
+        children: int,
         command: Callable[[int, Mapping[str, int]], Sequence[str]],
         listen_fds: Mapping[str, int],
         observer: ILogObserver,
@@ -361,7 +362,7 @@ class Supervisor:
         self._listen_fds = dict(listen_fds)
         self._observer = observer
         self._env = dict(environment if environment is not None else os.environ)
-        self._workers = [_Worker(self, index) for index in range(1, count)]
+        self._workers = [_Worker(self, index) for index in range(1, children + 1)]
         self._stopping = False
 
     @property

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from mdgateway.config import ConfigError, load_config, parse_config
+from mdgateway.config import ConfigError, endpoint_address, load_config, parse_config
 from mdgateway.settings import parse_duration, parse_size
 
 ETC = Path(__file__).resolve().parent.parent / "etc"
@@ -245,6 +245,23 @@ class ProcessesTests(SynchronousTestCase):
             self.assertEqual(
                 problems(MINIMAL + f"[processes]\nworkers = {bad}\n"), [message]
             )
+
+
+class EndpointAddressTests(SynchronousTestCase):
+    """
+    What an endpoint description binds.
+    """
+
+    def test_endpoint_address(self) -> None:
+        """
+        TCP descriptions give their interface and port (C{""} for all
+        interfaces); others give their kind and port 0.
+        """
+        self.assertEqual(
+            endpoint_address("tcp:8008:interface=127.0.0.1"), ("TCP", "127.0.0.1", 8008)
+        )
+        self.assertEqual(endpoint_address("tcp:port=25"), ("TCP", "", 25))
+        self.assertEqual(endpoint_address("unix:/run/gw.sock"), ("UNIX", "", 0))
 
 
 class UnitParsingTests(SynchronousTestCase):

@@ -277,3 +277,40 @@ def test_worker_exits_when_primary_dies(
         )
         gw.kill()
         wait_for(lambda: not alive(pid), timeout=30)
+
+
+def test_builtin_emulator_is_its_own_process_and_restarted(
+    tmp_path: Path, smtpd: Callable[..., Any]
+) -> None:
+    """
+    The built-in Core emulator runs as a child process of the gateway: killed,
+    it is started again, its events reach the gateway's log marked
+    C{process: emulator}, and scanning works again afterwards (a message is
+    scanned and delivered).
+    """
+    handler = RecordingHandler()
+    downstream = smtpd(handler)
+    port = free_port()
+    toml = workers_toml(tmp_path, port, downstream.port, 1)
+    with running_gateway(tmp_path, toml=toml, port=port) as (gw, _):
+
+        def emulator_starts() -> list[dict]:
+            return [
+                e
+                for e in events(gw, "{process} started")
+                if e.get("process") == "emulator"
+            ]
+
+        (first,) = wait_for(emulator_starts)
+        assert gw.proc is not None and int(first["pid"]) != gw.proc.pid
+        assert [
+            e
+            for e in events(gw, "MetaDefender Core emulator listening")
+            if e.get("process") == "emulator"
+        ]
+        os.kill(int(first["pid"]), signal.SIGKILL)
+        wait_for(lambda: len(emulator_starts()) == 2)
+        assert events(gw, "exited unexpectedly")
+        send(port, "after-restart")
+        wait_for(lambda: subjects(handler) == ["after-restart"])
+        assert b"X-Metadefender-Core-Result: Allowed" in handler.messages[0].content

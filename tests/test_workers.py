@@ -188,7 +188,7 @@ class SupervisorTests(SynchronousTestCase):
         self.supervisor = Supervisor(
             reactor=self.reactor,  # type: ignore[arg-type]
             clock=self.clock,
-            count=3,
+            children=2,
             command=lambda index, fds: ["worker", str(index), format_listen_fds(fds)],
             listen_fds={"smtp": 17, "smtps": 21},
             observer=self.events.append,

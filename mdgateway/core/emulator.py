@@ -741,13 +741,6 @@ class _Examined(NamedTuple):
     converted_name: str | None
 
 
-def _failed(request: Request, failure: Failure) -> None:
-    _log.failure("emulator submission failed", failure)
-    if not request.finished and not request._disconnected:
-        request.write(_json(request, (500, {"err": "Internal error"})))
-        request.finish()
-
-
 def _json(request: Request, reply: Reply) -> bytes:
     status, doc = reply
     request.setResponseCode(status)
@@ -1004,14 +997,21 @@ class _File(_Node):
             user_agent=_header(request, b"user_agent") or "",
         )
 
+        gone: list[object] = []
+        request.notifyFinish().addErrback(gone.append)
+
         def answer(reply: Reply) -> None:
             body = _json(request, reply)
-            if not request.finished and not request._disconnected:
+            if not gone:
                 request.write(body)
                 request.finish()
 
+        def failed(failure: Failure) -> None:
+            _log.failure("emulator submission failed", failure)
+            answer((500, {"err": "Internal error"}))
+
         submitted.addCallback(answer)
-        submitted.addErrback(lambda f: _failed(request, f))
+        submitted.addErrback(failed)
         return NOT_DONE_YET
 
 

@@ -937,10 +937,8 @@ class SqlStore(abc.ABC):
         try:
             with self._transaction(write, durable) as tx:
                 return job(tx, *args)
-        except StoreError:
-            raise
         except self._driver_errors() as e:
-            raise StoreError(f"{self._dialect.name}: {e}") from e
+            raise self._mapped(e) from e
 
     async def _call(
         self,
@@ -1048,7 +1046,7 @@ class SqlStore(abc.ABC):
             return [(False, error)] * len(batch)
         return outcomes
 
-    def _mapped(self, error: Exception) -> Exception:
+    def _mapped(self, error: BaseException) -> BaseException:
         if isinstance(error, self._driver_errors()):
             return StoreError(f"{self._dialect.name}: {error}")
         return error
