@@ -31,14 +31,14 @@ sys.path.insert(0, str(REPO))
 import treq  # noqa: E402
 from twisted.internet import defer, task, threads  # noqa: E402
 
-from mdgateway.core.emulator import (  # noqa: E402
+from mdgateway.emulator.app import (  # noqa: E402
     CoreEmulator,
     EmulatorConfig,
     EmulatorServer,
 )
-from mdgateway.core.errors import CoreError  # noqa: E402
-from mdgateway.core.runtime import CoreRuntime  # noqa: E402
-from mdgateway.profiles import CoreProfile, CoreServer  # noqa: E402
+from mdgateway.policy.profiles import CoreProfile, CoreServer  # noqa: E402
+from mdgateway.scan.errors import CoreError  # noqa: E402
+from mdgateway.scan.runtime import CoreRuntime  # noqa: E402
 
 
 def free_port() -> int:

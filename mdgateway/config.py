@@ -21,10 +21,10 @@ from typing import Any
 import attrs
 from twisted.internet.endpoints import _parseServer
 
-from mdgateway.policy import Policy, parse_policy
-from mdgateway.settings import ConfigError, Problems, Section
+from mdgateway.policy.rules import Policy, parse_policy
 from mdgateway.smtp.server import TLS_MODES
 from mdgateway.smtp.tls import TLS_VERSIONS
+from mdgateway.tomlreader import ConfigError, Problems, Section
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 

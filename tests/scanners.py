@@ -1,9 +1,9 @@
 """
-A verified fake of the Core profile runtime (L{mdgateway.core.runtime}) for
+A verified fake of the Core profile runtime (L{mdgateway.scan.runtime}) for
 tests of message processing: it decides verdicts by content and name, as a
 Core server with AV and Deep CDR would, and records every call.
 
-It provides what L{mdgateway.processing.CopyProcessor} calls, C{scan} and
+It provides what L{mdgateway.queue.processing.CopyProcessor} calls, C{scan} and
 C{download_sanitized}, with the runtime's signatures and failure modes
 (L{CoreError} with a L{Condition}, C{ValueError} for a verdict from another
 profile); C{tests.test_processing} checks that it stays in step.
@@ -20,9 +20,9 @@ from urllib.parse import quote
 
 import attrs
 
-from mdgateway.core.emulator_scan import EICAR
-from mdgateway.core.errors import Condition, CoreError
-from mdgateway.core.verdict import Verdict, parse_verdict
+from mdgateway.emulator.detect import EICAR
+from mdgateway.scan.errors import Condition, CoreError
+from mdgateway.scan.verdict import Verdict, parse_verdict
 
 #: The base URL verdicts of the fake come from (no API key, like the
 #: runtime's L{Verdict.core_url}).
@@ -101,7 +101,7 @@ def result_document(
     @param blocked_reason: the file is infected (C{Blocked}) for this reason.
     @param converted_name: Deep CDR ran and left a converted file so named.
     @param failure: the result stands for this condition (see
-        L{mdgateway.core.verdict.failure_condition}).
+        L{mdgateway.scan.verdict.failure_condition}).
     """
     all_result, all_text = 0, "No Threat Detected"
     result, reason = "Allowed", ""

@@ -1,6 +1,6 @@
 """
-Tests for L{mdgateway.admin}, L{mdgateway.adminjson} and
-L{mdgateway.testing_ops}.
+Tests for L{mdgateway.ops.admin}, L{mdgateway.ops.adminjson} and
+L{mdgateway.testing.ops}.
 
 The API runs on a real listening port on 127.0.0.1, over a real SQLite
 store (in memory) filled through its own API, with L{FakeOperations} as the
@@ -42,9 +42,9 @@ from twisted.web.server import Site
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from mdgateway.admin import MAX_BODY, AdminAPI, parse_time
-from mdgateway.adminjson import iso
-from mdgateway.operations import (
+from mdgateway.ops.admin import MAX_BODY, AdminAPI, parse_time
+from mdgateway.ops.adminjson import iso
+from mdgateway.ops.interfaces import (
     IOperations,
     OperationError,
     QueueEntry,
@@ -61,7 +61,7 @@ from mdgateway.store import (
     ScanVerdict,
     SqliteStore,
 )
-from mdgateway.testing_ops import FakeOperations
+from mdgateway.testing.ops import FakeOperations
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -891,7 +891,8 @@ async def test_mutations_logged(env: Env) -> None:
     logged = [
         (e["action"], e["target"], e["by"])
         for e in recorder.events
-        if e.get("log_namespace", "").startswith("mdgateway.admin") and "action" in e
+        if e.get("log_namespace", "").startswith("mdgateway.ops.admin")
+        and "action" in e
     ]
     assert logged == [
         ("pinned", item_id, "api:127.0.0.1"),

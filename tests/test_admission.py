@@ -13,7 +13,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from mdgateway.admission import (
+from mdgateway.config import parse_config
+from mdgateway.policy.profiles import SmtpProfile
+from mdgateway.receive.admission import (
     ACCEPTED,
     REFUSED,
     UNREACHABLE,
@@ -21,9 +23,7 @@ from mdgateway.admission import (
     IRecipientVerifier,
     RulePolicy,
 )
-from mdgateway.config import parse_config
-from mdgateway.gateway import IRecipientPolicy
-from mdgateway.profiles import SmtpProfile
+from mdgateway.receive.handler import IRecipientPolicy
 from mdgateway.smtp.interfaces import ConnectionInfo
 from mdgateway.smtp.parse import parse_mail_from, parse_rcpt_to
 

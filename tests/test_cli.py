@@ -1,5 +1,5 @@
 """
-Tests for L{mdgateway.cli}: the blocking CLI runs in a worker thread
+Tests for L{mdgateway.ops.cli}: the blocking CLI runs in a worker thread
 against the real admin API served on loopback by the test reactor (the
 C{admin} fixture, built with L{tests.test_admin}'s helpers over a seeded
 SQLite store), and C{check-config} on real files.
@@ -21,8 +21,8 @@ from twisted.internet.threads import deferToThread
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import SynchronousTestCase
 
-from mdgateway.adminjson import iso
-from mdgateway.cli import (
+from mdgateway.ops.adminjson import iso
+from mdgateway.ops.cli import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_UNAUTHORIZED,
@@ -33,7 +33,7 @@ from mdgateway.cli import (
     main,
     table,
 )
-from mdgateway.operations import Readiness
+from mdgateway.ops.interfaces import Readiness
 from tests.test_admin import NOW, T0, TOKEN, Env, entry, start_env, stop_env
 
 pytestmark = pytest.mark.timeout(60)

@@ -10,7 +10,7 @@ from pathlib import Path
 from twisted.trial.unittest import SynchronousTestCase
 
 from mdgateway.config import ConfigError, endpoint_address, load_config, parse_config
-from mdgateway.settings import parse_duration, parse_size
+from mdgateway.tomlreader import parse_duration, parse_size
 
 ETC = Path(__file__).resolve().parent.parent / "etc"
 

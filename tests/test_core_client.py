@@ -1,6 +1,6 @@
 """
-Tests for L{mdgateway.core.client} (against the emulator over real HTTP on
-loopback) and the error mapping of L{mdgateway.core.errors}.
+Tests for L{mdgateway.scan.client} (against the emulator over real HTTP on
+loopback) and the error mapping of L{mdgateway.scan.errors}.
 """
 
 from __future__ import annotations
@@ -24,18 +24,18 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface.verify import verifyObject
 
-from mdgateway.core.client import CoreClient, build_http_client
-from mdgateway.core.emulator import CoreEmulator, EmulatorConfig, EmulatorServer
-from mdgateway.core.emulator_scan import (
+from mdgateway.emulator.app import CoreEmulator, EmulatorConfig, EmulatorServer
+from mdgateway.emulator.detect import (
     EICAR,
     FAIL_MARKER,
     NOT_SCANNED_MARKER,
     SANITIZED_MARKER,
 )
-from mdgateway.core.errors import Condition, CoreError, error_for_response
-from mdgateway.core.interfaces import ICoreServerClient
-from mdgateway.core.verdict import Outcome
-from mdgateway.profiles import CoreProfile, CoreServer
+from mdgateway.policy.profiles import CoreProfile, CoreServer
+from mdgateway.scan.client import CoreClient, build_http_client
+from mdgateway.scan.errors import Condition, CoreError, error_for_response
+from mdgateway.scan.interfaces import ICoreServerClient
+from mdgateway.scan.verdict import Outcome
 
 CARD = b"4111 1111 1111 1111"
 

@@ -1,7 +1,7 @@
 """
-Tests for the MetaDefender Core v4 emulator (L{mdgateway.core.emulator}),
-its content checks (L{mdgateway.core.emulator_scan}) and its twist plugin
-(L{mdgateway.core.emulator_tap}).
+Tests for the MetaDefender Core v4 emulator (L{mdgateway.emulator.app}),
+its content checks (L{mdgateway.emulator.detect}) and its twist plugin
+(L{mdgateway.emulator.tap}).
 
 Most tests drive the real C{twisted.web} tree synchronously: raw HTTP bytes
 into an C{HTTPChannel} over a L{StringTransport}, time from a L{Clock}.
@@ -38,14 +38,14 @@ from twisted.internet.testing import StringTransport
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
-from mdgateway.core.emulator import (
+from mdgateway.emulator.app import (
     DEFAULT_SANITIZE_TYPES,
     CoreEmulator,
     EmulatorConfig,
     EmulatorServer,
     build_site,
 )
-from mdgateway.core.emulator_scan import (
+from mdgateway.emulator.detect import (
     EICAR,
     FAIL_MARKER,
     NOT_SCANNED_MARKER,
@@ -54,7 +54,7 @@ from mdgateway.core.emulator_scan import (
     scan_stream,
     write_converted,
 )
-from mdgateway.core.emulator_tap import Options, makeService
+from mdgateway.emulator.tap import Options, makeService
 
 CARD = b"4111 1111 1111 1111"
 REPO_ROOT = Path(__file__).resolve().parent.parent

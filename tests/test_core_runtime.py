@@ -1,6 +1,6 @@
 """
-Tests for L{mdgateway.core.runtime} (failover, round-robin, circuit
-breaker, concurrency, back-pressure) and L{mdgateway.core.breaker}.
+Tests for L{mdgateway.scan.runtime} (failover, round-robin, circuit
+breaker, concurrency, back-pressure) and L{mdgateway.scan.breaker}.
 
 The logic is driven with L{FakeCoreServerClient} and a L{task.Clock}; two
 real emulators on loopback check failover when one stops mid-run.
@@ -19,14 +19,14 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from mdgateway.core.breaker import CircuitBreaker
-from mdgateway.core.emulator import CoreEmulator, EmulatorConfig, EmulatorServer
-from mdgateway.core.errors import Condition, CoreError
-from mdgateway.core.interfaces import ICoreServerClient
-from mdgateway.core.runtime import CoreRuntime
-from mdgateway.core.testing import FakeCoreServerClient, clean_verdict
-from mdgateway.core.verdict import Verdict
-from mdgateway.profiles import CoreProfile, CoreServer
+from mdgateway.emulator.app import CoreEmulator, EmulatorConfig, EmulatorServer
+from mdgateway.policy.profiles import CoreProfile, CoreServer
+from mdgateway.scan.breaker import CircuitBreaker
+from mdgateway.scan.errors import Condition, CoreError
+from mdgateway.scan.interfaces import ICoreServerClient
+from mdgateway.scan.runtime import CoreRuntime
+from mdgateway.scan.verdict import Verdict
+from mdgateway.testing.core import FakeCoreServerClient, clean_verdict
 
 
 def error(condition: Condition, fake: FakeCoreServerClient, **kw: Any) -> CoreError:

@@ -1,5 +1,5 @@
 """
-Tests for L{mdgateway.core.verdict}: the result parser against every
+Tests for L{mdgateway.scan.verdict}: the result parser against every
 document shape of the Core v4 reference.
 """
 
@@ -11,8 +11,8 @@ from typing import Any
 import attrs
 from twisted.trial.unittest import SynchronousTestCase
 
-from mdgateway.core.errors import Condition, error_message
-from mdgateway.core.verdict import (
+from mdgateway.scan.errors import Condition, error_message
+from mdgateway.scan.verdict import (
     DocumentState,
     MalformedResultError,
     Outcome,

@@ -1,5 +1,5 @@
 """
-Tests for L{mdgateway.dsn}: RFC 3464 delivery status notifications.
+Tests for L{mdgateway.message.dsn}: RFC 3464 delivery status notifications.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import attrs
 import pytest
 from twisted.trial.unittest import SynchronousTestCase
 
-from mdgateway.dsn import (
+from mdgateway.message.dsn import (
     DsnMessage,
     DsnSuppressedError,
     RecipientResult,
@@ -38,7 +38,7 @@ from mdgateway.dsn import (
     select_reported,
     write_dsn,
 )
-from mdgateway.spool import Envelope, Recipient
+from mdgateway.queue.spool import Envelope, Recipient
 
 NOW = 1_700_000_200.0
 ARRIVED = 1_700_000_000.0

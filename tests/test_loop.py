@@ -1,5 +1,5 @@
 """
-Tests for L{mdgateway.loop}: the HMAC processed marker and its secret file.
+Tests for L{mdgateway.message.marker}: the HMAC processed marker and its secret file.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 from twisted.trial.unittest import SynchronousTestCase
 
-from mdgateway.loop import (
+from mdgateway.message.headers import format_field
+from mdgateway.message.marker import (
     DEFAULT_MAX_AGE,
     DEFAULT_MAX_SKEW,
     FORGED,
@@ -39,7 +40,6 @@ from mdgateway.loop import (
     read_markers,
     scan_markers,
 )
-from mdgateway.message.headers import format_field
 
 SECRET = bytes(range(32))
 OTHER = bytes(range(1, 33))
@@ -463,7 +463,7 @@ class SecretTests(TmpMixin, SynchronousTestCase):
         path = str(self.tmp / "shared" / "marker.key")
         code = (
             "import sys, time\n"
-            "from mdgateway.loop import load_or_create_secret\n"
+            "from mdgateway.message.marker import load_or_create_secret\n"
             "while time.time() < float(sys.argv[2]): pass\n"
             "print(load_or_create_secret(sys.argv[1]).hex())\n"
         )

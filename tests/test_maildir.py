@@ -1,5 +1,5 @@
 """
-Tests for L{mdgateway.maildir}: the C{maildir:} relay server type.
+Tests for L{mdgateway.relay.maildir}: the C{maildir:} relay server type.
 """
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from mdgateway.maildir import (
+from mdgateway.queue.spool import IFileOps, OSFileOps
+from mdgateway.relay.maildir import (
     ENVELOPE_TO,
     MaildirError,
     deliver,
     envelope_header,
     unique_name,
 )
-from mdgateway.spool import IFileOps, OSFileOps
 
 NOW = 1_700_000_000.125
 MESSAGE = b"".join(

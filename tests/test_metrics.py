@@ -1,5 +1,5 @@
 """
-Tests for L{mdgateway.metrics}: every value is read back by scraping
+Tests for L{mdgateway.ops.metrics}: every value is read back by scraping
 C{render()} and parsing it with prometheus-client's own parser.
 """
 
@@ -11,14 +11,15 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial.unittest import SynchronousTestCase
 
-from mdgateway import admission, gateway
-from mdgateway.core.errors import Condition
-from mdgateway.metrics import (
+from mdgateway.ops.metrics import (
     MAX_NAME,
     REFUSAL_REASONS,
     Metrics,
     refusal_reason,
 )
+from mdgateway.receive import admission
+from mdgateway.receive import handler as gateway
+from mdgateway.scan.errors import Condition
 from mdgateway.smtp import replies
 from mdgateway.store import ScanVerdict
 

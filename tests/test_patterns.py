@@ -1,5 +1,5 @@
 """
-Tests for L{mdgateway.patterns}: sender and recipient patterns of rules.
+Tests for L{mdgateway.policy.patterns}: sender and recipient patterns of rules.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from mdgateway.patterns import (
+from mdgateway.policy.patterns import (
     ANY_ADDRESS,
     MAX_PATTERN_LENGTH,
     MAX_REGEX_SUBJECT,

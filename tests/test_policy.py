@@ -1,5 +1,5 @@
 """
-Tests for L{mdgateway.policy}: security rules, server profiles, their
+Tests for L{mdgateway.policy.rules}: security rules, server profiles, their
 validation and rule selection.
 """
 
@@ -22,8 +22,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from mdgateway.patterns import AddressFilter
-from mdgateway.policy import (
+from mdgateway.policy.patterns import AddressFilter
+from mdgateway.policy.profiles import CoreProfile, CoreServer, RelayServer, SmtpProfile
+from mdgateway.policy.rules import (
     ERROR_CONDITIONS,
     ErrorHandling,
     Policy,
@@ -35,8 +36,7 @@ from mdgateway.policy import (
     parse_policy,
     parse_relay_server,
 )
-from mdgateway.profiles import CoreProfile, CoreServer, RelayServer, SmtpProfile
-from mdgateway.settings import Problems, Section
+from mdgateway.tomlreader import Problems, Section
 
 ETC = Path(__file__).resolve().parent.parent / "etc"
 

@@ -1,5 +1,5 @@
 """
-Tests for L{mdgateway.processing}: one message copy is decomposed, scanned
+Tests for L{mdgateway.queue.processing}: one message copy is decomposed, scanned
 part by part, acted on, rebuilt and stamped, end to end on real files with a
 real thread pool and the real reactor, against the fake Core of
 L{tests.scanners}.
@@ -28,14 +28,12 @@ from twisted.internet.defer import Deferred
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import SynchronousTestCase
 
-from mdgateway.core.errors import Condition, CoreError
-from mdgateway.core.runtime import CoreRuntime
-from mdgateway.core.verdict import Outcome, Verdict
-from mdgateway.loop import BodyHasher
 from mdgateway.message.decompose import WHOLE_MESSAGE_NAME, ScannablePart, decompose
+from mdgateway.message.marker import BodyHasher
 from mdgateway.message.structure import Structure, parse_structure
-from mdgateway.policy import ERROR_ACTIONS, ErrorHandling, Rule
-from mdgateway.processing import (
+from mdgateway.policy.profiles import CoreProfile, CoreServer, RelayServer, SmtpProfile
+from mdgateway.policy.rules import ERROR_ACTIONS, ErrorHandling, Rule
+from mdgateway.queue.processing import (
     CopyJob,
     CopyOutcome,
     CopyProcessor,
@@ -43,7 +41,9 @@ from mdgateway.processing import (
     Delivery,
     IScanner,
 )
-from mdgateway.profiles import CoreProfile, CoreServer, RelayServer, SmtpProfile
+from mdgateway.scan.errors import Condition, CoreError
+from mdgateway.scan.runtime import CoreRuntime
+from mdgateway.scan.verdict import Outcome, Verdict
 from tests.scanners import (
     CORE_RULE,
     CORE_URL,

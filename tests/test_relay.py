@@ -13,8 +13,14 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.python.threadpool import ThreadPool
 
-from mdgateway.profiles import RelayServer, SmtpProfile, SmtpTimeouts
-from mdgateway.relay import Outgoing, Relay, RelayRecipient, Status, queue_id_from
+from mdgateway.policy.profiles import RelayServer, SmtpProfile, SmtpTimeouts
+from mdgateway.relay.delivery import (
+    Outgoing,
+    Relay,
+    RelayRecipient,
+    Status,
+    queue_id_from,
+)
 from tests.downstream import RecordingHandler, _Controller
 from tests.test_relayhosts import TableResolver
 

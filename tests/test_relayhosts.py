@@ -10,8 +10,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from mdgateway.profiles import RelayServer
-from mdgateway.relayhosts import (
+from mdgateway.policy.profiles import RelayServer
+from mdgateway.relay.hosts import (
     DNSPythonResolver,
     IMXResolver,
     NullMXError,

@@ -28,7 +28,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from mdgateway.profiles import RelayServer, SmtpProfile, SmtpTimeouts
+from mdgateway.policy.profiles import RelayServer, SmtpProfile, SmtpTimeouts
 from mdgateway.smtp.client import (
     Action,
     ArmTimer,

@@ -18,7 +18,7 @@ from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
 
-from mdgateway.profiles import RelayServer, SmtpTimeouts
+from mdgateway.policy.profiles import RelayServer, SmtpTimeouts
 from mdgateway.smtp.client import (
     Credentials,
     Envelope,

@@ -1,5 +1,5 @@
 """
-Tests for L{mdgateway.spool}: the durable queue behind C{250 queued as}.
+Tests for L{mdgateway.queue.spool}: the durable queue behind C{250 queued as}.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from mdgateway.spool import (
+from mdgateway.queue.spool import (
     ENVELOPE_VERSION,
     QUEUE_ID_LENGTH,
     Envelope,
@@ -2195,7 +2195,7 @@ _CHILD = textwrap.dedent(
     from twisted.internet import reactor
     from twisted.internet.defer import Deferred
     from twisted.python.threadpool import ThreadPool
-    from mdgateway.spool import Envelope, Recipient, Spool
+    from mdgateway.queue.spool import Envelope, Recipient, Spool
 
     def body(n):
         return b"Subject: %d\\r\\n\\r\\n" % n + bytes([n % 251]) * (n * 7919 % 300000)

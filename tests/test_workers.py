@@ -20,9 +20,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from mdgateway.config import load_config
-from mdgateway.metrics import Metrics
-from mdgateway.tap import GatewayService
-from mdgateway.workers import (
+from mdgateway.ops.metrics import Metrics
+from mdgateway.run.supervisor import (
     FIRST_LISTEN_FD,
     METRICS_FD,
     Frames,
@@ -34,6 +33,7 @@ from mdgateway.workers import (
     stale_worker_spools,
     worker_spool,
 )
+from mdgateway.run.tap import GatewayService
 from tests.gatewayproc import default_toml, free_port
 
 

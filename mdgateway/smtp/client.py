@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 
 import attrs
 
-from mdgateway.profiles import SmtpTimeouts
+from mdgateway.policy.profiles import SmtpTimeouts
 from mdgateway.smtp.dotstuff import DotStuffer
 from mdgateway.smtp.replyparse import Reply, ReplyParser, ReplySyntaxError
 

@@ -42,7 +42,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mdgateway.profiles import RelayServer, SmtpProfile, SmtpTimeouts
+from mdgateway.policy.profiles import RelayServer, SmtpProfile, SmtpTimeouts
 from mdgateway.smtp.client import (
     Action,
     ArmTimer,

@@ -6,14 +6,14 @@ from twisted.application.service import ServiceMaker
 
 mdgateway = ServiceMaker(
     "mdgateway",
-    "mdgateway.tap",
+    "mdgateway.run.tap",
     "SMTP security gateway scanning mail with MetaDefender Core",
     "mdgateway",
 )
 
 mdcore_emulator = ServiceMaker(
     "mdcore-emulator",
-    "mdgateway.core.emulator_tap",
+    "mdgateway.emulator.tap",
     "Emulator of the MetaDefender Core v4 REST API for tests and trials",
     "mdcore-emulator",
 )

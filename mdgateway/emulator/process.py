@@ -1,0 +1,74 @@
+# -*- test-case-name: tests.test_e2e_workers -*-
+"""
+C{python -m mdgateway.emulator.process}: the built-in Core emulator
+(C{[emulator] enabled}) as a process of its own, started and kept alive by
+the gateway.
+
+Inside the gateway's process the emulator's Python content scan of a large
+upload competed with the SMTP sessions for the interpreter lock; as its own
+process it stands where a real Core stands, beside the gateway, not in it.
+It logs JSON to standard output (the gateway re-publishes each event) and
+exits when its standard input closes (the gateway stopping, or dying).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from functools import partial
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+
+from mdgateway.emulator.app import CoreEmulator, EmulatorConfig, build_site
+from mdgateway.run.supervisor import run_child
+
+log = Logger()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mdgateway.emulator.process")
+    parser.add_argument("--endpoint", required=True, help="a Twisted server endpoint")
+    parser.add_argument("--latency", type=float, default=0.0)
+    args = parser.parse_args(argv)
+
+    from twisted.internet import reactor as default_reactor
+
+    reactor: Any = default_reactor
+    emulator = CoreEmulator(
+        reactor,
+        EmulatorConfig(latency=args.latency),
+        blocking=partial(deferToThreadPool, reactor, reactor.getThreadPool()),
+    )
+    site = build_site(emulator, access_log=False, reactor=reactor)
+    status = {"code": 0}
+
+    async def listen() -> None:
+        await serverFromString(reactor, args.endpoint).listen(site)
+        log.info(
+            "MetaDefender Core emulator listening on {endpoint}",
+            endpoint=args.endpoint,
+        )
+
+    def failed(failure: Any) -> None:
+        log.critical(
+            "the Core emulator cannot listen on {endpoint}: {error}",
+            endpoint=args.endpoint,
+            error=failure.getErrorMessage(),
+        )
+        status["code"] = 1
+        reactor.stop()
+
+    def started() -> None:
+        Deferred.fromCoroutine(listen()).addErrback(failed)
+
+    # Nothing to reload: SIGHUP is ignored, so it never kills the emulator.
+    run_child(reactor, started, emulator.close)
+    return status["code"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+# -*- test-case-name: tests.test_core_emulator -*-
+"""
+The C{mdcore-emulator} twistd/twist plugin: C{twist mdcore-emulator --port 8008}.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python import usage
+
+from mdgateway.emulator.app import (
+    DEFAULT_SANITIZE_TYPES,
+    CoreEmulator,
+    EmulatorConfig,
+    build_site,
+)
+
+_log = Logger()
+
+
+def _types(value: str) -> frozenset[str]:
+    return frozenset(
+        part.strip().lower().lstrip(".") for part in value.split(",") if part.strip()
+    )
+
+
+class Options(usage.Options):
+    """
+    Command-line options of C{mdcore-emulator}.
+    """
+
+    synopsis = "[options]"
+    longdesc = (
+        "Emulates the MetaDefender Core v4 REST API (POST /file, GET /file/{id}, "
+        "/file/converted/{id}, /hash/{hash}, /version, /stat/...) for tests "
+        "and trials. EICAR is infected, encrypted zips are blocked, Luhn-valid "
+        "card numbers are sensitive data, and the --sanitize-types are "
+        "'sanitized' by Deep CDR."
+    )
+    optParameters = [
+        ["port", "p", 8008, "TCP port to listen on.", int],
+        ["interface", "i", "127.0.0.1", "Address to listen on."],
+        ["latency", None, 0.0, "Seconds each file spends processing.", float],
+        ["queue-size", None, 500, "Files processing at once before 503.", int],
+        [
+            "apikey",
+            None,
+            None,
+            "Require this API key (visible in ps; prefer --apikey-file).",
+        ],
+        ["apikey-file", None, None, "Read the required API key from this file."],
+        [
+            "sanitize-types",
+            None,
+            ",".join(sorted(DEFAULT_SANITIZE_TYPES)),
+            "Comma-separated file extensions Deep CDR sanitizes.",
+        ],
+        ["fail-rate", None, 0.0, "Probability (0-1) of answering HTTP 500.", float],
+        ["fail-next", None, 0, "Answer the first N requests with HTTP 500.", int],
+        ["retention", None, 600.0, "Seconds finished results are kept.", float],
+        [
+            "workdir",
+            None,
+            None,
+            "Directory for converted files (default: a "
+            "temporary directory removed at exit).",
+        ],
+        ["seed", None, None, "Seed for --fail-rate, for repeatable runs.", int],
+    ]
+    optFlags = [
+        ["stall-body", None, "Stall the body of every result poll and download."],
+        ["not-found-200", None, "Answer unknown data_ids with 200, not 404."],
+        ["dlp-allow", None, "Allow files with card numbers (redacted copy)."],
+        ["quiet", "q", "No access log."],
+    ]
+
+    def postOptions(self) -> None:
+        if not 0 <= self["port"] <= 65535:
+            raise usage.UsageError("--port must be 0-65535")
+        if self["latency"] < 0:
+            raise usage.UsageError("--latency must not be negative")
+        if self["queue-size"] < 0:
+            raise usage.UsageError("--queue-size must not be negative")
+        if not 0.0 <= self["fail-rate"] <= 1.0:
+            raise usage.UsageError("--fail-rate must be between 0 and 1")
+        if self["fail-next"] < 0:
+            raise usage.UsageError("--fail-next must not be negative")
+        if self["retention"] <= 0:
+            raise usage.UsageError("--retention must be positive")
+        if self["apikey"] is not None and self["apikey-file"] is not None:
+            raise usage.UsageError("give --apikey or --apikey-file, not both")
+        if self["apikey-file"] is not None:
+            try:
+                with open(self["apikey-file"], encoding="utf-8") as f:
+                    self["apikey"] = f.read().strip()
+            except OSError as e:
+                raise usage.UsageError(f"--apikey-file: {e.strerror}") from e
+        if self["apikey"] is not None and not self["apikey"]:
+            raise usage.UsageError("the API key is empty")
+        self["sanitize-types"] = _types(self["sanitize-types"])
+
+    def config(self) -> EmulatorConfig:
+        """
+        The L{EmulatorConfig} these options describe.
+        """
+        return EmulatorConfig(
+            latency=self["latency"],
+            queue_size=self["queue-size"],
+            apikey=self["apikey"] or None,
+            sanitize_types=self["sanitize-types"],
+            fail_rate=self["fail-rate"],
+            stall_body=bool(self["stall-body"]),
+            not_found_status=200 if self["not-found-200"] else 404,
+            dlp_block=not self["dlp-allow"],
+            retention=self["retention"],
+        )
+
+
+class _EmulatorState(Service):
+    """
+    Owns the emulator so its timers and files go away at shutdown.
+    """
+
+    def __init__(self, emulator: CoreEmulator) -> None:
+        self.emulator = emulator
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        self.emulator.close()
+        return None
+
+
+def makeService(options: Options, reactor: Any = None) -> IService:
+    """
+    A listener on C{--interface}:C{--port} serving a fresh emulator.
+    """
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    blocking = None
+    if hasattr(reactor, "getThreadPool"):
+        blocking = partial(deferToThreadPool, reactor, reactor.getThreadPool())
+    emulator = CoreEmulator(
+        reactor,
+        options.config(),
+        workdir=options["workdir"],
+        seed=options["seed"],
+        blocking=blocking,
+    )
+    if options["fail-next"]:
+        emulator.fail_next(options["fail-next"])
+    site = build_site(emulator, access_log=not options["quiet"], reactor=reactor)
+    interface = options["interface"]
+    endpoint_type = TCP6ServerEndpoint if ":" in interface else TCP4ServerEndpoint
+    endpoint = endpoint_type(reactor, options["port"], interface=interface)
+    top = MultiService()
+    _EmulatorState(emulator).setServiceParent(top)
+    StreamServerEndpointService(endpoint, site).setServiceParent(top)
+    _log.info(
+        "MetaDefender Core emulator on {interface}:{port}",
+        interface=interface,
+        port=options["port"],
+        latency=options["latency"],
+        api_key_required=bool(options["apikey"]),
+    )
+    return top

@@ -1,0 +1,119 @@
+# -*- test-case-name: tests.test_verification -*-
+"""
+Recipient verification: asking a rule's relay whether it would take a
+recipient, with our own SMTP client (MAIL and RCPT, then QUIT; no message).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.threads import deferToThread
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from mdgateway.policy.profiles import RelayServer, SmtpProfile
+from mdgateway.receive.admission import (
+    ACCEPTED,
+    REFUSED,
+    UNREACHABLE,
+    IRecipientVerifier,
+)
+from mdgateway.relay.hosts import IMXResolver, NullMXError, expand
+from mdgateway.smtp.client import Envelope, SmtpSessionError
+from mdgateway.smtp.clientprotocol import ClientSettings, connect_server
+
+log = Logger()
+
+
+def read_password(path: str) -> str:
+    """
+    The first line of a password file.
+    """
+    with open(path, encoding="utf-8") as f:
+        return f.readline().rstrip("\r\n")
+
+
+@implementer(IRecipientVerifier)
+class SmtpRecipientVerifier:
+    """
+    Probes the servers of a relay profile in order until one answers the
+    RCPT: 2xx is L{ACCEPTED}, 5xx L{REFUSED}; a 4xx, or no server that can
+    be reached, is L{UNREACHABLE} (the product then accepts the mail).
+    """
+
+    def __init__(self, reactor: Any, helo: str, resolver: IMXResolver) -> None:
+        self.reactor = reactor
+        self.helo = helo
+        self.resolver = resolver
+
+    async def _settings(self, profile: SmtpProfile) -> ClientSettings:
+        password = None
+        if profile.auth_password_file:
+            password = await deferToThread(read_password, profile.auth_password_file)
+        return ClientSettings.from_profile(profile, self.helo, password)
+
+    def verify(self, profile: SmtpProfile, sender: str, recipient: str) -> Any:
+        from twisted.internet.defer import Deferred
+
+        return Deferred.fromCoroutine(self._verify(profile, sender, recipient))
+
+    async def _verify(self, profile: SmtpProfile, sender: str, recipient: str) -> str:
+        try:
+            settings = await self._settings(profile)
+        except OSError as e:
+            log.error(
+                "relay profile {profile}: cannot read password file: {error}",
+                profile=profile.name,
+                error=str(e),
+            )
+            return UNREACHABLE
+        for configured in profile.servers:
+            if configured.scheme == "maildir":
+                continue
+            try:
+                servers = await expand(configured, self.resolver)
+            except NullMXError:
+                return REFUSED
+            except LookupError as e:
+                log.info("verification: {error}", error=str(e))
+                continue
+            for server in servers:
+                result = await self._probe(server, settings, sender, recipient)
+                if result is not None:
+                    return result
+        return UNREACHABLE
+
+    async def _probe(
+        self, server: RelayServer, settings: ClientSettings, sender: str, recipient: str
+    ) -> str | None:
+        try:
+            client = await connect_server(self.reactor, server, settings)
+        except (SmtpSessionError, OSError) as e:
+            log.info(
+                "verification: {server} not usable: {error}",
+                server=str(server),
+                error=str(e),
+            )
+            return None
+        try:
+            result = await client.probe(Envelope(sender, [recipient]))
+            (outcome,) = result.recipients
+            try:
+                await client.quit()
+            except SmtpSessionError:
+                pass
+        except SmtpSessionError as e:
+            log.info(
+                "verification via {server} failed: {error}",
+                server=str(server),
+                error=str(e),
+            )
+            return None
+        finally:
+            client.abort()
+        if outcome.code // 100 == 2:
+            return ACCEPTED
+        if outcome.code // 100 == 5:
+            return REFUSED
+        return UNREACHABLE

@@ -1,0 +1,81 @@
+# -*- test-case-name: tests.test_workers -*-
+"""
+C{python -m mdgateway.run.worker}: one worker process of a gateway with
+C{[processes] workers} above 1. The primary starts it; operators never do.
+
+It runs the same L{GatewayService} as the primary, on its own spool root,
+serving the listening sockets it inherited. It logs JSON to standard
+output (the primary re-publishes each event), pushes its metrics on
+descriptor 3 every few seconds, reloads on C{SIGHUP}, and drains and exits
+on C{SIGTERM} or when its standard input closes (the primary stopping, or
+dying).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from mdgateway.run.supervisor import (
+    METRICS_FD,
+    Frames,
+    WorkerRole,
+    parse_listen_fds,
+    run_child,
+)
+from mdgateway.tomlreader import ConfigError
+
+#: Seconds between two metric snapshots sent to the primary.
+METRICS_EVERY = 2.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mdgateway.run.worker")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--index", type=int, required=True)
+    parser.add_argument("--listen", default="")
+    args = parser.parse_args(argv)
+
+    from twisted.internet import reactor as default_reactor
+
+    reactor: Any = default_reactor
+
+    from mdgateway.config import load_config
+    from mdgateway.run.tap import GatewayService
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        print("invalid configuration:\n  " + "\n  ".join(e.problems), file=sys.stderr)
+        return 2
+    role = WorkerRole(index=args.index, listen_fds=parse_listen_fds(args.listen))
+    service = GatewayService(config, reactor, role=role)
+    status = {"code": 0}
+
+    def failed(_: object) -> None:
+        status["code"] = 1
+
+    service.ready.addErrback(failed)
+    metrics_out = os.fdopen(METRICS_FD, "wb", buffering=0)
+
+    def push_metrics() -> None:
+        try:
+            frame = json.dumps(service.metrics.snapshot()).encode()
+            metrics_out.write(Frames.encode(frame))
+        except (OSError, ValueError):
+            return
+        reactor.callLater(METRICS_EVERY, push_metrics)
+
+    def started() -> None:
+        service.startService()
+        service.ready.addCallback(lambda _: push_metrics())
+
+    run_child(reactor, started, service.stopService, on_hangup=service.reload)
+    return status["code"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

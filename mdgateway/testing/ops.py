@@ -1,0 +1,105 @@
+# -*- test-case-name: tests.test_admin -*-
+"""
+A verified fake of L{IOperations}, for tests of the admin API, the CLI and
+programs that embed them.
+
+It works over a real store (so history, refusals and quarantine behave as
+they do in production, e.g. a SQLite store on C{":memory:"}) and keeps the
+queue in memory. Every call is recorded in C{calls}, so tests assert on
+what reached the gateway instead of patching it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail, succeed
+from zope.interface import implementer
+
+from mdgateway.ops.interfaces import IOperations, OperationError, QueueEntry, Readiness
+from mdgateway.ops.metrics import Metrics
+from mdgateway.store.interfaces import IStore, NotFoundError
+
+READY = Readiness(ready=True, checks={"listeners": True, "spool": True})
+
+
+@implementer(IOperations)
+class FakeOperations:
+    """
+    Operations over C{store} and an in-memory queue.
+
+    @ivar entries: the queue, as L{queue} reports it (oldest first).
+    @ivar calls: C{(method, *arguments)} per call, in order.
+    @ivar reload_result: what L{reload} answers.
+    @ivar ready: what L{readiness} answers.
+    @ivar new_queue_ids: the queue ids handed out by release, rescan and
+        forward, in order.
+    @ivar error: when set, C{retry_now}, C{release}, C{rescan} and
+        C{forward} fail with it (after recording the call), as the gateway
+        does for an item in the wrong state (409) and the like.
+    """
+
+    def __init__(self, store: IStore, metrics: Metrics | None = None) -> None:
+        self.store = store
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.entries: list[QueueEntry] = []
+        self.calls: list[tuple[Any, ...]] = []
+        self.reload_result: tuple[bool, list[str]] = (True, [])
+        self.ready = READY
+        self.new_queue_ids: list[str] = []
+        self.error: OperationError | None = None
+
+    def queue(self) -> Deferred[list[QueueEntry]]:
+        self.calls.append(("queue",))
+        return succeed(sorted(self.entries, key=lambda e: e.received_at))
+
+    def retry_now(self, queue_id: str) -> Deferred[None]:
+        self.calls.append(("retry_now", queue_id))
+        if self.error is not None:
+            return fail(self.error)
+        if not any(e.queue_id == queue_id for e in self.entries):
+            return fail(OperationError(404, f"no queued message {queue_id!r}"))
+        return succeed(None)
+
+    def release(self, item_id: str, by: str) -> Deferred[str]:
+        self.calls.append(("release", item_id, by))
+        return Deferred.fromCoroutine(self._release(item_id, by))
+
+    async def _release(self, item_id: str, by: str) -> str:
+        await self._known(item_id)
+        await self.store.mark_released(item_id, by)
+        return self._new_queue_id()
+
+    def rescan(self, item_id: str, by: str) -> Deferred[str]:
+        self.calls.append(("rescan", item_id, by))
+        return Deferred.fromCoroutine(self._queued(item_id))
+
+    def forward(self, item_id: str, addresses: list[str], by: str) -> Deferred[str]:
+        self.calls.append(("forward", item_id, list(addresses), by))
+        return Deferred.fromCoroutine(self._queued(item_id))
+
+    async def _queued(self, item_id: str) -> str:
+        await self._known(item_id)
+        return self._new_queue_id()
+
+    async def _known(self, item_id: str) -> None:
+        if self.error is not None:
+            raise self.error
+        try:
+            await self.store.get_quarantined(item_id)
+        except NotFoundError:
+            raise OperationError(404, f"no quarantine item {item_id!r}") from None
+
+    def _new_queue_id(self) -> str:
+        queue_id = f"FAKEQ{len(self.new_queue_ids) + 1:04d}"
+        self.new_queue_ids.append(queue_id)
+        return queue_id
+
+    def reload(self) -> tuple[bool, list[str]]:
+        self.calls.append(("reload",))
+        loaded, problems = self.reload_result
+        return loaded, list(problems)
+
+    def readiness(self) -> Readiness:
+        self.calls.append(("readiness",))
+        return self.ready
