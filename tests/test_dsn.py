@@ -38,7 +38,7 @@ from mdgateway.message.dsn import (
     select_reported,
     write_dsn,
 )
-from mdgateway.queue.spool import Envelope, Recipient
+from mdgateway.queue.envelope import Envelope, Recipient
 
 NOW = 1_700_000_200.0
 ARRIVED = 1_700_000_000.0

@@ -34,24 +34,22 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from mdgateway.queue.spool import (
-    ENVELOPE_VERSION,
-    QUEUE_ID_LENGTH,
-    Envelope,
-    EnvelopeFormatError,
-    IFileOps,
-    ISpoolWriter,
-    OSFileOps,
-    QueueIdGenerator,
-    Recipient,
-    Spool,
+from mdgateway.queue.entry import (
     SpoolEntry,
     SpoolError,
     SpoolFullError,
     SpoolInUseError,
-    SpoolWriter,
-    is_queue_id,
 )
+from mdgateway.queue.envelope import (
+    ENVELOPE_VERSION,
+    Envelope,
+    EnvelopeFormatError,
+    Recipient,
+)
+from mdgateway.queue.fileops import IFileOps, OSFileOps
+from mdgateway.queue.ids import QUEUE_ID_LENGTH, QueueIdGenerator, is_queue_id
+from mdgateway.queue.spool import Spool
+from mdgateway.queue.writer import ISpoolWriter, SpoolWriter
 
 # --------------------------------------------------------------------------
 # Fakes (verified below against the real interfaces)
@@ -2195,7 +2193,8 @@ _CHILD = textwrap.dedent(
     from twisted.internet import reactor
     from twisted.internet.defer import Deferred
     from twisted.python.threadpool import ThreadPool
-    from mdgateway.queue.spool import Envelope, Recipient, Spool
+    from mdgateway.queue.envelope import Envelope, Recipient
+    from mdgateway.queue.spool import Spool
 
     def body(n):
         return b"Subject: %d\\r\\n\\r\\n" % n + bytes([n % 251]) * (n * 7919 % 300000)

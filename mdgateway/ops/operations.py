@@ -26,8 +26,10 @@ from mdgateway.ops.interfaces import (
     QueueRecipient,
     Readiness,
 )
+from mdgateway.queue.entry import SpoolEntry
+from mdgateway.queue.envelope import Envelope, Recipient
 from mdgateway.queue.manager import GENERATED_RELEASE, Pipeline, copy_file_into
-from mdgateway.queue.spool import Envelope, Recipient, Spool, SpoolEntry
+from mdgateway.queue.spool import Spool
 from mdgateway.smtp.parse import ParseError, parse_mailbox
 from mdgateway.store.interfaces import IStore, NotFoundError, QuarantineItem
 
@@ -94,7 +96,7 @@ class GatewayOperations:
                 "(a worker process retries its own messages)",
             )
         log.info("retry now requested for {message_id}", message_id=queue_id)
-        return Deferred.fromCoroutine(_nothing())
+        return Deferred.fromCoroutine(nothing())
 
     # -- quarantine ------------------------------------------------------------
 
@@ -238,5 +240,5 @@ def _queue_entry(
     )
 
 
-async def _nothing() -> None:
+async def nothing() -> None:
     return None

@@ -27,6 +27,8 @@ from zope.interface import Interface, implementer
 from mdgateway.message.headers import format_field
 from mdgateway.message.marker import MARKER_HEADER, body_digest
 from mdgateway.policy.rules import Policy, Rule
+from mdgateway.queue.entry import SCRATCH, SpoolEntry
+from mdgateway.queue.envelope import Envelope, Recipient
 from mdgateway.queue.processing import (
     CopyJob,
     CopyOutcome,
@@ -34,7 +36,7 @@ from mdgateway.queue.processing import (
     Decision,
     Delivery,
 )
-from mdgateway.queue.spool import SCRATCH, Envelope, Recipient, Spool, SpoolEntry
+from mdgateway.queue.spool import Spool
 from mdgateway.relay.delivery import (
     Outgoing,
     RecipientOutcome,

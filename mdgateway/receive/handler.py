@@ -27,15 +27,10 @@ from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from mdgateway.message.marker import BodyHasher
-from mdgateway.queue.spool import (
-    Envelope,
-    Recipient,
-    Spool,
-    SpoolEntry,
-    SpoolError,
-    SpoolFullError,
-    SpoolWriter,
-)
+from mdgateway.queue.entry import SpoolEntry, SpoolError, SpoolFullError
+from mdgateway.queue.envelope import Envelope, Recipient
+from mdgateway.queue.spool import Spool
+from mdgateway.queue.writer import SpoolWriter
 from mdgateway.smtp import replies
 from mdgateway.smtp.interfaces import (
     ConnectionInfo,

@@ -56,6 +56,7 @@ from mdgateway.ops.admin import AdminAPI
 from mdgateway.ops.metrics import Metrics
 from mdgateway.ops.operations import GatewayOperations
 from mdgateway.policy.rules import Rule
+from mdgateway.queue.entry import SpoolEntry, SpoolInUseError
 from mdgateway.queue.manager import (
     BounceMaker,
     LogHistory,
@@ -66,7 +67,7 @@ from mdgateway.queue.manager import (
 )
 from mdgateway.queue.processing import CopyProcessor
 from mdgateway.queue.report import MetricsHistory, StoreHistory
-from mdgateway.queue.spool import Spool, SpoolEntry, SpoolInUseError
+from mdgateway.queue.spool import Spool
 from mdgateway.receive.admission import CachingVerifier, RulePolicy
 from mdgateway.receive.handler import Gateway, IRecipientPolicy
 from mdgateway.receive.verification import SmtpRecipientVerifier, read_password
