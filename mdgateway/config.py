@@ -21,7 +21,8 @@ from typing import Any
 import attrs
 from twisted.internet.endpoints import _parseServer
 
-from mdgateway.policy.rules import Policy, parse_policy
+from mdgateway.policy.parse import parse_policy
+from mdgateway.policy.rules import Policy
 from mdgateway.smtp.server import TLS_MODES
 from mdgateway.smtp.tls import TLS_VERSIONS
 from mdgateway.tomlreader import ConfigError, Problems, Section

@@ -22,6 +22,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
+from mdgateway.policy.parse import parse_policy
 from mdgateway.policy.patterns import AddressFilter
 from mdgateway.policy.profiles import CoreProfile, CoreServer, RelayServer, SmtpProfile
 from mdgateway.policy.rules import (
@@ -29,11 +30,12 @@ from mdgateway.policy.rules import (
     ErrorHandling,
     Policy,
     Rule,
-    ServerUriError,
     covers_every_client,
+)
+from mdgateway.policy.servers import (
+    ServerUriError,
     loops_back,
     parse_core_server,
-    parse_policy,
     parse_relay_server,
 )
 from mdgateway.tomlreader import Problems, Section
