@@ -13,7 +13,7 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.python.threadpool import ThreadPool
 
-from mdgateway.policy.profiles import RelayServer, SmtpProfile, SmtpTimeouts
+from mdgateway.policy.profiles import RelayServer, SmtpProfile
 from mdgateway.relay.delivery import (
     Outgoing,
     Relay,
@@ -21,6 +21,7 @@ from mdgateway.relay.delivery import (
     Status,
     queue_id_from,
 )
+from mdgateway.smtp.clientmodel import SmtpTimeouts
 from tests.downstream import RecordingHandler, _Controller
 from tests.test_relayhosts import TableResolver
 

@@ -28,12 +28,13 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from mdgateway.policy.profiles import RelayServer, SmtpProfile, SmtpTimeouts
-from mdgateway.smtp.client import (
+from mdgateway.policy.profiles import RelayServer, SmtpProfile
+from mdgateway.relay.connect import ClientSettings, server_endpoint
+from mdgateway.smtp.client import ClientSession
+from mdgateway.smtp.clientmodel import (
     Action,
     ArmTimer,
     CancelTimer,
-    ClientSession,
     Close,
     Credentials,
     Envelope,
@@ -49,6 +50,7 @@ from mdgateway.smtp.client import (
     SessionFailure,
     SessionReady,
     SmtpSessionError,
+    SmtpTimeouts,
     Stage,
     StartBody,
     StartTLS,
@@ -58,14 +60,12 @@ from mdgateway.smtp.client import (
 )
 from mdgateway.smtp.clientprotocol import (
     BodyReader,
-    ClientSettings,
     SmtpClientProtocol,
     UncheckedClientTLS,
     _BodyProducer,
     body_size,
     client_tls_creator,
     load_trust_root,
-    server_endpoint,
 )
 from mdgateway.smtp.replyparse import MAX_LINE, Reply, ReplyParser, ReplySyntaxError
 from tests.certs import make_test_pki

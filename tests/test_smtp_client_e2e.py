@@ -18,21 +18,18 @@ from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
 
-from mdgateway.policy.profiles import RelayServer, SmtpTimeouts
-from mdgateway.smtp.client import (
+from mdgateway.policy.profiles import RelayServer
+from mdgateway.relay.connect import ClientSettings, connect_server, deliver_once
+from mdgateway.smtp.clientmodel import (
     Credentials,
     Envelope,
     FailureKind,
     MessageBody,
     SessionFailure,
     SmtpSessionError,
+    SmtpTimeouts,
     Stage,
     TransactionResult,
-)
-from mdgateway.smtp.clientprotocol import (
-    ClientSettings,
-    connect_server,
-    deliver_once,
 )
 from tests.certs import TestPKI, make_test_pki
 from tests.downstream import RecordingHandler, _Controller

@@ -13,9 +13,10 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 
-from mdgateway.policy.profiles import RelayServer, SmtpProfile, SmtpTimeouts
+from mdgateway.policy.profiles import RelayServer, SmtpProfile
 from mdgateway.receive.admission import ACCEPTED, REFUSED, UNREACHABLE
 from mdgateway.receive.verification import SmtpRecipientVerifier
+from mdgateway.smtp.clientmodel import SmtpTimeouts
 from tests.downstream import RecordingHandler, _Controller
 from tests.gatewayproc import default_toml, free_port, running_gateway
 from tests.test_e2e_receive import Raw

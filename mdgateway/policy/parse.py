@@ -26,12 +26,7 @@ from mdgateway.policy.patterns import (
     PatternError,
     parse_pattern,
 )
-from mdgateway.policy.profiles import (
-    STRATEGIES,
-    CoreProfile,
-    SmtpProfile,
-    SmtpTimeouts,
-)
+from mdgateway.policy.profiles import STRATEGIES, CoreProfile, SmtpProfile
 from mdgateway.policy.rules import (
     BLOCKED_ACTIONS,
     DIRECTIONS,
@@ -57,6 +52,7 @@ from mdgateway.policy.servers import (
     parse_core_server,
     parse_relay_server,
 )
+from mdgateway.smtp.clientmodel import SmtpTimeouts
 from mdgateway.tomlreader import Section
 
 

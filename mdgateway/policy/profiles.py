@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import attrs
 
+from mdgateway.smtp.clientmodel import SmtpTimeouts
+
 #: How a profile spreads work: C{failover} prefers the first healthy server,
 #: C{round_robin} takes turns.
 STRATEGIES = ("failover", "round_robin")
@@ -50,22 +52,6 @@ class CoreProfile:
     failure_threshold: int = 3
     #: Seconds a server stays out before it is probed again.
     retry_after: float = 30.0
-
-
-@attrs.frozen
-class SmtpTimeouts:
-    """
-    Client-side SMTP timeouts, RFC 5321 section 4.5.3.2 defaults (seconds).
-    """
-
-    connect: float = 30.0
-    greeting: float = 300.0
-    ehlo: float = 300.0
-    mail: float = 300.0
-    rcpt: float = 300.0
-    data_init: float = 120.0
-    data_block: float = 180.0
-    data_term: float = 600.0
 
 
 @attrs.frozen

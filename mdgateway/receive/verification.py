@@ -19,9 +19,9 @@ from mdgateway.receive.admission import (
     UNREACHABLE,
     IRecipientVerifier,
 )
+from mdgateway.relay.connect import ClientSettings, connect_server
 from mdgateway.relay.hosts import IMXResolver, NullMXError, expand
-from mdgateway.smtp.client import Envelope, SmtpSessionError
-from mdgateway.smtp.clientprotocol import ClientSettings, connect_server
+from mdgateway.smtp.clientmodel import Envelope, SmtpSessionError
 
 log = Logger()
 

@@ -24,8 +24,9 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from mdgateway.policy.profiles import RelayServer, SmtpProfile
+from mdgateway.relay.connect import ClientSettings, connect_server
 from mdgateway.relay.hosts import IMXResolver, NullMXError, expand
-from mdgateway.smtp.client import (
+from mdgateway.smtp.clientmodel import (
     Envelope,
     MessageBody,
     Recipient,
@@ -33,7 +34,7 @@ from mdgateway.smtp.client import (
     Stage,
     TransactionResult,
 )
-from mdgateway.smtp.clientprotocol import ClientSettings, SmtpClient, connect_server
+from mdgateway.smtp.clientprotocol import SmtpClient
 
 log = Logger()
 

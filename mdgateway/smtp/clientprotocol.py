@@ -5,21 +5,20 @@ The Twisted side of the SMTP client.
 L{SmtpClientProtocol} is a thin shim that carries out what
 L{mdgateway.smtp.client.ClientSession} decides: it writes, starts TLS, runs
 the one session timer on an injected clock and streams the body from disk
-with back-pressure. L{connect}, L{connect_server} and L{deliver_once} are
-the coroutine API the relay uses; every failure (refused, reset, hang-up at
-any point, timeout, TLS) ends in a L{SmtpSessionError}, never in a Deferred
-that does not fire.
+with back-pressure. L{connect} and L{SmtpClient} are the coroutine API
+that L{mdgateway.relay.connect} builds on; every failure (refused, reset,
+hang-up at any point, timeout, TLS) ends in a L{SmtpSessionError}, never in
+a Deferred that does not fire.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-import attrs
 from OpenSSL import SSL
 from service_identity.exceptions import CertificateError, VerificationError
 from twisted.internet import ssl
@@ -28,7 +27,6 @@ from twisted.internet._sslverify import (  # not re-exported by twisted.internet
 )
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import (
     IDelayedCall,
     IHandshakeListener,
@@ -42,15 +40,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mdgateway.policy.profiles import RelayServer, SmtpProfile, SmtpTimeouts
-from mdgateway.smtp.client import (
+from mdgateway.smtp.client import ClientSession
+from mdgateway.smtp.clientmodel import (
     Action,
     ArmTimer,
     CancelTimer,
     Chunks,
-    ClientSession,
     Close,
-    Credentials,
     Envelope,
     FailureKind,
     FileRegion,
@@ -541,66 +537,6 @@ class _ClientFactory(Factory):
         return self._build()
 
 
-# The coroutine API -----------------------------------------------------------
-
-
-@attrs.frozen
-class ClientSettings:
-    """
-    How to talk to the servers of one relay profile.
-
-    @ivar helo: the EHLO/HELO name (C{sender_helo_domain}).
-    @ivar tls: the STARTTLS policy: C{none}, C{opportunistic}, C{required}
-        or C{verify}; for C{smtps://} only C{verify} matters (check or not).
-    @ivar ca_file: PEM file of CAs to trust for C{verify} (default: the
-        platform's roots).
-    @ivar tls_name: the name the certificate must carry (default: the
-        server's host).
-    @ivar bind_address: local address to connect from.
-    """
-
-    helo: str
-    tls: str = "opportunistic"
-    ca_file: str | None = None
-    tls_name: str | None = None
-    credentials: Credentials | None = None
-    timeouts: SmtpTimeouts = SmtpTimeouts()
-    bind_address: str | None = None
-    chunk_size: int = DEFAULT_CHUNK_SIZE
-
-    @classmethod
-    def from_profile(
-        cls, profile: SmtpProfile, helo: str, password: str | None = None
-    ) -> ClientSettings:
-        """
-        Settings from a relay profile; the caller reads the password file
-        (off the reactor thread) and passes the password.
-        """
-        credentials = None
-        if profile.auth_user is not None and password is not None:
-            credentials = Credentials(profile.auth_user, password)
-        return cls(
-            helo=helo,
-            tls=profile.tls,
-            ca_file=profile.ca_file,
-            tls_name=profile.tls_name,
-            credentials=credentials,
-            timeouts=profile.timeouts,
-        )
-
-    def session_config(self, implicit_tls: bool) -> SessionConfig:
-        """
-        The sans-IO session's configuration.
-        """
-        return SessionConfig(
-            helo=self.helo,
-            tls=self.tls,
-            implicit_tls=implicit_tls,
-            credentials=self.credentials,
-            timeouts=self.timeouts,
-        )
-
-
 class SmtpClient:
     """
     A connected SMTP session, set up (greeted, TLS and AUTH as configured)
@@ -691,94 +627,3 @@ async def connect(
     assert isinstance(protocol, SmtpClientProtocol)
     await protocol.ready
     return SmtpClient(protocol)
-
-
-def server_endpoint(
-    reactor: IReactorTime,
-    server: RelayServer,
-    settings: ClientSettings,
-    tls_creator: IOpenSSLClientConnectionCreator | None = None,
-) -> IStreamClientEndpoint:
-    """
-    The endpoint for an C{smtp://} or C{smtps://} server (C{mx://} hosts
-    are resolved by the caller and passed as C{smtp}).
-    """
-    if server.scheme not in ("smtp", "smtps"):
-        raise ValueError(f"cannot connect to {server}: resolve it first")
-    bind = (settings.bind_address, 0) if settings.bind_address else None
-    endpoint: IStreamClientEndpoint = HostnameEndpoint(
-        reactor,
-        server.host,
-        server.port,
-        timeout=settings.timeouts.connect,
-        bindAddress=bind,
-    )
-    if server.scheme == "smtps":
-        if tls_creator is None:
-            tls_creator = client_tls_creator(
-                settings.tls, settings.tls_name or server.host, settings.ca_file
-            )
-        endpoint = wrapClientTLS(tls_creator, endpoint, clock=reactor)
-    return endpoint
-
-
-async def connect_server(
-    reactor: IReactorTime, server: RelayServer, settings: ClientSettings
-) -> SmtpClient:
-    """
-    Connect to one relay server and set the session up.
-
-    @param reactor: provides C{IReactorTCP} and C{IReactorTime}.
-    @raise SmtpSessionError: see L{connect}.
-    @raise OSError: the CA file cannot be read.
-    """
-    implicit = server.scheme == "smtps"
-    creator = None
-    if implicit or settings.tls != "none":
-        creator = client_tls_creator(
-            settings.tls, settings.tls_name or server.host, settings.ca_file
-        )
-    endpoint = server_endpoint(reactor, server, settings, creator)
-    return await connect(
-        reactor,
-        endpoint,
-        settings.session_config(implicit),
-        None if implicit else creator,
-        settings.chunk_size,
-    )
-
-
-async def deliver_once(
-    reactor: IReactorTime,
-    server: RelayServer,
-    settings: ClientSettings,
-    transactions: Sequence[tuple[Envelope, MessageBody]],
-) -> list[TransactionResult | SessionFailure]:
-    """
-    One connection, several transactions, then QUIT.
-
-    @return: one entry per transaction, in order: its result, or the
-        session failure that stopped it (then repeated for every later
-        transaction, which was not attempted).
-    @raise OSError: a body file cannot be examined.
-    """
-    try:
-        client = await connect_server(reactor, server, settings)
-    except SmtpSessionError as e:
-        return [e.failure] * len(transactions)
-    outcomes: list[TransactionResult | SessionFailure] = []
-    try:
-        for envelope, body in transactions:
-            try:
-                outcomes.append(await client.send(envelope, body))
-            except SmtpSessionError as e:
-                outcomes += [e.failure] * (len(transactions) - len(outcomes))
-                return outcomes
-        try:
-            await client.quit()
-        except SmtpSessionError:
-            pass
-    finally:
-        # Harmless after a QUIT; drops the connection after anything else.
-        client.abort()
-    return outcomes
