@@ -503,16 +503,26 @@ class RemoveTests(SynchronousTestCase):
             stamp + data.replace(b"Subject: Fwd", b"Subject: [SANITIZED] Fwd", 1),
         )
 
-    def test_body_without_blank_line(self) -> None:
+    def test_line_that_is_not_a_field(self) -> None:
         """
-        A header block ended by a line that is not a field ends the editing;
-        the rest is copied.
+        A line in the header block that is not a field is kept, and fields
+        after it are still removed (some readers take them for header
+        fields); editing ends at the blank line, after which everything is
+        copied, fields look-alikes included.
         """
         output = io.BytesIO()
-        remove_headers(
-            io.BytesIO(b"X-Bad: 1\r\nnot a field\r\nX-Bad: 2\r\n"), output, ["X-Bad"]
+        removed = remove_headers(
+            io.BytesIO(
+                b"X-Bad: 1\r\nnot a field\r\nX-Bad: 2\r\n\tfolded\r\n"
+                b"Subject: s\r\n\r\nX-Bad: 3\r\n"
+            ),
+            output,
+            ["X-Bad"],
         )
-        self.assertEqual(output.getvalue(), b"not a field\r\nX-Bad: 2\r\n")
+        self.assertEqual(
+            output.getvalue(), b"not a field\r\nSubject: s\r\n\r\nX-Bad: 3\r\n"
+        )
+        self.assertEqual(removed, 2)
 
 
 class SummaryTests(SynchronousTestCase):

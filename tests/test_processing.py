@@ -1455,3 +1455,31 @@ async def test_core_url_names_the_server_that_scanned(harness: Harness) -> None:
     prefix = run.delivery.prefix
     assert b"X-Metadefender-Core-Url: http://core-b.test:8008\r\n" in prefix
     assert b"core.test:8008" not in prefix
+
+
+@pytest.mark.timeout(60)
+@pytest_twisted.ensureDeferred
+async def test_forged_headers_after_large_header_block(harness: Harness) -> None:
+    """
+    Forged product fields after hundreds of KiB of other fields (beyond any
+    read limit of the old check), between them, and in the X-MD-*
+    namespace at large, are all removed: the recipient sees only ours.
+    """
+    original = (CORPUS / "plain.eml").read_bytes()
+    filler = b"".join(b"X-Filler-%06d: %s\r\n" % (i, b"f" * 60) for i in range(6000))
+    assert len(filler) > 400 * 1024
+    forged = (
+        filler[: len(filler) // 2]
+        + b"X-MD-Anything: forged-mid\r\n"
+        + filler[len(filler) // 2 :]
+        + FORGED
+        + b"x-md-email-security-id:forged-late\r\n"
+    )
+    message = insert_after_received(original, forged)
+    run = await harness.process(FakeScanner(), make_rule(), message)
+    data = run.data()
+    assert b"forged" not in data
+    assert b"evil" not in data
+    assert values(data, "X-MD-Email-Security-Id") == [SECURITY_ID]
+    assert values(data, "X-Metadefender-Core-Result") == ["Allowed"]
+    assert data.count(b"X-Filler-") == 6000

@@ -218,6 +218,11 @@ class _Rewriter:
             self._action = "keep"
         self.more(piece)
 
+    def other(self, piece: bytes) -> None:
+        self.flush()
+        self._action = "keep"
+        self.more(piece)
+
     def more(self, piece: bytes) -> None:
         if self._action == "keep":
             self._output.write(piece)
@@ -262,6 +267,10 @@ def rewrite_headers(
     Copy a message from C{source} (from its current position) to C{output},
     editing only the top-level header block, in one streamed pass.
 
+    The header block runs to the first blank line, however large it is; a
+    line in it that is not a field is kept as it is, and fields after it
+    are still edited (some readers end the block there, others do not).
+
     @param prepend: bytes written first (such as L{format_fields} output).
     @param remove: field names to drop, case-insensitively; a name ending
         in C{*} is a prefix (C{X-Metadefender-*}).
@@ -284,15 +293,48 @@ def rewrite_headers(
             rewriter.more(piece)
         else:
             match = _FIELD_START.match(piece)
-            if match is None:
+            if piece == b"\r\n":
                 rewriter.end(False)
                 output.write(piece)
                 for chunk in reader.chunks():
                     output.write(chunk)
                 break
-            rewriter.field(piece, match.group(1).lower())
+            if match is None:
+                # Not a field: readers differ on whether the header block
+                # ends here, so it is kept and the search for fields to
+                # remove goes on to the blank line.
+                rewriter.other(piece)
+            else:
+                rewriter.field(piece, match.group(1).lower())
         mid_line = not piece.endswith(b"\r\n")
     return HeaderRewrite(removed=rewriter.removed, subject_tagged=rewriter.tagged)
+
+
+def has_fields(source: BinaryIO, names: Iterable[str]) -> bool:
+    """
+    Whether the top-level header block (read from the file's current
+    position to its blank line, however large) has a field named in
+    C{names} (see L{rewrite_headers} for the names and prefixes).
+
+    The whole block is read, in bounded pieces: a forged field after
+    hundreds of KiB of other fields is found as surely as the first one.
+
+    @raise HeaderNameError: for an invalid name in C{names}.
+    """
+    matcher = _Matcher(names)
+    reader = LineReader(source)
+    mid_line = False
+    while True:
+        piece = reader.readline(_PIECE)
+        if not piece:
+            return False
+        if not mid_line and piece[:1] not in (b" ", b"\t"):
+            if piece == b"\r\n":
+                return False
+            match = _FIELD_START.match(piece)
+            if match is not None and matcher(match.group(1).lower()):
+                return True
+        mid_line = not piece.endswith(b"\r\n")
 
 
 def tag_subject(source: BinaryIO, output: BinaryIO, tag: str) -> bool:

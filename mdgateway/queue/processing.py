@@ -16,7 +16,6 @@ import enum
 import hashlib
 import mimetypes
 import os
-import re
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -30,7 +29,7 @@ from mdgateway.message.decompose import Decomposition, ScannablePart, decompose
 from mdgateway.message.errors import RebuildError
 from mdgateway.message.headers import (
     format_fields,
-    read_header_block,
+    has_fields,
     rewrite_headers,
 )
 from mdgateway.message.marker import MARKER_HEADER, body_digest
@@ -41,9 +40,10 @@ from mdgateway.scan.verdict import Outcome, Verdict
 
 log = Logger()
 
-#: Header names the gateway writes; any copy arriving from outside is
-#: removed before ours are stamped, so none can be forged.
-OWN_HEADERS = ("X-Metadefender-*", "X-MD-Email-Security-Id")
+#: Header names the gateway writes; every field so named arriving from
+#: outside is removed, wherever it stands in the header block, before ours
+#: are stamped, so none can be forged.
+OWN_HEADERS = ("X-Metadefender-*", "X-MD-*")
 
 #: How the rule's error handling names each Core condition.
 _CONDITION_KEYS = {
@@ -57,7 +57,6 @@ MODIFICATION_FAILURE = "modification_failure"
 #: Which error action wins when parts failed with different conditions: a
 #: bypass for one part must never deliver a part the rule retries or fails.
 _SEVERITY = {"bypass": 0, "retry": 1, "fail": 2}
-_OWN_MARKER = re.compile(rb"\nx-md-email-security-id[ \t]*:")
 
 
 class Decision(enum.Enum):
@@ -622,14 +621,13 @@ class CopyProcessor:
         return Delivery(path, kind="notification")
 
 
-def _has_own_headers(path: str, limit: int = 256 * 1024) -> bool:
+def _has_own_headers(path: str) -> bool:
     """
-    Whether the top-level header block carries any header we stamp.
+    Whether the top-level header block, read to its end however large,
+    carries any field named like one we stamp.
     """
     with open(path, "rb") as f:
-        block, _ = read_header_block(f, limit)
-    block = b"\n" + block.lower()
-    return b"\nx-metadefender-" in block or _OWN_MARKER.search(block) is not None
+        return has_fields(f, OWN_HEADERS)
 
 
 def _write_delivery(
