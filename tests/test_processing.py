@@ -1483,3 +1483,65 @@ async def test_forged_headers_after_large_header_block(harness: Harness) -> None
     assert values(data, "X-MD-Email-Security-Id") == [SECURITY_ID]
     assert values(data, "X-Metadefender-Core-Result") == ["Allowed"]
     assert data.count(b"X-Filler-") == 6000
+
+
+@pytest.mark.timeout(60)
+@pytest_twisted.ensureDeferred
+async def test_empty_parts_not_submitted(harness: Harness) -> None:
+    """
+    Zero-byte parts (an empty text body, an empty attachment, one whose
+    base64 decodes to nothing) are never sent to Core, count as clean, and
+    are listed as "empty" among the parts; the non-empty part is scanned and
+    the message delivered unchanged under the default error handling (which
+    would fail a part Core did not scan).
+    """
+    message = multipart(
+        "=_empty_1",
+        [
+            entity(["Content-Type: text/plain; charset=us-ascii"], b""),
+            attachment("empty.bin", "application/octet-stream", b""),
+            entity(
+                [
+                    "Content-Type: application/pdf",
+                    'Content-Disposition: attachment; filename="blank.pdf"',
+                    "Content-Transfer-Encoding: base64",
+                ],
+                b"\r\n",
+            ),
+            attachment("report.pdf", "application/pdf", PDF),
+        ],
+        [*RECEIVED, "Subject: empties"],
+    )
+    scanner = FakeScanner()
+    run = await harness.process(scanner, make_rule(), message)
+    assert scanner.scanned_names == ["report.pdf"]
+    assert run.outcome.decision is Decision.DELIVER
+    assert run.outcome.result == "Allowed"
+    by_id = {p.part_id: p for p in run.outcome.parts}
+    assert [by_id[i].result for i in ("1.1", "1.2", "1.3")] == ["Empty"] * 3
+    assert [by_id[i].action for i in ("1.1", "1.2", "1.3")] == ["empty"] * 3
+    assert all(by_id[i].size == 0 for i in ("1.1", "1.2", "1.3"))
+    assert by_id["1.4"].result == "Allowed"
+    assert_unchanged(run, run.delivery, "Allowed")
+
+
+@pytest.mark.timeout(60)
+@pytest_twisted.ensureDeferred
+async def test_empty_part_of_blocked_message(harness: Harness) -> None:
+    """
+    Beside a blocked part, an empty part stays "empty" in the history
+    rather than being called blocked.
+    """
+    message = multipart(
+        "=_empty_2",
+        [
+            entity(["Content-Type: text/plain"], b""),
+            attachment("invoice.com", "application/octet-stream", EICAR),
+        ],
+        [*RECEIVED, "Subject: empty and infected"],
+    )
+    run = await harness.process(FakeScanner(), make_rule(), message)
+    assert run.outcome.decision is Decision.BLOCK
+    by_id = {p.part_id: p for p in run.outcome.parts}
+    assert (by_id["1.1"].result, by_id["1.1"].action) == ("Empty", "empty")
+    assert by_id["1.2"].action == "blocked"

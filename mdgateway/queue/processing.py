@@ -54,6 +54,8 @@ _CONDITION_KEYS = {
     Condition.NOT_SCANNED: "not_scanned",
 }
 MODIFICATION_FAILURE = "modification_failure"
+#: The result of a zero-byte part in the history's part list.
+EMPTY = "Empty"
 #: Which error action wins when parts failed with different conditions: a
 #: bypass for one part must never deliver a part the rule retries or fails.
 _SEVERITY = {"bypass": 0, "retry": 1, "fail": 2}
@@ -180,6 +182,9 @@ class _Scanned:
     part: ScannablePart
     verdict: Verdict | None
     error: CoreError | None
+    #: A zero-byte part: never sent to Core (which refuses empty files),
+    #: clean since nothing in it can do harm.
+    empty: bool = False
 
 
 class CopyProcessor:
@@ -299,6 +304,8 @@ class CopyProcessor:
         self, scanner: Any, parts: Sequence[ScannablePart], profile: str
     ) -> list[_Scanned]:
         async def one(part: ScannablePart) -> _Scanned:
+            if part.size == 0:
+                return _Scanned(part, None, None, empty=True)
             started = self.reactor.seconds()
             try:
                 verdict = await scanner.scan(str(part.path), part.filename)
@@ -359,6 +366,8 @@ class CopyProcessor:
             size=part.size,
             result="Error" if verdict is None else verdict.result,
         )
+        if scanned.empty:
+            return attrs.evolve(base, result=EMPTY, action="empty")
         if verdict is None:
             return attrs.evolve(base, error=str(scanned.error), action="error")
         return attrs.evolve(
@@ -421,7 +430,9 @@ class CopyProcessor:
             action = "block"
         if action == "block":
             reports = [
-                attrs.evolve(r, action="blocked") if r.result != "Error" else r
+                attrs.evolve(r, action="blocked")
+                if r.result not in ("Error", EMPTY)
+                else r
                 for r in reports
             ]
             deliveries: list[Delivery] = []
