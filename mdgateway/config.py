@@ -136,6 +136,9 @@ class DeliveryConfig:
     delay_warning: float | None = None
     loop_secret_file: str = ""
     marker_max_age: float = 7 * 86400.0
+    #: How old a marker may be to let a message this cluster processed be
+    #: relayed once more without a second scan (older: scanned again).
+    relay_once_max_age: float = 3600.0
 
 
 @attrs.frozen
@@ -512,6 +515,12 @@ def _delivery(section: Section, base: Path, spool: str) -> DeliveryConfig:
         if secret
         else str(Path(spool) / "loop.secret"),
         marker_max_age=section.duration("marker_max_age", 7 * 86400.0, minimum=60.0),
+        relay_once_max_age=section.duration("relay_once_max_age", 3600.0, minimum=0.0),
+    )
+    section.check(
+        "relay_once_max_age",
+        config.relay_once_max_age <= config.marker_max_age,
+        "must be at most marker_max_age",
     )
     section.check(
         "retry_max",

@@ -103,6 +103,17 @@ def send(
     return text.decode().rsplit(" ", 1)[1]
 
 
+def unfold(value: str) -> str:
+    return value.replace("\r\n", "")
+
+
+def body_of(data: bytes) -> bytes:
+    """
+    What follows the top-level header block.
+    """
+    return data.split(b"\r\n\r\n", 1)[1]
+
+
 def headers_of(received: Received) -> email.message.Message:
     return email.message_from_bytes(received.content, policy=email.policy.compat32)
 
@@ -340,7 +351,19 @@ def test_loop_marker(tmp_path: Path, smtpd: Callable[..., _Controller]) -> None:
         second = handler.messages[1]
         assert second.content.count(b"X-MD-Email-Security-Id:") == 2
         assert second.content.count(b"X-Metadefender-Core-Result:") == 1
-        assert second.content.endswith(first.content)
+        # The content is relayed unchanged; our fields are stamped anew,
+        # the marker it came with kept, the result the marker vouches for.
+        assert body_of(second.content) == body_of(first.content)
+        again = headers_of(second)
+        assert unfold(headers_of(first)["X-MD-Email-Security-Id"]) in [
+            unfold(v) for v in again.get_all("X-MD-Email-Security-Id")
+        ]
+        assert again["X-Metadefender-Core-Result"] == "Allowed"
+        assert "v=Skipped/AlreadyProcessed" in again["X-MD-Email-Security-Id"]
+        assert not any(
+            e.get("log_format", "").startswith("{message_id}: processed by this")
+            for e in gw.log_events()
+        )
         with smtplib.SMTP("127.0.0.1", port) as client:
             client.ehlo()
             client.mail("alice@example.com")
@@ -582,3 +605,108 @@ def test_queue_limit_back_pressure(
 
         wait_for(accepted)
         assert [e for e in gw.log_events() if "queue full" in str(e.get("log_format"))]
+
+
+def test_marker_replayed_onto_new_structure(
+    tmp_path: Path, smtpd: Callable[..., _Controller]
+) -> None:
+    """
+    A delivered copy whose text body is the base64 of a malicious file,
+    sent back with its top-level Content-Type, Content-Transfer-Encoding
+    and Content-Disposition turned into an attachment (the marker kept), is
+    not relayed as already processed: the marker counts for nothing on the
+    new structure, the message is scanned, the file found and blocked. A
+    clean message sent after it arrives (the positive control).
+    """
+    import base64
+
+    handler = RecordingHandler()
+    downstream = smtpd(handler)
+    port = free_port()
+    toml, _ = pipeline_toml(port, tmp_path, downstream.port)
+    innocent = (
+        b"From: alice@example.com\r\nTo: bob@example.org\r\nSubject: text\r\n"
+        b"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=us-ascii\r\n"
+        b"Content-Transfer-Encoding: 7bit\r\n\r\n"
+        + base64.encodebytes(EICAR).replace(b"\n", b"\r\n")
+    )
+    with running_gateway(tmp_path, toml=toml, port=port) as (gw, _):
+        send(port, innocent)
+        (first,) = wait_for(lambda: handler.messages)
+        assert headers_of(first)["X-Metadefender-Core-Result"] == "Allowed"
+        replayed = first.content.replace(
+            b"Content-Type: text/plain; charset=us-ascii\r\n"
+            b"Content-Transfer-Encoding: 7bit\r\n",
+            b'Content-Type: application/octet-stream; name="eicar.com"\r\n'
+            b"Content-Transfer-Encoding: base64\r\n"
+            b'Content-Disposition: attachment; filename="eicar.com"\r\n',
+        )
+        assert replayed != first.content
+        assert b"X-MD-Email-Security-Id:" in replayed
+        send(port, replayed)
+        send(port, message("control"))
+        wait_for(
+            lambda: any(headers_of(m)["Subject"] == "control" for m in handler.messages)
+        )
+        wait_for(lambda: not list((tmp_path / "spool" / "queue").glob("*.eml")))
+        events = gw.log_events()
+    assert len(handler.messages) == 2
+    assert not any(EICAR in m.content for m in handler.messages)
+    assert any(str(e.get("result")) == "Blocked/Infected" for e in events)
+    assert any(
+        "forged loop marker" in str(e.get("log_format")) or e.get("reason") == "forged"
+        for e in events
+    )
+
+
+def test_marker_replayed_into_stricter_rule(
+    tmp_path: Path, smtpd: Callable[..., _Controller]
+) -> None:
+    """
+    A copy that went through a rule delivering blocked content (marked
+    Blocked/Infected, the test file inside), replayed unchanged to a
+    recipient of a rule that blocks, is scanned again under that rule and
+    blocked, not relayed as already processed. A clean message after it
+    arrives.
+    """
+    handler = RecordingHandler()
+    downstream = smtpd(handler)
+    port = free_port()
+    toml, _ = pipeline_toml(port, tmp_path, downstream.port)
+    lax = """[[rules]]
+name = "lax"
+client_networks = ["127.0.0.0/8"]
+recipients = ["lax@example.org"]
+core_profile = "emulator"
+relay_profile = "downstream"
+blocked_action = "deliver"
+"""
+    toml = toml.replace("[[rules]]\n", lax + "[[rules]]\n", 1)
+    with running_gateway(tmp_path, toml=toml, port=port) as (gw, _):
+        send(
+            port,
+            message("infected", (EICAR, "eicar.com")),
+            recipients=("lax@example.org",),
+        )
+        (first,) = wait_for(lambda: handler.messages)
+        assert headers_of(first)["X-Metadefender-Core-Result"] == "Blocked/Infected"
+        assert b"eicar.com" in first.content
+        send(port, first.content, recipients=("bob@example.org",))
+        send(port, message("control"), recipients=("bob@example.org",))
+        wait_for(lambda: len(handler.messages) == 2)
+        wait_for(lambda: not list((tmp_path / "spool" / "queue").glob("*.eml")))
+        events = gw.log_events()
+    control = handler.messages[1]
+    assert headers_of(control)["Subject"] == "control"
+    assert control.rcpt_tos == ["bob@example.org"]
+    assert any(
+        "not under a rule at least as strict" in str(e.get("log_format"))
+        and e.get("rule") == "inbound"
+        for e in events
+    )
+    blocked = [
+        e
+        for e in events
+        if e.get("rule") == "inbound" and str(e.get("result")) == "Blocked/Infected"
+    ]
+    assert blocked

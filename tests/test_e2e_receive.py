@@ -6,7 +6,6 @@ implicit TLS, a pipelining client, PROXY v1/v2 clients and hostile input.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import smtplib
 import socket
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from mdgateway.message.digest import content_digest
 from tests.gatewayproc import (
     ETC,
     REPO,
@@ -110,7 +110,8 @@ def test_plain_smtplib_queues_exact_bytes(gateway) -> None:
     id only once spooled; the spool holds a Received header naming the
     client, HELO, protocol and queue id, followed by the content exactly as
     sent (dot-unstuffed), and an envelope with sender, recipients and the
-    SHA-256 of the body computed while it streamed in.
+    content digest (the marker's binding) computed while it streamed in,
+    equal to the digest of the spooled file.
     """
     gw, port, spool = gateway
     with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test") as client:
@@ -131,8 +132,8 @@ def test_plain_smtplib_queues_exact_bytes(gateway) -> None:
     assert envelope["recipients"][0]["parameters"] == {"NOTIFY": "FAILURE"}
     assert envelope["mail_parameters"]["BODY"] == "8BITMIME"
     assert envelope["client_helo"] == "client.test"
-    body = message.split(b"\r\n\r\n", 1)[1]
-    assert envelope["extra"]["body_sha256"] == hashlib.sha256(body).hexdigest()
+    path = spool / "queue" / f"{queue_id}.eml"
+    assert envelope["extra"]["content_digest"] == content_digest(str(path)).hex()
 
 
 def test_starttls_smtplib(gateway) -> None:

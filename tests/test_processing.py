@@ -29,7 +29,8 @@ from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import SynchronousTestCase
 
 from mdgateway.message.decompose import WHOLE_MESSAGE_NAME, ScannablePart, decompose
-from mdgateway.message.marker import BodyHasher
+from mdgateway.message.digest import ContentHasher
+from mdgateway.message.marker import Stamp
 from mdgateway.message.structure import Structure, parse_structure
 from mdgateway.policy.profiles import CoreProfile, CoreServer, RelayServer, SmtpProfile
 from mdgateway.policy.rules import ERROR_ACTIONS, ErrorHandling, Rule
@@ -405,7 +406,7 @@ class Harness:
         scanner: IScanner,
         rule: Rule,
         message: str | bytes,
-        marker: Callable[[bytes], str] | None = None,
+        marker: Callable[[bytes, Stamp], str] | None = None,
     ) -> Run:
         """
         Process C{message} (a corpus name or bytes) and check that the
@@ -722,7 +723,8 @@ async def test_unchanged_keeps_every_byte(harness: Harness, data: bytes) -> None
     assert run.outcome.decision is Decision.DELIVER
     assert run.outcome.result == "Allowed"
     assert_unchanged(run, run.delivery, "Allowed")
-    assert scanner.scans
+    # Every part with content is scanned; only empty ones are not.
+    assert len(scanner.scans) == sum(1 for p in run.outcome.parts if p.size)
 
 
 # -- 2. blocked content -----------------------------------------------------------
@@ -1397,8 +1399,12 @@ async def test_modification_bypass_keeps_strip(harness: Harness) -> None:
 # -- 8. the loop marker -------------------------------------------------------------
 
 
-def marker_for(digest: bytes) -> str:
-    return f"{SECURITY_ID}; body={digest.hex()[:24]}"
+def marker_for(digest: bytes, stamp: Stamp) -> str:
+    return (
+        f"{SECURITY_ID}; body={digest.hex()[:24]}; r={stamp.rule}; "
+        f"p={stamp.profile}; a={stamp.actions}; v={stamp.result}; "
+        f"s={int(stamp.sanitized)}"
+    )
 
 
 @pytest.mark.timeout(60)
@@ -1419,21 +1425,39 @@ async def test_marker_binds_delivered_body(
     """
     With a marker maker, every delivery (message, original copy,
     notification) carries exactly one C{X-MD-Email-Security-Id}, made for
-    the digest of the body it actually delivers; on relayed messages it is
-    the first field.
+    the content digest of what it actually delivers, the rule, its Core
+    profile and actions, and the result (an original copy's and a
+    notification's result is never one of a scanned copy, so they are
+    scanned should they come back); on relayed messages it is the first
+    field.
     """
     data: str | bytes = {
         "strip": eicar_message(),
         "block": eicar_message(),
         "forged": insert_after_received(eicar_message(), FORGED),
     }.get(message, message)
-    run = await harness.process(FakeScanner(), make_rule(**changes), data, marker_for)
+    rule = make_rule(**changes)
+    run = await harness.process(FakeScanner(), rule, data, marker_for)
     assert run.outcome.deliveries
     for delivery in run.outcome.deliveries:
         output = delivered(delivery)
-        hasher = BodyHasher()
+        hasher = ContentHasher()
         hasher.feed(output)
-        expected = marker_for(hasher.digest())
+        digest = hasher.digest()
+        assert digest is not None
+        result = {
+            "message": run.outcome.result,
+            "original copy": f"OriginalCopy/{run.outcome.result}",
+            "notification": "Notification",
+        }[delivery.kind]
+        stamp = Stamp(
+            rule.name,
+            f"{CORE.name}/{CORE_RULE}",
+            rule.blocked_action + ".cdr",
+            result,
+            run.outcome.sanitized if delivery.kind == "message" else False,
+        )
+        expected = marker_for(digest, stamp)
         assert values(output, "X-MD-Email-Security-Id") == [expected], delivery.kind
         if delivery.kind != "notification":
             assert fields(header_block(output))[0] == (

@@ -20,6 +20,10 @@ _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 #: The folder under a spool root where processing keeps its scratch files
 #: (see L{mdgateway.queue.manager}); nothing in it outlives its process.
 SCRATCH = "work"
+#: The folder under a spool root where the pipeline keeps what it made of
+#: each entry's copies until the entry is done (see
+#: L{mdgateway.queue.scanned}).
+PROCESSED = "processed"
 #: Seconds between attempts to take a spool root's lock while waiting.
 LOCK_RETRY = 0.25
 #: Times the lock is taken again when its file was replaced meanwhile.

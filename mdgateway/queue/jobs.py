@@ -20,6 +20,7 @@ from mdgateway.queue.entry import (
     ENVELOPE_SUFFIX,
     LOCK_ATTEMPTS,
     MESSAGE_SUFFIX,
+    PROCESSED,
     SCRATCH,
     TEMP_SUFFIX,
     RecoveryReport,
@@ -511,9 +512,11 @@ def job_remove_root(ops: IFileOps, paths: SpoolPaths) -> list[str]:
     remains: list[str] = []
     for name in sorted(ops.listdir(paths.root)):
         path = os.path.join(paths.root, name)
-        if name == SCRATCH:
-            # The processing scratch of the process that owned the root:
-            # copies of parts, never the only copy of anything.
+        if name in (SCRATCH, PROCESSED):
+            # The processing scratch of the process that owned the root
+            # (copies of parts), and the copies it kept for its entries
+            # (gone with them; an adopted entry is processed anew): never
+            # the only copy of anything.
             shutil.rmtree(path, ignore_errors=True)
             continue
         if path in paths.layout:

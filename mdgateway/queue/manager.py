@@ -24,8 +24,13 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import Interface, implementer
 
-from mdgateway.message.headers import format_field
-from mdgateway.message.marker import MARKER_HEADER, body_digest
+from mdgateway.message.digest import content_digest
+from mdgateway.message.marker import (
+    DEFAULT_RELAY_ONCE_MAX_AGE,
+    MarkerCheck,
+    MarkerCount,
+    Stamp,
+)
 from mdgateway.policy.rules import Policy, Rule
 from mdgateway.queue.entry import SCRATCH, SpoolEntry
 from mdgateway.queue.envelope import Envelope, Recipient
@@ -35,6 +40,13 @@ from mdgateway.queue.processing import (
     CopyProcessor,
     Decision,
     Delivery,
+    rule_stamp,
+)
+from mdgateway.queue.scanned import (
+    keep_outcome,
+    load_outcome,
+    remove_orphans,
+    remove_processed,
 )
 from mdgateway.queue.spool import Spool
 from mdgateway.relay.delivery import (
@@ -232,12 +244,19 @@ class TeeHistory:
 @attrs.frozen
 class LoopGuard:
     """
-    The processed-marker seam: make our marker value for a copy id, a time
-    and a body digest; count the valid markers of a spooled file.
+    The processed-marker seam: make our marker value for a copy id, a time,
+    a content digest and a stamp; check the markers of a spooled file
+    against its content digest (blocking; L{None} when the file has no
+    digest, so no marker can be valid).
+
+    @ivar relay_once_max_age: how old a marker may be to let a message be
+        relayed once more without a second scan (asked each time, so a
+        configuration reload applies).
     """
 
-    make: Callable[[str, float, bytes], str]
-    count_valid: Callable[[str, float, bytes | None], int]
+    make: Callable[[str, float, bytes, Stamp], str]
+    check: Callable[[str, float, bytes | None], MarkerCount]
+    relay_once_max_age: Callable[[], float] = lambda: DEFAULT_RELAY_ONCE_MAX_AGE
 
 
 @attrs.frozen
@@ -294,9 +313,18 @@ class Pipeline:
     async def clear_scratch(self) -> None:
         """
         Remove the scratch files a previous run of this spool left behind
-        (a crash mid-processing); call before L{start}.
+        (a crash mid-processing), and the kept copies of entries that no
+        longer exist (a crash between an entry's removal and theirs); call
+        before L{start}.
         """
         await self._thread(_remove_dir, os.path.join(self.spool.root, SCRATCH))
+        live = [entry.queue_id for entry in await self.spool.list_entries()]
+        removed = await self._thread(remove_orphans, self.spool.root, live)
+        if removed:
+            log.info(
+                "removed the kept copies of {count} finished message(s)",
+                count=len(removed),
+            )
 
     def start(self, entries: Iterable[SpoolEntry]) -> None:
         """
@@ -394,14 +422,7 @@ class Pipeline:
         state["attempts"] = int(state.get("attempts", 0)) + 1
         generated = envelope.extra.get("generated") in UNSCANNED
         markers = (
-            0
-            if generated
-            else await self._thread(
-                self.loop_guard.count_valid,
-                str(entry.message_path),
-                now,
-                _received_digest(envelope),
-            )
+            None if generated else await self._thread(self._check_markers, entry, now)
         )
         for rule, recipients in self._copies(entry, state):
             if rule is None:
@@ -411,9 +432,7 @@ class Pipeline:
                         text="the security rule of this recipient no longer exists",
                     )
                 continue
-            await self._copy(
-                entry, state, rule, recipients, skip=generated or markers >= 1
-            )
+            await self._copy(entry, state, rule, recipients, generated, markers)
             await self.spool.write_state(entry, state)
         await self._conclude(entry, state)
 
@@ -431,53 +450,71 @@ class Pipeline:
             for name, recipients in groups.items()
         ]
 
+    def _check_markers(self, entry: SpoolEntry, now: float) -> MarkerCount:
+        """
+        The markers of a spooled message, checked against its content
+        digest (blocking).
+        """
+        path = str(entry.message_path)
+        digest = _received_digest(entry.envelope)
+        if digest is None:
+            digest = content_digest(path)
+        count = self.loop_guard.check(path, now, digest)
+        for check in count.invalid:
+            log.info(
+                "{message_id}: ignoring a {reason} loop marker for {marker_id}",
+                message_id=entry.queue_id,
+                reason=check.reason,
+                marker_id=check.message_id,
+            )
+        return count
+
     async def _copy(
         self,
         entry: SpoolEntry,
         state: dict[str, Any],
         rule: Rule,
         recipients: list[Recipient],
-        skip: bool,
+        generated: bool,
+        markers: MarkerCount | None,
     ) -> None:
         names = list(dict.fromkeys(r.rule or "" for r in entry.envelope.recipients))
         security_id = copy_id(entry.queue_id, names.index(rule.name) + 1)
-        now = self.reactor.seconds()
         workdir = os.path.join(self.spool.root, SCRATCH, security_id)
         await self.history.received(entry, rule, security_id)
+        copies = state.setdefault("copies", {})
+        record = copies.get(security_id)
+        outcome = None
+        if isinstance(record, dict) and isinstance(record.get("outcome"), dict):
+            outcome = await self._thread(
+                load_outcome,
+                record["outcome"],
+                self.spool.root,
+                entry.queue_id,
+                str(entry.message_path),
+            )
+            if outcome is None:
+                log.warn(
+                    "{message_id}: the kept outcome of this copy cannot be used; "
+                    "processing it again",
+                    message_id=security_id,
+                )
+                record = None
         await self._thread(_fresh_dir, workdir)
         try:
-            if skip:
-                # Relayed once more, unscanned and unchanged but for a new
-                # marker: if it comes back yet again it carries two valid
-                # markers and the SMTP edge refuses it as a loop.
-                body = _received_digest(entry.envelope) or await self._thread(
-                    body_digest, str(entry.message_path)
+            if outcome is None:
+                outcome = await self._process(
+                    entry, rule, recipients, security_id, workdir, generated, markers
                 )
-                prefix = format_field(
-                    MARKER_HEADER, self.loop_guard.make(security_id, now, body)
-                )
-                outcome = CopyOutcome(
-                    Decision.DELIVER,
-                    "Skipped/AlreadyProcessed",
-                    (Delivery(str(entry.message_path), prefix),),
-                    actions=("already processed by this gateway: relayed unscanned",),
-                )
-            else:
-                job = CopyJob(
-                    str(entry.message_path),
-                    workdir,
-                    rule,
-                    security_id,
-                    entry.envelope.sender,
-                    tuple(r.address for r in recipients),
-                    partial(self.loop_guard.make, security_id, now),
-                )
-                outcome = await self.processor.process(job)
-            await self.history.copy_processed(entry, rule, security_id, outcome)
-            if outcome.quarantine is not None:
-                await self.history.quarantine(
-                    entry, rule, security_id, outcome.quarantine
-                )
+                outcome, record = await self._keep(entry, state, security_id, outcome)
+            if not (record or {}).get("recorded"):
+                await self.history.copy_processed(entry, rule, security_id, outcome)
+                if outcome.quarantine is not None:
+                    await self.history.quarantine(
+                        entry, rule, security_id, outcome.quarantine
+                    )
+                if record is not None:
+                    record["recorded"] = True
             await self._act(entry, state, rule, security_id, recipients, outcome)
             status, text = _copy_status(
                 outcome, [state["recipients"][r.address] for r in recipients]
@@ -485,6 +522,79 @@ class Pipeline:
             await self.history.status(entry, security_id, status, text)
         finally:
             await self._thread(_remove_dir, workdir)
+
+    async def _process(
+        self,
+        entry: SpoolEntry,
+        rule: Rule,
+        recipients: list[Recipient],
+        security_id: str,
+        workdir: str,
+        generated: bool,
+        markers: MarkerCount | None,
+    ) -> CopyOutcome:
+        """
+        Scan and act on a copy, or relay it once more unscanned when it is
+        ours (generated here, or carrying a marker that allows it).
+        """
+        now = self.reactor.seconds()
+        job = CopyJob(
+            str(entry.message_path),
+            workdir,
+            rule,
+            security_id,
+            entry.envelope.sender,
+            tuple(r.address for r in recipients),
+            partial(self.loop_guard.make, security_id, now),
+        )
+        if generated:
+            return await self.processor.generated(job)
+        relay: MarkerCheck | None = None
+        if markers is not None:
+            relay = markers.relay_once(
+                rule_stamp(rule, ""), now, self.loop_guard.relay_once_max_age()
+            )
+            if markers.processed and relay is None:
+                log.info(
+                    "{message_id}: processed by this gateway before, but not "
+                    "under a rule at least as strict as {rule} (or too long "
+                    "ago): scanning it again",
+                    message_id=security_id,
+                    rule=rule.name,
+                )
+        if relay is not None:
+            return await self.processor.relay_once(job, relay)
+        return await self.processor.process(job)
+
+    async def _keep(
+        self,
+        entry: SpoolEntry,
+        state: dict[str, Any],
+        security_id: str,
+        outcome: CopyOutcome,
+    ) -> tuple[CopyOutcome, dict[str, Any] | None]:
+        """
+        Keep a final outcome (one that delivers or blocks) with the entry,
+        durably, before the first delivery attempt: retries then deliver
+        without scanning again.
+
+        @return: the outcome delivering the kept files, and its record in
+            the delivery state (L{None} for an outcome not kept).
+        """
+        if outcome.decision not in (Decision.DELIVER, Decision.BLOCK):
+            return outcome, None
+        kept, data = await self._thread(
+            keep_outcome,
+            outcome,
+            self.spool.root,
+            entry.queue_id,
+            security_id,
+            str(entry.message_path),
+        )
+        record: dict[str, Any] = {"outcome": data, "recorded": False}
+        state["copies"][security_id] = record
+        await self.spool.write_state(entry, state)
+        return kept, record
 
     async def _act(
         self,
@@ -613,6 +723,7 @@ class Pipeline:
         if any(r.get("status") == FAILED for r in records.values()):
             await self._bounce(entry, state, delayed=False)
         await self.spool.remove(entry)
+        await self._thread(remove_processed, self.spool.root, entry.queue_id)
         self._entries.pop(entry.queue_id, None)
         self.completed += 1
 
@@ -677,10 +788,11 @@ class Pipeline:
 
 def _received_digest(envelope: Envelope) -> bytes | None:
     """
-    The body digest the SMTP edge computed while the message streamed in
-    (L{mdgateway.receive.handler.BODY_DIGEST}), so the file is not read again.
+    The content digest the SMTP edge computed while the message streamed
+    in (L{mdgateway.receive.handler.CONTENT_DIGEST}), so the file is not
+    read again.
     """
-    text = envelope.extra.get("body_sha256")
+    text = envelope.extra.get("content_digest")
     try:
         return bytes.fromhex(text) if isinstance(text, str) else None
     except ValueError:

@@ -13,7 +13,6 @@ files runs in a worker thread, so a 25 MB message never stalls the reactor.
 from __future__ import annotations
 
 import enum
-import hashlib
 import mimetypes
 import os
 from collections.abc import Callable, Sequence
@@ -26,13 +25,14 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from mdgateway.message.decompose import Decomposition, ScannablePart, decompose
+from mdgateway.message.digest import ContentHasher, content_digest
 from mdgateway.message.errors import RebuildError
 from mdgateway.message.headers import (
     format_fields,
     has_fields,
     rewrite_headers,
 )
-from mdgateway.message.marker import MARKER_HEADER, body_digest
+from mdgateway.message.marker import MARKER_HEADER, MarkerCheck, Stamp, actions_code
 from mdgateway.message.rebuild import NewFile, Notice, rebuild_file
 from mdgateway.policy.rules import Rule
 from mdgateway.scan.errors import Condition, CoreError
@@ -54,6 +54,9 @@ _CONDITION_KEYS = {
     Condition.NOT_SCANNED: "not_scanned",
 }
 MODIFICATION_FAILURE = "modification_failure"
+#: The result of a copy relayed without a scan (made here, or processed
+#: here before).
+SKIPPED = "Skipped/AlreadyProcessed"
 #: The result of a zero-byte part in the history's part list.
 EMPTY = "Empty"
 #: Which error action wins when parts failed with different conditions: a
@@ -134,6 +137,22 @@ class CopyOutcome:
     detail: str = ""
 
 
+def rule_stamp(rule: Rule, result: str, sanitized: bool = False) -> Stamp:
+    """
+    What a marker on a copy processed under C{rule} vouches for.
+    """
+    profile = rule.core_profile
+    return Stamp(
+        rule=rule.name,
+        profile=f"{profile.name}/{profile.rule}",
+        actions=actions_code(
+            rule.blocked_action, rule.apply_sanitized, rule.modify_smime
+        ),
+        result=result,
+        sanitized=sanitized,
+    )
+
+
 class IScanner(Protocol):
     """
     What processing needs of a Core profile runtime (L{CoreRuntime}).
@@ -154,9 +173,9 @@ class CopyJob:
         the caller removes it when the copy is done.
     @ivar security_id: the copy's id in logs, notifications and history;
         without C{marker} also the value of C{X-MD-Email-Security-Id}.
-    @ivar marker: makes the loop-marker value for a body digest (see
-        L{mdgateway.message.marker.BodyHasher}), so the marker is bound to the exact
-        content delivered.
+    @ivar marker: makes the loop-marker value for a content digest (see
+        L{mdgateway.message.digest}) and a L{Stamp}, so the marker is bound
+        to the exact content delivered, the rule and the result.
     """
 
     message_path: str
@@ -165,15 +184,26 @@ class CopyJob:
     security_id: str
     sender: str
     recipients: tuple[str, ...]
-    marker: Callable[[bytes], str] | None = None
+    marker: Callable[[bytes, Stamp], str] | None = None
     #: The Core server that gave the verdicts (it may be a failover server).
     core_url: str | None = None
 
-    def marker_field(self, body: bytes) -> tuple[str, str]:
+    def marker_field(
+        self, digest: bytes | None, result: str, sanitized: bool = False
+    ) -> tuple[str, str]:
         """
-        The C{X-MD-Email-Security-Id} field for a message with this body.
+        The C{X-MD-Email-Security-Id} field for a message with this
+        content digest, delivered with this result.
+
+        Without a digest (a header block too large to bind) the marker is
+        made over no content and can never be valid.
         """
-        value = self.marker(body) if self.marker is not None else self.security_id
+        stamp = rule_stamp(self.rule, result, sanitized)
+        value = (
+            self.marker(digest or b"", stamp)
+            if self.marker is not None
+            else self.security_id
+        )
         return (MARKER_HEADER, value)
 
 
@@ -296,6 +326,46 @@ class CopyProcessor:
             actions=tuple(actions),
             quarantine=quarantine,
             condition=bypassed,
+        )
+
+    async def generated(self, job: CopyJob) -> CopyOutcome:
+        """
+        A message the gateway made itself (a bounce, a released original):
+        relayed unscanned and unchanged but for a marker, which never lets
+        it pass unscanned should it come back.
+        """
+        digest = await self._thread(content_digest, job.message_path)
+        prefix = format_fields([job.marker_field(digest, "Generated")])
+        return CopyOutcome(
+            Decision.DELIVER,
+            SKIPPED,
+            (Delivery(job.message_path, prefix),),
+            actions=("made by this gateway: relayed unscanned",),
+        )
+
+    async def relay_once(self, job: CopyJob, check: MarkerCheck) -> CopyOutcome:
+        """
+        Relay a message this cluster processed before, under a rule at
+        least as strict as the job's (see
+        L{mdgateway.message.marker.MarkerCount.relay_once}), without a
+        second scan: its content unchanged, every product field
+        it arrived with removed, and ours stamped anew: the marker it came
+        with (so that a further return is a loop), a new one, and the
+        result and sanitized flag that marker vouches for.
+        """
+        stamp = check.stamp
+        assert stamp is not None
+        fields = self.stamp(job, stamp.result, stamp.sanitized)
+        delivery = await self._thread(_write_relayed, job, check, fields)
+        return CopyOutcome(
+            Decision.DELIVER,
+            SKIPPED,
+            (delivery,),
+            sanitized=stamp.sanitized,
+            actions=(
+                f"already processed by this gateway as {check.message_id} "
+                f"({stamp.result}, rule {stamp.rule}): relayed unscanned",
+            ),
         )
 
     # -- scanning ----------------------------------------------------------
@@ -547,6 +617,8 @@ class CopyProcessor:
                 {},
                 self.stamp(job, result, False),
                 None,
+                result,
+                False,
             )
             return CopyOutcome(
                 Decision.DELIVER,
@@ -610,7 +682,14 @@ class CopyProcessor:
         elif sanitized and rule.subject_tag_sanitized:
             tag = rule.subject_tag_sanitized
         return await self._thread(
-            _write_delivery, job, decomposition, replacements, fields, tag
+            _write_delivery,
+            job,
+            decomposition,
+            replacements,
+            fields,
+            tag,
+            result,
+            sanitized,
         )
 
     async def _original_copy(self, job: CopyJob, result: str) -> Delivery:
@@ -623,7 +702,11 @@ class CopyProcessor:
                 ("X-Metadefender-To-Quarantine", "True"),
             ],
         )
-        delivery = await self._thread(_write_delivery, job, None, {}, fields, None)
+        # Never to be relayed unscanned should it come back: its stamp's
+        # result is not one of a scanned copy.
+        delivery = await self._thread(
+            _write_delivery, job, None, {}, fields, None, f"OriginalCopy/{result}"
+        )
         return attrs.evolve(delivery, kind="original copy")
 
     async def _notification(self, job: CopyJob, reason: str) -> Delivery:
@@ -647,6 +730,8 @@ def _write_delivery(
     replacements: dict[str, NewFile | Notice],
     fields: list[tuple[str, str]],
     subject_tag: str | None,
+    result: str,
+    sanitized: bool = False,
 ) -> Delivery:
     """
     Produce the message to relay, copying as little as possible: an
@@ -658,7 +743,8 @@ def _write_delivery(
         rebuilt = os.path.join(job.workdir, "rebuilt.eml")
         rebuild_file(source, decomposition.structure, replacements, rebuilt)
         source = rebuilt
-    prefix = format_fields([job.marker_field(body_digest(source)), *fields])
+    marker = job.marker_field(content_digest(source), result, sanitized)
+    prefix = format_fields([marker, *fields])
     if subject_tag is None and not _has_own_headers(source):
         return Delivery(source, prefix, 0)
     final = os.path.join(job.workdir, f"final-{len(os.listdir(job.workdir))}.eml")
@@ -667,6 +753,23 @@ def _write_delivery(
             src, out, prepend=prefix, remove=OWN_HEADERS, subject_tag=subject_tag
         )
     return Delivery(final, b"", 0)
+
+
+def _write_relayed(
+    job: CopyJob, check: MarkerCheck, fields: list[tuple[str, str]]
+) -> Delivery:
+    """
+    The relayed-once message: our fields, then the spooled file without
+    any product field it arrived with.
+    """
+    assert check.stamp is not None
+    digest = content_digest(job.message_path)
+    marker = job.marker_field(digest, SKIPPED, check.stamp.sanitized)
+    prefix = format_fields([marker, (MARKER_HEADER, check.value), *fields])
+    final = os.path.join(job.workdir, "relayed.eml")
+    with open(job.message_path, "rb") as src, open(final, "wb") as out:
+        rewrite_headers(src, out, prepend=prefix, remove=OWN_HEADERS)
+    return Delivery(final)
 
 
 def _write_notification(path: str, job: CopyJob, reason: str, hostname: str) -> None:
@@ -689,6 +792,9 @@ def _write_notification(path: str, job: CopyJob, reason: str, hostname: str) -> 
         f"Reference: {job.security_id}\r\n\r\n"
         "Ask your administrator if you need the message released.\r\n"
     ).encode()
-    fields.append(job.marker_field(hashlib.sha256(body).digest()))
+    data = format_fields(fields) + b"\r\n" + body
+    hasher = ContentHasher()
+    hasher.feed(data)
+    marker = format_fields([job.marker_field(hasher.digest(), "Notification")])
     with open(path, "wb") as f:
-        f.write(format_fields(fields) + b"\r\n" + body)
+        f.write(marker + data)

@@ -26,7 +26,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
-from mdgateway.message.marker import BodyHasher
+from mdgateway.message.digest import ContentHasher
 from mdgateway.queue.entry import SpoolEntry, SpoolError, SpoolFullError
 from mdgateway.queue.envelope import Envelope, Recipient
 from mdgateway.queue.spool import Spool
@@ -46,11 +46,10 @@ log = Logger()
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 SENDER_OK = Reply.of(250, "2.1.0", "Ok")
-#: C{Envelope.extra} key of the body's SHA-256 (hex), computed as the
-#: message streams in so the pipeline need not read the file again.
-BODY_DIGEST = "body_sha256"
-#: How much of each message's start is kept to look for loop markers.
-HEAD_BYTES = 64 * 1024
+#: C{Envelope.extra} key of the message's content digest (hex, see
+#: L{mdgateway.message.digest}), computed as the message streams in so the
+#: pipeline need not read the file again.
+CONTENT_DIGEST = "content_digest"
 RECIPIENT_OK = Reply.of(250, "2.1.5", "Ok")
 RELAY_DENIED = Reply.of(550, "5.7.1", "Relaying denied")
 
@@ -144,16 +143,16 @@ class Gateway:
         policy: IRecipientPolicy,
         clock: IReactorTime,
         checker: ICredentialsChecker | None = None,
-        looped: Callable[[bytes, bytes], bool] | None = None,
+        looped: Callable[[bytes, bytes | None], bool] | None = None,
         on_queued: Callable[[SpoolEntry], object] | None = None,
         on_refused: Callable[..., object] | None = None,
         max_queue: int = 0,
     ) -> None:
         """
-        @param looped: given the start of a message (its header block) and
-            the digest of its body, whether it has already been through this
-            gateway twice (two valid processed markers): such a message is
-            refused.
+        @param looped: given the top-level header block of a message and
+            its content digest (L{None} when the block is too large to
+            bind), whether it has already been through this gateway twice
+            (two valid processed markers): such a message is refused.
         @param on_queued: called with each committed spool entry.
         @param on_refused: called as C{(info, sender, recipient, reply)} for
             every refusal, for the refused-mail log.
@@ -328,13 +327,10 @@ class SpoolSink:
         self.mail = mail
         self.recipients = recipients
         self.writer = writer
-        self.head = b""
-        self.body = BodyHasher()
+        self.content = ContentHasher()
 
     def write(self, data: bytes) -> bool:
-        if len(self.head) < HEAD_BYTES:
-            self.head += data[: HEAD_BYTES - len(self.head)]
-        self.body.feed(data)
+        self.content.feed(data)
         return self.writer.write(data)
 
     def on_drained(self, callback: Any) -> None:
@@ -371,12 +367,16 @@ class SpoolSink:
             protocol=info.protocol_name,
             listener=info.listener,
             config_version=info.config_version,
-            extra={BODY_DIGEST: self.body.digest().hex()},
+            extra=self._extra(),
         )
+
+    def _extra(self) -> dict[str, Any]:
+        digest = self.content.digest()
+        return {} if digest is None else {CONTENT_DIGEST: digest.hex()}
 
     async def _commit(self) -> Reply:
         looped = self.gateway.looped
-        if looped is not None and looped(self.head, self.body.digest()):
+        if looped is not None and looped(self.content.header(), self.content.digest()):
             await self.writer.abort()
             log.warn(
                 "message from {client} refused: it has been through this gateway "

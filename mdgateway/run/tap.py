@@ -47,9 +47,10 @@ from mdgateway.message.dsn import (
     write_dsn,
 )
 from mdgateway.message.marker import (
+    MarkerCount,
+    Stamp,
     load_or_create_secret,
     make_marker,
-    read_markers,
     scan_markers,
 )
 from mdgateway.ops.admin import AdminAPI
@@ -331,7 +332,11 @@ class GatewayService(MultiService):
             relay=self.relay,
             reactor=reactor,
             threadpool=self.work_threadpool,
-            loop_guard=LoopGuard(self._marker, self._count_markers),
+            loop_guard=LoopGuard(
+                self._marker,
+                self._check_markers,
+                lambda: self.config.delivery.relay_once_max_age,
+            ),
             bounces=BounceMaker(self._write_bounce),
             retry=_retry_policy(config),
             concurrency=config.delivery.concurrency,
@@ -471,31 +476,23 @@ class GatewayService(MultiService):
         runtime = self.runtimes.get(rule.core_profile.name)
         return runtime is None or runtime.available()
 
-    def _marker(self, message_id: str, now: float, body: bytes) -> str:
-        return make_marker(self.secret, message_id, now, body)[1]
+    def _marker(self, message_id: str, now: float, digest: bytes, stamp: Stamp) -> str:
+        return make_marker(self.secret, message_id, now, digest, stamp)[1]
 
-    def _count_markers(self, path: str, now: float, body: bytes | None) -> int:
+    def _check_markers(
+        self, path: str, now: float, digest: bytes | None
+    ) -> MarkerCount:
         max_age = self.config.delivery.marker_max_age
-        if body is None:
-            count = read_markers(path, self.secret, now, max_age=max_age)
-        else:
-            with open(path, "rb") as f:
-                count = scan_markers(f, self.secret, now, max_age=max_age, body=body)
-        for check in count.invalid:
-            log.info(
-                "ignoring a {reason} loop marker for {marker_id}",
-                reason=check.reason,
-                marker_id=check.message_id,
-            )
-        return count.valid
+        with open(path, "rb") as f:
+            return scan_markers(f, self.secret, now, max_age=max_age, digest=digest)
 
-    def _looped(self, head: bytes, body: bytes) -> bool:
+    def _looped(self, head: bytes, digest: bytes | None) -> bool:
         count = scan_markers(
             io.BytesIO(head),
             self.secret,
             self.reactor.seconds(),
             max_age=self.config.delivery.marker_max_age,
-            body=body,
+            digest=digest,
         )
         return count.looped
 
