@@ -22,6 +22,7 @@ from mdgateway.message.decompose import (
     WHOLE_MESSAGE_NAME,
     Decomposition,
     PartKind,
+    PartOrigin,
     _Base64,
     _Base64Error,
     _QuotedPrintable,
@@ -294,6 +295,21 @@ def decompose_bytes(
     return decompose(message, directory / "parts", **kwargs)
 
 
+def python_leaves(data: bytes) -> list[bytes]:
+    """
+    The distinct non-empty leaf payloads of Python's email under both
+    policies.
+    """
+    found: list[bytes] = []
+    for policy in (email.policy.compat32, email.policy.default):
+        for part in email.message_from_bytes(data, policy=policy).walk():
+            if not part.is_multipart():
+                payload = part.get_payload(decode=True)
+                if payload and payload not in found:
+                    found.append(payload)
+    return found
+
+
 class CorpusDecomposeTests(SynchronousTestCase):
     """
     Each corpus message decomposes part by part as expected.
@@ -311,6 +327,7 @@ class CorpusDecomposeTests(SynchronousTestCase):
             data = source.read_bytes()
             result = decompose(source, directory)
             self.assertFalse(result.unreliable, (name, result.detail))
+            entities = [p for p in result.parts if p.origin is PartOrigin.ENTITY]
             got = [
                 (
                     part.part_id,
@@ -323,14 +340,20 @@ class CorpusDecomposeTests(SynchronousTestCase):
                     part.signed,
                     part.path.read_bytes(),
                 )
-                for part in result.parts
+                for part in entities
             ]
             self.assertEqual(got, expected, name)
             self.assertEqual(
                 sorted(path.name for path in directory.iterdir()),
-                sorted(f"part-{part.part_id}" for part in result.parts),
+                sorted(part.path.name for part in result.parts),
             )
             for part in result.parts:
+                if part.origin is PartOrigin.TEXT:
+                    # A non-blank preamble or epilogue, as it is.
+                    text = data[part.body_start : part.end]
+                    self.assertEqual(part.path.read_bytes(), text)
+                    self.assertTrue(text.strip())
+                    continue
                 entity = result.structure.find(part.part_id)
                 assert entity is not None
                 self.assertEqual(
@@ -356,7 +379,9 @@ class CorpusDecomposeTests(SynchronousTestCase):
             ]
             result = decompose(CORPUS / name, temporary_directory(self))
             ours = [
-                (part.content_type, part.path.read_bytes()) for part in result.parts
+                (part.content_type, part.path.read_bytes())
+                for part in result.parts
+                if part.origin is PartOrigin.ENTITY
             ]
             self.assertEqual(ours, theirs, name)
 
@@ -374,7 +399,10 @@ class CorpusDecomposeTests(SynchronousTestCase):
     def test_broken_corpus(self) -> None:
         """
         Each broken corpus message is offered whole as C{message.eml} with
-        the defect named, and no part files are left behind.
+        the defect named, followed by each payload Python's email extracts
+        under either policy (once each, in the C{readings} folder); no part
+        files of our own are left behind. A reading that gives too many
+        parts is reported as a reading error instead.
         """
         for name, defect in BROKEN.items():
             directory = temporary_directory(self)
@@ -383,7 +411,8 @@ class CorpusDecomposeTests(SynchronousTestCase):
             self.assertTrue(result.unreliable, name)
             self.assertEqual(result.defect, defect, name)
             self.assertTrue(result.detail)
-            [part] = result.parts
+            part, *others = result.parts
+            self.assertEqual(part.origin, PartOrigin.WHOLE)
             self.assertEqual(part.filename, WHOLE_MESSAGE_NAME)
             self.assertEqual(part.content_type, "message/rfc822")
             self.assertEqual(part.kind, PartKind.ATTACHMENT)
@@ -391,9 +420,20 @@ class CorpusDecomposeTests(SynchronousTestCase):
             self.assertEqual(part.path.read_bytes(), source.read_bytes())
             self.assertEqual((part.headers_start, part.end), (0, source.stat().st_size))
             self.assertEqual(
-                [path.name for path in directory.iterdir()], [WHOLE_MESSAGE_NAME]
+                sorted(path.name for path in directory.iterdir()),
+                sorted([WHOLE_MESSAGE_NAME, "readings"]),
             )
             self.assertIsNone(result.structure.root)
+            if name == "broken-many-parts.eml":
+                self.assertIn("more than 1000 parts", result.reading_error or "")
+                self.assertEqual(others, [])
+                continue
+            self.assertIsNone(result.reading_error)
+            self.assertTrue(all(p.origin is PartOrigin.READING for p in others))
+            self.assertEqual(
+                sorted(p.path.read_bytes() for p in others),
+                sorted(python_leaves(source.read_bytes())),
+            )
 
     def test_whole_message_is_independent(self) -> None:
         """
@@ -404,7 +444,8 @@ class CorpusDecomposeTests(SynchronousTestCase):
         source = directory / "spooled.eml"
         source.write_bytes((CORPUS / "broken-charset.eml").read_bytes())
         decompose(source, directory / "parts")
-        [part] = decompose(source, directory / "parts").parts
+        part = decompose(source, directory / "parts").parts[0]
+        self.assertEqual(part.filename, WHOLE_MESSAGE_NAME)
         part.path.unlink()
         self.assertEqual(
             source.read_bytes(), (CORPUS / "broken-charset.eml").read_bytes()
@@ -596,7 +637,8 @@ class BoundsTests(SynchronousTestCase):
     ) -> None:
         """
         Mutated corpus messages decompose without raising: either into
-        parts whose files exist, or whole as C{message.eml}.
+        parts whose files exist, or whole as C{message.eml} followed by the
+        payloads of other readings.
         """
         data = bytearray(path.read_bytes())
         for position, length, replacement in mutations:
@@ -609,7 +651,10 @@ class BoundsTests(SynchronousTestCase):
             for part in result.parts:
                 self.assertEqual(part.path.stat().st_size, part.size)
             if result.unreliable:
-                self.assertEqual(len(result.parts), 1)
+                self.assertEqual(result.parts[0].origin, PartOrigin.WHOLE)
+                self.assertTrue(
+                    all(p.origin is PartOrigin.READING for p in result.parts[1:])
+                )
 
     @settings(max_examples=150, deadline=None)
     @given(st.binary(max_size=3000))

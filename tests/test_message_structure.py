@@ -333,19 +333,38 @@ class StructureShapeTests(SynchronousTestCase):
         self.assertEqual(part.content_type, "message/rfc822")
         self.assertEqual(data[inner.body_start : inner.end], b"inner body")
 
-    def test_encoded_message_is_a_leaf(self) -> None:
+    def test_encoded_message_is_unreliable(self) -> None:
         """
         A message/rfc822 part with a base64 transfer encoding (forbidden but
-        seen) is a leaf to be decoded whole, not parsed in place.
+        seen) is read one way by clients that decode it and another by
+        parsers that take the encoded text for a message (Python's email):
+        the structure is unreliable.
         """
         data = crlf(
             'Content-Type: multipart/mixed; boundary="b"\n\n--b\n'
             "Content-Type: message/rfc822\nContent-Transfer-Encoding: base64\n\n"
             "U3ViamVjdDogeAoKeQo=\n--b--\n"
         )
-        part = parse(data).find("1.1")
-        assert part is not None
-        self.assertTrue(part.is_leaf)
+        self.assertEqual(parse(data).defect, Defect.BAD_TRANSFER_ENCODING)
+
+    def test_every_message_type_is_parsed(self) -> None:
+        """
+        Every message/* type but delivery-status holds a message parsed in
+        turn (readers parse message/partial, message/news ... as messages);
+        message/delivery-status stays one leaf.
+        """
+        for kind in ("message/partial", "message/news", "MESSAGE/external-body"):
+            data = crlf(
+                f"Content-Type: {kind}\n\nContent-Type: application/pdf\n"
+                "Content-Transfer-Encoding: base64\n\nJVBERi0xLjQK\n"
+            )
+            inner = parse(data).find("1.1")
+            assert inner is not None, kind
+            self.assertEqual(inner.content_type, "application/pdf")
+        data = crlf("Content-Type: message/delivery-status\n\nStatus: 5.0.0\n")
+        root = parse(data).root
+        assert root is not None
+        self.assertTrue(root.is_leaf)
 
     def test_utf8_headers_accepted(self) -> None:
         """
@@ -415,6 +434,37 @@ class DefectTests(SynchronousTestCase):
         self.assertEqual(structure.defect, defect, structure.detail)
         self.assertIsNone(structure.root)
         self.assertTrue(structure.unreliable)
+
+    def test_space_before_colon(self) -> None:
+        """
+        A field with space before its colon (obsolete syntax) ends the
+        header block for some readers and not for others: unreliable,
+        whichever field it is.
+        """
+        for field in ("Content-Type : application/pdf", "X-Other\t: 1"):
+            self.assertDefect(
+                f"{field}\nContent-Type: text/plain\n\nx\n", Defect.BAD_HEADER
+            )
+
+    def test_transfer_encoding_not_a_bare_token(self) -> None:
+        """
+        A Content-Transfer-Encoding with anything but a bare token (trailing
+        space, a comment, a parameter, a folded value) is decoded by some
+        readers and taken as 7bit by others: unreliable. Case does not
+        matter.
+        """
+        for value in ("base64 ", "base64 (x)", "base64; x=1", "\n base64", "base64\t"):
+            self.assertDefect(
+                f"Content-Type: application/pdf\nContent-Transfer-Encoding: {value}"
+                "\n\nJVBERi0xLjQK\n",
+                Defect.AMBIGUOUS_HEADER,
+            )
+        data = crlf(
+            "Content-Type: application/pdf\nContent-Transfer-Encoding:BASE64\n\nx\n"
+        )
+        root = parse(data).root
+        assert root is not None
+        self.assertEqual(root.transfer_encoding, "base64")
 
     def test_missing_close(self) -> None:
         """

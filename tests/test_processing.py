@@ -1156,14 +1156,25 @@ async def test_smime_modified(harness: Harness, name: str, part_id: str) -> None
 async def test_broken_scanned_whole(harness: Harness, name: str) -> None:
     """
     A message whose structure cannot be trusted is scanned as one file,
-    C{message.eml}, holding the whole message, and delivered unchanged when
-    Allowed, even when Core says it sanitized it (it cannot be rebuilt).
+    C{message.eml}, holding the whole message, together with every payload
+    Python's email extracts from it under either policy (each once); it is
+    delivered unchanged when all are Allowed, even when Core says it
+    sanitized one (nothing can be rebuilt). A message with more parts than
+    a reading may give is not called scanned: it fails as not_scanned.
     """
     scanner = FakeScanner(sanitize_suffixes=(".eml",))
     run = await harness.process(scanner, make_rule(), name)
-    [call] = scanner.scans
-    assert call.filename == WHOLE_MESSAGE_NAME
-    assert call.content == run.original
+    if name == "broken-many-parts.eml":
+        assert run.outcome.decision is Decision.FAIL
+        assert run.outcome.condition == "not_scanned"
+        assert "more than 1000 parts" in run.outcome.detail
+        return
+    whole = [c for c in scanner.scans if c.filename == WHOLE_MESSAGE_NAME]
+    assert [c.content for c in whole] == [run.original]
+    readings = python_leaves(run.original)
+    others = [c.content for c in scanner.scans if c.filename != WHOLE_MESSAGE_NAME]
+    assert sorted(others) == sorted(readings)
+    assert all(c.filename.startswith("reading-") for c in scanner.scans[1:])
     assert run.outcome.decision is Decision.DELIVER
     assert run.outcome.result == "Allowed"
     assert not run.outcome.sanitized
@@ -1171,9 +1182,24 @@ async def test_broken_scanned_whole(harness: Harness, name: str) -> None:
     assert_unchanged(run, run.delivery, "Allowed")
 
 
+def python_leaves(data: bytes) -> list[bytes]:
+    """
+    The distinct non-empty leaf payloads of Python's email under both
+    policies.
+    """
+    found: list[bytes] = []
+    for policy in (email.policy.compat32, email.policy.default):
+        for part in email.message_from_bytes(data, policy=policy).walk():
+            if not part.is_multipart():
+                payload = part.get_payload(decode=True)
+                if payload and payload not in found:
+                    found.append(payload)
+    return found
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("action", ["block", "strip"])
-@pytest.mark.parametrize("name", BROKEN)
+@pytest.mark.parametrize("name", [n for n in BROKEN if n != "broken-many-parts.eml"])
 @pytest_twisted.ensureDeferred
 async def test_broken_blocked(harness: Harness, name: str, action: str) -> None:
     """
@@ -1186,6 +1212,90 @@ async def test_broken_blocked(harness: Harness, name: str, action: str) -> None:
     assert run.outcome.result == "Blocked/Infected"
     assert run.outcome.deliveries == ()
     assert run.outcome.quarantine == "blocked"
+
+
+def hidden_eicar() -> bytes:
+    """
+    A message our parser calls ambiguous (a part with two Content-Type
+    fields, which readers resolve differently) whose second part is the
+    base64 of the EICAR test file: only a reading that decodes it sees the
+    file; the raw message holds only its base64 text.
+    """
+    return multipart(
+        "=_hidden_1",
+        [
+            text_part("Hello."),
+            entity(
+                [
+                    "Content-Type: text/plain",
+                    "Content-Type: application/octet-stream",
+                    "Content-Transfer-Encoding: base64",
+                ],
+                b64(EICAR),
+            ),
+        ],
+        [*RECEIVED, "Subject: hidden"],
+    )
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("action", ["block", "strip", "deliver"])
+@pytest_twisted.ensureDeferred
+async def test_finding_in_another_reading(harness: Harness, action: str) -> None:
+    """
+    Content that only another reader's reading of an ambiguous message
+    holds is scanned; a finding there takes the whole message: blocked
+    with "block" and with "strip" (a part of another reading cannot be
+    taken out), delivered with the Blocked result with "deliver"; the
+    history names the reading's part as blocked.
+    """
+    data = hidden_eicar()
+    assert EICAR in python_leaves(data)
+    scanner = FakeScanner()
+    run = await harness.process(scanner, make_rule(blocked_action=action), data)
+    assert run.outcome.result == "Blocked/Infected"
+    assert any(c.content == EICAR for c in scanner.scans)
+    assert EICAR not in data
+    blocked = [p.part_id for p in run.outcome.parts if p.result == "Blocked"]
+    assert blocked == ["~compat32.2"]
+    if action == "deliver":
+        assert run.outcome.decision is Decision.DELIVER
+        assert values(run.data(), "X-Metadefender-Core-Result") == ["Blocked/Infected"]
+    else:
+        assert run.outcome.decision is Decision.BLOCK
+        assert run.outcome.deliveries == ()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("where", ["preamble", "epilogue"])
+@pytest.mark.parametrize("action", ["block", "strip"])
+@pytest_twisted.ensureDeferred
+async def test_preamble_and_epilogue_scanned(
+    harness: Harness, where: str, action: str
+) -> None:
+    """
+    Text in a multipart's preamble or epilogue is submitted like a part
+    (as it is); blocked there, the whole message is blocked even by a rule
+    that strips (it is not a part that can be taken out). White space
+    alone is not submitted.
+    """
+    clean = multipart("=_pre", [text_part("Hi.")], [*RECEIVED, "Subject: p"])
+    scanner = FakeScanner()
+    await harness.process(scanner, make_rule(), clean)
+    assert scanner.scanned_names == ["body.txt"]
+    delimiter = b"--=_pre\r\n"
+    if where == "preamble":
+        data = clean.replace(delimiter, b"Look: " + EICAR + b"\r\n" + delimiter, 1)
+    else:
+        data = clean + b"Look: " + EICAR + b"\r\n"
+    scanner = FakeScanner()
+    run = await harness.process(scanner, make_rule(blocked_action=action), data)
+    assert f"{where}-1.txt" in scanner.scanned_names
+    (call,) = [c for c in scanner.scans if c.filename == f"{where}-1.txt"]
+    assert EICAR in call.content
+    assert run.outcome.decision is Decision.BLOCK
+    by_id = {p.part_id: p for p in run.outcome.parts}
+    assert by_id[f"1~{where}"].result == "Blocked"
 
 
 # -- 6. errors -----------------------------------------------------------------------

@@ -15,6 +15,7 @@ from __future__ import annotations
 import binascii
 import enum
 import os
+import re
 import shutil
 from os import PathLike
 from pathlib import Path
@@ -23,7 +24,9 @@ from typing import BinaryIO, Protocol
 import attrs
 
 from mdgateway.message.lines import read_range
+from mdgateway.message.readings import ReadingError, read_alternatives
 from mdgateway.message.structure import (
+    DELIVERY_STATUS,
     Defect,
     Entity,
     Limits,
@@ -60,6 +63,25 @@ _EXTENSIONS = {
     "image/jpeg": ".jpg",
     "image/gif": ".gif",
 }
+
+
+class PartOrigin(enum.Enum):
+    """
+    Where a scannable part comes from, which decides whether it can be
+    replaced on its own.
+    """
+
+    #: An entity of our reading of the message: it can be stripped or
+    #: replaced by its sanitized version.
+    ENTITY = "entity"
+    #: Text as it is: the non-blank preamble or epilogue of a multipart, or
+    #: the whole body of a C{message/*} entity that readers may keep as one
+    #: file rather than parse.
+    TEXT = "text"
+    #: The whole message, offered when its structure is unreliable.
+    WHOLE = "whole"
+    #: A payload of another reader's reading of an unreliable message.
+    READING = "reading"
 
 
 class PartKind(enum.Enum):
@@ -113,6 +135,16 @@ class ScannablePart:
     size: int
     in_attached_message: bool
     signed: bool
+    origin: PartOrigin = PartOrigin.ENTITY
+
+    @property
+    def replaceable(self) -> bool:
+        """
+        Whether the part can be stripped or sanitized on its own: only an
+        entity of our reading can; content found anywhere else can only
+        go (or stay) with the whole message.
+        """
+        return self.origin is PartOrigin.ENTITY
 
 
 @attrs.frozen
@@ -124,10 +156,14 @@ class Decomposition:
         part, the whole message as C{message.eml}.
     @ivar structure: the parsed structure (its C{defect} set when
         unreliable, including for bad base64 found while decoding).
+    @ivar reading_error: why another reading of an unreliable message
+        could not be completed (see L{mdgateway.message.readings}); such a
+        message cannot be called scanned.
     """
 
     parts: tuple[ScannablePart, ...]
     structure: Structure
+    reading_error: str | None = None
 
     @property
     def unreliable(self) -> bool:
@@ -166,8 +202,60 @@ class _Decoder(Protocol):
     def finish(self) -> bytes: ...
 
 
-class _Base64Error(Exception):
+class _ContentError(Exception):
+    """
+    A part's content that readers would take apart differently.
+    """
+
+    defect = Defect.BAD_BASE64
+
+
+class _Base64Error(_ContentError):
     pass
+
+
+class _DeliveryStatusError(_ContentError):
+    defect = Defect.AMBIGUOUS_BODY
+
+
+_FIELD_LINE = re.compile(rb"[!-9;-~]+:")
+
+
+class _DeliveryStatus:
+    """
+    Checks, as it streams, that a C{message/delivery-status} body is what
+    RFC 3464 says, blocks of header fields and nothing else: readers that
+    parse it (Python's email does) take any other line for the body of a
+    block of its own, which this reading would not see.
+    """
+
+    def __init__(self) -> None:
+        self._pending = b""
+        self._in_block = False
+
+    def feed(self, data: bytes) -> bytes:
+        lines = (self._pending + data).split(b"\r\n")
+        self._pending = lines.pop()
+        for line in lines:
+            self._line(line)
+        return data
+
+    def finish(self) -> bytes:
+        if self._pending:
+            self._line(self._pending)
+        return b""
+
+    def _line(self, line: bytes) -> None:
+        if not line:
+            self._in_block = False
+        elif line[:1] in (b" ", b"\t") and self._in_block:
+            pass
+        elif _FIELD_LINE.match(line):
+            self._in_block = True
+        else:
+            raise _DeliveryStatusError(
+                "a delivery-status line that is not a header field"
+            )
 
 
 class _Identity:
@@ -309,13 +397,15 @@ def _write_part(
 ) -> ScannablePart:
     path = directory / f"part-{entity.part_id}"
     decoder = _decoder(entity.transfer_encoding)
+    check = _DeliveryStatus() if entity.content_type == DELIVERY_STATUS else _Identity()
     size = 0
     with open(path, "wb") as output:
         for chunk in read_range(source, entity.body_start, entity.end):
-            data = decoder.feed(chunk)
+            data = check.feed(decoder.feed(chunk))
             output.write(data)
             size += len(data)
-        data = decoder.finish()
+        data = check.feed(decoder.finish())
+        check.finish()
         output.write(data)
         size += len(data)
     kind, filename, named = _describe(entity)
@@ -338,13 +428,17 @@ def _write_part(
 
 
 def _whole(source_path: Path, structure: Structure, directory: Path) -> Decomposition:
+    """
+    An unreliable message: offered whole, and with every payload of the
+    other readings (see L{mdgateway.message.readings}).
+    """
     path = directory / WHOLE_MESSAGE_NAME
     path.unlink(missing_ok=True)
     try:
         os.link(source_path, path)
     except OSError:
         shutil.copyfile(source_path, path)
-    part = ScannablePart(
+    whole = ScannablePart(
         part_id="1",
         kind=PartKind.ATTACHMENT,
         content_type="message/rfc822",
@@ -359,8 +453,91 @@ def _whole(source_path: Path, structure: Structure, directory: Path) -> Decompos
         size=structure.size,
         in_attached_message=False,
         signed=structure.signed,
+        origin=PartOrigin.WHOLE,
     )
-    return Decomposition(parts=(part,), structure=structure)
+    parts = [whole]
+    try:
+        readings = read_alternatives(source_path, directory / "readings", set())
+    except ReadingError as error:
+        return Decomposition((whole,), structure, reading_error=str(error))
+    for reading in readings:
+        extension = _EXTENSIONS.get(reading.content_type, ".bin")
+        parts.append(
+            ScannablePart(
+                part_id=f"~{reading.reading}.{reading.index}",
+                kind=PartKind.ATTACHMENT,
+                content_type=reading.content_type,
+                charset=None,
+                filename=f"reading-{reading.reading}-{reading.index}{extension}",
+                named=False,
+                inline=False,
+                headers_start=0,
+                body_start=0,
+                end=structure.size,
+                path=reading.path,
+                size=reading.size,
+                in_attached_message=False,
+                signed=structure.signed,
+                origin=PartOrigin.READING,
+            )
+        )
+    return Decomposition(parts=tuple(parts), structure=structure)
+
+
+def _spans(entity: Entity) -> list[tuple[str, tuple[int, int] | None]]:
+    spans = [("preamble", entity.preamble), ("epilogue", entity.epilogue)]
+    if entity.children and not entity.is_multipart:
+        if entity.content_type != "message/rfc822":
+            # message/global, message/partial, message/news,
+            # message/disposition-notification ...: parsed as a message by
+            # some readers (Python's email, and so here), kept as one file
+            # by others: both are scanned.
+            spans.append(("body", (entity.body_start, entity.end)))
+    return spans
+
+
+def _texts(source: BinaryIO, root: Entity, directory: Path) -> list[ScannablePart]:
+    """
+    The preambles and epilogues of the multiparts below C{root} that hold
+    more than white space, and the bodies of C{message/*} entities other
+    than C{message/rfc822} as a whole, each written as it is (no transfer
+    encoding applies to them).
+    """
+    found = []
+    for entity in root.walk():
+        for where, span in _spans(entity):
+            if span is None:
+                continue
+            path = directory / f"{where}-{entity.part_id}"
+            blank = True
+            with open(path, "wb") as output:
+                for chunk in read_range(source, *span):
+                    output.write(chunk)
+                    blank = blank and not chunk.strip(_WHITESPACE)
+            if blank and (where != "body" or span[0] == span[1]):
+                # Blank preamble and epilogue text is nothing anyone reads.
+                path.unlink()
+                continue
+            found.append(
+                ScannablePart(
+                    part_id=f"{entity.part_id}~{where}",
+                    kind=PartKind.ATTACHMENT,
+                    content_type="text/plain",
+                    charset=None,
+                    filename=f"{where}-{entity.part_id}.txt",
+                    named=False,
+                    inline=False,
+                    headers_start=span[0],
+                    body_start=span[0],
+                    end=span[1],
+                    path=path,
+                    size=span[1] - span[0],
+                    in_attached_message=False,
+                    signed=entity.signed,
+                    origin=PartOrigin.TEXT,
+                )
+            )
+    return found
 
 
 def decompose(
@@ -372,10 +549,16 @@ def decompose(
     Parse a spooled message and write each scannable part, decoded, to
     C{directory/part-<part id>}.
 
+    Every leaf is written, and the preamble and epilogue of every
+    multipart that hold more than white space (as C{preamble-<id>} and
+    C{epilogue-<id>}, as they are).
+
     Never raises for bad content.  When the structure is unreliable (see
     L{Defect}), or a base64 part turns out not to be base64, the part files
     are removed and the message is offered whole as C{directory/message.eml}
-    (a hard link to the spooled file where possible, else a copy).
+    (a hard link to the spooled file where possible, else a copy), together
+    with every payload other readers extract from it (see
+    L{mdgateway.message.readings}).
 
     @param message: the spooled message file (CRLF lines).
     @param directory: where the part files go; created if missing.
@@ -394,7 +577,10 @@ def decompose(
             for entity, parent, attached in _scannable(structure.root):
                 current = entity
                 parts.append(_write_part(source, entity, parent, attached, target))
-        except _Base64Error as error:
+            current = None
+            parts.extend(_texts(source, structure.root, target))
+            parts.sort(key=lambda part: part.headers_start)
+        except _ContentError as error:
             for part in parts:
                 part.path.unlink(missing_ok=True)
             if current is not None:
@@ -402,7 +588,7 @@ def decompose(
             broken = attrs.evolve(
                 structure,
                 root=None,
-                defect=Defect.BAD_BASE64,
+                defect=error.defect,
                 detail=f"part {current.part_id if current else '?'}: {error}",
             )
             return _whole(source_path, broken, target)

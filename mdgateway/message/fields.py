@@ -27,6 +27,7 @@ _WHITESPACE = re.compile(r"[ \t\r\n]*")
 _PARAMETER_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"?|[^;"]+|;', re.DOTALL)
 _COMMENT = re.compile(r"\([^()]*\)")
 _SECTION = re.compile(r"[0-9]{1,4}")
+_PLAIN_TOKEN = re.compile(r"[A-Za-z0-9!#$%&+.^_`{|}~-]+")
 _QUOTED_PAIR = re.compile(r"\\(.)", re.DOTALL)
 
 #: Bytes that may appear as themselves in a Q encoded word in any position.
@@ -198,6 +199,70 @@ def split_parameters(value: str) -> tuple[str, list[tuple[str, str]]]:
             text = _COMMENT.sub("", raw).strip()
         parameters.append((name.strip().lower(), text))
     return main, parameters
+
+
+def _raw_parameters(value: str) -> list[tuple[str, str]]:
+    """
+    The C{(name, raw text)} of each parameter, the text as written (quotes,
+    escapes, comments and folds kept).
+    """
+    segments: list[list[str]] = [[]]
+    for token in _PARAMETER_TOKENS.findall(value):
+        if token == ";":
+            segments.append([])
+        else:
+            segments[-1].append(token)
+    found = []
+    for tokens in segments[1:]:
+        name, equals, raw = "".join(tokens).partition("=")
+        if equals:
+            found.append((name.strip(" \t\r\n").lower(), raw.strip(" \t\r\n")))
+    return found
+
+
+def boundary_problem(value: str) -> str | None:
+    """
+    Why readers may disagree on the C{boundary} of a C{Content-Type} value
+    (as written, folds kept), or L{None} when they will not.
+
+    Readers differ on everything but a plain form: Python's email alone
+    reads backslashes, a trailing space, a fold or an RFC 2231 form one way
+    under C{compat32} and another under C{policy.default}, and some clients
+    strip comments where others keep them.  So a boundary given more than
+    once, in RFC 2231 form, with a backslash, folded, with space at either
+    end, with text after its closing quote, or unquoted but not a plain
+    token (letters, digits and C{!#$%&+-.^_`{|}~}) is called ambiguous.
+    """
+    found = [
+        (name, raw)
+        for name, raw in _raw_parameters(value)
+        if name == "boundary" or name.startswith("boundary*")
+    ]
+    if not found:
+        return None
+    if len(found) > 1:
+        return "more than one boundary parameter"
+    name, raw = found[0]
+    if name != "boundary":
+        return "a boundary in RFC 2231 form"
+    if "\\" in raw:
+        return "a backslash in its boundary"
+    if "\r\n" in raw:
+        return "a folded boundary"
+    if raw.startswith('"'):
+        inner = raw[1:-1]
+        if len(raw) < 2 or not raw.endswith('"') or '"' in inner:
+            return "text after the quoted boundary, or no closing quote"
+    else:
+        inner = raw
+        if not _PLAIN_TOKEN.fullmatch(inner):
+            # Some readers (Python's policy.default) end an unquoted value
+            # at the first RFC 2045 tspecial ("=", "/", "?" ...), others
+            # take all of it: ambiguous unless quoted.
+            return "an unquoted boundary that is not a plain token"
+    if inner != inner.strip(" \t"):
+        return "space at an end of its boundary"
+    return None
 
 
 def duplicate_parameter(parameters: Sequence[tuple[str, str]]) -> str | None:

@@ -24,6 +24,7 @@ import attrs
 
 from mdgateway.message.errors import CharsetError
 from mdgateway.message.fields import (
+    boundary_problem,
     clean_filename,
     decode_bytes,
     duplicate_parameter,
@@ -38,6 +39,9 @@ IDENTITY_ENCODINGS = frozenset({"7bit", "8bit", "binary"})
 KNOWN_ENCODINGS = IDENTITY_ENCODINGS | {"base64", "quoted-printable"}
 #: Types whose body is a whole message that is parsed in turn.
 MESSAGE_TYPES = frozenset({"message/rfc822", "message/global"})
+#: The one C{message/*} type whose body is not a message (but a list of
+#: header blocks): kept as one leaf.
+DELIVERY_STATUS = "message/delivery-status"
 #: Multipart types that sign or encrypt their content (S/MIME, PGP/MIME).
 ENVELOPE_TYPES = frozenset({"multipart/signed", "multipart/encrypted"})
 #: Opaque S/MIME blobs.
@@ -48,10 +52,21 @@ _MIME_FIELDS = frozenset(
 )
 _FIELD_NAME = re.compile(rb"[!-9;-~]+")
 _MIME_TYPE = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-z]+/[!#$%&'*+\-.^_`|~0-9a-z]+")
+_TOKEN = re.compile(rb"[ \t]*[A-Za-z0-9!#$%&'*+.^_`|~-]+")
 #: The longest line read when checking a possible delimiter.
 _DELIMITER_LINE = 1024
 #: The longest boundary accepted (RFC 2046 says 70).
 _MAX_BOUNDARY = 200
+
+
+def is_message_type(content_type: str) -> bool:
+    """
+    Whether an entity of this type holds a message that is parsed in turn:
+    every C{message/*} type but C{message/delivery-status}, as mail readers
+    (Python's email among them) parse C{message/partial}, C{message/news}
+    and the rest, not only C{message/rfc822}.
+    """
+    return content_type.startswith("message/") and content_type != DELIVERY_STATUS
 
 
 @attrs.frozen
@@ -90,6 +105,7 @@ class Defect(enum.Enum):
     BAD_TRANSFER_ENCODING = "bad_transfer_encoding"
     UNKNOWN_CHARSET = "unknown_charset"
     BAD_BASE64 = "bad_base64"
+    AMBIGUOUS_BODY = "ambiguous_body"
     TOO_DEEP = "too_deep"
     TOO_MANY_PARTS = "too_many_parts"
 
@@ -125,6 +141,10 @@ class Entity:
         an C{application/pkcs7-mime} blob: changing it breaks a signature.
     @ivar children: parts of a multipart, or the one message of a
         C{message/rfc822} entity; empty for a leaf.
+    @ivar preamble: C{(start, end)} offsets of a multipart's preamble (the
+        text before its first delimiter), if it has one.
+    @ivar epilogue: C{(start, end)} offsets of a multipart's epilogue (the
+        text after its close-delimiter line), if it has one.
     """
 
     part_id: str
@@ -141,6 +161,8 @@ class Entity:
     boundary: bytes | None
     signed: bool
     children: tuple[Entity, ...] = ()
+    preamble: tuple[int, int] | None = None
+    epilogue: tuple[int, int] | None = None
 
     @property
     def is_multipart(self) -> bool:
@@ -255,6 +277,8 @@ class _Node:
     end: int = -1
     mime: _Mime | None = None
     children: list[_Node] = attrs.Factory(list)
+    preamble_end: int = -1
+    epilogue_start: int = -1
 
     @property
     def boundary(self) -> bytes | None:
@@ -372,12 +396,15 @@ class _Parser:
                 f"delimiter of part {node.part_id} at offset {offset} after "
                 "its close-delimiter",
             )
+        if node.state is _State.PREAMBLE:
+            node.preamble_end = end
         if close:
             if node.state is _State.PREAMBLE:
                 raise _UnreliableError(
                     Defect.EMPTY_MULTIPART, f"multipart {node.part_id} has no parts"
                 )
             node.state = _State.EPILOGUE
+            node.epilogue_start = offset + len(line)
             return
         node.state = _State.PARTS
         assert node.mime is not None
@@ -441,10 +468,19 @@ class _Parser:
                     "continuation line",
                 )
             if node.current is not None:
-                node.current += content
+                # Kept folded: readers differ on folds inside some values.
+                node.current += b"\r\n" + content
             return
         colon = content.find(b":")
-        name = content[:colon].rstrip(b" \t") if colon > 0 else b""
+        name = content[:colon] if colon > 0 else b""
+        if name[-1:] in (b" ", b"\t") and _FIELD_NAME.fullmatch(name.rstrip(b" \t")):
+            # RFC 5322's obsolete syntax allows it, but some readers (Python's
+            # email among them) end the header block at such a line.
+            raise _UnreliableError(
+                Defect.BAD_HEADER,
+                f"the field at offset {offset} in the header block of part "
+                f"{node.part_id} has space before its colon",
+            )
         if not _FIELD_NAME.fullmatch(name):
             raise _UnreliableError(
                 Defect.BAD_HEADER,
@@ -482,11 +518,7 @@ class _Parser:
             self._multiparts += 1
             if mime.content_type in ENVELOPE_TYPES:
                 self._signed = True
-        elif (
-            mime.content_type in MESSAGE_TYPES
-            and mime.transfer_encoding in IDENTITY_ENCODINGS
-            and not headers_only
-        ):
+        elif is_message_type(mime.content_type) and not headers_only:
             node.state = _State.MESSAGE
             child = self._new(
                 f"{node.part_id}.1", node.depth + 1, offset + 2, node, node.signed
@@ -499,12 +531,16 @@ class _Parser:
                 node.signed = True
                 self._signed = True
 
-    def _text(self, node: _Node, key: bytes) -> str | None:
+    def _text(self, node: _Node, key: bytes, folded: bool = False) -> str | None:
+        """
+        A MIME field's value, unfolded (or as folded, with C{folded}).
+        """
         raw = node.fields.get(key)
         if raw is None:
             return None
         try:
-            return raw.decode("utf-8")
+            text = raw.decode("utf-8")
+            return text if folded else text.replace("\r\n", "")
         except UnicodeDecodeError:
             raise _UnreliableError(
                 Defect.RAW_8BIT_HEADER,
@@ -544,6 +580,12 @@ class _Parser:
                 ) from None
         boundary = None
         if content_type.startswith("multipart/"):
+            problem = boundary_problem(self._text(node, b"content-type", True) or "")
+            if problem is not None:
+                raise _UnreliableError(
+                    Defect.AMBIGUOUS_HEADER,
+                    f"multipart {node.part_id} has {problem}",
+                )
             value = get_parameter(parameters, "boundary", words=False)
             boundary = value.encode("utf-8") if value else b""
             if not 0 < len(boundary) <= _MAX_BOUNDARY:
@@ -555,8 +597,19 @@ class _Parser:
         encoding = "7bit"
         if raw_encoding is not None:
             encoding = split_parameters(raw_encoding)[0].lower()
+            field = node.fields[b"content-transfer-encoding"]
+            if not _TOKEN.fullmatch(field):
+                # Readers differ on anything but a bare token: Python's
+                # email, for one, decodes "base64 " (a trailing space) or a
+                # folded value as 7bit.
+                raise _UnreliableError(
+                    Defect.AMBIGUOUS_HEADER,
+                    f"the Content-Transfer-Encoding field of part "
+                    f"{node.part_id} is not a bare token",
+                )
         if encoding not in KNOWN_ENCODINGS or (
-            boundary is not None and encoding not in IDENTITY_ENCODINGS
+            (boundary is not None or content_type.startswith("message/"))
+            and encoding not in IDENTITY_ENCODINGS
         ):
             raise _UnreliableError(
                 Defect.BAD_TRANSFER_ENCODING,
@@ -603,6 +656,10 @@ class _Parser:
             )
 
 
+def _span(start: int, end: int) -> tuple[int, int] | None:
+    return (start, end) if 0 <= start < end else None
+
+
 def _freeze(node: _Node) -> Entity:
     mime = node.mime
     assert mime is not None
@@ -621,6 +678,8 @@ def _freeze(node: _Node) -> Entity:
         boundary=mime.boundary,
         signed=node.signed,
         children=tuple(_freeze(child) for child in node.children),
+        preamble=_span(node.body_start, node.preamble_end),
+        epilogue=_span(node.epilogue_start, node.end),
     )
 
 

@@ -251,6 +251,21 @@ class CopyProcessor:
         scanned = await self._scan_all(
             scanner, decomposition.parts, rule.core_profile.name
         )
+        if decomposition.reading_error is not None:
+            # Another reader's view of this message could not be taken: what
+            # it would show cannot be called scanned.
+            whole = decomposition.parts[0]
+            scanned.append(
+                _Scanned(
+                    whole,
+                    None,
+                    CoreError(
+                        Condition.NOT_SCANNED,
+                        f"ambiguous structure ({decomposition.detail}); "
+                        f"{decomposition.reading_error}",
+                    ),
+                )
+            )
         reports = [self._report(s) for s in scanned]
         used = next(
             (s.verdict.core_url for s in scanned if s.verdict is not None), None
@@ -467,6 +482,13 @@ class CopyProcessor:
             verdict = item.verdict
             if verdict is None or not verdict.has_converted_file:
                 continue
+            if not item.part.replaceable:
+                # Preamble or epilogue text: it cannot be swapped for Core's
+                # converted file; it is delivered as scanned (not blocked).
+                actions.append(
+                    f"not sanitized: {item.part.filename} cannot be replaced"
+                )
+                continue
             part = item.part
             dest = os.path.join(job.workdir, f"sanitized-{part.part_id}")
             name = await scanner.download_sanitized(verdict, dest)
@@ -494,8 +516,13 @@ class CopyProcessor:
         result = f"Blocked/{reason}"
         quarantine = "blocked" if rule.quarantine_blocked else None
         action = rule.blocked_action
-        if action == "strip" and decomposition.unreliable:
-            # The message could not be taken apart: the blocked content can
+        if action == "strip" and (
+            decomposition.unreliable
+            or any(not item.part.replaceable for item in blocked)
+        ):
+            # The blocked content is not a part of ours that can be taken
+            # out (the message could not be taken apart; it lies in a
+            # preamble or epilogue, or in another reader's reading): it can
             # only go with the whole message.
             action = "block"
         if action == "block":
