@@ -138,6 +138,28 @@ recipients = 0
         ):
             self.assertIn(expected, lines)
 
+    def test_relay_once_max_age(self) -> None:
+        """
+        C{delivery.relay_once_max_age} defaults to an hour, takes a
+        duration (0 turns the relay-once pass off) and may not exceed
+        C{marker_max_age}, which it names.
+        """
+        config = parse_config(tomllib.loads(MINIMAL), base=ETC)
+        self.assertEqual(config.delivery.relay_once_max_age, 3600.0)
+        config = parse_config(
+            tomllib.loads(MINIMAL + '[delivery]\nrelay_once_max_age = "0s"\n'),
+            base=ETC,
+        )
+        self.assertEqual(config.delivery.relay_once_max_age, 0.0)
+        lines = problems(
+            MINIMAL + '[delivery]\nrelay_once_max_age = "2d"\nmarker_max_age = "1d"\n'
+        )
+        self.assertIn(
+            "delivery.relay_once_max_age: must be at most marker_max_age", lines
+        )
+        lines = problems(MINIMAL + '[delivery]\nrelay_once_max_age = "soon"\n')
+        self.assertIn("delivery.relay_once_max_age: not a duration: 'soon'", lines)
+
     def test_type_errors(self) -> None:
         """
         A value of the wrong type names the expected and the given type.

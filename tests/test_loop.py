@@ -416,6 +416,7 @@ class ScanTests(SynchronousTestCase):
         self.assertIsNotNone(found)
         self.assertEqual(found.message_id, "id1")
         self.assertIsNone(count.relay_once(current, NOW, max_age=99))
+        self.assertIsNone(self.scan(_message(mint("id1"))).relay_once(current, NOW, 0))
         old = mint("id1", NOW - DEFAULT_RELAY_ONCE_MAX_AGE - 1)
         old_count = self.scan(_message(old))
         self.assertEqual(old_count.valid, 1)

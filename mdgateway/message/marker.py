@@ -401,9 +401,10 @@ class MarkerCount:
         The marker that lets this message be relayed once more without a
         second scan under the rule C{current} describes, if any: exactly
         one valid marker (two are a loop), at most C{max_age} seconds old,
-        whose stamp L{permits <Stamp.permits>} C{current}.
+        whose stamp L{permits <Stamp.permits>} C{current}.  A C{max_age}
+        of 0 turns the pass off.
         """
-        if self.valid != 1:
+        if self.valid != 1 or max_age <= 0:
             return None
         (check,) = self.valid_checks
         assert check.stamp is not None and check.time is not None
