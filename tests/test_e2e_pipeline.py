@@ -710,3 +710,38 @@ blocked_action = "deliver"
         if e.get("rule") == "inbound" and str(e.get("result")) == "Blocked/Infected"
     ]
     assert blocked
+
+
+def test_forged_headers_after_large_header_block(
+    tmp_path: Path, smtpd: Callable[..., _Controller]
+) -> None:
+    """
+    Forged product fields (X-Metadefender-* and any X-MD-*) after about
+    850 KiB of other header fields, and in the middle of them, never reach
+    the recipient: the delivered message carries only the gateway's own,
+    and every other field arrives.
+    """
+    handler = RecordingHandler()
+    downstream = smtpd(handler)
+    port = free_port()
+    toml, _ = pipeline_toml(port, tmp_path, downstream.port)
+    filler = [b"X-Filler-%05d: %s\r\n" % (i, b"f" * 70) for i in range(10000)]
+    forged = (
+        b"".join(filler[:5000])
+        + b"X-MD-Anything: forged-mid\r\n"
+        + b"".join(filler[5000:])
+        + b"X-Metadefender-Core-Result: Allowed-forged\r\n"
+        + b"X-MD-Email-Security-Id: forged-late; t=1; mac=x\r\n"
+        + b"x-metadefender-emailsecurity-sanitized:\r\n True-forged\r\n"
+    )
+    assert len(forged) > 850 * 1024
+    raw = message("big header").as_bytes(policy=email.policy.SMTP)
+    with running_gateway(tmp_path, toml=toml, port=port):
+        send(port, forged + raw)
+        (got,) = wait_for(lambda: handler.messages, timeout=60)
+    assert b"forged" not in got.content
+    parsed = headers_of(got)
+    assert parsed.get_all("X-Metadefender-Core-Result") == ["Allowed"]
+    assert len(parsed.get_all("X-MD-Email-Security-Id")) == 1
+    assert got.content.count(b"X-Filler-") == 10000
+    assert got.content.endswith(raw.split(b"\r\n\r\n", 1)[1])
