@@ -8,6 +8,7 @@ secret file.
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import os
 import stat
@@ -636,16 +637,55 @@ class DigestTests(SynchronousTestCase):
     def test_no_header_fields(self) -> None:
         """
         A message that starts with its blank line, and one without any, both
-        have a digest; the header block is what precedes the blank line.
+        have a digest; what is kept of the header block is what precedes
+        the blank line (its MIME and marker fields).
         """
         hasher = ContentHasher()
         hasher.feed(b"\r\nbody\r\n")
         self.assertEqual(hasher.header(), b"")
         self.assertIsNotNone(hasher.digest())
         hasher = ContentHasher()
-        hasher.feed(b"Subject: x\r\n")
-        self.assertEqual(hasher.header(), b"Subject: x\r\n")
+        hasher.feed(b"Subject: x\r\nMIME-Version: 1.0")
+        self.assertEqual(hasher.header(), b"MIME-Version: 1.0\r\n")
         self.assertIsNotNone(hasher.digest())
+
+    def test_keeps_only_what_it_needs(self) -> None:
+        """
+        Of the header block the hasher keeps the MIME fields, the marker
+        fields and lines that are not fields (with their continuation
+        lines), nothing else: memory stays small whatever the sender's other
+        fields weigh, and the digest equals one computed independently from
+        the whole block.
+        """
+        block = (
+            b"Received: from a\r\n by b\r\n"
+            + b"X-Big: "
+            + b"x" * 100_000
+            + b"\r\n"
+            + b"X-MD-Email-Security-Id: m;\r\n t=1\r\n"
+            + b"Content-Type: multipart/mixed;\r\n\tboundary=b\r\n"
+            + b"junk line\r\n continued\r\n"
+            + b"MIME-Version: 1.0\r\n"
+        )
+        body = b"--b\r\n\r\nx\r\n--b--\r\n"
+        hasher = ContentHasher()
+        for start in range(0, len(block) + 2 + len(body), 4096):
+            hasher.feed((block + b"\r\n" + body)[start : start + 4096])
+        self.assertEqual(
+            hasher.header(),
+            b"X-MD-Email-Security-Id: m;\r\n t=1\r\n"
+            b"Content-Type: multipart/mixed;\r\n\tboundary=b\r\n"
+            b"junk line\r\n continued\r\n"
+            b"MIME-Version: 1.0\r\n",
+        )
+        fields = canonical_fields(block)
+        expected = hashlib.sha256(
+            b"mdgateway-content-v2\x00"
+            + b"%d:" % len(fields)
+            + fields
+            + hashlib.sha256(body).digest()
+        ).digest()
+        self.assertEqual(hasher.digest(), expected)
 
 
 class SecretTests(TmpMixin, SynchronousTestCase):

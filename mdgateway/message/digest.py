@@ -47,6 +47,9 @@ MIME_FIELDS = frozenset(
 #: The largest top-level header block a digest is made for; a message with
 #: a larger one has no digest, so no marker on it is valid.
 HEADER_LIMIT = 256 * 1024
+#: The processed marker's field name, lowercased (see
+#: L{mdgateway.message.marker.MARKER_HEADER}); kept by L{ContentHasher}.
+MARKER_FIELD = b"x-md-email-security-id"
 
 _DOMAIN = b"mdgateway-content-v2\x00"
 _FIELD_START = re.compile(rb"([!-9;-~]+)[ \t]*:")
@@ -99,22 +102,24 @@ def canonical_fields(block: bytes) -> bytes:
 class ContentHasher:
     """
     The content digest of a message fed in pieces as it streams (at the
-    SMTP edge), keeping only its top-level header block (up to
-    L{HEADER_LIMIT}) and a running hash of the body.
-
-    @ivar header_block: the top-level header block without its blank line,
-        once it is complete and within the limit; L{None} before that.
+    SMTP edge), with a running hash of the body and, of the top-level
+    header block (up to L{HEADER_LIMIT}), only what the digest and the loop
+    check need: the MIME fields, the marker fields and lines that are not
+    fields. A session's memory so stays small whatever the sender's other
+    header fields weigh.
     """
 
-    def __init__(self, limit: int = HEADER_LIMIT) -> None:
+    def __init__(self, limit: int = HEADER_LIMIT, keep: bytes = MARKER_FIELD) -> None:
         self._limit = limit
-        # A CRLF in front, so a message that starts with its blank line
-        # (no header fields) is found by the same search.
-        self._head = bytearray(b"\r\n")
+        self._keep = MIME_FIELDS | {keep.lower()}
+        self._partial = bytearray()
+        self._kept: list[bytes] = []
+        self._keeping = True
+        self._size = 0
         self._body = hashlib.sha256()
         self._in_body = False
         self._too_large = False
-        self.header_block: bytes | None = None
+        self._complete = False
 
     def feed(self, data: bytes) -> None:
         if self._in_body:
@@ -122,29 +127,64 @@ class ContentHasher:
             return
         if self._too_large:
             return
-        start = max(0, len(self._head) - 3)
-        self._head += data
-        end = self._head.find(b"\r\n\r\n", start)
-        if end >= 0 and end > self._limit:
-            self._too_large = True
-            self._head = bytearray()
-        elif end >= 0:
-            self.header_block = bytes(self._head[2 : end + 2])
-            self._body.update(self._head[end + 4 :])
-            self._head = bytearray()
-            self._in_body = True
-        elif len(self._head) - 2 > self._limit:
-            self._too_large = True
-            self._head = bytearray()
+        self._partial += data
+        pos = 0
+        while True:
+            end = self._partial.find(b"\r\n", pos)
+            if end < 0:
+                break
+            line = bytes(self._partial[pos : end + 2])
+            pos = end + 2
+            if line == b"\r\n":
+                self._complete = self._in_body = True
+                self._body.update(self._partial[pos:])
+                self._partial = bytearray()
+                return
+            self._size += len(line)
+            if self._size > self._limit:
+                self._overflow()
+                return
+            self._line(line)
+        del self._partial[:pos]
+        if self._size + len(self._partial) > self._limit:
+            self._overflow()
+
+    def _overflow(self) -> None:
+        self._too_large = True
+        self._partial = bytearray()
+        self._kept = []
+
+    def _line(self, line: bytes) -> None:
+        if line[:1] in (b" ", b"\t"):
+            if self._keeping:
+                self._kept.append(line)
+            return
+        match = _FIELD_START.match(line)
+        self._keeping = match is None or match.group(1).lower() in self._keep
+        if self._keeping:
+            self._kept.append(line)
 
     def header(self) -> bytes:
         """
-        The top-level header block fed so far (all of it for a message
-        without a blank line), at most the limit; empty when larger.
+        The MIME fields, marker fields and lines that are not fields of the
+        top-level header block fed so far, in order (all of the block there
+        is for a message without a blank line); empty when the block is
+        larger than the limit.
         """
-        if self.header_block is not None:
-            return self.header_block
-        return bytes(self._head[2:])
+        if self._too_large:
+            return b""
+        kept = b"".join(self._kept)
+        if self._complete or not self._partial:
+            return kept
+        # A last line without its CRLF (a message that ends in its header
+        # block): kept as a line of its own.
+        line = bytes(self._partial) + b"\r\n"
+        match = _FIELD_START.match(line)
+        if line[:1] in (b" ", b"\t"):
+            return kept + line if self._keeping else kept
+        if match is None or match.group(1).lower() in self._keep:
+            return kept + line
+        return kept
 
     def digest(self) -> bytes | None:
         """
@@ -154,14 +194,10 @@ class ContentHasher:
         """
         if self._too_large:
             return None
-        block = self.header_block
-        if block is None:
-            block = self.header()
-            body = hashlib.sha256().digest()
-        else:
-            body = self._body.digest()
-        fields = canonical_fields(block)
-        return hashlib.sha256(_DOMAIN + b"%d:" % len(fields) + fields + body).digest()
+        fields = canonical_fields(self.header())
+        return hashlib.sha256(
+            _DOMAIN + b"%d:" % len(fields) + fields + self._body.digest()
+        ).digest()
 
 
 def content_digest(
