@@ -184,3 +184,52 @@ class DifferentialTests(SynchronousTestCase):
         contents = set(submitted)
         missing = [payload[:80] for payload in theirs if payload not in contents]
         self.assertEqual(missing, [], (data[:2000], names))
+
+
+def nested(depth: int, payload: bytes) -> bytes:
+    """
+    A message of C{depth} multiparts, one inside the other, around one
+    text leaf.
+    """
+    head = tail = b""
+    for level in range(depth):
+        head += b'Content-Type: multipart/mixed; boundary="b%d"\r\n\r\n--b%d\r\n' % (
+            level,
+            level,
+        )
+        tail = b"\r\n--b%d--\r\n" % level + tail
+    return (
+        b"Subject: deep\r\n"
+        + head
+        + b"Content-Type: text/plain\r\n\r\n"
+        + payload
+        + tail
+    )
+
+
+class NestingTests(SynchronousTestCase):
+    """
+    Parts beyond the nesting limit are still scanned; nesting no reader
+    can follow is not called scanned.
+    """
+
+    def test_beyond_the_limit(self) -> None:
+        """
+        A leaf nested 40 deep (the parser stops at 20) is found by the
+        other readings and submitted.
+        """
+        outcome, submitted, names = process(nested(40, b"deep inside"))
+        self.assertIn(WHOLE_MESSAGE_NAME, names)
+        self.assertIn(b"deep inside", submitted)
+        self.assertEqual(outcome.result, "Allowed")
+
+    def test_deeper_than_any_reading(self) -> None:
+        """
+        Nesting so deep that Python's reader gives up (1,000 levels) leaves
+        the message not scanned: the rule's not_scanned handling decides
+        (by default it fails), and nothing is delivered as Allowed.
+        """
+        outcome, submitted, names = process(nested(1000, b"deep inside"))
+        self.assertEqual(outcome.result, "Failed/not_scanned")
+        self.assertIn("nests deeper", outcome.detail)
+        self.assertEqual(outcome.deliveries, ())
