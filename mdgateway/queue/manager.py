@@ -22,7 +22,6 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
-from zope.interface import Interface, implementer
 
 from mdgateway.message.digest import content_digest
 from mdgateway.message.marker import (
@@ -32,16 +31,17 @@ from mdgateway.message.marker import (
     Stamp,
 )
 from mdgateway.policy.rules import Policy, Rule
-from mdgateway.queue.entry import SCRATCH, SpoolEntry
-from mdgateway.queue.envelope import Envelope, Recipient
-from mdgateway.queue.processing import (
+from mdgateway.queue.copies import (
     CopyJob,
     CopyOutcome,
-    CopyProcessor,
     Decision,
     Delivery,
     rule_stamp,
 )
+from mdgateway.queue.entry import SCRATCH, SpoolEntry
+from mdgateway.queue.envelope import Envelope, Recipient
+from mdgateway.queue.history import IHistory, LogHistory, TeeHistory
+from mdgateway.queue.processing import CopyProcessor
 from mdgateway.queue.scanned import (
     keep_outcome,
     load_outcome,
@@ -51,7 +51,6 @@ from mdgateway.queue.scanned import (
 from mdgateway.queue.spool import Spool
 from mdgateway.relay.delivery import (
     Outgoing,
-    RecipientOutcome,
     Relay,
     RelayRecipient,
     Status,
@@ -59,6 +58,16 @@ from mdgateway.relay.delivery import (
 from mdgateway.store.interfaces import MessageStatus, copy_id
 
 log = Logger()
+
+__all__ = [
+    "BounceMaker",
+    "IHistory",
+    "LogHistory",
+    "LoopGuard",
+    "Pipeline",
+    "RetryPolicy",
+    "TeeHistory",
+]
 
 PENDING = "pending"
 DELIVERED = "delivered"
@@ -88,157 +97,6 @@ class RetryPolicy:
 
     def delay(self, attempts: int) -> float:
         return float(min(self.first * 2 ** max(attempts - 1, 0), self.maximum))
-
-
-class IHistory(Interface):
-    """
-    Where the pipeline reports what it did: the store's email history, or
-    just the log. Every method is a coroutine; recording failures are the
-    history's own business and never stop delivery.
-    """
-
-    async def received(entry: SpoolEntry, rule: Rule, copy_id: str) -> None:
-        """
-        A copy is being processed for the first time or again.
-        """
-
-    async def copy_processed(
-        entry: SpoolEntry, rule: Rule, copy_id: str, outcome: CopyOutcome
-    ) -> None:
-        """
-        A copy was scanned and acted on.
-        """
-
-    async def delivered(
-        entry: SpoolEntry,
-        rule: Rule,
-        copy_id: str,
-        delivery: Delivery,
-        outcomes: list[RecipientOutcome],
-    ) -> None:
-        """
-        A delivery attempt ended with these per-recipient outcomes.
-        """
-
-    async def quarantine(
-        entry: SpoolEntry, rule: Rule, copy_id: str, reason: str
-    ) -> None:
-        """
-        Keep the original of the entry (before the spool entry goes).
-        """
-
-    async def status(
-        entry: SpoolEntry, copy_id: str, status: MessageStatus, text: str
-    ) -> None:
-        """
-        The copy's status changed.
-        """
-
-
-@implementer(IHistory)
-class LogHistory:
-    """
-    History as structured log events only.
-    """
-
-    async def received(self, entry: SpoolEntry, rule: Rule, copy_id: str) -> None:
-        log.debug("{message_id} processing", message_id=copy_id, rule=rule.name)
-
-    async def copy_processed(
-        self, entry: SpoolEntry, rule: Rule, copy_id: str, outcome: CopyOutcome
-    ) -> None:
-        log.info(
-            "{message_id} rule {rule}: {result}, {decision}",
-            message_id=copy_id,
-            rule=rule.name,
-            direction=rule.direction,
-            result=outcome.result,
-            decision=outcome.decision.value,
-            actions=list(outcome.actions),
-            parts=[attrs.asdict(p) for p in outcome.parts],
-        )
-
-    async def delivered(
-        self,
-        entry: SpoolEntry,
-        rule: Rule,
-        copy_id: str,
-        delivery: Delivery,
-        outcomes: list[RecipientOutcome],
-    ) -> None:
-        for o in outcomes:
-            log.info(
-                "{message_id} to {recipient}: {status} ({reply})",
-                message_id=copy_id,
-                recipient=o.address,
-                status=o.status.value,
-                reply=o.reply,
-                server=o.server,
-                upstream_id=o.queue_id,
-                kind=delivery.kind,
-            )
-
-    async def quarantine(
-        self, entry: SpoolEntry, rule: Rule, copy_id: str, reason: str
-    ) -> None:
-        log.info(
-            "{message_id}: original quarantined ({reason})",
-            message_id=copy_id,
-            reason=reason,
-        )
-
-    async def status(
-        self, entry: SpoolEntry, copy_id: str, status: MessageStatus, text: str
-    ) -> None:
-        log.info(
-            "{message_id} {status}: {text}",
-            message_id=copy_id,
-            status=status.value,
-            text=text,
-        )
-
-
-@implementer(IHistory)
-class TeeHistory:
-    """
-    Report to several histories in turn (the store and the log).
-    """
-
-    def __init__(self, *histories: IHistory) -> None:
-        self.histories = histories
-
-    async def received(self, entry: SpoolEntry, rule: Rule, copy_id: str) -> None:
-        for history in self.histories:
-            await history.received(entry, rule, copy_id)
-
-    async def copy_processed(
-        self, entry: SpoolEntry, rule: Rule, copy_id: str, outcome: CopyOutcome
-    ) -> None:
-        for history in self.histories:
-            await history.copy_processed(entry, rule, copy_id, outcome)
-
-    async def delivered(
-        self,
-        entry: SpoolEntry,
-        rule: Rule,
-        copy_id: str,
-        delivery: Delivery,
-        outcomes: list[RecipientOutcome],
-    ) -> None:
-        for history in self.histories:
-            await history.delivered(entry, rule, copy_id, delivery, outcomes)
-
-    async def quarantine(
-        self, entry: SpoolEntry, rule: Rule, copy_id: str, reason: str
-    ) -> None:
-        for history in self.histories:
-            await history.quarantine(entry, rule, copy_id, reason)
-
-    async def status(
-        self, entry: SpoolEntry, copy_id: str, status: MessageStatus, text: str
-    ) -> None:
-        for history in self.histories:
-            await history.status(entry, copy_id, status, text)
 
 
 @attrs.frozen

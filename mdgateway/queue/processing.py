@@ -12,11 +12,10 @@ files runs in a worker thread, so a 25 MB message never stalls the reactor.
 
 from __future__ import annotations
 
-import enum
 import mimetypes
 import os
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred, gatherResults
@@ -32,9 +31,17 @@ from mdgateway.message.headers import (
     has_fields,
     rewrite_headers,
 )
-from mdgateway.message.marker import MARKER_HEADER, MarkerCheck, Stamp, actions_code
+from mdgateway.message.marker import MARKER_HEADER, MarkerCheck
 from mdgateway.message.rebuild import NewFile, Notice, rebuild_file
 from mdgateway.policy.rules import Rule
+from mdgateway.queue.copies import (
+    CopyJob,
+    CopyOutcome,
+    Decision,
+    Delivery,
+    IScanner,
+    PartReport,
+)
 from mdgateway.scan.errors import Condition, CoreError
 from mdgateway.scan.verdict import Outcome, Verdict
 
@@ -62,149 +69,6 @@ EMPTY = "Empty"
 #: Which error action wins when parts failed with different conditions: a
 #: bypass for one part must never deliver a part the rule retries or fails.
 _SEVERITY = {"bypass": 0, "retry": 1, "fail": 2}
-
-
-class Decision(enum.Enum):
-    """
-    What happens to the copy.
-    """
-
-    #: Deliver C{CopyOutcome.deliveries}.
-    DELIVER = "deliver"
-    #: Deliver nothing (blocked); deliveries may hold a notification.
-    BLOCK = "block"
-    #: Try the whole copy again later (an error the rule retries).
-    RETRY = "retry"
-    #: Give up: the recipients get a bounce (an error the rule fails).
-    FAIL = "fail"
-
-
-@attrs.frozen
-class Delivery:
-    """
-    One message to relay: C{prefix} bytes, then the file from C{offset}.
-    """
-
-    path: str
-    prefix: bytes = b""
-    offset: int = 0
-    #: What the delivery is, for history: C{message}, C{original copy},
-    #: C{notification}.
-    kind: str = "message"
-
-
-@attrs.frozen
-class PartReport:
-    """
-    One scanned part, for history and logs.
-    """
-
-    part_id: str
-    filename: str
-    content_type: str
-    size: int
-    result: str
-    blocked_reason: str = ""
-    sanitized: bool = False
-    data_id: str = ""
-    core_url: str = ""
-    dlp_hits: int = 0
-    action: str = "allowed"
-    error: str = ""
-
-
-@attrs.frozen
-class CopyOutcome:
-    """
-    What processing decided about one message copy.
-
-    @ivar result: the value of C{X-Metadefender-Core-Result}: C{Allowed},
-        C{Blocked/<reason>}, C{Bypassed/<condition>}...
-    @ivar quarantine: a reason to keep the original in quarantine, or
-        L{None}.
-    @ivar condition: the error condition behind L{Decision.RETRY},
-        L{Decision.FAIL} or a bypass.
-    """
-
-    decision: Decision
-    result: str
-    deliveries: tuple[Delivery, ...] = ()
-    sanitized: bool = False
-    parts: tuple[PartReport, ...] = ()
-    actions: tuple[str, ...] = ()
-    quarantine: str | None = None
-    condition: str | None = None
-    detail: str = ""
-
-
-def rule_stamp(rule: Rule, result: str, sanitized: bool = False) -> Stamp:
-    """
-    What a marker on a copy processed under C{rule} vouches for.
-    """
-    profile = rule.core_profile
-    return Stamp(
-        rule=rule.name,
-        profile=f"{profile.name}/{profile.rule}",
-        actions=actions_code(
-            rule.blocked_action, rule.apply_sanitized, rule.modify_smime
-        ),
-        result=result,
-        sanitized=sanitized,
-    )
-
-
-class IScanner(Protocol):
-    """
-    What processing needs of a Core profile runtime (L{CoreRuntime}).
-    """
-
-    async def scan(self, path: str, filename: str) -> Verdict: ...
-
-    async def download_sanitized(self, verdict: Verdict, dest_path: str) -> str: ...
-
-
-@attrs.frozen
-class CopyJob:
-    """
-    One copy to process.
-
-    @ivar message_path: the spooled message (our Received header first).
-    @ivar workdir: an empty folder for decoded parts and rebuilt files;
-        the caller removes it when the copy is done.
-    @ivar security_id: the copy's id in logs, notifications and history;
-        without C{marker} also the value of C{X-MD-Email-Security-Id}.
-    @ivar marker: makes the loop-marker value for a content digest (see
-        L{mdgateway.message.digest}) and a L{Stamp}, so the marker is bound
-        to the exact content delivered, the rule and the result.
-    """
-
-    message_path: str
-    workdir: str
-    rule: Rule
-    security_id: str
-    sender: str
-    recipients: tuple[str, ...]
-    marker: Callable[[bytes, Stamp], str] | None = None
-    #: The Core server that gave the verdicts (it may be a failover server).
-    core_url: str | None = None
-
-    def marker_field(
-        self, digest: bytes | None, result: str, sanitized: bool = False
-    ) -> tuple[str, str]:
-        """
-        The C{X-MD-Email-Security-Id} field for a message with this
-        content digest, delivered with this result.
-
-        Without a digest (a header block too large to bind) the marker is
-        made over no content and can never be valid.
-        """
-        stamp = rule_stamp(self.rule, result, sanitized)
-        value = (
-            self.marker(digest or b"", stamp)
-            if self.marker is not None
-            else self.security_id
-        )
-        return (MARKER_HEADER, value)
 
 
 @attrs.frozen

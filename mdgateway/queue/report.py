@@ -21,9 +21,9 @@ from zope.interface import implementer
 
 from mdgateway.message.headers import read_summary
 from mdgateway.policy.rules import Rule
+from mdgateway.queue.copies import CopyOutcome, Delivery
 from mdgateway.queue.entry import SpoolEntry
-from mdgateway.queue.manager import IHistory
-from mdgateway.queue.processing import CopyOutcome, Delivery
+from mdgateway.queue.history import IHistory
 from mdgateway.relay.delivery import RecipientOutcome, Status
 from mdgateway.store.interfaces import (
     DeliveryStatus,

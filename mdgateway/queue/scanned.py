@@ -33,13 +33,13 @@ from typing import Any
 
 import attrs
 
-from mdgateway.queue.entry import PROCESSED
-from mdgateway.queue.processing import (
+from mdgateway.queue.copies import (
     CopyOutcome,
     Decision,
     Delivery,
     PartReport,
 )
+from mdgateway.queue.entry import PROCESSED
 
 #: How a kept delivery names the spooled message itself.
 SPOOLED = "@spooled"
