@@ -667,3 +667,49 @@ class BoundsTests(SynchronousTestCase):
             (directory / "in.eml").write_bytes(data)
             result = decompose(directory / "in.eml", directory / "parts")
             self.assertTrue(result.parts)
+
+
+class EncodedMessageTests(SynchronousTestCase):
+    """
+    An encoded message/rfc822 part is read two ways, and both are offered.
+    """
+
+    def test_both_readings(self) -> None:
+        """
+        The decoded message is offered as a leaf (what clients show), and
+        its encoded text as it is (what Python's email takes for the
+        attached message's body).
+        """
+        inner = b"Subject: inner\r\n\r\nhello\r\n"
+        data = (
+            b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n--b\r\n'
+            b"Content-Type: message/rfc822\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+            + base64.encodebytes(inner).replace(b"\n", b"\r\n")
+            + b"--b--\r\n"
+        )
+        result = decompose_bytes(self, data)
+        self.assertFalse(result.unreliable, result.detail)
+        contents = {p.part_id: p.path.read_bytes() for p in result.parts}
+        self.assertEqual(contents["1.1"], inner)
+        self.assertEqual(
+            contents["1.1~encoded"],
+            base64.encodebytes(inner).strip().replace(b"\n", b"\r\n"),
+        )
+        self.assertIn(contents["1.1~encoded"], python_leaves(data))
+
+    def test_encoded_text_like_a_header(self) -> None:
+        """
+        When the encoded text starts like a header field (quoted-printable
+        keeps the inner message's header readable), readers split it
+        differently: the message is ambiguous and offered whole with the
+        other readings.
+        """
+        data = (
+            b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n--b\r\n'
+            b"Content-Type: message/rfc822\r\n"
+            b"Content-Transfer-Encoding: quoted-printable\r\n\r\n"
+            b"Subject: inner\r\n\r\nh=C3=A9llo\r\n--b--\r\n"
+        )
+        result = decompose_bytes(self, data)
+        self.assertEqual(result.defect, Defect.AMBIGUOUS_BODY)
+        self.assertEqual(result.parts[0].filename, WHOLE_MESSAGE_NAME)

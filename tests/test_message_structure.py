@@ -333,17 +333,24 @@ class StructureShapeTests(SynchronousTestCase):
         self.assertEqual(part.content_type, "message/rfc822")
         self.assertEqual(data[inner.body_start : inner.end], b"inner body")
 
-    def test_encoded_message_is_unreliable(self) -> None:
+    def test_encoded_message_is_a_leaf(self) -> None:
         """
         A message/rfc822 part with a base64 transfer encoding (forbidden but
-        seen) is read one way by clients that decode it and another by
-        parsers that take the encoded text for a message (Python's email):
-        the structure is unreliable.
+        seen) is a leaf to be decoded whole, not parsed in place (the
+        decomposer also offers its encoded text, which some readers take for
+        the message); an encoded delivery-status is unreliable.
         """
         data = crlf(
             'Content-Type: multipart/mixed; boundary="b"\n\n--b\n'
             "Content-Type: message/rfc822\nContent-Transfer-Encoding: base64\n\n"
             "U3ViamVjdDogeAoKeQo=\n--b--\n"
+        )
+        part = parse(data).find("1.1")
+        assert part is not None
+        self.assertTrue(part.is_leaf)
+        data = crlf(
+            "Content-Type: message/delivery-status\n"
+            "Content-Transfer-Encoding: base64\n\nU3RhdHVzOiA1LjAuMAo=\n"
         )
         self.assertEqual(parse(data).defect, Defect.BAD_TRANSFER_ENCODING)
 

@@ -27,6 +27,7 @@ from mdgateway.message.lines import read_range
 from mdgateway.message.readings import ReadingError, read_alternatives
 from mdgateway.message.structure import (
     DELIVERY_STATUS,
+    IDENTITY_ENCODINGS,
     Defect,
     Entity,
     Limits,
@@ -36,6 +37,18 @@ from mdgateway.message.structure import (
 
 #: The name under which an unreliable message is offered whole.
 WHOLE_MESSAGE_NAME = "message.eml"
+#: How deep encoded attached messages are decoded and taken apart.
+MAX_ENCODED_NESTING = 4
+#: Name prefixes of what the decomposer writes into its folder.
+_MADE = (
+    "part-",
+    "preamble-",
+    "epilogue-",
+    "body-",
+    "encoded-",
+    "inner-",
+    "stripped-",
+)
 
 _BASE64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 _WHITESPACE = b" \t\r\n"
@@ -74,14 +87,21 @@ class PartOrigin(enum.Enum):
     #: An entity of our reading of the message: it can be stripped or
     #: replaced by its sanitized version.
     ENTITY = "entity"
-    #: Text as it is: the non-blank preamble or epilogue of a multipart, or
-    #: the whole body of a C{message/*} entity that readers may keep as one
-    #: file rather than parse.
+    #: Text as it is: the non-blank preamble or epilogue of a multipart, the
+    #: whole body of a C{message/*} entity that readers may keep as one file
+    #: rather than parse, or the encoded text of an encoded message that
+    #: readers may take for the message itself.
     TEXT = "text"
     #: The whole message, offered when its structure is unreliable.
     WHOLE = "whole"
     #: A payload of another reader's reading of an unreliable message.
     READING = "reading"
+    #: A part of an encoded attached message, decoded and taken apart: it
+    #: goes (or stays) with that message.
+    NESTED = "nested"
+    #: An entity decoded as other readers decode it (quoted-printable with
+    #: space at the end of a line, which some delete).
+    VARIANT = "variant"
 
 
 class PartKind(enum.Enum):
@@ -218,6 +238,14 @@ class _DeliveryStatusError(_ContentError):
     defect = Defect.AMBIGUOUS_BODY
 
 
+class _EncodedMessageError(_ContentError):
+    defect = Defect.AMBIGUOUS_BODY
+
+
+class _QuotedPrintableError(_ContentError):
+    defect = Defect.BAD_QUOTED_PRINTABLE
+
+
 _FIELD_LINE = re.compile(rb"[!-9;-~]+:")
 
 
@@ -312,14 +340,37 @@ def _decode_base64(data: bytes) -> bytes:
     return binascii.a2b_base64(data + b"=" * (-len(data) % 4))
 
 
+_TRAILING_SPACE = re.compile(rb"[ \t]+(?=\r\n)")
+_QP_INVALID = re.compile(rb"[^\t\r\n\x20-\x7e]|=(?![0-9A-Fa-f]{2}|[ \t]*\r\n|[ \t]*\Z)")
+_FINAL_SPACE = re.compile(rb"[ \t]+(?=\r\n|\Z)")
+
+
 class _QuotedPrintable:
     """
     Incremental quoted-printable decoding, cutting only where no escape or
     soft line break can be split.
+
+    Readers differ on space at the end of an encoded line (RFC 2045 says
+    to delete it; Python keeps it): L{trailing} says whether there was
+    any, and with C{strip} it is deleted, for the other reading.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, strip: bool = False) -> None:
         self._pending = b""
+        self._strip = strip
+        self.trailing = False
+
+    def _decode(self, data: bytes, final: bool) -> bytes:
+        if _QP_INVALID.search(data):
+            # A raw control or 8-bit byte, or an "=" that is no escape:
+            # readers drop, keep or replace it, each their own way.
+            raise _QuotedPrintableError("not quoted-printable")
+        pattern = _FINAL_SPACE if final else _TRAILING_SPACE
+        if pattern.search(data):
+            self.trailing = True
+            if self._strip:
+                data = pattern.sub(b"", data)
+        return binascii.a2b_qp(data)
 
     def feed(self, data: bytes) -> bytes:
         data = self._pending + data
@@ -330,11 +381,11 @@ class _QuotedPrintable:
             if equals >= 0:
                 cut = equals
         self._pending = data[cut:]
-        return binascii.a2b_qp(data[:cut])
+        return self._decode(data[:cut], False)
 
     def finish(self) -> bytes:
         data, self._pending = self._pending, b""
-        return binascii.a2b_qp(data)
+        return self._decode(data, True)
 
 
 def _decoder(encoding: str) -> _Decoder:
@@ -394,7 +445,13 @@ def _write_part(
     parent: Entity | None,
     attached: bool,
     directory: Path,
+    variants: list[ScannablePart],
 ) -> ScannablePart:
+    """
+    Write one leaf, decoded; a quoted-printable leaf with space at the end
+    of an encoded line is also written as readers that delete that space
+    decode it (appended to C{variants}).
+    """
     path = directory / f"part-{entity.part_id}"
     decoder = _decoder(entity.transfer_encoding)
     check = _DeliveryStatus() if entity.content_type == DELIVERY_STATUS else _Identity()
@@ -409,6 +466,32 @@ def _write_part(
         output.write(data)
         size += len(data)
     kind, filename, named = _describe(entity)
+    if isinstance(decoder, _QuotedPrintable) and decoder.trailing:
+        variant = directory / f"stripped-{entity.part_id}"
+        stripping = _QuotedPrintable(strip=True)
+        with open(variant, "wb") as output:
+            for chunk in read_range(source, entity.body_start, entity.end):
+                output.write(stripping.feed(chunk))
+            output.write(stripping.finish())
+        variants.append(
+            ScannablePart(
+                part_id=f"{entity.part_id}~stripped",
+                kind=kind,
+                content_type=entity.content_type,
+                charset=entity.charset,
+                filename=f"stripped-{filename}",
+                named=False,
+                inline=False,
+                headers_start=entity.headers_start,
+                body_start=entity.body_start,
+                end=entity.end,
+                path=variant,
+                size=variant.stat().st_size,
+                in_attached_message=attached,
+                signed=entity.signed,
+                origin=PartOrigin.VARIANT,
+            )
+        )
     return ScannablePart(
         part_id=entity.part_id,
         kind=kind,
@@ -486,6 +569,12 @@ def _whole(source_path: Path, structure: Structure, directory: Path) -> Decompos
 
 def _spans(entity: Entity) -> list[tuple[str, tuple[int, int] | None]]:
     spans = [("preamble", entity.preamble), ("epilogue", entity.epilogue)]
+    if entity.is_leaf and entity.content_type.startswith("message/"):
+        if entity.transfer_encoding not in IDENTITY_ENCODINGS:
+            # An encoded message (RFC 2046 forbids it, clients decode it,
+            # and so do we for its leaf): readers like Python's email take
+            # the encoded text itself for the message's body.
+            spans.append(("encoded", (entity.body_start, entity.end)))
     if entity.children and not entity.is_multipart:
         if entity.content_type != "message/rfc822":
             # message/global, message/partial, message/news,
@@ -496,25 +585,46 @@ def _spans(entity: Entity) -> list[tuple[str, tuple[int, int] | None]]:
     return spans
 
 
-def _texts(source: BinaryIO, root: Entity, directory: Path) -> list[ScannablePart]:
+_HEADER_LIKE = re.compile(rb"From |[!-9;-~]*:|[ \t]|\r\n")
+
+
+def _check_encoded_message(source: BinaryIO, span: tuple[int, int]) -> None:
+    """
+    An encoded message's text is read as a message body whole only when
+    its first line cannot pass for a header field (or the blank line
+    after them); otherwise readers split it, and the message is ambiguous.
+    """
+    source.seek(span[0])
+    first = source.read(min(span[1] - span[0], 1000))
+    if first and _HEADER_LIKE.match(first):
+        raise _EncodedMessageError(
+            "an encoded message part whose text starts like a header field"
+        )
+
+
+def _texts(
+    source: BinaryIO, root: Entity, directory: Path, found: list[ScannablePart]
+) -> None:
     """
     The preambles and epilogues of the multiparts below C{root} that hold
-    more than white space, and the bodies of C{message/*} entities other
-    than C{message/rfc822} as a whole, each written as it is (no transfer
-    encoding applies to them).
+    more than white space, the bodies of C{message/*} entities other than
+    C{message/rfc822} as a whole, and the encoded text of an encoded
+    C{message/*} leaf, each written as it is (no transfer encoding applies
+    to them). They are appended to C{found}.
     """
-    found = []
     for entity in root.walk():
         for where, span in _spans(entity):
             if span is None:
                 continue
+            if where == "encoded":
+                _check_encoded_message(source, span)
             path = directory / f"{where}-{entity.part_id}"
             blank = True
             with open(path, "wb") as output:
                 for chunk in read_range(source, *span):
                     output.write(chunk)
                     blank = blank and not chunk.strip(_WHITESPACE)
-            if blank and (where != "body" or span[0] == span[1]):
+            if blank and (where in ("preamble", "epilogue") or span[0] == span[1]):
                 # Blank preamble and epilogue text is nothing anyone reads.
                 path.unlink()
                 continue
@@ -537,7 +647,6 @@ def _texts(source: BinaryIO, root: Entity, directory: Path) -> list[ScannablePar
                     origin=PartOrigin.TEXT,
                 )
             )
-    return found
 
 
 def decompose(
@@ -551,7 +660,11 @@ def decompose(
 
     Every leaf is written, and the preamble and epilogue of every
     multipart that hold more than white space (as C{preamble-<id>} and
-    C{epilogue-<id>}, as they are).
+    C{epilogue-<id>}, as they are), and the raw body of every C{message/*}
+    part other than C{message/rfc822} (C{body-<id>}). An encoded attached
+    message (base64 or quoted-printable, which RFC 2046 forbids and clients
+    decode) is offered decoded, as its encoded text (C{encoded-<id>}), and
+    taken apart in turn (C{inner-<id>/}, up to L{MAX_ENCODED_NESTING} deep).
 
     Never raises for bad content.  When the structure is unreliable (see
     L{Defect}), or a base64 part turns out not to be base64, the part files
@@ -564,9 +677,55 @@ def decompose(
     @param directory: where the part files go; created if missing.
     @raise OSError: if a file cannot be read or written.
     """
-    source_path = Path(message)
-    target = Path(directory)
+    return _decompose(Path(message), Path(directory), limits, 0)
+
+
+def _encoded_message(entity: Entity) -> bool:
+    return (
+        entity.is_leaf
+        and entity.content_type.startswith("message/")
+        and entity.content_type != DELIVERY_STATUS
+        and entity.transfer_encoding not in IDENTITY_ENCODINGS
+    )
+
+
+def _inner(
+    part: ScannablePart, directory: Path, limits: Limits | None, depth: int
+) -> tuple[list[ScannablePart], str | None]:
+    """
+    The parts of an encoded attached message, decoded (clients decode it
+    and show its attachments), each tied to the attached message.
+    """
+    if depth >= MAX_ENCODED_NESTING:
+        raise _EncodedMessageError(
+            f"encoded messages nested deeper than {MAX_ENCODED_NESTING}"
+        )
+    inner = _decompose(
+        part.path, directory / f"inner-{part.part_id}", limits, depth + 1
+    )
+    found = [
+        attrs.evolve(
+            item,
+            part_id=f"{part.part_id}>{item.part_id}",
+            origin=PartOrigin.NESTED,
+            headers_start=part.headers_start,
+            body_start=part.body_start,
+            end=part.end,
+            in_attached_message=True,
+            signed=item.signed or part.signed,
+        )
+        for item in inner.parts
+        # The decoded message as a whole is the attached message's own part.
+        if item.origin is not PartOrigin.WHOLE
+    ]
+    return found, inner.reading_error
+
+
+def _decompose(
+    source_path: Path, target: Path, limits: Limits | None, depth: int
+) -> Decomposition:
     target.mkdir(parents=True, exist_ok=True)
+    reading_error = None
     with open(source_path, "rb") as source:
         structure = parse_structure(source, limits)
         if structure.root is None:
@@ -576,15 +735,24 @@ def decompose(
         try:
             for entity, parent, attached in _scannable(structure.root):
                 current = entity
-                parts.append(_write_part(source, entity, parent, attached, target))
+                part = _write_part(source, entity, parent, attached, target, parts)
+                parts.append(part)
+                if _encoded_message(entity):
+                    inner, error = _inner(part, target, limits, depth)
+                    parts.extend(inner)
+                    reading_error = reading_error or error
             current = None
-            parts.extend(_texts(source, structure.root, target))
+            _texts(source, structure.root, target, parts)
             parts.sort(key=lambda part: part.headers_start)
         except _ContentError as error:
-            for part in parts:
-                part.path.unlink(missing_ok=True)
-            if current is not None:
-                (target / f"part-{current.part_id}").unlink(missing_ok=True)
+            # Remove what this call wrote (part files, the folders of encoded
+            # attached messages), nothing else of the folder.
+            for item in target.iterdir():
+                if item.name.startswith(_MADE):
+                    if item.is_dir():
+                        shutil.rmtree(item, ignore_errors=True)
+                    else:
+                        item.unlink(missing_ok=True)
             broken = attrs.evolve(
                 structure,
                 root=None,
@@ -592,4 +760,6 @@ def decompose(
                 detail=f"part {current.part_id if current else '?'}: {error}",
             )
             return _whole(source_path, broken, target)
-    return Decomposition(parts=tuple(parts), structure=structure)
+    return Decomposition(
+        parts=tuple(parts), structure=structure, reading_error=reading_error
+    )

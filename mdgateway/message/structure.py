@@ -105,6 +105,7 @@ class Defect(enum.Enum):
     BAD_TRANSFER_ENCODING = "bad_transfer_encoding"
     UNKNOWN_CHARSET = "unknown_charset"
     BAD_BASE64 = "bad_base64"
+    BAD_QUOTED_PRINTABLE = "bad_quoted_printable"
     AMBIGUOUS_BODY = "ambiguous_body"
     TOO_DEEP = "too_deep"
     TOO_MANY_PARTS = "too_many_parts"
@@ -518,7 +519,11 @@ class _Parser:
             self._multiparts += 1
             if mime.content_type in ENVELOPE_TYPES:
                 self._signed = True
-        elif is_message_type(mime.content_type) and not headers_only:
+        elif (
+            is_message_type(mime.content_type)
+            and mime.transfer_encoding in IDENTITY_ENCODINGS
+            and not headers_only
+        ):
             node.state = _State.MESSAGE
             child = self._new(
                 f"{node.part_id}.1", node.depth + 1, offset + 2, node, node.signed
@@ -608,7 +613,7 @@ class _Parser:
                     f"{node.part_id} is not a bare token",
                 )
         if encoding not in KNOWN_ENCODINGS or (
-            (boundary is not None or content_type.startswith("message/"))
+            (boundary is not None or content_type == DELIVERY_STATUS)
             and encoding not in IDENTITY_ENCODINGS
         ):
             raise _UnreliableError(
