@@ -713,3 +713,46 @@ class EncodedMessageTests(SynchronousTestCase):
         result = decompose_bytes(self, data)
         self.assertEqual(result.defect, Defect.AMBIGUOUS_BODY)
         self.assertEqual(result.parts[0].filename, WHOLE_MESSAGE_NAME)
+
+
+class QuotedPrintableReadingsTests(SynchronousTestCase):
+    """
+    Quoted-printable that readers decode differently.
+    """
+
+    def test_space_at_line_end(self) -> None:
+        """
+        Space at the end of an encoded line is kept by some readers
+        (Python's email) and deleted by others (RFC 2045): both decodings
+        are offered, the second as a variant that cannot be replaced alone.
+        """
+        data = (
+            b"Content-Type: text/plain\r\nContent-Transfer-Encoding: quoted-printable"
+            b"\r\n\r\nline one  \r\nline=20two\r\n"
+        )
+        result = decompose_bytes(self, data)
+        self.assertFalse(result.unreliable, result.detail)
+        contents = {p.part_id: (p.path.read_bytes(), p.origin) for p in result.parts}
+        self.assertEqual(
+            contents["1"], (b"line one  \r\nline two\r\n", PartOrigin.ENTITY)
+        )
+        self.assertEqual(
+            contents["1~stripped"], (b"line one\r\nline two\r\n", PartOrigin.VARIANT)
+        )
+
+    def test_not_quoted_printable(self) -> None:
+        """
+        Raw 8-bit or control bytes, or an "=" that is no escape, are read
+        each reader its own way: the message is ambiguous.
+        """
+        for body in (b"caf\xc3\xa9\r\n", b"a\x00b\r\n", b"50=% off\r\n", b"=G1\r\n"):
+            data = (
+                b"Content-Type: text/plain\r\n"
+                b"Content-Transfer-Encoding: quoted-printable\r\n\r\n" + body
+            )
+            result = decompose_bytes(self, data)
+            self.assertEqual(result.defect, Defect.BAD_QUOTED_PRINTABLE, body)
+        fine = (
+            b"Content-Transfer-Encoding: quoted-printable\r\n\r\nsoft=\r\nbreak=3D=\r\n"
+        )
+        self.assertFalse(decompose_bytes(self, fine).unreliable)

@@ -715,8 +715,10 @@ def _inner(
             signed=item.signed or part.signed,
         )
         for item in inner.parts
-        # The decoded message as a whole is the attached message's own part.
-        if item.origin is not PartOrigin.WHOLE
+        # The decoded message is the attached message's own part already,
+        # unless it is ambiguous (offered whole with its readings): then it
+        # is offered once more under the name that says so.
+        if item.origin is not PartOrigin.WHOLE or inner.unreliable
     ]
     return found, inner.reading_error
 
