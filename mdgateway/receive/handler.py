@@ -3,7 +3,7 @@
 The server-side delivery hooks: who may send what to whom, and how the
 content of an accepted message reaches the spool.
 
-L{Gateway} is the L{IEnvelopeHandler} of every listener. It asks an
+L{EnvelopeHandler} is the L{IEnvelopeHandler} of every listener. It asks an
 L{IRecipientPolicy} about each recipient and streams each message into a
 spool writer, answering C{250} only once the spool has made it durable.
 """
@@ -129,7 +129,7 @@ def received_header(
 
 
 @implementer(IEnvelopeHandler)
-class Gateway:
+class EnvelopeHandler:
     """
     Every listener's envelope handler.
 
@@ -317,7 +317,7 @@ class SpoolSink:
 
     def __init__(
         self,
-        gateway: Gateway,
+        gateway: EnvelopeHandler,
         info: ConnectionInfo,
         mail: MailFrom,
         recipients: list[tuple[RcptTo, object]],

@@ -69,7 +69,7 @@ from mdgateway.queue.processing import CopyProcessor
 from mdgateway.queue.report import MetricsHistory, StoreHistory
 from mdgateway.queue.spool import Spool
 from mdgateway.receive.admission import CachingVerifier, RulePolicy
-from mdgateway.receive.handler import Gateway, IRecipientPolicy
+from mdgateway.receive.handler import EnvelopeHandler, IRecipientPolicy
 from mdgateway.receive.verification import SmtpRecipientVerifier, read_password
 from mdgateway.relay import maildir
 from mdgateway.relay.delivery import Outgoing, Relay
@@ -153,7 +153,7 @@ def protocol_limits(listener: ListenerConfig, config: GatewayConfig) -> Protocol
 def build_listener_factory(
     listener: ListenerConfig,
     config: GatewayConfig,
-    gateway: Gateway,
+    gateway: EnvelopeHandler,
     clock: IReactorTime,
 ) -> tuple[SMTPServerFactory, Any]:
     """
@@ -342,7 +342,7 @@ class GatewayService(MultiService):
             ),
         )
         self.pipeline.on_bounce = self.metrics.bounce
-        self.gateway = Gateway(
+        self.gateway = EnvelopeHandler(
             hostname=config.sender_helo_domain,
             spool=self.spool,
             policy=policy or self._recipient_policy(config),
@@ -695,7 +695,7 @@ class GatewayService(MultiService):
         command = [
             sys.executable,
             "-m",
-            "mdgateway.emulator.process",
+            "mdgateway.run.emulator",
             "--endpoint",
             settings.endpoint,
             "--latency",

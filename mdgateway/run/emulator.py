@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_e2e_workers -*-
 """
-C{python -m mdgateway.emulator.process}: the built-in Core emulator
+C{python -m mdgateway.run.emulator}: the built-in Core emulator
 (C{[emulator] enabled}) as a process of its own, started and kept alive by
 the gateway.
 
@@ -30,7 +30,7 @@ log = Logger()
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mdgateway.emulator.process")
+    parser = argparse.ArgumentParser(prog="python -m mdgateway.run.emulator")
     parser.add_argument("--endpoint", required=True, help="a Twisted server endpoint")
     parser.add_argument("--latency", type=float, default=0.0)
     args = parser.parse_args(argv)
