@@ -21,6 +21,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mdgateway.config import load_config
 from mdgateway.ops.metrics import Metrics
+from mdgateway.run.compose import build_gateway
+from mdgateway.run.service import GatewayService
 from mdgateway.run.supervisor import (
     FIRST_LISTEN_FD,
     METRICS_FD,
@@ -33,7 +35,6 @@ from mdgateway.run.supervisor import (
     stale_worker_spools,
     worker_spool,
 )
-from mdgateway.run.tap import GatewayService
 from tests.gatewayproc import default_toml, free_port
 
 
@@ -368,7 +369,7 @@ class ReloadTests(SynchronousTestCase):
         config = folder / "gw.toml"
         base = default_toml(free_port(), folder / "spool")
         config.write_text(base + "[processes]\nworkers = 2\n")
-        service = GatewayService(load_config(config), reactor)
+        service = GatewayService(build_gateway(load_config(config), reactor))
         config.write_text(base + "[processes]\nworkers = 3\n")
         warnings: list[dict[str, Any]] = []
         globalLogPublisher.addObserver(warnings.append)

@@ -28,7 +28,7 @@ from mdgateway.ops.interfaces import (
 )
 from mdgateway.queue.entry import SpoolEntry
 from mdgateway.queue.envelope import Envelope, Recipient
-from mdgateway.queue.manager import GENERATED_RELEASE, Pipeline, copy_file_into
+from mdgateway.queue.manager import GENERATED_RELEASE, QueueManager, copy_file_into
 from mdgateway.queue.spool import Spool
 from mdgateway.smtp.parse import ParseError, parse_mailbox
 from mdgateway.store.interfaces import IStore, NotFoundError, QuarantineItem
@@ -50,7 +50,7 @@ class GatewayOperations:
         *,
         reactor: Any,
         spool: Spool,
-        pipeline: Pipeline,
+        pipeline: QueueManager,
         store: IStore,
         metrics: Any,
         policy: Callable[[], Any],

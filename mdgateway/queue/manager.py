@@ -27,8 +27,10 @@ from zope.interface import Interface, implementer
 from mdgateway.message.headers import format_field
 from mdgateway.message.marker import MARKER_HEADER, body_digest
 from mdgateway.policy.rules import Policy, Rule
+from mdgateway.queue.bounces import IBounceWriter
 from mdgateway.queue.entry import SCRATCH, SpoolEntry
 from mdgateway.queue.envelope import Envelope, Recipient
+from mdgateway.queue.loopguard import ILoopGuard
 from mdgateway.queue.processing import (
     CopyJob,
     CopyOutcome,
@@ -229,28 +231,7 @@ class TeeHistory:
             await history.status(entry, copy_id, status, text)
 
 
-@attrs.frozen
-class LoopGuard:
-    """
-    The processed-marker seam: make our marker value for a copy id, a time
-    and a body digest; count the valid markers of a spooled file.
-    """
-
-    make: Callable[[str, float, bytes], str]
-    count_valid: Callable[[str, float, bytes | None], int]
-
-
-@attrs.frozen
-class BounceMaker:
-    """
-    Writes a DSN file: C{(message_path, envelope, results, path, delayed)}
-    returns the recipients reported or L{None} when no DSN is due.
-    """
-
-    write: Callable[..., Any]
-
-
-class Pipeline:
+class QueueManager:
     """
     Processes and delivers spooled messages with bounded concurrency.
     """
@@ -264,8 +245,8 @@ class Pipeline:
         relay: Relay,
         reactor: Any,
         threadpool: ThreadPool,
-        loop_guard: LoopGuard,
-        bounces: BounceMaker,
+        loop_guard: ILoopGuard,
+        bounces: IBounceWriter,
         history: IHistory | None = None,
         retry: RetryPolicy | None = None,
         concurrency: int = 16,

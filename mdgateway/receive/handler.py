@@ -148,6 +148,7 @@ class EnvelopeHandler:
         on_queued: Callable[[SpoolEntry], object] | None = None,
         on_refused: Callable[..., object] | None = None,
         max_queue: int = 0,
+        ready: bool = True,
     ) -> None:
         """
         @param looped: given the start of a message (its header block) and
@@ -157,6 +158,8 @@ class EnvelopeHandler:
         @param on_queued: called with each committed spool entry.
         @param on_refused: called as C{(info, sender, recipient, reply)} for
             every refusal, for the refused-mail log.
+        @param ready: whether sessions may start at once; a gateway being
+            built sets it when its spool has been recovered.
         @param max_queue: spool entries at which new mail is refused with
             C{452 4.3.1} (back-pressure when delivery falls behind); 0: none.
         """
@@ -173,6 +176,7 @@ class EnvelopeHandler:
         #: Called as C{(info, opened)} when a session starts and ends.
         self.on_connection: Callable[[ConnectionInfo, bool], object] | None = None
         self.accepting = True
+        self.ready = ready
         self.accepted = 0
         self.refused = 0
 
@@ -186,6 +190,8 @@ class EnvelopeHandler:
         )
         if not self.accepting:
             return replies.SHUTTING_DOWN
+        if not self.ready:
+            return replies.NOT_READY
         info.context = self.policy
         if self.on_connection is not None:
             self.on_connection(info, True)

@@ -74,6 +74,7 @@ TOO_MANY_LONG_LINES = Reply.of(
 )
 TLS_REQUIRED = Reply.of(530, "5.7.0", "Must issue a STARTTLS command first")
 SHUTTING_DOWN = Reply.of(421, "4.3.2", "Service shutting down, try again later")
+NOT_READY = Reply.of(421, "4.3.2", "Service starting, try again later")
 TOO_MANY_ERRORS = Reply.of(421, "4.7.0", "Too many errors, closing connection")
 IDLE_TIMEOUT = Reply.of(421, "4.4.2", "Timeout exceeded, closing connection")
 SESSION_DEADLINE = Reply.of(421, "4.4.2", "Session time limit exceeded")

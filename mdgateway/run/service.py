@@ -1,0 +1,473 @@
+# -*- test-case-name: tests.test_embedding -*-
+"""
+The running gateway as a Twisted service: ordered start (spool recovery,
+Core runtimes, the store, the queue, then listeners), reload, readiness,
+and an orderly drain in the reverse order.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+from functools import partial
+from typing import Any
+
+import attrs
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
+from twisted.internet.endpoints import HostnameEndpoint, serverFromString
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import LoopingCall, deferLater
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger, globalLogPublisher
+from twisted.python.failure import Failure
+
+from mdgateway.config import ConfigError, GatewayConfig, endpoint_address, load_config
+from mdgateway.ops.admin import AdminAPI
+from mdgateway.ops.operations import GatewayOperations
+from mdgateway.ops.tokens import load_or_create_token
+from mdgateway.queue.entry import SpoolInUseError
+from mdgateway.receive.listeners import apply_settings
+from mdgateway.run.compose import Gateway
+from mdgateway.run.supervisor import (
+    Supervisor,
+    stale_worker_spools,
+    worker_command,
+    worker_environment,
+    worker_spool,
+)
+from mdgateway.smtp.serverprotocol import ProxyHeaderFactory
+
+log = Logger()
+
+#: What a reload leaves as it is until a restart.
+RESTART_KEYS = ("listeners", "tls", "spool", "workers")
+
+
+class GatewayService(MultiService):
+    """
+    One gateway process at run time.
+
+    @param listen: bind the configured listeners (the primary), or adopt the
+        sockets the primary passed down (a worker). An embedder that serves
+        L{Gateway.smtp_factory} on endpoints of its own passes C{False}.
+    """
+
+    def __init__(self, gateway: Gateway, *, listen: bool = True) -> None:
+        super().__init__()
+        self.gateway = gateway
+        self.reactor = gateway.reactor
+        self.listen = listen
+        self.supervisor: Supervisor | None = None
+        self.emulator: Supervisor | None = None
+        self.operations = GatewayOperations(
+            reactor=self.reactor,
+            spool=gateway.spool,
+            pipeline=gateway.queue,
+            store=gateway.store,
+            metrics=gateway.metrics,
+            policy=gateway.live.policy,
+            reload=self.reload,
+            checks=self.checks,
+            worker_spools=self._worker_spools,
+        )
+        self._watch_metrics()
+        self.admin_port: IListeningPort | None = None
+        self.purger = LoopingCall(self._purge)
+        self.purger.clock = self.reactor
+        self.ports: list[IListeningPort] = []
+        self.ready: Deferred[None] = Deferred()
+        self.draining = False
+
+    @property
+    def config(self) -> GatewayConfig:
+        return self.gateway.live.current
+
+    # -- readiness and metrics -------------------------------------------------
+
+    def _watch_metrics(self) -> None:
+        gateway = self.gateway
+        metrics = gateway.metrics
+        metrics.watch_queue_depth(lambda: gateway.spool.entry_count)
+        metrics.watch_queue_oldest_seconds(gateway.spool.oldest_age)
+        metrics.watch_core_servers_up(gateway.runtimes.servers_up)
+        metrics.watch_relay_throttled(
+            lambda: {
+                name: bool(gateway.relay.throttled_until(profile))
+                for name, profile in self.config.policy.smtp_profiles.items()
+            }
+        )
+
+    def checks(self) -> dict[str, bool]:
+        """
+        Readiness: listeners up, spool writable, a healthy server in every
+        Core and relay profile in use, not draining.
+        """
+        gateway = self.gateway
+        policy = self.config.policy
+        core = all(
+            any(s.up for s in gateway.runtimes[p.name].status())
+            for p in policy.core_profiles_in_use()
+            if p.name in gateway.runtimes
+        )
+        relay = all(gateway.relay.healthy(p) for p in policy.smtp_profiles_in_use())
+        listening = (
+            bool(self.ports) and len(self.ports) == len(self.config.listeners)
+            if self.listen
+            else gateway.handler.ready
+        )
+        return {
+            "listening": listening,
+            "spool_writable": gateway.spool.writable(),
+            "core": core,
+            "relay": relay,
+            "not_draining": not self.draining,
+        }
+
+    async def _purge(self) -> None:
+        counts = await self.gateway.store.purge(
+            self.reactor.seconds(),
+            self.config.store.history_days,
+            self.config.store.quarantine_days,
+        )
+        log.info(
+            "retention: removed {messages} messages, {refusals} refusals, "
+            "{quarantined} quarantined originals",
+            messages=counts.messages,
+            refusals=counts.refusals,
+            quarantined=counts.quarantined,
+        )
+
+    # -- start -------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self.gateway.threads.start()
+        d = Deferred.fromCoroutine(self._start())
+        d.addErrback(self._failed_start)
+
+    async def _start(self) -> None:
+        gateway = self.gateway
+        config = self.config
+        primary = gateway.role.primary
+        await gateway.loop_guard.load(self.reactor, gateway.threads.spool)
+        if primary and config.emulator.enabled:
+            await self._start_emulator()
+        gateway.runtimes.sync(config.policy.core_profiles)
+        await gateway.store.open()
+        if primary:
+            self.purger.start(3600, now=True).addErrback(
+                lambda f: log.failure("retention job failed", f)
+            )
+            await gateway.spool.acquire()
+            await self._adopt_stale_spools()
+        else:
+            # A predecessor of this worker may still be draining.
+            await gateway.spool.acquire(wait=config.drain_timeout + 30)
+        entries = await gateway.spool.recover()
+        log.info(
+            "spool {directory}: {count} message(s) recovered",
+            directory=gateway.spool.root,
+            count=len(entries),
+        )
+        await gateway.queue.clear_scratch()
+        gateway.queue.start(entries)
+        gateway.handler.ready = True
+        if self.listen:
+            await self._start_listeners()
+        if primary and config.admin.endpoint:
+            await self._start_admin()
+        if primary and self.listen and config.workers > 1:
+            self._start_workers()
+        self.ready.callback(None)
+
+    async def _adopt_stale_spools(self) -> None:
+        stale_spools = await deferToThreadPool(
+            self.reactor,
+            self.gateway.threads.spool,
+            stale_worker_spools,
+            self.config.spool.directory,
+            self.config.workers,
+        )
+        for stale in stale_spools:
+            try:
+                await self.gateway.spool.adopt(stale)
+            except SpoolInUseError as e:
+                # A retired worker still draining: its messages are safe
+                # where they are; the next start adopts them.
+                log.warn("not adopted yet: {error}", error=str(e))
+
+    async def _start_listeners(self) -> None:
+        gateway = self.gateway
+        for listener in self.config.listeners:
+            wrapped = gateway.smtp_factory(listener.name)
+            if isinstance(wrapped, ProxyHeaderFactory):
+                wrapped.on_error = partial(gateway.metrics.proxy_error, listener.name)
+            if gateway.role.primary:
+                port = await self._listen(listener.endpoint, wrapped)
+            else:
+                port = adopt_listener(
+                    self.reactor, gateway.role.listen_fds[listener.name], wrapped
+                )
+            self.ports.append(port)
+            host = port.getHost()
+            log.info(
+                "listening on {listener}: {host}:{port} (tls {tls}, proxy {proxy})",
+                listener=listener.name,
+                host=getattr(host, "host", host),
+                port=getattr(host, "port", ""),
+                tls=listener.tls,
+                proxy=listener.proxy_protocol,
+            )
+
+    async def _listen(self, description: str, factory: Factory) -> IListeningPort:
+        """
+        Listen on C{description}; while the address is in use, keep trying
+        for as long as a predecessor may take to drain (after a crash its
+        workers still hold the old socket until they have finished).
+        """
+        deadline = self.reactor.seconds() + self.config.drain_timeout + 5
+        warned = False
+        while True:
+            try:
+                port: IListeningPort = await serverFromString(
+                    self.reactor, description
+                ).listen(factory)
+                return port
+            except CannotListenError as e:
+                in_use = getattr(e.socketError, "errno", None) == errno.EADDRINUSE
+                if not in_use or self.reactor.seconds() >= deadline:
+                    raise
+                if not warned:
+                    warned = True
+                    log.warn(
+                        "{endpoint} is in use (a predecessor draining?); "
+                        "retrying until {seconds:g}s have passed",
+                        endpoint=description,
+                        seconds=self.config.drain_timeout + 5,
+                    )
+                await deferLater(self.reactor, 0.25, lambda: None)
+
+    def _start_workers(self) -> None:
+        fds = {
+            listener.name: port.fileno()  # type: ignore[attr-defined]
+            for listener, port in zip(self.config.listeners, self.ports, strict=True)
+        }
+        self.supervisor = Supervisor(
+            reactor=self.reactor,
+            clock=self.reactor,
+            children=self.config.workers - 1,
+            command=partial(worker_command, os.path.abspath(self.config.path)),
+            listen_fds=fds,
+            observer=globalLogPublisher,
+            environment=worker_environment(),
+        )
+        metrics = self.gateway.metrics
+        metrics.remote = self.supervisor.snapshots
+        supervisor = self.supervisor
+        metrics.watch_workers(lambda: supervisor.running)
+        self.supervisor.start()
+
+    async def _start_admin(self) -> None:
+        settings = self.config.admin
+        token = await deferToThreadPool(
+            self.reactor,
+            self.gateway.threads.spool,
+            load_or_create_token,
+            settings.token_file,
+        )
+        api = AdminAPI(self.operations, token, self.reactor)
+        site = api.site()
+        site.noisy = False
+        endpoint = serverFromString(self.reactor, settings.endpoint)
+        self.admin_port = await endpoint.listen(site)
+        log.info(
+            "admin API listening on {endpoint} (token in {token_file})",
+            endpoint=settings.endpoint,
+            token_file=settings.token_file,
+        )
+
+    async def _start_emulator(self) -> None:
+        """
+        Start the built-in Core emulator as a process of its own (kept
+        alive like a worker) and wait until it listens.
+        """
+        settings = self.config.emulator
+        command = [
+            sys.executable,
+            "-m",
+            "mdgateway.run.emulator",
+            "--endpoint",
+            settings.endpoint,
+            "--latency",
+            repr(settings.latency),
+        ]
+        self.emulator = Supervisor(
+            reactor=self.reactor,
+            clock=self.reactor,
+            children=1,
+            command=lambda index, fds: command,
+            listen_fds={},
+            observer=globalLogPublisher,
+            environment=worker_environment(),
+            name="emulator",
+        )
+        self.emulator.start()
+        await self._wait_listening(settings.endpoint, timeout=30)
+
+    async def _wait_listening(self, description: str, timeout: float) -> None:
+        """
+        Connect to the TCP server endpoint C{description} until it answers.
+        """
+        kind, interface, port = endpoint_address(description)
+        if kind != "TCP":
+            return
+        host = interface or "127.0.0.1"
+        if host in ("0.0.0.0", "::"):
+            host = "127.0.0.1" if host == "0.0.0.0" else "::1"
+        endpoint = HostnameEndpoint(self.reactor, host.encode(), port, timeout=1)
+        deadline = self.reactor.seconds() + timeout
+        while True:
+            try:
+                protocol = await endpoint.connect(Factory.forProtocol(Protocol))
+            except Exception:
+                if self.reactor.seconds() >= deadline:
+                    raise RuntimeError(
+                        f"nothing listens on {description} after {timeout:g}s"
+                    ) from None
+                await deferLater(self.reactor, 0.1, lambda: None)
+            else:
+                transport = getattr(protocol, "transport", None)
+                if transport is not None:
+                    transport.loseConnection()
+                return
+
+    def _failed_start(self, failure: Failure) -> None:
+        log.critical(
+            "mdgateway failed to start: {error}", error=failure.getErrorMessage()
+        )
+        self.ready.addErrback(lambda _: None)
+        self.ready.errback(failure)
+        if self.reactor.running:
+            # Exit non-zero, so a supervisor (systemd, a test) sees it.
+            self.reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
+            self.reactor.stop()
+
+    # -- stop ----------------------------------------------------------------------
+
+    def stopService(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        gateway = self.gateway
+        config = self.config
+        self.draining = True
+        if config.drain_grace and gateway.role.primary and self.listen:
+            # Readiness is red now; give the load balancer time to notice
+            # before the listener goes away.
+            log.info(
+                "draining: not ready; listeners close in {grace}s",
+                grace=config.drain_grace,
+            )
+            await deferLater(self.reactor, config.drain_grace, lambda: None)
+        gateway.handler.accepting = False
+        workers_stopped: Deferred[None] = succeed(None)
+        if self.supervisor is not None:
+            workers_stopped = Deferred.fromCoroutine(
+                self.supervisor.stop(config.drain_timeout + 30)
+            )
+        log.info("draining: listeners closed, sessions finishing")
+        await DeferredList([succeed(p.stopListening()) for p in self.ports])
+        for factory in gateway.factories:
+            for session in list(factory.sessions):
+                session.drain()
+        deadline = self.reactor.seconds() + config.drain_timeout
+        while self._live_sessions() and self.reactor.seconds() < deadline:
+            await deferLater(self.reactor, 0.1, lambda: None)
+        for factory in gateway.factories:
+            for session in list(factory.sessions):
+                session.abort()
+        await gateway.queue.stop()
+        await workers_stopped
+        if self.admin_port is not None:
+            await maybeDeferred(self.admin_port.stopListening)
+        if self.purger.running:
+            self.purger.stop()
+        await gateway.history.drain()
+        await gateway.store.close()
+        await gateway.runtimes.close()
+        if self.emulator is not None:
+            await self.emulator.stop(10)
+        await gateway.spool.close()
+        gateway.threads.stop()
+        await super().stopService()
+        log.info("stopped")
+
+    def _live_sessions(self) -> int:
+        return sum(len(f.sessions) for f in self.gateway.factories)
+
+    # -- reload ----------------------------------------------------------------------
+
+    def reload(self) -> tuple[bool, list[str]]:
+        """
+        Load the configuration file again. If it is valid, new sessions use
+        its rules and limits while sessions in progress keep theirs; if not,
+        the running configuration stays and every problem is logged.
+        Listener, TLS and spool changes need a restart.
+        """
+        old = self.config
+        try:
+            new = load_config(old.path)
+        except ConfigError as e:
+            for problem in e.problems:
+                log.error("configuration reload refused: {problem}", problem=problem)
+            return False, list(e.problems)
+        if any(getattr(new, k) != getattr(old, k) for k in RESTART_KEYS):
+            log.warn(
+                "listener, TLS, spool and process count changes take effect "
+                "after a restart; rules and limits are applied now"
+            )
+        gateway = self.gateway
+        gateway.runtimes.sync(new.policy.core_profiles)
+        if self.supervisor is not None:
+            self.supervisor.signal_all("HUP")
+        gateway.handler.policy = gateway.recipient_policy(new)
+        gateway.handler.hostname = new.sender_helo_domain
+        for factory in gateway.factories:
+            apply_settings(factory, old.listeners, new)
+        gateway.live.current = attrs.evolve(
+            new, **{k: getattr(old, k) for k in RESTART_KEYS}
+        )
+        log.info(
+            "configuration {config_version} loaded from {path}",
+            config_version=new.version,
+            path=new.path,
+            rules=len(new.policy.rules),
+        )
+        return True, []
+
+    def _worker_spools(self) -> list[tuple[int, str]]:
+        if not self.gateway.role.primary:
+            return []
+        root = self.config.spool.directory
+        return [(k, worker_spool(root, k)) for k in range(1, self.config.workers)]
+
+
+def adopt_listener(reactor: Any, fd: int, factory: Factory) -> IListeningPort:
+    """
+    Serve C{factory} on the listening socket inherited as C{fd} (a worker
+    shares the primary's sockets).
+    """
+    import socket
+
+    sock = socket.socket(fileno=fd)
+    try:
+        port: IListeningPort = reactor.adoptStreamPort(
+            sock.fileno(), sock.family, factory
+        )
+    finally:
+        sock.close()  # adoptStreamPort keeps a duplicate
+    return port
