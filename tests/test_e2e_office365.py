@@ -209,7 +209,7 @@ def refusal_metric(admin: int, reason: str) -> float:
     return 0.0
 
 
-def test_other_tenants_and_strangers_refused(office365) -> None:
+def test_other_tenants_and_strangers_refused(office365, tmp_path: Path) -> None:
     """
     From Exchange Online's addresses, a message naming another tenant (as
     the sender "boss@example.com", to an outside address or to our
@@ -271,6 +271,9 @@ def test_other_tenants_and_strangers_refused(office365) -> None:
 
     wait_for(lambda: handler.messages)
     assert subjects(handler) == ["control after refusals"]
+    spool = tmp_path / "spool"
+    wait_for(lambda: not list((spool / "queue").glob("*.eml")))
+    assert list((spool / "incoming").iterdir()) == []
 
     causes = {
         e["cause"]
@@ -362,6 +365,16 @@ def test_our_tenant_passes(office365) -> None:
         assert parsed["X-Metadefender-Core-Result"] == "Allowed", subject
         assert parsed["X-MS-Exchange-CrossTenant-Id"] == OURS
         assert parsed["X-MD-Email-Security-Id"]
+
+    mixed = [
+        email.message_from_bytes(m.content, policy=email.policy.compat32)
+        for m in handler.messages
+        if b"Subject: mixed" in m.content
+    ]
+    assert sorted(m["X-Metadefender-Core-Rule"] for m in mixed) == [
+        "MetaDefender Email Gateway Security",
+        "MetaDefender Email Gateway Security DLP",
+    ]
 
     # A misrouted transport rule sends the processed message back.
     first = next(m for m in handler.messages if b"Subject: outbound" in m.content)
