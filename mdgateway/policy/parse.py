@@ -5,7 +5,8 @@ Security rules and server profiles from their TOML form.
 L{parse_policy} reads C{[profiles.core.*]}, C{[profiles.smtp.*]} and
 C{[[rules]]} and records every mistake, with its key path, in the shared
 L{Problems}: unknown profiles, bad server URIs, bad networks, unsafe
-patterns, a relay profile that points back at one of the gateway's own
+patterns, bad Office 365 tenant ids (or ones without the networks their
+header is trusted from), a relay profile that points back at one of the gateway's own
 listeners (a loop) and a rule that would relay for anyone (an open relay).
 """
 
