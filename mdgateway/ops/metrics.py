@@ -88,6 +88,7 @@ _REFUSAL_RULES: tuple[tuple[str | None, str | None, str], ...] = (
     (None, "no security rule", "no_rule"),
     (None, "no policy for recipient", "no_policy"),
     (None, "relaying denied", "relay_denied"),
+    (None, "allowed office 365 tenant", "tenant"),
     (None, "mail loop", "loop"),
     (None, "too many hops", "loop"),
     (None, "bare cr or lf", "smuggling"),

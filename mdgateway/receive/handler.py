@@ -31,6 +31,7 @@ from mdgateway.queue.entry import SpoolEntry, SpoolError, SpoolFullError
 from mdgateway.queue.envelope import Envelope, Recipient
 from mdgateway.queue.spool import Spool
 from mdgateway.queue.writer import SpoolWriter
+from mdgateway.receive.tenant import TenantGate
 from mdgateway.smtp import replies
 from mdgateway.smtp.interfaces import (
     ConnectionInfo,
@@ -336,11 +337,16 @@ class SpoolSink:
         self.writer = writer
         self.head = b""
         self.body = BodyHasher()
+        self.tenant = TenantGate.for_message(
+            (binding for _, binding in recipients), info.client[0]
+        )
 
     def write(self, data: bytes) -> bool:
         if len(self.head) < HEAD_BYTES:
             self.head += data[: HEAD_BYTES - len(self.head)]
         self.body.feed(data)
+        if self.tenant is not None:
+            self.tenant.feed(data)
         return self.writer.write(data)
 
     def on_drained(self, callback: Any) -> None:
@@ -380,18 +386,42 @@ class SpoolSink:
             extra={BODY_DIGEST: self.body.digest().hex()},
         )
 
+    async def _refuse(self, reply: Reply) -> Reply:
+        """
+        Discard the message and record the refusal (refused log, metric).
+        """
+        await self.writer.abort()
+        self.gateway.message_refused(self.info, self.mail, reply)
+        return reply
+
     async def _commit(self) -> Reply:
+        if self.tenant is not None:
+            refusal = self.tenant.refusal()
+            if refusal is not None:
+                log.warn(
+                    "message {message_id} from {client} refused: rule {rule} "
+                    "takes mail only from its Office 365 tenants ({cause})",
+                    session_id=self.info.session_id,
+                    message_id=self.writer.queue_id,
+                    client=self.info.client[0],
+                    sender=self.mail.sender_text,
+                    recipients=[str(rcpt.recipient) for rcpt, _ in self.recipients],
+                    rule=refusal.rule.name,
+                    cause=refusal.verdict.cause,
+                    tenant=refusal.verdict.tenant,
+                )
+                return await self._refuse(refusal.reply)
         looped = self.gateway.looped
         if looped is not None and looped(self.head, self.body.digest()):
-            await self.writer.abort()
             log.warn(
-                "message from {client} refused: it has been through this gateway "
-                "twice (mail loop)",
+                "message {message_id} from {client} refused: it has been through "
+                "this gateway twice (mail loop)",
                 session_id=self.info.session_id,
+                message_id=self.writer.queue_id,
                 client=self.info.client[0],
                 sender=self.mail.sender_text,
             )
-            return replies.TOO_MANY_HOPS
+            return await self._refuse(replies.TOO_MANY_HOPS)
         try:
             entry = await self.writer.commit(self.envelope())
         except SpoolFullError:
