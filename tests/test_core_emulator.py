@@ -1,7 +1,9 @@
 """
-Tests for the MetaDefender Core v4 emulator (L{mdgateway.emulator.app}),
-its content checks (L{mdgateway.emulator.detect}) and its twist plugin
-(L{mdgateway.emulator.tap}).
+Tests for the MetaDefender Core emulator's API (L{mdgateway.emulator.app}
+and its resource tree), its content checks (L{mdgateway.emulator.detect})
+and its twist plugin (L{mdgateway.emulator.tap}). Archives, DLP and Deep
+CDR are in C{test_core_emulator_content}; the shapes of every answer in
+C{test_core_conformance}.
 
 Most tests drive the real C{twisted.web} tree synchronously: raw HTTP bytes
 into an C{HTTPChannel} over a L{StringTransport}, time from a L{Clock}.
@@ -14,7 +16,6 @@ import json
 import os
 import shutil
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -50,13 +51,14 @@ from mdgateway.emulator.detect import (
     FAIL_MARKER,
     NOT_SCANNED_MARKER,
     SANITIZED_MARKER,
+    copy_masked,
     luhn_valid,
+    mask_card,
     scan_stream,
-    write_converted,
 )
 from mdgateway.emulator.tap import Options, makeService
+from tests.coresamples import CARD, docx, pdf, zip_of
 
-CARD = b"4111 1111 1111 1111"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -98,19 +100,6 @@ def parse_response(raw: bytes) -> Answer:
             rest = rest[size + 2 :]
         rest = body
     return Answer(status, headers, rest)
-
-
-def encrypted_zip() -> bytes:
-    """
-    A zip whose only entry has bit 0 (encrypted) of its general-purpose
-    flag set.
-    """
-    name, data = b"secret.txt", b"\x00" * 24
-    header = struct.pack(
-        "<4sHHHHHIIIHH", b"PK\x03\x04", 20, 1, 0, 0, 0, 0, len(data), len(data),
-        len(name), 0,
-    )  # fmt: skip
-    return header + name + data
 
 
 def plain_zip() -> bytes:
@@ -229,7 +218,16 @@ class ContentScanTests(SynchronousTestCase):
         self.assertTrue(found.infected)
         (card,) = found.cards
         self.assertEqual(card.offset, data.index(CARD))
-        self.assertEqual(card.masked, b"XXXX XXXX XXXX 1111")
+        self.assertEqual(card.masked, b"XXXXXXXXXXXXXXX1111")
+
+    def test_mask_card(self) -> None:
+        """
+        Masking keeps the length and the last four digits, and masks the
+        separators too, as Core shows a hit.
+        """
+        self.assertEqual(mask_card("4111 1111 1111 1938"), "XXXXXXXXXXXXXXX1938")
+        self.assertEqual(mask_card("4111-1111-1111-1111"), "XXXXXXXXXXXXXXX1111")
+        self.assertEqual(mask_card("4111111111111111"), "XXXXXXXXXXXX1111")
 
     def test_non_luhn_and_long_digit_runs(self) -> None:
         """
@@ -239,16 +237,6 @@ class ContentScanTests(SynchronousTestCase):
         found = scan_stream(io.BytesIO(b"id 4111111111111112 and 94111111111111111"))
         self.assertEqual(found.cards, ())
 
-    def test_encrypted_zip(self) -> None:
-        """
-        A local header with flag bit 0 marks an encrypted archive; a normal
-        zip and a non-zip mentioning the signature do not.
-        """
-        self.assertTrue(scan_stream(io.BytesIO(encrypted_zip())).encrypted_archive)
-        self.assertFalse(scan_stream(io.BytesIO(plain_zip())).encrypted_archive)
-        text = b"text PK\x03\x04\x14\x00\x01\x00"
-        self.assertFalse(scan_stream(io.BytesIO(text)).encrypted_archive)
-
     def test_markers(self) -> None:
         """
         The failure and not-scanned markers are detected.
@@ -256,21 +244,15 @@ class ContentScanTests(SynchronousTestCase):
         self.assertTrue(scan_stream(io.BytesIO(b"a " + FAIL_MARKER)).fail)
         self.assertTrue(scan_stream(io.BytesIO(NOT_SCANNED_MARKER)).not_scanned)
 
-    def test_write_converted_masks_across_blocks(self) -> None:
+    def test_copy_masked_across_blocks(self) -> None:
         """
-        The converted copy masks the card even when it spans copy blocks,
-        and carries the sanitized marker.
+        The redacted copy masks the card even when it spans copy blocks.
         """
         data = b"a" * 10 + CARD + b"b" * 10
         found = scan_stream(io.BytesIO(data))
         out = io.BytesIO()
-        write_converted(
-            io.BytesIO(data), out, found.cards, sanitized=True, chunk_size=7
-        )
-        self.assertEqual(
-            out.getvalue(),
-            b"a" * 10 + b"XXXX XXXX XXXX 1111" + b"b" * 10 + SANITIZED_MARKER,
-        )
+        copy_masked(io.BytesIO(data), out, found.cards, chunk_size=7)
+        self.assertEqual(out.getvalue(), b"a" * 10 + b"XXXXXXXXXXXXXXX1111" + b"b" * 10)
 
 
 class EmulatorApiTests(SynchronousTestCase):
@@ -377,23 +359,11 @@ class EmulatorApiTests(SynchronousTestCase):
         self.assertEqual(doc["scan_results"]["scan_all_result_i"], 1)
         self.assertEqual(doc["file_info"]["file_size"], len(body))
 
-    def test_encrypted_zip(self) -> None:
-        """
-        An encrypted zip is Blocked as Encrypted Archive (12); a normal zip
-        is allowed.
-        """
-        doc = self.wire.final(self.wire.upload(encrypted_zip(), "secret.zip"))
-        self.assertEqual(doc["scan_results"]["scan_all_result_i"], 12)
-        self.assertEqual(doc["scan_results"]["scan_all_result_a"], "Encrypted Archive")
-        self.assertEqual(doc["process_info"]["blocked_reason"], "Encrypted Archive")
-        plain = self.wire.final(self.wire.upload(plain_zip(), "plain.zip"))
-        self.assertEqual(plain["scan_results"]["scan_all_result_i"], 0)
-        self.assertEqual(plain["file_info"]["file_type"], "application/zip")
-
     def test_card_number(self) -> None:
         """
         A Luhn-valid card number is Sensitive Data Found (20), Blocked, with
-        a masked DLP hit and a redacted converted file.
+        a masked DLP hit that says it was not redacted, and no converted
+        file (a blocked file gets no redacted copy).
         """
         wire = self.wire
         data_id = wire.upload(b"card " + CARD + b" thanks", "note.txt")
@@ -401,25 +371,52 @@ class EmulatorApiTests(SynchronousTestCase):
         self.assertEqual(doc["scan_results"]["scan_all_result_i"], 20)
         self.assertEqual(doc["process_info"]["blocked_reason"], "Sensitive Data Found")
         self.assertEqual(doc["process_info"]["result"], "Blocked")
+        self.assertEqual(doc["process_info"]["verdicts"], ["Sensitive Data Found"])
         dlp = doc["dlp_info"]
         self.assertEqual(dlp["verdict"], 1)
-        self.assertEqual(dlp["redact"]["result"], "redacted")
+        self.assertEqual(dlp["redact"]["result"], "not redacted")
+        self.assertEqual(dlp["filename"], "")
         (hit,) = dlp["hits"]["ccn"]["hits"]
-        self.assertEqual(hit["hit"], "XXXX XXXX XXXX 1111")
-        self.assertIs(hit["isRedacted"], True)
+        self.assertEqual(hit["hit"], "XXXXXXXXXXXXXXX1111")
+        self.assertIs(hit["isRedacted"], False)
         self.assertEqual(doc["process_info"]["post_processing"]["actions_ran"], "")
         download = wire.request("GET", f"/file/converted/{data_id}")
-        self.assertEqual(download.status, 200)
-        self.assertEqual(download.body, b"card XXXX XXXX XXXX 1111 thanks")
+        self.assertEqual(download.status, 404)
 
     def test_card_number_allowed(self) -> None:
         """
-        With C{dlp_block} off the file is Allowed with the same DLP hit.
+        With C{dlp_block} off the file is Allowed, Proactive DLP redacts it
+        and names its output C{*_proactive-dlp-processed_by_*}; Deep CDR
+        does not claim it (no C{Sanitized}).
         """
-        self.wire.emulator.config = EmulatorConfig(latency=2.0, dlp_block=False)
-        doc = self.wire.final(self.wire.upload(CARD, "note.txt"))
+        wire = self.wire
+        wire.emulator.config = EmulatorConfig(latency=2.0, dlp_block=False)
+        data_id = wire.upload(b"card " + CARD + b" thanks", "note.txt")
+        doc = wire.final(data_id)
         self.assertEqual(doc["scan_results"]["scan_all_result_i"], 20)
         self.assertEqual(doc["process_info"]["result"], "Allowed")
+        self.assertEqual(doc["process_info"]["blocked_reason"], "")
+        self.assertEqual(doc["process_info"]["verdicts"], ["Sensitive Data Found"])
+        dlp = doc["dlp_info"]
+        name = f"note_proactive-dlp-processed_by_OPSWAT_MetaDefender_{data_id}.txt"
+        self.assertEqual(dlp["redact"]["result"], "redacted")
+        self.assertEqual(dlp["filename"], name)
+        self.assertIs(dlp["hits"]["ccn"]["hits"][0]["isRedacted"], True)
+        post = doc["process_info"]["post_processing"]
+        self.assertEqual((post["actions_ran"], post["converted_destination"]), ("", ""))
+        download = wire.request("GET", f"/file/converted/{data_id}")
+        self.assertEqual(download.body, b"card XXXXXXXXXXXXXXX1111 thanks")
+        self.assertIn(name.replace(" ", "%20"), download.headers["content-disposition"])
+
+    def test_pdf_with_card_not_sanitized(self) -> None:
+        """
+        A PDF with a card number is a DLP hit, not a Deep CDR result: no
+        C{Sanitized}, blocked, and no converted copy.
+        """
+        doc = self.wire.final(self.wire.upload(pdf(b"card " + CARD), "a.pdf"))
+        self.assertEqual(doc["process_info"]["post_processing"]["actions_ran"], "")
+        self.assertEqual(doc["process_info"]["result"], "Blocked")
+        self.assertNotIn("sanitization_details", doc["process_info"]["post_processing"])
 
     def test_non_luhn_number(self) -> None:
         """
@@ -427,6 +424,7 @@ class EmulatorApiTests(SynchronousTestCase):
         """
         doc = self.wire.final(self.wire.upload(b"4111 1111 1111 1112", "n.txt"))
         self.assertEqual(doc["scan_results"]["scan_all_result_i"], 0)
+        self.assertEqual(doc["dlp_info"]["verdict"], 0)
 
     def test_sanitized_types(self) -> None:
         """
@@ -442,6 +440,10 @@ class EmulatorApiTests(SynchronousTestCase):
         self.assertEqual(post["actions_ran"], "Sanitized")
         self.assertEqual(post["converted_destination"], expected)
         self.assertEqual(post["converted_to"], "pdf")
+        self.assertEqual(
+            post["sanitization_details"],
+            {"description": "Sanitized successfully.", "details": []},
+        )
         self.assertEqual(doc["process_info"]["result"], "Allowed")
         self.assertEqual(doc["file_info"]["file_type"], "application/pdf")
         download = wire.request("GET", f"/file/converted/{data_id}")
@@ -460,12 +462,32 @@ class EmulatorApiTests(SynchronousTestCase):
 
     def test_default_sanitize_types(self) -> None:
         """
-        The default types are the Office, PDF, HTML and RTF extensions.
+        The default types are the Office formats (with and without macros),
+        PDF, HTML and RTF.
         """
         self.assertEqual(
             DEFAULT_SANITIZE_TYPES,
-            {"docx", "xlsx", "pptx", "pdf", "html", "htm", "doc", "xls", "rtf"},
-        )
+            {
+                "doc", "docm", "docx", "htm", "html", "pdf", "ppt", "pptm",
+                "pptx", "rtf", "xls", "xlsm", "xlsx",
+            },
+        )  # fmt: skip
+
+    def test_type_from_content(self) -> None:
+        """
+        Deep CDR goes by the content, not the name: text named C{.docx} is
+        not sanitized, a PDF named C{.bin} is (its converted file gets the
+        C{pdf} extension).
+        """
+        wire = self.wire
+        text = wire.final(wire.upload(b"just words", "a.docx"))
+        self.assertEqual(text["process_info"]["post_processing"]["actions_ran"], "")
+        self.assertEqual(text["file_info"]["file_type"], "text/plain")
+        data_id = wire.upload(pdf(), "scan.bin")
+        post = wire.final(data_id)["process_info"]["post_processing"]
+        self.assertEqual(post["actions_ran"], "Sanitized")
+        self.assertEqual(post["converted_to"], "pdf")
+        self.assertTrue(post["converted_destination"].endswith(".pdf"))
 
     def test_not_sanitized(self) -> None:
         """
@@ -477,16 +499,25 @@ class EmulatorApiTests(SynchronousTestCase):
         answer = wire.request("GET", f"/file/converted/{clean['data_id']}")
         self.assertEqual(answer.status, 404)
         self.assertEqual(answer.json(), {"err": "File could not be found"})
-        early = wire.upload(b"doc", "a.docx")
+        early = wire.upload(docx(), "a.docx")
         self.assertEqual(wire.request("GET", f"/file/converted/{early}").status, 404)
 
     def test_infected_office_file_not_sanitized(self) -> None:
         """
         An infected file of a sanitized type is blocked, not sanitized.
         """
-        doc = self.wire.final(self.wire.upload(EICAR, "macro.docx"))
+        stored = zip_of(
+            {"[Content_Types].xml": b"<Types/>", "word/document.xml": EICAR},
+            zipfile.ZIP_STORED,
+        )
+        data_id = self.wire.upload(stored, "macro.docx")
+        doc = self.wire.final(data_id)
         self.assertEqual(doc["process_info"]["post_processing"]["actions_ran"], "")
         self.assertEqual(doc["process_info"]["result"], "Blocked")
+        self.assertEqual(doc["process_info"]["blocked_reason"], "Infected")
+        converted = self.wire.request("GET", f"/file/converted/{data_id}")
+        self.assertEqual(converted.status, 404)
+        self.assertEqual(os.listdir(self.workdir), [])
 
     def test_failure_markers(self) -> None:
         """
@@ -509,11 +540,51 @@ class EmulatorApiTests(SynchronousTestCase):
 
     def test_empty_file(self) -> None:
         """
-        A zero-length upload is refused with 422.
+        A zero-length upload is refused with 422, before the queue limit is
+        looked at and without writing anything.
         """
-        answer = self.wire.request("POST", "/file", b"")
+        wire = self.wire
+        wire.emulator.config = EmulatorConfig(queue_size=0)
+        answer = wire.request("POST", "/file", b"", [("filename", "a.pdf")])
         self.assertEqual(answer.status, 422)
         self.assertEqual(answer.json(), {"err": "File is empty."})
+        self.assertEqual(os.listdir(self.workdir), [])
+
+    def test_too_big(self) -> None:
+        """
+        An upload over the rule's C{max_file_size} gets Core's 500 size
+        message, which C{/file/rules} announces.
+        """
+        wire = self.wire
+        wire.emulator.config = EmulatorConfig(max_file_size=10)
+        rules = wire.request("GET", "/file/rules").json()
+        self.assertEqual(rules[0]["max_file_size"], 10)
+        answer = wire.request("POST", "/file", b"x" * 11)
+        self.assertEqual(answer.status, 500)
+        self.assertEqual(
+            answer.json(),
+            {
+                "err": "Failed to request scan. File size exceeded the maximum"
+                " size permitted by your configuration."
+            },
+        )
+        self.assertEqual(wire.request("POST", "/file", b"x" * 10).status, 200)
+
+    def test_link_and_body(self) -> None:
+        """
+        C{downloadfrom} or C{filepath} together with a body is refused with
+        Core's 400; a C{downloadfrom} that is not http(s) too.
+        """
+        wire = self.wire
+        for header in ("downloadfrom", "filepath"):
+            answer = wire.request("POST", "/file", b"x", [(header, "http://h/f")])
+            self.assertEqual(
+                (answer.status, answer.json()),
+                (400, {"err": "Both body data and download link were given."}),
+            )
+        answer = wire.request("POST", "/file", b"", [("downloadfrom", "ftp://h/f")])
+        self.assertEqual(answer.status, 400)
+        self.assertIn("must start with http", answer.json()["err"])
 
     def test_queue_full(self) -> None:
         """
@@ -582,7 +653,8 @@ class EmulatorApiTests(SynchronousTestCase):
         self.assertEqual(doc["scan_results"]["scan_all_result_i"], 19)
         self.assertEqual(doc["process_info"]["progress_percentage"], 100)
         self.assertEqual(wire.emulator.in_flight, 0)
-        self.assertEqual(wire.request("POST", "/file/nope/cancel").status, 404)
+        unknown = wire.request("POST", "/file/nope/cancel")
+        self.assertEqual((unknown.status, unknown.json()), (404, {"err": "Not found"}))
 
     def test_info_endpoints(self) -> None:
         """
@@ -592,7 +664,7 @@ class EmulatorApiTests(SynchronousTestCase):
         wire = self.wire
         self.assertEqual(
             wire.request("GET", "/version").json(),
-            {"product_id": "MSCL", "version": "4.18.0"},
+            {"product_id": "MSCL", "version": "4.21.1"},
         )
         rules = wire.request("GET", "/file/rules").json()
         self.assertEqual([r["name"] for r in rules], ["Default", "Email Security"])
@@ -611,6 +683,11 @@ class EmulatorApiTests(SynchronousTestCase):
         self.assertEqual(self.wire.request("POST", "/login", b"{}").status, 403)
         out = self.wire.request("POST", "/logout", b"")
         self.assertEqual(out.json(), {"response": "Logout success"})
+        self.wire.emulator.config = EmulatorConfig(apikey="k")
+        denied = self.wire.request("POST", "/logout", b"", [("apikey", "x")])
+        self.assertEqual(
+            (denied.status, denied.json()), (403, {"response": "Access denied"})
+        )
 
     def test_unknown_route_and_method(self) -> None:
         """
@@ -627,7 +704,7 @@ class EmulatorApiTests(SynchronousTestCase):
         """
         wire = self.wire
         wire.emulator.config = EmulatorConfig(latency=2.0, retention=60.0)
-        data_id = wire.upload(b"doc", "a.docx")
+        data_id = wire.upload(docx(), "a.docx")
         wire.final(data_id)
         self.assertEqual(os.listdir(self.workdir), [data_id])
         wire.clock.advance(61)
@@ -641,7 +718,10 @@ class EmulatorApiTests(SynchronousTestCase):
         """
         wire = self.wire
         wire.emulator.config = EmulatorConfig(max_results=2)
-        ids = [wire.upload(b"file %d" % i) for i in range(4)]
+        ids = []
+        for i in range(4):
+            ids.append(wire.upload(b"file %d" % i))
+            wire.clock.advance(1.0)  # processed and post-processed
         wire.upload(b"one more")
         self.assertLessEqual(wire.emulator.results, 3)
         self.assertEqual(wire.result(ids[0]).status, 404)
@@ -714,13 +794,19 @@ class BlockingScanTests(SynchronousTestCase):
             b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
         )
         self.assertEqual(transport.value(), b"")
-        self.assertEqual(wire.emulator.in_flight, 0)
+        # The upload holds its place in the queue while it is examined.
+        self.assertEqual(wire.emulator.in_flight, 1)
         ((function, args, d),) = handed
+        # The worker got the body itself, not the request's content file
+        # (which the request closes if the client goes away).
+        args[0].seek(0)
+        self.assertEqual(args[0].read(), b"hello")
         d.callback(function(*args))
+        self.assertTrue(args[0].closed)
         answer = parse_response(transport.value())
         self.assertEqual(answer.status, 200)
         data_id = answer.json()["data_id"]
-        self.assertEqual(wire.emulator.in_flight, 1)
+        self.assertEqual(wire.emulator.in_flight, 1)  # now processing
         self.assertEqual(wire.final(data_id)["scan_results"]["scan_all_result_i"], 0)
 
 
@@ -758,7 +844,7 @@ class ApiKeyTests(SynchronousTestCase):
         """
         wire = self.wire
         key = [("apikey", "s3cret")]
-        data_id = wire.upload(b"doc", "a.docx", key)
+        data_id = wire.upload(docx(), "a.docx", key)
         wire.turns()
         wire.result(data_id, key)
         wire.result(data_id, key)
@@ -783,7 +869,7 @@ class EmulatorCloseTests(SynchronousTestCase):
         emulator made for converted files.
         """
         wire = Wire(EmulatorConfig(latency=5.0))
-        wire.upload(b"doc", "a.docx")
+        wire.upload(docx(), "a.docx")
         workdir = wire.emulator._workdir
         assert workdir is not None
         self.assertTrue(os.path.isdir(workdir))
@@ -944,7 +1030,7 @@ async def test_twist_plugin(tmp_path: Path) -> None:
                 if process.poll() is not None:
                     break
                 await task.deferLater(reactor, 0.1, lambda: None)
-        assert doc == {"product_id": "MSCL", "version": "4.18.0"}, (
+        assert doc == {"product_id": "MSCL", "version": "4.21.1"}, (
             tmp_path / "twist.log"
         ).read_text()
     finally:

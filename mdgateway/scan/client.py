@@ -40,7 +40,6 @@ from twisted.python.failure import Failure
 from twisted.web.client import (
     Agent,
     BrowserLikePolicyForHTTPS,
-    FileBodyProducer,
     HTTPConnectionPool,
     RequestNotSent,
     RequestTransmissionFailed,
@@ -53,6 +52,7 @@ from zope.interface import implementer
 from mdgateway.policy.profiles import CoreProfile, CoreServer
 from mdgateway.scan.errors import Condition, CoreError, error_for_response
 from mdgateway.scan.interfaces import ICoreServerClient
+from mdgateway.scan.upload import FileUpload
 from mdgateway.scan.verdict import (
     DocumentState,
     MalformedResultError,
@@ -312,13 +312,15 @@ class CoreClient:
         }
         if self._profile.rule != "Automatic":
             headers["rule"] = quote(self._profile.rule, safe="")
-        with open(path, "rb") as f:
-            producer = FileBodyProducer(
-                f, cooperator=self._cooperator, readSize=_UPLOAD_BLOCK
-            )
+        upload = FileUpload(path, self._cooperator, _UPLOAD_BLOCK)
+        try:
             response = await self._send(
-                "POST", "/file", headers=headers, data=producer, what="upload"
+                "POST", "/file", headers=headers, data=upload, what="upload"
             )
+        finally:
+            # Core may answer before it has the whole body (a 503, say):
+            # the rest is not sent, and the upload closes its file.
+            upload.stopProducing()
         body = await self._read_small(response, "upload")
         if response.code != 200:
             raise self._failure(response.code, body, "upload")

@@ -4,11 +4,12 @@ One MetaDefender Core server profile at run time.
 
 L{CoreRuntime} spreads scans over the profile's servers (failover or
 round-robin), limits the scans in flight per server, takes a server out of
-rotation after C{failure_threshold} consecutive failures and probes it with
+rotation after C{failure_threshold} failures among its recent answers, probes it with
 C{GET /version} after C{retry_after} seconds, and tells the SMTP edge
 whether new work can be taken (L{CoreRuntime.available}). A failure on one
 server moves the scan to the next; the caller sees an error condition only
-when every server failed.
+when every server failed. Health is counted per server across every part
+and message (see L{mdgateway.scan.breaker}).
 """
 
 from __future__ import annotations
@@ -55,6 +56,19 @@ def _scan_call(
     server: _Server, path: str, filename: str
 ) -> Callable[[], Awaitable[Verdict]]:
     return lambda: server.client.scan(path, filename)
+
+
+def _health_fault(error: CoreError) -> bool:
+    """
+    Whether C{error} says the server is unwell (and counts against it): a
+    server fault, no usable answer, a refused key, a scan that never
+    completed. A busy server and the file's own failures do not.
+    """
+    return error.server_fault or error.condition in (
+        Condition.UNREACHABLE,
+        Condition.ACCESS_DENIED,
+        Condition.SCAN_TIMEOUT,
+    )
 
 
 class _ServerDownError(Exception):
@@ -357,38 +371,24 @@ class CoreRuntime:
                 seconds=self._busy_backoff,
             )
             return
-        if error.server_fault or error.condition in (
-            Condition.UNREACHABLE,
-            Condition.ACCESS_DENIED,
-            Condition.SCAN_TIMEOUT,
-        ):
-            if server.breaker.failure(now):
-                _log.warn(
-                    "Core server {server} marked down after {failures} failures"
-                    " ({error}); probing in {seconds}s",
-                    server=server.url,
-                    profile=self.profile.name,
-                    failures=server.breaker.failures,
-                    error=str(error),
-                    seconds=self.profile.retry_after,
-                )
-                self._schedule_probe(server)
+        if not _health_fault(error):
+            # The server answered properly; the failure belongs to the file,
+            # and says nothing about the server's health either way.
             return
-        # The server answered properly; the failure belongs to the file.
-        self._succeeded(server)
-
-    def _succeeded(self, server: _Server) -> None:
-        if server.breaker.success():
-            # A scan that started before the server went down finished fine:
-            # it is back, and the probe is moot.
-            if server.probe_call is not None and server.probe_call.active():
-                server.probe_call.cancel()
-            server.probe_call = None
-            _log.info(
-                "Core server {server} is back up",
+        if server.breaker.failure(now):
+            _log.warn(
+                "Core server {server} marked down after {failures} failures"
+                " ({error}); probing in {seconds}s",
                 server=server.url,
                 profile=self.profile.name,
+                failures=server.breaker.failures,
+                error=str(error),
+                seconds=self.profile.retry_after,
             )
+            self._schedule_probe(server)
+
+    def _succeeded(self, server: _Server) -> None:
+        server.breaker.success(self._clock.seconds())
 
     def _schedule_probe(self, server: _Server) -> None:
         if self._closed:
@@ -433,4 +433,9 @@ class CoreRuntime:
             server.breaker.probe_failed(self._clock.seconds())
             self._schedule_probe(server)
             return
-        self._succeeded(server)
+        if server.breaker.probe_succeeded():
+            _log.info(
+                "Core server {server} is back up",
+                server=server.url,
+                profile=self.profile.name,
+            )
