@@ -58,7 +58,9 @@ def pdf(body: bytes = b"BT (Hello) Tj ET") -> bytes:
     """
     A small PDF (the emulator recognises it by its header).
     """
-    return b"%PDF-1.4\n1 0 obj << /Length 20 >> stream\n" + body + b"\nendstream\n%%EOF\n"
+    return (
+        b"%PDF-1.4\n1 0 obj << /Length 20 >> stream\n" + body + b"\nendstream\n%%EOF\n"
+    )
 
 
 def zip_of(
@@ -178,4 +180,13 @@ def encrypted_zip(entries: Mapping[str, bytes], password: bytes) -> bytes:
     return bytes(local + central + end)
 
 
-__all__ = ["CARD", "EICAR", "docx", "encrypted_zip", "nested_zip", "pdf", "tar_of", "zip_of"]
+__all__ = [
+    "CARD",
+    "EICAR",
+    "docx",
+    "encrypted_zip",
+    "nested_zip",
+    "pdf",
+    "tar_of",
+    "zip_of",
+]

@@ -122,7 +122,13 @@ class Wire:
         self.site = build_site(self.emulator, access_log=False, reactor=self.clock)
         self.transports: list[StringTransport] = []
 
-    def request(
+    def rebuild(self) -> None:
+        """
+        Serve C{self.emulator} again (after replacing it).
+        """
+        self.site = build_site(self.emulator, access_log=False, reactor=self.clock)
+
+    def send(
         self,
         method: str,
         path: str,
@@ -130,7 +136,11 @@ class Wire:
         headers: Sequence[tuple[str, str]] = (),
         *,
         chunked: bool = False,
-    ) -> Answer:
+    ) -> StringTransport:
+        """
+        Send one request on a new connection and run what is due; return
+        the transport the answer is (or will be) written to.
+        """
         lines = [f"{method} {path} HTTP/1.1", "Host: core", "Connection: close"]
         lines += [f"{k}: {v}" for k, v in headers]
         payload = body or b""
@@ -147,6 +157,25 @@ class Wire:
         channel.makeConnection(transport)
         channel.dataReceived(raw)
         self.turns()
+        return transport
+
+    def answer(self, transport: StringTransport) -> Answer:
+        """
+        The answer written to C{transport} so far.
+        """
+        self.turns()
+        return parse_response(transport.value())
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        headers: Sequence[tuple[str, str]] = (),
+        *,
+        chunked: bool = False,
+    ) -> Answer:
+        transport = self.send(method, path, body, headers, chunked=chunked)
         return parse_response(transport.value())
 
     def turns(self) -> None:
