@@ -50,8 +50,8 @@ class Shape:
     @ivar in_progress_code: C{scan_all_result_i} (and its text) while
         processing: 255 "In Progress", or the early servers' 0.
     @ivar details: 4.18-era C{process_info} fields (C{verdicts},
-        C{username}, C{queue_time}, C{processing_time}, C{outdated_data})
-        and engine C{eng_id}/C{wait_time}.
+        C{username}, C{queue_time}, C{processing_time}, C{outdated_data}).
+    @ivar engine_ids: engines carry C{eng_id} and C{wait_time} (4.18+).
     @ivar time_details: C{process_info.processing_time_details} (4.19.1+).
     @ivar blocked_reasons: v5's C{process_info.blocked_reasons} array.
     @ivar archive_paging: C{extracted_files} carries its counts and paging
@@ -73,6 +73,7 @@ class Shape:
     in_progress_total_time: int = 0
     in_progress_code: int = 255
     details: bool = True
+    engine_ids: bool = True
     time_details: bool = True
     blocked_reasons: bool = False
     archive_paging: bool = True
@@ -100,6 +101,7 @@ SHAPES: dict[str, Shape] = {
         in_progress_total_time=-1,
         in_progress_code=0,
         details=False,
+        engine_ids=False,
         time_details=False,
         archive_paging=False,
         always_post_processing=False,

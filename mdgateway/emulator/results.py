@@ -61,7 +61,7 @@ class Progress:
         Whether engine C{index} has finished (engines finish one after
         another within the latency).
         """
-        if self.stage != PROCESSING:
+        if self.stage != PROCESSING and not self.cancelled:
             return True
         due = self.received + self.latency * (index + 1) / len(ENGINES)
         return self.now >= due and self.latency > 0
@@ -125,7 +125,7 @@ def _engines(
             "scan_time": latency_ms * (index + 1) // len(ENGINES) if done else 0,
             "threat_found": threat,
         }
-        if shape.details:
+        if shape.engine_ids:
             entry["eng_id"] = eng_id
             entry["wait_time"] = 0
         details[name] = entry
@@ -143,8 +143,8 @@ def _overall(node: Node, progress: Progress, shape: Shape) -> tuple[int, bool]:
     return node.code, node.blocked
 
 
-def _post_processing(node: Node) -> dict[str, Any]:
-    cdr = node.cdr
+def _post_processing(node: Node, cancelled: bool) -> dict[str, Any]:
+    cdr = None if cancelled else node.cdr
     post: dict[str, Any] = {
         "actions_failed": cdr.action_failed if cdr is not None else "",
         "actions_ran": cdr.action_ran if cdr is not None else "",
@@ -284,8 +284,8 @@ def document(
         }
     if shape.blocked_reasons:
         process_info["blocked_reasons"] = [reason] if reason else []
-    if done and not progress.cancelled:
-        post = _post_processing(node)
+    if done:
+        post = _post_processing(node, progress.cancelled)
         if (
             shape.always_post_processing
             or post["actions_ran"]
