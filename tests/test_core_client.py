@@ -33,7 +33,12 @@ from mdgateway.emulator.detect import (
 )
 from mdgateway.policy.profiles import CoreProfile, CoreServer
 from mdgateway.scan.client import CoreClient, build_http_client
-from mdgateway.scan.errors import Condition, CoreError, error_for_response
+from mdgateway.scan.errors import (
+    Condition,
+    CoreError,
+    error_for_response,
+    parse_retry_after,
+)
 from mdgateway.scan.interfaces import ICoreServerClient
 from mdgateway.scan.verdict import Outcome
 from tests.coresamples import CARD, docx, encrypted_zip, zip_of
@@ -60,6 +65,20 @@ class ErrorMappingTests(SynchronousTestCase):
         self.assertEqual(error.status, 503)
         self.assertIn("too busy", str(error))
         self.assertIs(self.map(429, b"").condition, Condition.BUSY)
+
+    def test_retry_after(self) -> None:
+        """
+        A busy answer keeps the seconds of its C{Retry-After} (seconds or an
+        HTTP date); an unreadable header counts as none.
+        """
+        now = 1_700_000_000.0
+        self.assertEqual(parse_retry_after("30", now), 30.0)
+        self.assertEqual(parse_retry_after("Tue, 14 Nov 2023 22:14:20 GMT", now), 60.0)
+        self.assertEqual(parse_retry_after("Tue, 14 Nov 2000 22:13:20 GMT", now), 0)
+        self.assertIsNone(parse_retry_after("soon", now))
+        self.assertIsNone(parse_retry_after(None, now))
+        error = error_for_response(503, b"{}", server="http://core", retry_after=30.0)
+        self.assertEqual(error.retry_after, 30.0)
 
     def test_access_denied(self) -> None:
         """

@@ -143,6 +143,9 @@ class CoreEmulator:
         self._fail_next = 0
         self._stall_next = 0
         self._forget_next = 0
+        self._hang_next = 0
+        self._reset_next = 0
+        self._early_busy_next = 0
         self._stalled: set[Request] = set()
         self.webhooks = Webhooks(clock, poster)
 
@@ -166,6 +169,41 @@ class CoreEmulator:
         "Not Found", as after a Core restart or purge).
         """
         self._forget_next += count
+
+    def hang_next(self, count: int) -> None:
+        """
+        Never answer the next C{count} requests (of any kind): the
+        connection stays open and silent until the client gives up.
+        """
+        self._hang_next += count
+
+    def reset_next(self, count: int) -> None:
+        """
+        Reset the connection of each of the next C{count} uploads as soon
+        as their headers are in, while the body is still coming.
+        """
+        self._reset_next += count
+
+    def early_busy_next(self, count: int) -> None:
+        """
+        Answer each of the next C{count} uploads with 503 "too busy" as
+        soon as their headers are in, before reading the body (as a proxy
+        or a Core refusing at once does), and close the connection.
+        """
+        self._early_busy_next += count
+
+    def take(self, knob: str) -> bool:
+        """
+        Consume one of C{hang}, C{reset} or C{early_busy}; whether it was
+        set.
+        """
+        attribute = f"_{knob}_next"
+        count: int = getattr(self, attribute)
+        if count > 0:
+            setattr(self, attribute, count - 1)
+            self.counters[knob] += 1
+            return True
+        return False
 
     @property
     def in_flight(self) -> int:

@@ -153,6 +153,9 @@ class EmulatorConfig:
     @ivar sync_timeout: seconds C{POST /file/sync} holds the connection
         before it answers 408 with the C{data_id}.
     @ivar page_size: C{extracted_files} entries per page by default.
+    @ivar retry_after: seconds a 503 "too busy" answer asks the client to
+        wait, in a C{Retry-After} header (C{None}: no header, as the
+        reference documents; some Core deployments send one).
     @ivar shape: the Core version whose result shapes are imitated.
     @ivar version: what C{GET /version} reports (default: the shape's).
     """
@@ -175,6 +178,7 @@ class EmulatorConfig:
     archive_size: int = 200_000_000
     sync_timeout: float = 30.0
     page_size: int = 50
+    retry_after: int | None = None
     shape: Shape = SHAPES["v4"]
     version: str | None = None
     rules: tuple[str, ...] = ("Default", "Email Security")

@@ -170,6 +170,22 @@ class _Cancel(_Leaf):
         return json_body(request, self.emulator.cancel(self.key))
 
 
+class _Hang(Resource):
+    """
+    Holds the request open and never answers.
+    """
+
+    isLeaf = True
+
+    def __init__(self, emulator: CoreEmulator) -> None:
+        super().__init__()
+        self.emulator = emulator
+
+    def render(self, request: Request) -> int:
+        self.emulator.stalled(request)
+        return NOT_DONE_YET
+
+
 def _stall(emulator: CoreEmulator, request: Request) -> int:
     request.setResponseCode(200)
     request.setHeader(b"content-type", b"application/json")
@@ -346,6 +362,15 @@ def _take_upload(
     )
 
 
+def busy_headers(emulator: CoreEmulator, request: Request, status: int) -> None:
+    """
+    Add C{Retry-After} to a 503 when the emulator is told to send one.
+    """
+    seconds = emulator.config.retry_after
+    if status == 503 and seconds is not None:
+        request.setHeader(b"retry-after", str(seconds).encode("ascii"))
+
+
 def _answer_later(
     emulator: CoreEmulator, request: Request, answering: Deferred[Reply]
 ) -> int:
@@ -360,6 +385,7 @@ def _answer_later(
         if gone:
             emulator.counters["gone"] += 1
             return
+        busy_headers(emulator, request, reply[0])
         body = json_body(request, reply)
         request.write(body)
         request.finish()
@@ -478,6 +504,8 @@ class EmulatorResource(_Node):
         self.putChild(b"readyz", _Readyz(emulator))
 
     def getChildWithDefault(self, path: bytes, request: Request) -> Resource:
+        if self.emulator.take("hang"):
+            return _Hang(self.emulator)
         if self.emulator.inject_failure():
             return Fixed((500, {"err": "Failed to request scan. Try again later."}))
         child: Resource = super().getChildWithDefault(path, request)

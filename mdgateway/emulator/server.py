@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IListeningPort
 from twisted.protocols.policies import WrappingFactory
-from twisted.web.server import Site
+from twisted.web.server import Request, Site
 
 from mdgateway.emulator.resources import EmulatorResource
 
@@ -24,6 +24,46 @@ if TYPE_CHECKING:
 #: connections when a few hundred clients upload at once; a real Core sits
 #: behind a much longer queue.
 BACKLOG = 1024
+
+
+class EmulatorRequest(Request):
+    """
+    A request that can be cut short once its headers are in, before its
+    body: a reset, or an early 503 (the emulator's C{reset_next} and
+    C{early_busy_next} knobs, for uploads, which are the requests with a
+    body).
+    """
+
+    _cut = False
+
+    def gotLength(self, length: int | None) -> None:
+        super().gotLength(length)
+        emulator = getattr(getattr(self.channel, "site", None), "emulator", None)
+        if emulator is None or not length:
+            return
+        transport: Any = self.channel.transport
+        if transport is None:
+            return
+        if emulator.take("reset"):
+            self._cut = True
+            transport.abortConnection()
+        elif emulator.take("early_busy"):
+            self._cut = True
+            body = b'{"err": "Server is too busy. Try again later."}'
+            retry = emulator.config.retry_after
+            transport.write(
+                b"HTTP/1.1 503 Service Unavailable\r\n"
+                b"Content-Type: application/json\r\n"
+                + (b"Retry-After: %d\r\n" % retry if retry is not None else b"")
+                + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
+                + body
+            )
+            transport.loseConnection()
+
+    def process(self) -> None:
+        if self._cut:
+            return  # already answered or reset: the body is ignored
+        super().process()
 
 
 class _QuietSite(Site):
@@ -45,6 +85,8 @@ def build_site(
         else _QuietSite(resource, reactor=reactor)
     )
     site.noisy = False
+    site.requestFactory = EmulatorRequest
+    site.emulator = emulator  # type: ignore[attr-defined]
     return site
 
 

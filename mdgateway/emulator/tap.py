@@ -77,6 +77,28 @@ class Options(usage.Options):
         ],
         ["fail-rate", None, 0.0, "Probability (0-1) of answering HTTP 500.", float],
         ["fail-next", None, 0, "Answer the first N requests with HTTP 500.", int],
+        ["hang-next", None, 0, "Never answer the first N requests.", int],
+        [
+            "reset-next",
+            None,
+            0,
+            "Reset the first N uploads once their headers are in.",
+            int,
+        ],
+        [
+            "early-busy-next",
+            None,
+            0,
+            "Answer the first N uploads 503 before reading their body.",
+            int,
+        ],
+        [
+            "retry-after",
+            None,
+            None,
+            "Send Retry-After: N with every 503 (default: none).",
+            int,
+        ],
         ["retention", None, 600.0, "Seconds finished results are kept.", float],
         [
             "max-file-size",
@@ -114,8 +136,11 @@ class Options(usage.Options):
             raise usage.UsageError("--queue-size must not be negative")
         if not 0.0 <= self["fail-rate"] <= 1.0:
             raise usage.UsageError("--fail-rate must be between 0 and 1")
-        if self["fail-next"] < 0:
-            raise usage.UsageError("--fail-next must not be negative")
+        for key in ("fail-next", "hang-next", "reset-next", "early-busy-next"):
+            if self[key] < 0:
+                raise usage.UsageError(f"--{key} must not be negative")
+        if self["retry-after"] is not None and self["retry-after"] < 0:
+            raise usage.UsageError("--retry-after must not be negative")
         if self["retention"] <= 0:
             raise usage.UsageError("--retention must be positive")
         if self["postprocess"] < 0:
@@ -160,6 +185,7 @@ class Options(usage.Options):
             archive_depth=self["archive-depth"],
             sync_timeout=self["sync-timeout"],
             shape=SHAPES[self["profile"]],
+            retry_after=self["retry-after"],
         )
 
 
@@ -214,8 +240,10 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         seed=options["seed"],
         blocking=blocking,
     )
-    if options["fail-next"]:
-        emulator.fail_next(options["fail-next"])
+    emulator.fail_next(options["fail-next"])
+    emulator.hang_next(options["hang-next"])
+    emulator.reset_next(options["reset-next"])
+    emulator.early_busy_next(options["early-busy-next"])
     site = build_site(emulator, access_log=not options["quiet"], reactor=reactor)
     interface = options["interface"]
     endpoint_type = TCP6ServerEndpoint if ":" in interface else TCP4ServerEndpoint

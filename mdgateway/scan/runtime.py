@@ -33,6 +33,9 @@ from mdgateway.scan.verdict import Verdict
 _log = Logger()
 _T = TypeVar("_T")
 
+#: The longest C{Retry-After} of a busy server that is honoured, in seconds.
+MAX_RETRY_AFTER = 300.0
+
 
 @attrs.frozen
 class ServerStatus:
@@ -105,7 +108,9 @@ class CoreRuntime:
 
     @param clients: one L{ICoreServerClient} per server, in profile order.
     @param pool: closed by L{close} when given.
-    @param busy_backoff: seconds a server that answered 503 gets no new work.
+    @param busy_backoff: seconds a server that answered 503 gets no new work
+        (unless its C{Retry-After} says otherwise: from 1 second up to
+        L{MAX_RETRY_AFTER}).
     @param queue_bound: scans that may wait for a server's slots before it
         counts as busy (default: twice C{concurrency}).
     """
@@ -361,14 +366,18 @@ class CoreRuntime:
         now = self._clock.seconds()
         if error.condition is Condition.BUSY:
             was_busy = server.busy_until > now
-            server.busy_until = now + self._busy_backoff
+            wait = self._busy_backoff
+            if error.retry_after is not None:
+                # The server said how long: believe it, within reason.
+                wait = min(max(error.retry_after, 1.0), MAX_RETRY_AFTER)
+            server.busy_until = max(server.busy_until, now + wait)
             if was_busy:
                 return
             _log.info(
                 "Core server {server} is busy; no new work for {seconds}s",
                 server=server.url,
                 profile=self.profile.name,
-                seconds=self._busy_backoff,
+                seconds=wait,
             )
             return
         if not _health_fault(error):
