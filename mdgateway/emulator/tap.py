@@ -79,6 +79,13 @@ class Options(usage.Options):
         ["fail-next", None, 0, "Answer the first N requests with HTTP 500.", int],
         ["hang-next", None, 0, "Never answer the first N requests.", int],
         [
+            "forget-next",
+            None,
+            0,
+            "Answer the first N result polls Not Found (a lost data_id).",
+            int,
+        ],
+        [
             "reset-next",
             None,
             0,
@@ -136,7 +143,14 @@ class Options(usage.Options):
             raise usage.UsageError("--queue-size must not be negative")
         if not 0.0 <= self["fail-rate"] <= 1.0:
             raise usage.UsageError("--fail-rate must be between 0 and 1")
-        for key in ("fail-next", "hang-next", "reset-next", "early-busy-next"):
+        knobs = (
+            "fail-next",
+            "hang-next",
+            "forget-next",
+            "reset-next",
+            "early-busy-next",
+        )
+        for key in knobs:
             if self[key] < 0:
                 raise usage.UsageError(f"--{key} must not be negative")
         if self["retry-after"] is not None and self["retry-after"] < 0:
@@ -242,6 +256,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     )
     emulator.fail_next(options["fail-next"])
     emulator.hang_next(options["hang-next"])
+    emulator.forget_next(options["forget-next"])
     emulator.reset_next(options["reset-next"])
     emulator.early_busy_next(options["early-busy-next"])
     site = build_site(emulator, access_log=not options["quiet"], reactor=reactor)
