@@ -32,7 +32,7 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet import reactor, task, threads
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -57,6 +57,7 @@ from mdgateway.emulator.detect import (
     scan_stream,
 )
 from mdgateway.emulator.tap import Options, makeService
+from mdgateway.run.emulator import with_backlog
 from tests.coresamples import CARD, docx, pdf, zip_of
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -838,6 +839,57 @@ class BlockingScanTests(SynchronousTestCase):
         self.assertEqual(wire.emulator.in_flight, 1)  # now processing
         self.assertEqual(wire.final(data_id)["scan_results"]["scan_all_result_i"], 0)
 
+    def test_queue_counts_uploads_being_examined(self) -> None:
+        """
+        Uploads being examined hold their place in the queue: with
+        C{queue_size} 2 and two uploads still in the worker, a third is
+        refused with 503 at once (the limit was once checked before the
+        examination and counted only after it, letting a burst through).
+        """
+        wire = Wire()
+        handed: list[tuple[Any, tuple[Any, ...], Deferred[Any]]] = []
+
+        def runner(function: Any, *args: Any) -> Deferred[Any]:
+            d: Deferred[Any] = Deferred()
+            handed.append((function, args, d))
+            return d
+
+        wire.emulator = CoreEmulator(
+            wire.clock, EmulatorConfig(latency=5.0, queue_size=2), blocking=runner
+        )
+        self.addCleanup(wire.emulator.close)
+        wire.rebuild()
+        pending = [
+            wire.send("POST", "/file", b"one"),
+            wire.send("POST", "/file", b"two"),
+        ]
+        self.assertEqual(len(handed), 2)
+        self.assertEqual(wire.request("POST", "/file", b"three").status, 503)
+        for function, args, d in handed:
+            d.callback(function(*args))
+        self.assertEqual([wire.answer(t).status for t in pending], [200, 200])
+        self.assertEqual(wire.request("POST", "/file", b"four").status, 503)
+        self.assertEqual(wire.emulator.in_flight, 2)
+
+    def test_failed_examination_frees_its_place(self) -> None:
+        """
+        An examination that fails answers 500 and gives its queue place
+        back.
+        """
+        wire = Wire()
+
+        def runner(function: Any, *args: Any) -> Deferred[Any]:
+            return fail(OSError("disk gone"))
+
+        wire.emulator = CoreEmulator(
+            wire.clock, EmulatorConfig(queue_size=1), blocking=runner
+        )
+        self.addCleanup(wire.emulator.close)
+        wire.rebuild()
+        self.assertEqual(wire.request("POST", "/file", b"x").status, 500)
+        self.assertEqual(wire.emulator.in_flight, 0)
+        self.flushLoggedErrors(OSError)
+
 
 class ApiKeyTests(SynchronousTestCase):
     """
@@ -953,6 +1005,48 @@ class TapTests(SynchronousTestCase):
             (True, 200, False),
         )
         self.assertEqual(config.retention, 30.0)
+
+    def test_fidelity_knobs(self) -> None:
+        """
+        The version profile, post-processing time, size and archive limits,
+        sync timeout and Retry-After reach the config; the listener's
+        backlog and the examining threads are options too.
+        """
+        options = Options()
+        options.parseOptions(
+            [
+                "--profile", "early-v4", "--postprocess", "0.5",
+                "--max-file-size", "1000", "--archive-depth", "2",
+                "--sync-timeout", "9", "--retry-after", "7", "--backlog", "64",
+                "--threads", "2",
+            ]
+        )  # fmt: skip
+        config = options.config()
+        self.assertEqual(config.shape.name, "early-v4")
+        self.assertEqual(config.reported_version, "4.3.0")
+        self.assertEqual(
+            (config.postprocess, config.max_file_size, config.archive_depth),
+            (0.5, 1000, 2),
+        )
+        self.assertEqual((config.sync_timeout, config.retry_after), (9.0, 7))
+        self.assertEqual((options["backlog"], options["threads"]), (64, 2))
+        defaults = Options()
+        defaults.parseOptions([])
+        self.assertEqual(defaults.config().shape.name, "v4")
+        self.assertEqual(defaults["backlog"], 1024)
+        self.assertRaises(usage.UsageError, Options().parseOptions, ["--profile", "v6"])
+
+    def test_backlog_in_endpoint(self) -> None:
+        """
+        The gateway's built-in emulator listens with a long backlog unless
+        its endpoint names one.
+        """
+        self.assertEqual(
+            with_backlog("tcp:8008:interface=127.0.0.1"),
+            "tcp:8008:interface=127.0.0.1:backlog=1024",
+        )
+        self.assertEqual(with_backlog("tcp:8008:backlog=10"), "tcp:8008:backlog=10")
+        self.assertEqual(with_backlog("unix:/tmp/core.sock"), "unix:/tmp/core.sock")
 
     def test_apikey_file(self) -> None:
         """
