@@ -627,3 +627,54 @@ async def test_webhook_over_http() -> None:
     finally:
         await server.close()
         await listening.stopListening()
+
+
+class DamagedInputTests(SynchronousTestCase):
+    """
+    Damaged files never make the examination fail (which would be a 500
+    and an error in the log): truncated and corrupted archives and Office
+    packages get a result, and no temporary file is left behind.
+    """
+
+    def test_truncated_and_flipped(self) -> None:
+        """
+        Every sample cut at several points and with bytes flipped at
+        several places is examined to a result, in both DLP modes.
+        """
+        from mdgateway.emulator.examine import examine
+
+        samples = {
+            "p.docx": docx(b"pay " + CARD),
+            "m.docm": docx(macros=True),
+            "a.zip": zip_of({"a.txt": b"hello " * 100, "e.com": EICAR}),
+            "t.tgz": tar_of({"a.txt": b"x" * 3000}, "w:gz"),
+            "g.gz": gzipped(b"y" * 3000),
+            "b.bz2": bzipped(b"y" * 3000),
+            "x.xz": xzipped(b"y" * 3000),
+            "e.zip": encrypted_zip({"a.txt": b"secret"}, b"pw"),
+            "n.zip": nested_zip(EICAR, 3),
+        }
+        workdir = temp_dir(self)
+        for name, data in samples.items():
+            variants = [data[:cut] for cut in (10, len(data) // 3, len(data) - 5)]
+            for at in (30, len(data) // 2, len(data) - 40):
+                flipped = bytearray(data)
+                flipped[at % len(data)] ^= 0xFF
+                variants.append(bytes(flipped))
+            for variant in variants:
+                for block in (True, False):
+                    config = EmulatorConfig(dlp_block=block)
+                    node = examine(
+                        io.BytesIO(variant),
+                        display_name=name,
+                        name=name,
+                        rule="Default",
+                        passwords=(b"pw",),
+                        config=config,
+                        workdir=workdir,
+                    )
+                    self.assertIsInstance(node.code, int)
+                    leftovers = set(os.listdir(workdir)) - {node.data_id}
+                    self.assertEqual(leftovers, set(), (name, variant[:20]))
+                    for path in node.converted_files():
+                        os.unlink(path)

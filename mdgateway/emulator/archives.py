@@ -22,6 +22,7 @@ import os
 import tarfile
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Iterator, Sequence
 from typing import IO, BinaryIO, cast
 
@@ -123,7 +124,14 @@ def _working_password(
             with archive.open(info, pwd=password) as member:
                 while member.read(_BLOCK):
                     pass
-        except (RuntimeError, zipfile.BadZipFile, NotImplementedError, ValueError):
+        except (
+            RuntimeError,
+            zipfile.BadZipFile,
+            NotImplementedError,
+            ValueError,
+            zlib.error,
+            EOFError,
+        ):
             continue
         return password
     return None
@@ -222,6 +230,7 @@ def extract(
         tarfile.TarError,
         EOFError,
         lzma.LZMAError,
+        zlib.error,
         NotImplementedError,
         OSError,
         ValueError,

@@ -31,6 +31,7 @@ from mdgateway.emulator.config import EmulatorConfig
 from mdgateway.emulator.detect import Findings, scan_stream
 from mdgateway.emulator.filetype import FileType, sniff
 from mdgateway.emulator.postprocess import (
+    DAMAGED,
     CdrOutcome,
     DlpOutcome,
     dlp_scan,
@@ -278,8 +279,15 @@ class _Examiner:
         dlp = node.dlp
         if dlp is not None and dlp.hits:
             # The DLP-allowed file with hits: DLP redacts it (no Deep CDR).
-            with open(path, "wb") as out:
-                redact(stream, file_type, dlp.hits, out)
+            try:
+                with open(path, "wb") as out:
+                    redact(stream, file_type, dlp.hits, out)
+            except DAMAGED:
+                remove(path)
+                return attrs.evolve(node, dlp=attrs.evolve(dlp, redact_failed=True))
+            except BaseException:
+                remove(path)
+                raise
             return attrs.evolve(
                 node,
                 dlp=attrs.evolve(dlp, redacted=True),

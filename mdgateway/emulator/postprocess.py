@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import shutil
 import zipfile
+import zlib
 from typing import Any, BinaryIO
 
 import attrs
@@ -33,6 +34,16 @@ from mdgateway.emulator.filetype import FileType
 _MACRO_PARTS = ("vbaproject.bin", "vbadata.xml", "vbaprojectsignature.bin")
 #: An XML part larger than this is not read by DLP.
 _MAX_PART = 64 << 20
+#: What a damaged Office package raises while it is read.
+DAMAGED = (
+    zipfile.BadZipFile,
+    zipfile.LargeZipFile,
+    zlib.error,
+    EOFError,
+    ValueError,
+    RuntimeError,
+    NotImplementedError,
+)
 
 
 @attrs.frozen
@@ -75,11 +86,13 @@ class DlpHit:
 @attrs.frozen
 class DlpOutcome:
     """
-    What Proactive DLP found in one file, and whether it redacted it.
+    What Proactive DLP found in one file, and whether it redacted it (or
+    tried and failed: C{redact_failed}).
     """
 
     hits: tuple[DlpHit, ...]
     redacted: bool = False
+    redact_failed: bool = False
 
 
 def _macro(name: str) -> bool:
@@ -118,18 +131,13 @@ def sanitize(
                     "failure_category": "invalid file structure",
                 },
             )
-        macros = 0
-        with (
-            zipfile.ZipFile(source) as package,
-            zipfile.ZipFile(dest, "w", zipfile.ZIP_DEFLATED) as out,
-        ):
-            for info in package.infolist():
-                if _macro(info.filename):
-                    macros += info.filename.lower().endswith("vbaproject.bin")
-                    continue
-                with package.open(info) as part, out.open(info.filename, "w") as copy:
-                    shutil.copyfileobj(part, copy)
-            out.comment = SANITIZED_MARKER
+        try:
+            macros = _without_macros(source, dest)
+        except DAMAGED as e:
+            return CdrOutcome(
+                False,
+                {"details": str(e)[:200], "failure_category": "invalid file structure"},
+            )
         if macros:
             details.append(_object("removed", "macro", macros))
     else:
@@ -151,6 +159,26 @@ def sanitize(
     )
 
 
+def _without_macros(source: BinaryIO, dest: BinaryIO) -> int:
+    """
+    Copy an Office package without its macro parts; return how many macro
+    projects were removed.
+    """
+    macros = 0
+    with (
+        zipfile.ZipFile(source) as package,
+        zipfile.ZipFile(dest, "w", zipfile.ZIP_DEFLATED) as out,
+    ):
+        for info in package.infolist():
+            if _macro(info.filename):
+                macros += info.filename.lower().endswith("vbaproject.bin")
+                continue
+            with package.open(info) as part, out.open(info.filename, "w") as copy:
+                shutil.copyfileobj(part, copy)
+        out.comment = SANITIZED_MARKER
+    return macros
+
+
 def dlp_scan(
     source: BinaryIO, file_type: FileType, findings: Findings
 ) -> tuple[DlpHit, ...]:
@@ -170,7 +198,7 @@ def dlp_scan(
                 cards: dict[int, CardHit] = {}
                 find_cards(package.read(info), 0, True, cards)
                 hits.extend(DlpHit(cards[k], info.filename) for k in sorted(cards))
-    except (zipfile.BadZipFile, OSError, ValueError, RuntimeError):
+    except (*DAMAGED, OSError):
         return tuple(DlpHit(card) for card in findings.cards)
     return tuple(hits)
 
@@ -183,6 +211,9 @@ def redact(
 ) -> None:
     """
     Write C{source} to C{dest} with every hit masked in place.
+
+    @raise Exception: one of L{DAMAGED} when an Office package cannot be
+        rewritten.
     """
     source.seek(0)
     parts: dict[str, list[CardHit]] = {}

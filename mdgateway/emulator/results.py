@@ -162,12 +162,15 @@ def _post_processing(node: Node, cancelled: bool) -> dict[str, Any]:
 def _dlp(node: Node) -> dict[str, Any]:
     assert node.dlp is not None
     dlp = node.dlp
+    redact = "redacted" if dlp.redacted else "not redacted"
+    if dlp.redact_failed:
+        redact = "failed to redact"
     info: dict[str, Any] = {
-        "errors": {},
+        "errors": {"redact": "File structure invalid."} if dlp.redact_failed else {},
         "filename": node.converted_name if dlp.redacted else "",
         "hits": {},
         "metadata_removal": {"result": "not removed"},
-        "redact": {"result": "redacted" if dlp.redacted else "not redacted"},
+        "redact": {"result": redact},
         "verdict": 1 if dlp.hits else 0,
         "watermark": {"result": "not added"},
     }
