@@ -137,7 +137,7 @@ async def page(console: Console, call: Call) -> Response:
     )
     content = [
         summary,
-        tags.section(tags.h2("Traffic"), *charts, class_="charts"),
+        tags.section(tags.h2("Traffic"), tags.div(*charts, class_="charts")),
         tags.div(
             tags.section(
                 tags.h2("Spools of this instance"),
