@@ -341,7 +341,7 @@ async def test_token_login_and_every_page(env: Env, logged: Recorder) -> None:
         "/console/": None,
         "/console/dashboard": "Dashboard",
         "/console/messages": "Invoice with a very long subject",
-        f"/console/messages/Q2.1": "invoice.zip",
+        "/console/messages/Q2.1": "invoice.zip",
         "/console/quarantine": "Quarantine",
         f"/console/quarantine/{env.item_id}": "Download .eml",
         "/console/refused": "No security rule",
