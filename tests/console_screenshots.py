@@ -60,6 +60,19 @@ def login(driver: Any, base: str, token: str = TOKEN) -> None:
     driver.find_element(By.CSS_SELECTOR, "#token-login button").click()
 
 
+def shoot(driver: Any, path: Path, width: int = 1280) -> None:
+    """
+    A screenshot of the whole page (up to 2400 pixels high).
+    """
+    metrics = {"width": width, "height": 600, "deviceScaleFactor": 1, "mobile": False}
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)
+    height = driver.execute_script("return document.documentElement.scrollHeight")
+    metrics["height"] = min(max(int(height), 600), 2400)
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)
+    time.sleep(0.2)
+    driver.save_screenshot(str(path))
+
+
 def main(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     handler = RecordingHandler()
@@ -83,14 +96,13 @@ def main(out: Path) -> None:
                     login(driver, base)
                     for name, path in PAGES:
                         driver.get(base + path)
-                        time.sleep(0.3)
-                        driver.save_screenshot(str(out / f"{name}.png"))
+                        shoot(driver, out / f"{name}.png")
                     driver.get(base + "/console/quarantine")
                     link = driver.find_element("css selector", "#results a.subject")
                     link.click()
-                    driver.save_screenshot(str(out / "quarantine-item.png"))
+                    shoot(driver, out / "quarantine-item.png")
                     driver.find_element("id", "release").click()
-                    driver.save_screenshot(str(out / "release-confirm.png"))
+                    shoot(driver, out / "release-confirm.png")
     finally:
         controller.stop()
 
