@@ -173,11 +173,16 @@ class AdminConfig:
     @ivar endpoint: a Twisted server endpoint; empty means no admin API.
     @ivar token_file: the bearer token; created (random, 0600) on first
         start when missing.
+    @ivar users_file: the console's operator accounts (scrypt hashes,
+        written by C{mdgateway users add}); a missing file means none.
+    @ivar session_lifetime: seconds a console login lasts.
     """
 
     endpoint: str = ""
     token_file: str = ""
     tls: bool = False
+    users_file: str = ""
+    session_lifetime: float = 8 * 3600.0
 
 
 @attrs.frozen
@@ -204,6 +209,8 @@ class GatewayConfig:
     workers: int = 1
     version: str = ""
     path: str = ""
+    #: The TOML document as loaded, for the console's configuration page.
+    document: Mapping[str, Any] = attrs.field(factory=dict, eq=False, repr=False)
 
 
 def load_config(path: str | Path, check_files: bool = True) -> GatewayConfig:
@@ -318,6 +325,7 @@ def parse_config(
         workers=workers,
         version=version,
         path=path,
+        document=data,
     )
 
 
@@ -490,10 +498,13 @@ def _admin(section: Section, base: Path, spool: str) -> AdminConfig:
         except Exception as e:
             section.problems.add(f"{section.path}.endpoint", f"invalid endpoint: {e}")
     token = section.string("token_file")
+    users = section.string("users_file")
     config = AdminConfig(
         endpoint=endpoint,
         token_file=_path(base, token) if token else str(Path(spool) / "admin.token"),
         tls=section.boolean("tls", False),
+        users_file=_path(base, users) if users else str(Path(spool) / "admin.users"),
+        session_lifetime=section.duration("session_lifetime", 8 * 3600.0, minimum=60.0),
     )
     section.finish()
     return config

@@ -29,6 +29,7 @@ from datetime import datetime
 from typing import Any, TextIO
 
 from mdgateway.config import GatewayConfig, load_config
+from mdgateway.ops.console.userscli import add_commands as add_user_commands
 from mdgateway.tomlreader import ConfigError
 
 DEFAULT_URL = "http://127.0.0.1:10080"
@@ -852,6 +853,7 @@ def _parser() -> _Parser:
         rlist.add_argument(f"--{name}")
     _page_options(rlist)
     rlist.set_defaults(run=_refused_list)
+    add_user_commands(commands)
     return parser
 
 

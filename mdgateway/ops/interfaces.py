@@ -104,6 +104,39 @@ class IOperations(Interface):
         queue id.
         """
 
+    def pin(item_id: str, pinned: bool, by: str) -> Any:  # noqa: N805
+        """
+        Exempt a quarantined original from cleanup, or stop exempting it;
+        recorded in its history entry's timeline with C{by}.
+        @raise OperationError: 404 unknown id.
+        """
+
+    def delete(item_id: str, by: str) -> Any:  # noqa: N805
+        """
+        Delete a quarantined original for good; recorded in its history
+        entry's timeline with C{by}. @raise OperationError: 404 unknown id.
+        """
+
+    def status() -> Any:  # noqa: N805
+        """
+        This instance now: Core servers and relays with their health, each
+        process's spool, readiness and the configuration's version (a
+        L{mdgateway.ops.overview.GatewayStatus}).
+        """
+
+    def instances(since: float) -> Any:  # noqa: N805
+        """
+        The instances of the cluster (this one first, with its spools) and
+        what the shared history shows of each since C{since}: a Deferred
+        firing with L{mdgateway.ops.overview.InstanceStatus} values.
+        """
+
+    def configuration() -> Any:  # noqa: N805
+        """
+        The configuration in force with its secrets masked (a
+        L{mdgateway.ops.configview.ConfigurationView}).
+        """
+
     def reload() -> tuple[bool, list[str]]:  # noqa: N805
         """
         Reload the configuration file: C{(loaded, problems)}.

@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mdgateway.message.headers import format_field
+from mdgateway.ops.configview import ConfigurationView
 from mdgateway.ops.interfaces import (
     IOperations,
     OperationError,
@@ -26,6 +27,7 @@ from mdgateway.ops.interfaces import (
     QueueRecipient,
     Readiness,
 )
+from mdgateway.ops.overview import GatewayOverview, GatewayStatus, InstanceStatus
 from mdgateway.queue.entry import SpoolEntry
 from mdgateway.queue.envelope import Envelope, Recipient
 from mdgateway.queue.manager import GENERATED_RELEASE, QueueManager, copy_file_into
@@ -57,6 +59,7 @@ class GatewayOperations:
         reload: Callable[[], tuple[bool, list[str]]],
         checks: Callable[[], dict[str, bool]],
         worker_spools: Callable[[], list[tuple[int, str]]] = list,
+        overview: GatewayOverview | None = None,
     ) -> None:
         self.reactor = reactor
         self.spool = spool
@@ -67,6 +70,7 @@ class GatewayOperations:
         self._reload = reload
         self._checks = checks
         self._worker_spools = worker_spools
+        self._overview = overview
 
     # -- the queue -------------------------------------------------------------
 
@@ -186,7 +190,50 @@ class GatewayOperations:
         self.pipeline.submit(entry)
         return entry.queue_id
 
+    def pin(self, item_id: str, pinned: bool, by: str) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._pin(item_id, pinned, by))
+
+    async def _pin(self, item_id: str, pinned: bool, by: str) -> None:
+        item = await self._item(item_id)
+        await self.store.pin(item_id, pinned)
+        what = "pinned" if pinned else "unpinned"
+        await self.store.add_event(
+            item.message.id, f"quarantined original {what} by {by}"
+        )
+        log.info(
+            "quarantined {item_id}: {what} by {by}", item_id=item_id, what=what, by=by
+        )
+
+    def delete(self, item_id: str, by: str) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._delete(item_id, by))
+
+    async def _delete(self, item_id: str, by: str) -> None:
+        item = await self._item(item_id)
+        if not await self.store.delete_quarantined(item_id):
+            raise OperationError(404, f"no quarantined message {item_id}")
+        await self.store.add_event(item.message.id, f"deleted by {by}")
+        log.info("quarantined {item_id}: deleted by {by}", item_id=item_id, by=by)
+
     # -- configuration and health ----------------------------------------------
+
+    def _require_overview(self) -> GatewayOverview:
+        if self._overview is None:
+            raise OperationError(503, "no overview of this gateway is available")
+        return self._overview
+
+    def status(self) -> GatewayStatus:
+        return self._require_overview().status()
+
+    def instances(self, since: float) -> Deferred[tuple[InstanceStatus, ...]]:
+        overview = self._require_overview()
+
+        async def instances() -> tuple[InstanceStatus, ...]:
+            return overview.instances(await self.store.instance_activity(since))
+
+        return Deferred.fromCoroutine(instances())
+
+    def configuration(self) -> ConfigurationView:
+        return self._require_overview().configuration()
 
     def reload(self) -> tuple[bool, list[str]]:
         return self._reload()

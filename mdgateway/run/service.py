@@ -27,7 +27,10 @@ from twisted.python.failure import Failure
 
 from mdgateway.config import ConfigError, GatewayConfig, endpoint_address, load_config
 from mdgateway.ops.admin import AdminAPI
+from mdgateway.ops.console import Console, mount
+from mdgateway.ops.console.auth import token_checker
 from mdgateway.ops.operations import GatewayOperations
+from mdgateway.ops.overview import GatewayOverview, SpoolStatus, snapshot_spools
 from mdgateway.ops.tokens import load_or_create_token
 from mdgateway.queue.entry import SpoolInUseError
 from mdgateway.receive.listeners import apply_settings
@@ -73,6 +76,15 @@ class GatewayService(MultiService):
             reload=self.reload,
             checks=self.checks,
             worker_spools=self._worker_spools,
+            overview=GatewayOverview(
+                config=lambda: gateway.live.current,
+                runtimes=gateway.runtimes.items,
+                relay=gateway.relay,
+                spool=gateway.spool,
+                worker_spools=self._worker_spool_status,
+                readiness=lambda: self.operations.readiness(),
+                restart_keys=RESTART_KEYS,
+            ),
         )
         self._watch_metrics()
         self.admin_port: IListeningPort | None = None
@@ -282,6 +294,16 @@ class GatewayService(MultiService):
         api = AdminAPI(self.operations, token, self.reactor)
         site = api.site()
         site.noisy = False
+        console = await Console.create(
+            operations=self.operations,
+            reactor=self.reactor,
+            threadpool=self.gateway.threads.work,
+            users_file=settings.users_file,
+            token_name=token_checker({"admin": token}),
+            session_lifetime=settings.session_lifetime,
+            secure_cookies=settings.tls,
+        )
+        site.resource = mount(site.resource, console)
         endpoint = serverFromString(self.reactor, settings.endpoint)
         self.admin_port = await endpoint.listen(site)
         log.info(
@@ -448,6 +470,11 @@ class GatewayService(MultiService):
             rules=len(new.policy.rules),
         )
         return True, []
+
+    def _worker_spool_status(self) -> list[SpoolStatus]:
+        if self.supervisor is None:
+            return []
+        return snapshot_spools(self.supervisor.snapshots())
 
     def _worker_spools(self) -> list[tuple[int, str]]:
         if not self.gateway.role.primary:

@@ -437,6 +437,43 @@ class QuarantineItem:
 
 
 # --------------------------------------------------------------------------
+# Dashboard counts
+
+
+@attrs.frozen
+class VerdictCount:
+    """
+    How many copies received in one time bucket got one verdict.
+
+    @ivar start: the bucket's first second (C{since + k * step}).
+    @ivar verdict: C{None} for copies without one (not scanned, pending).
+    """
+
+    start: float
+    verdict: ScanVerdict | None
+    count: int
+
+
+@attrs.frozen
+class InstanceActivity:
+    """
+    What the shared history says about one gateway instance.
+
+    @ivar received: copies it received since the time asked for.
+    @ivar last_received: its latest copy's received time, if any since.
+    @ivar pending: copies still queued, processing or deferred in its
+        spool, however old.
+    @ivar oldest_pending: the received time of the oldest of those.
+    """
+
+    instance: str
+    received: int
+    last_received: float | None
+    pending: int
+    oldest_pending: float | None
+
+
+# --------------------------------------------------------------------------
 # Searching
 
 
@@ -715,6 +752,22 @@ class IStore(Interface):
         """
         Record that C{by} released the original; append a timeline line to
         its history entry.
+        """
+
+    async def count_by_verdict(
+        since: float, until: float, step: float
+    ) -> tuple[VerdictCount, ...]:
+        """
+        Copies received in C{[since, until)}, counted per C{step}-second
+        bucket (counted from C{since}) and verdict; empty buckets are left
+        out. For the console's traffic chart.
+        """
+
+    async def instance_activity(since: float) -> tuple[InstanceActivity, ...]:
+        """
+        Per gateway instance (by name): copies received since C{since} and
+        copies still pending, for every instance that has either; sorted
+        by name.
         """
 
     async def purge(

@@ -33,8 +33,10 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from mdgateway.store.counts import job_count_by_verdict, job_instance_activity
 from mdgateway.store.dialect import Dialect, Tx
 from mdgateway.store.interfaces import (
+    InstanceActivity,
     IStore,
     MessageFilter,
     MessageRecord,
@@ -53,6 +55,7 @@ from mdgateway.store.interfaces import (
     RefusalFilter,
     ScanVerdict,
     StoreError,
+    VerdictCount,
     overall_verdict,
 )
 from mdgateway.store.jobs import (
@@ -480,6 +483,18 @@ class SqlStore(abc.ABC):
         self, item_id: str, by: str, at: float | None = None
     ) -> QuarantineItem:
         return await self._call(True, job_mark_released, item_id, by, self._now(at))
+
+    # Dashboard counts
+
+    async def count_by_verdict(
+        self, since: float, until: float, step: float
+    ) -> tuple[VerdictCount, ...]:
+        if not step > 0 or not until > since:
+            raise ValueError("count_by_verdict needs step > 0 and until > since")
+        return await self._call(False, job_count_by_verdict, since, until, step)
+
+    async def instance_activity(self, since: float) -> tuple[InstanceActivity, ...]:
+        return await self._call(False, job_instance_activity, since)
 
     # Retention
 

@@ -13,14 +13,25 @@ from __future__ import annotations
 
 from typing import Any
 
+import attrs
 from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
+from mdgateway.ops.configview import ConfigurationView, configuration_view
 from mdgateway.ops.interfaces import IOperations, OperationError, QueueEntry, Readiness
 from mdgateway.ops.metrics import Metrics
+from mdgateway.ops.overview import (
+    GatewayStatus,
+    InstanceStatus,
+    SpoolStatus,
+    cluster_instances,
+)
 from mdgateway.store.interfaces import IStore, NotFoundError
 
 READY = Readiness(ready=True, checks={"listeners": True, "spool": True})
+
+#: The instance name the fake reports for itself.
+FAKE_INSTANCE = "fake-gw"
 
 
 @implementer(IOperations)
@@ -34,9 +45,14 @@ class FakeOperations:
     @ivar ready: what L{readiness} answers.
     @ivar new_queue_ids: the queue ids handed out by release, rescan and
         forward, in order.
-    @ivar error: when set, C{retry_now}, C{release}, C{rescan} and
-        C{forward} fail with it (after recording the call), as the gateway
-        does for an item in the wrong state (409) and the like.
+    @ivar error: when set, C{retry_now}, C{release}, C{rescan},
+        C{forward}, C{pin} and C{delete} fail with it (after recording the
+        call), as the gateway does for an item in the wrong state (409)
+        and the like.
+    @ivar gateway_status: what L{status} answers (its readiness is
+        L{ready}'s at each call).
+    @ivar spools: this instance's spools, as L{instances} lists them.
+    @ivar config: what L{configuration} answers.
     """
 
     def __init__(self, store: IStore, metrics: Metrics | None = None) -> None:
@@ -48,6 +64,19 @@ class FakeOperations:
         self.ready = READY
         self.new_queue_ids: list[str] = []
         self.error: OperationError | None = None
+        self.spools: tuple[SpoolStatus, ...] = (SpoolStatus(0, 0, 0.0),)
+        self.gateway_status = GatewayStatus(
+            instance=FAKE_INSTANCE,
+            config_version="fakeversion0",
+            config_path="/etc/mdgateway/mdgateway.toml",
+            spools=self.spools,
+            core=(),
+            relays=(),
+            readiness=READY,
+        )
+        self.config: ConfigurationView = configuration_view(
+            {}, "fakeversion0", "/etc/mdgateway/mdgateway.toml"
+        )
 
     def queue(self) -> Deferred[list[QueueEntry]]:
         self.calls.append(("queue",))
@@ -94,6 +123,38 @@ class FakeOperations:
         queue_id = f"FAKEQ{len(self.new_queue_ids) + 1:04d}"
         self.new_queue_ids.append(queue_id)
         return queue_id
+
+    def pin(self, item_id: str, pinned: bool, by: str) -> Deferred[None]:
+        self.calls.append(("pin", item_id, pinned, by))
+        return Deferred.fromCoroutine(self._pin(item_id, pinned))
+
+    async def _pin(self, item_id: str, pinned: bool) -> None:
+        await self._known(item_id)
+        await self.store.pin(item_id, pinned)
+
+    def delete(self, item_id: str, by: str) -> Deferred[None]:
+        self.calls.append(("delete", item_id, by))
+        return Deferred.fromCoroutine(self._delete(item_id))
+
+    async def _delete(self, item_id: str) -> None:
+        await self._known(item_id)
+        await self.store.delete_quarantined(item_id)
+
+    def status(self) -> GatewayStatus:
+        self.calls.append(("status",))
+        return attrs.evolve(self.gateway_status, readiness=self.ready)
+
+    def instances(self, since: float) -> Deferred[tuple[InstanceStatus, ...]]:
+        self.calls.append(("instances", since))
+        return Deferred.fromCoroutine(self._instances(since))
+
+    async def _instances(self, since: float) -> tuple[InstanceStatus, ...]:
+        activity = await self.store.instance_activity(since)
+        return cluster_instances(FAKE_INSTANCE, self.spools, activity)
+
+    def configuration(self) -> ConfigurationView:
+        self.calls.append(("configuration",))
+        return self.config
 
     def reload(self) -> tuple[bool, list[str]]:
         self.calls.append(("reload",))
