@@ -179,6 +179,9 @@ class SqliteStore(SqlStore):
     def _driver_errors(self) -> tuple[type[BaseException], ...]:
         return (sqlite3.Error,)
 
+    def _record_errors(self) -> tuple[type[BaseException], ...]:
+        return (sqlite3.IntegrityError, sqlite3.DataError)
+
 
 @contextmanager
 def _begun(conn: sqlite3.Connection, begin: str) -> Iterator[None]:
