@@ -157,12 +157,15 @@ class StoreConfig:
 
     @ivar location: a SQLite file (the default, one host) or a
         C{postgresql://} URL (a cluster shares one database).
+    @ivar outbox_limit: records kept on disk for the store (while it is
+        unreachable or slow) at which new mail gets C{451 4.3.0}.
     """
 
     location: str
     history_days: float | None = 30.0
     quarantine_days: float | None = 30.0
     instance: str = ""
+    outbox_limit: int = 100_000
 
 
 @attrs.frozen
@@ -477,6 +480,7 @@ def _store(section: Section, base: Path, spool: str) -> StoreConfig:
         history_days=history or None,
         quarantine_days=quarantine or None,
         instance=section.string("instance", socket.gethostname()),
+        outbox_limit=section.integer("outbox_limit", 100_000, minimum=100),
     )
     section.finish()
     return config

@@ -337,6 +337,7 @@ _REFUSAL_PARAMETERS = (
     "recipient",
     "listener",
     "code",
+    "category",
     *_PAGE_PARAMETERS,
 )
 _QUARANTINE_PARAMETERS = (
@@ -697,6 +698,7 @@ class AdminAPI:
             recipient=q.text("recipient"),
             listener=q.text("listener"),
             code=q.integer("code", 200, 599),
+            category=q.text("category"),
         )
         page = q.page()
         result = await self._page(self.operations.store.search_refusals(filters, page))

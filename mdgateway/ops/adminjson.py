@@ -146,6 +146,8 @@ def refusal(r: Refusal) -> JSON:
         "helo": r.helo,
         "sender": r.sender,
         "recipient": r.recipient,
+        "category": r.category,
+        "repeats": r.repeats,
     }
 
 
@@ -198,8 +200,11 @@ def readiness(r: Readiness) -> JSON:
     """
     The readiness verdict with its checks and reasons.
     """
-    return {
+    data: JSON = {
         "ready": r.ready,
         "checks": dict(r.checks),
         "reasons": list(r.reasons),
     }
+    if r.details:
+        data["details"] = dict(r.details)
+    return data

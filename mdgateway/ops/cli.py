@@ -679,6 +679,7 @@ def _refused_list(client: AdminClient, args: argparse.Namespace, out: TextIO) ->
         "sender": args.sender,
         "recipient": args.recipient,
         "listener": args.listener,
+        "category": args.category,
         "limit": args.limit,
         "cursor": args.cursor,
     }
@@ -693,6 +694,7 @@ def _refused_list(client: AdminClient, args: argparse.Namespace, out: TextIO) ->
             r["sender"] if r["sender"] is not None else "-",
             r["recipient"] or "-",
             f"{r['code']} {r['enhanced'] or ''}".strip(),
+            r.get("category") or "-",
             r["reason"],
         )
         for r in data["items"]
@@ -700,9 +702,9 @@ def _refused_list(client: AdminClient, args: argparse.Namespace, out: TextIO) ->
     if rows:
         out.write(
             table(
-                ("AT", "CLIENT", "SENDER", "RECIPIENT", "CODE", "REASON"),
+                ("AT", "CLIENT", "SENDER", "RECIPIENT", "CODE", "CATEGORY", "REASON"),
                 rows,
-                (19, 39, 32, 32, 12, 50),
+                (19, 39, 32, 32, 12, 20, 50),
             )
             + "\n"
         )
@@ -848,7 +850,7 @@ def _parser() -> _Parser:
     raction = refused.add_subparsers(dest="action", metavar="ACTION", required=True)
     rlist = raction.add_parser("list", help="list refusals")
     _time_options(rlist)
-    for name in ("client", "sender", "recipient", "listener"):
+    for name in ("client", "sender", "recipient", "listener", "category"):
         rlist.add_argument(f"--{name}")
     _page_options(rlist)
     rlist.set_defaults(run=_refused_list)

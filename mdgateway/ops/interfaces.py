@@ -64,6 +64,8 @@ class Readiness:
     ready: bool
     checks: dict[str, bool]
     reasons: tuple[str, ...] = ()
+    #: What else an operator or a probe may want to see (the outbox).
+    details: dict[str, Any] = attrs.field(factory=dict)
 
 
 class IOperations(Interface):

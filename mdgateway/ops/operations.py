@@ -57,6 +57,7 @@ class GatewayOperations:
         reload: Callable[[], tuple[bool, list[str]]],
         checks: Callable[[], dict[str, bool]],
         worker_spools: Callable[[], list[tuple[int, str]]] = list,
+        details: Callable[[], dict[str, Any]] = dict,
     ) -> None:
         self.reactor = reactor
         self.spool = spool
@@ -66,6 +67,7 @@ class GatewayOperations:
         self._policy = policy
         self._reload = reload
         self._checks = checks
+        self._details = details
         self._worker_spools = worker_spools
 
     # -- the queue -------------------------------------------------------------
@@ -194,7 +196,7 @@ class GatewayOperations:
     def readiness(self) -> Readiness:
         checks = self._checks()
         reasons = tuple(name for name, ok in checks.items() if not ok)
-        return Readiness(not reasons, checks, reasons)
+        return Readiness(not reasons, checks, reasons, self._details())
 
 
 def _reply(record: dict[str, Any]) -> str:

@@ -72,6 +72,7 @@ class GatewayService(MultiService):
             policy=gateway.live.policy,
             reload=self.reload,
             checks=self.checks,
+            details=self.details,
             worker_spools=self._worker_spools,
         )
         self._watch_metrics()
@@ -94,6 +95,7 @@ class GatewayService(MultiService):
         metrics.watch_queue_depth(lambda: gateway.spool.entry_count)
         metrics.watch_queue_oldest_seconds(gateway.spool.oldest_age)
         metrics.watch_core_servers_up(gateway.runtimes.servers_up)
+        metrics.watch_outbox(lambda: gateway.outbox.depth, gateway.outbox.oldest_age)
         metrics.watch_relay_throttled(
             lambda: {
                 name: bool(gateway.relay.throttled_until(profile))
@@ -125,7 +127,15 @@ class GatewayService(MultiService):
             "core": core,
             "relay": relay,
             "not_draining": not self.draining,
+            "outbox_not_full": not gateway.outbox.full,
         }
+
+    def details(self) -> dict[str, Any]:
+        """
+        What readiness shows beside its checks: the outbox of records for
+        the store (depth, limit, oldest age, whether the store answers).
+        """
+        return {"outbox": attrs.asdict(self.gateway.outbox.status())}
 
     async def _purge(self) -> None:
         counts = await self.gateway.store.purge(
@@ -163,10 +173,12 @@ class GatewayService(MultiService):
                 lambda f: log.failure("retention job failed", f)
             )
             await gateway.spool.acquire()
+            await gateway.outbox.open()
             await self._adopt_stale_spools()
         else:
             # A predecessor of this worker may still be draining.
             await gateway.spool.acquire(wait=config.drain_timeout + 30)
+            await gateway.outbox.open()
         entries = await gateway.spool.recover()
         log.info(
             "spool {directory}: {count} message(s) recovered",
@@ -194,6 +206,7 @@ class GatewayService(MultiService):
         )
         for stale in stale_spools:
             try:
+                await self.gateway.outbox.adopt(stale)
                 await self.gateway.spool.adopt(stale)
             except SpoolInUseError as e:
                 # A retired worker still draining: its messages are safe
@@ -396,7 +409,8 @@ class GatewayService(MultiService):
             await maybeDeferred(self.admin_port.stopListening)
         if self.purger.running:
             self.purger.stop()
-        await gateway.history.drain()
+        gateway.refusals.stop()
+        await gateway.outbox.close(timeout=min(10.0, config.drain_timeout))
         await gateway.store.close()
         await gateway.runtimes.close()
         if self.emulator is not None:

@@ -166,6 +166,8 @@ class Outbox:
         self.applied = 0
         #: Called with C{(count)} when records are applied (metrics).
         self.on_applied: Callable[[int], object] | None = None
+        #: Called with C{(count)} when records are refused for good.
+        self.on_failed: Callable[[int], object] | None = None
 
     def __repr__(self) -> str:
         return f"<Outbox {self.directory} depth={self._depth}>"
@@ -465,6 +467,8 @@ class Outbox:
                     error=why,
                 )
             self.failed += len(failed) + len(unreadable)
+            if self.on_failed is not None:
+                self.on_failed(len(failed) + len(unreadable))
         originals = [
             os.path.join(self.directory, owed.record.path)
             for owed in records
