@@ -358,3 +358,24 @@ async def test_close_does_not_wait_for_a_store_that_is_down(
     await closing
     assert reactor.seconds() - started < 5
     assert outbox.depth == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_adoption_clears_an_outbox_with_only_leftovers(
+    tmp_path: Path, outage_store: OutageSqliteStore, threadpool: ThreadPool
+) -> None:
+    """
+    A retired worker's outbox holding only a half-written segment (a
+    crash) and kept failures is emptied: the failures move here, the
+    leftover goes, and the folder is removed so the spool root can be.
+    """
+    stale_root = tmp_path / "spool" / "workers" / "2"
+    (stale_root / "outbox" / "failed").mkdir(parents=True)
+    (stale_root / "outbox" / "0000000000000004.jsonl.tmp").write_text("{")
+    (stale_root / "outbox" / "failed" / "k.json").write_text("{}")
+    outbox = make_outbox(tmp_path, outage_store, threadpool)
+    await outbox.open()
+    assert await outbox.adopt(str(stale_root)) == 0
+    assert not (stale_root / "outbox").exists()
+    assert os.listdir(os.path.join(outbox.directory, "failed")) == ["adopted-k.json"]
+    await outbox.close()

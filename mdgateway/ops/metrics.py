@@ -529,6 +529,74 @@ class Metrics:
 #: One process's metric families, as L{Metrics.snapshot} makes them.
 Snapshot = list[dict[str, Any]]
 
+#: Family types whose samples only ever grow while a process lives.
+_CUMULATIVE = frozenset({"counter", "histogram", "summary"})
+
+
+class RetiredCounters:
+    """
+    The last counter values of worker processes that are gone, kept by
+    the primary so the merged totals never go down when a worker dies
+    and its successor counts from zero (Prometheus would read a drop as
+    a counter reset and every rate would be wrong). Gauges of a dead
+    worker are not kept: they described a process that is no more.
+    """
+
+    def __init__(self) -> None:
+        self._families: dict[str, dict[str, Any]] = {}
+
+    def add(self, snapshot: Snapshot) -> None:
+        """
+        Fold in the last snapshot of a worker that ended.
+        """
+        for family in snapshot:
+            if not isinstance(family, dict) or family.get("type") not in _CUMULATIVE:
+                continue
+            name = family.get("name")
+            if not isinstance(name, str):
+                continue
+            kept = self._families.setdefault(
+                name,
+                {
+                    "name": name,
+                    "help": family.get("help", ""),
+                    "type": family["type"],
+                    "unit": family.get("unit", ""),
+                    "samples": {},
+                },
+            )
+            samples: dict[tuple[str, tuple[tuple[str, str], ...]], float] = kept[
+                "samples"
+            ]
+            for item in family.get("samples", []):
+                try:
+                    sample, labels, value = item
+                    key = (str(sample), tuple(sorted(labels.items())))
+                    number = float(value)
+                except (TypeError, ValueError, AttributeError):
+                    continue
+                if key[0].endswith("_created"):
+                    samples[key] = min(samples.get(key, number), number)
+                else:
+                    samples[key] = samples.get(key, 0.0) + number
+
+    def snapshot(self) -> Snapshot:
+        """
+        What was kept, in the form of L{Metrics.snapshot} (empty when no
+        worker has ended).
+        """
+        return [
+            {
+                **{k: v for k, v in family.items() if k != "samples"},
+                "samples": [
+                    [sample, dict(labels), value]
+                    for (sample, labels), value in family["samples"].items()
+                ],
+            }
+            for family in self._families.values()
+        ]
+
+
 #: Gauges whose whole-gateway value is not the sum over processes.
 _COMBINE: Mapping[str, Callable[[list[float]], float]] = {
     "mdgateway_queue_oldest_seconds": max,

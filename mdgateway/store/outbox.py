@@ -250,8 +250,8 @@ class Outbox:
 
         @return: the records moved.
         """
-        count: int = await self._run(_job_count_segments, root)
-        if not count:
+        count: int | None = await self._run(_job_count_segments, root)
+        if count is None:
             return 0
         first = self._next_seq
         self._next_seq += count
@@ -636,12 +636,15 @@ def _job_recover(directory: str) -> list[tuple[int, str, int, float]]:
     return found
 
 
-def _job_count_segments(root: str) -> int:
+def _job_count_segments(root: str) -> int | None:
+    """
+    The segments in C{root}'s outbox; C{None} when it has none at all.
+    """
     source = os.path.join(root, "outbox")
     try:
         names = os.listdir(source)
     except (FileNotFoundError, NotADirectoryError):
-        return 0
+        return None
     return sum(1 for name in names if _segment_seq(name) is not None)
 
 
