@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from mdgateway.ops.interfaces import QueueEntry, QueueRecipient, Readiness
+from mdgateway.store.audit import AuditEntry
 from mdgateway.store.interfaces import (
     MessageRecord,
     MessageSummary,
@@ -193,6 +194,23 @@ def queue_entry(e: QueueEntry) -> JSON:
         "last_error": e.last_error,
         "generated": e.generated,
         "worker": e.worker,
+    }
+
+
+def audit_entry(a: AuditEntry) -> JSON:
+    """
+    One operator action of the audit.
+    """
+    return {
+        "id": a.id,
+        "at": iso(a.at),
+        "actor": a.actor,
+        "action": a.action,
+        "target": a.target,
+        "result": a.result,
+        "detail": a.detail,
+        "outcome": a.outcome or None,
+        "finished_at": iso(a.finished_at) if a.finished_at is not None else None,
     }
 
 

@@ -56,6 +56,21 @@ class QueueEntry:
 
 
 @attrs.frozen
+class ActionResult:
+    """
+    What a quarantine action (release, rescan, forward) did.
+
+    @ivar queue_id: the spool entry the original was queued as.
+    @ivar replayed: the request repeated an earlier one with the same
+        idempotency key: nothing was done again, this is the first one's
+        answer.
+    """
+
+    queue_id: str
+    replayed: bool = False
+
+
+@attrs.frozen
 class Readiness:
     """
     Whether a load balancer should send this instance new connections.
@@ -86,24 +101,51 @@ class IOperations(Interface):
         Try a queued message now. @raise OperationError: 404 unknown id.
         """
 
-    def release(item_id: str, by: str) -> Any:  # noqa: N805
+    def release(  # noqa: N805
+        item_id: str,
+        by: str,
+        force: bool = False,
+        key: str | None = None,
+        origin: str = "",
+    ) -> Any:
         """
         Deliver a quarantined original (with
         C{X-Metadefender-EmailSecurity-OriginalCopy: True}) through its
-        rule's relay; fires with the new queue id.
+        rule's relay; fires with an L{ActionResult}.
+
+        Done at most once per item: a repeat is refused (409) unless
+        C{force}; a retry with the same idempotency C{key} gets the first
+        answer again and delivers nothing. An original Core blocked
+        (infected) is released only with C{force}. Every attempt is in the
+        audit, under C{by} (the operator's token name) and C{origin} (where
+        the request came from).
         """
 
-    def rescan(item_id: str, by: str) -> Any:  # noqa: N805
+    def rescan(  # noqa: N805
+        item_id: str,
+        by: str,
+        force: bool = False,
+        key: str | None = None,
+        origin: str = "",
+    ) -> Any:
         """
         Process a quarantined original again with today's Core, under the
         rule it was first handled by (even if disabled since); fires with
-        the new queue id.
+        an L{ActionResult}. At most once per item as L{release}.
         """
 
-    def forward(item_id: str, addresses: list[str], by: str) -> Any:  # noqa: N805
+    def forward(  # noqa: N805
+        item_id: str,
+        addresses: list[str],
+        by: str,
+        force: bool = False,
+        key: str | None = None,
+        origin: str = "",
+    ) -> Any:
         """
-        Send a quarantined original to other addresses; fires with the new
-        queue id.
+        Send a quarantined original to other addresses; fires with an
+        L{ActionResult}. At most once per item and set of addresses, and a
+        blocked original only with C{force}, as L{release}.
         """
 
     def reload() -> tuple[bool, list[str]]:  # noqa: N805

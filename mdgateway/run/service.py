@@ -28,7 +28,7 @@ from twisted.python.failure import Failure
 from mdgateway.config import ConfigError, GatewayConfig, endpoint_address, load_config
 from mdgateway.ops.admin import AdminAPI
 from mdgateway.ops.operations import GatewayOperations
-from mdgateway.ops.tokens import load_or_create_token
+from mdgateway.ops.tokens import load_or_create_tokens
 from mdgateway.queue.entry import SpoolInUseError
 from mdgateway.receive.listeners import apply_settings
 from mdgateway.run.compose import Gateway
@@ -77,6 +77,7 @@ class GatewayService(MultiService):
         )
         self._watch_metrics()
         self.admin_port: IListeningPort | None = None
+        self.admin_api: AdminAPI | None = None
         self.purger = LoopingCall(self._purge)
         self.purger.clock = self.reactor
         self.ports: list[IListeningPort] = []
@@ -286,13 +287,14 @@ class GatewayService(MultiService):
 
     async def _start_admin(self) -> None:
         settings = self.config.admin
-        token = await deferToThreadPool(
+        tokens = await deferToThreadPool(
             self.reactor,
             self.gateway.threads.spool,
-            load_or_create_token,
+            load_or_create_tokens,
             settings.token_file,
         )
-        api = AdminAPI(self.operations, token, self.reactor)
+        api = AdminAPI(self.operations, tokens, self.reactor)
+        self.admin_api = api
         site = api.site()
         site.noisy = False
         endpoint = serverFromString(self.reactor, settings.endpoint)

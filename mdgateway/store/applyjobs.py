@@ -119,7 +119,7 @@ RECORD_ERRORS: tuple[type[BaseException], ...] = (
 
 AUDIT_COLUMNS = (
     "a.id, a.at, a.actor, a.action, a.target, a.result, a.detail, a.claim, "
-    "a.outcome, a.finished_at"
+    "a.request_key, a.outcome, a.finished_at"
 )
 
 
@@ -133,8 +133,9 @@ def _audit_from_row(row: Sequence[Any]) -> AuditEntry:
         result=row[5],
         detail=row[6],
         claim=row[7],
-        outcome=row[8],
-        finished_at=row[9],
+        key=row[8],
+        outcome=row[9],
+        finished_at=row[10],
     )
 
 
@@ -148,7 +149,8 @@ def _get_audit(tx: Tx, entry_id: int) -> AuditEntry:
 def job_record_audit(tx: Tx, e: AuditEntry) -> AuditEntry:
     row = tx.one(
         "INSERT INTO audit (at, actor, action, target, result, detail, claim, "
-        "outcome, finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+        "request_key, outcome, finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+        "RETURNING id",
         (
             e.at,
             e.actor,
@@ -157,6 +159,7 @@ def job_record_audit(tx: Tx, e: AuditEntry) -> AuditEntry:
             e.result,
             e.detail,
             e.claim,
+            e.key,
             e.outcome,
             e.finished_at,
         ),
@@ -170,9 +173,9 @@ def job_claim_audit(tx: Tx, e: AuditEntry) -> tuple[AuditEntry, bool]:
         return job_record_audit(tx, e), True
     row = tx.one(
         "INSERT INTO audit (at, actor, action, target, result, detail, claim, "
-        "outcome, finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, '', NULL) "
+        "request_key, outcome, finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, '', NULL) "
         "ON CONFLICT (claim) DO NOTHING RETURNING id",
-        (e.at, e.actor, e.action, e.target, STARTED, e.detail, e.claim),
+        (e.at, e.actor, e.action, e.target, STARTED, e.detail, e.claim, e.key),
     )
     if row is not None:
         return attrs.evolve(e, id=int(row[0]), result=STARTED), True
@@ -186,8 +189,8 @@ def job_claim_audit(tx: Tx, e: AuditEntry) -> tuple[AuditEntry, bool]:
     # The earlier attempt failed: this one takes its claim over.
     tx.execute(
         "UPDATE audit SET at = ?, actor = ?, result = ?, detail = ?, outcome = '', "
-        "finished_at = NULL WHERE id = ?",
-        (e.at, e.actor, STARTED, e.detail, found.id),
+        "request_key = ?, finished_at = NULL WHERE id = ?",
+        (e.at, e.actor, STARTED, e.detail, e.key, found.id),
     )
     return attrs.evolve(e, id=found.id, result=STARTED), True
 

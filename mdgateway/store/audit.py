@@ -23,8 +23,11 @@ DONE = "done"
 #: The action was not done (its detail says why).
 REFUSED = "refused"
 FAILED = "failed"
+#: A retry of a done action with the same idempotency key: answered from
+#: the first, nothing done again.
+REPLAYED = "replayed"
 
-AUDIT_RESULTS = (STARTED, DONE, REFUSED, FAILED)
+AUDIT_RESULTS = (STARTED, DONE, REFUSED, FAILED, REPLAYED)
 
 
 @attrs.frozen
@@ -41,6 +44,8 @@ class AuditEntry:
         the client address the request came from.
     @ivar claim: the claim that makes the action happen at most once, or
         C{None}.
+    @ivar key: the idempotency key the client sent with the request, if
+        any (a retry with the same key is answered from this entry).
     @ivar outcome: what a repeat of a done action answers with (the new
         queue id of a release).
     @ivar id: assigned by the store; C{None} on input.
@@ -53,6 +58,7 @@ class AuditEntry:
     result: str
     detail: str = ""
     claim: str | None = None
+    key: str | None = None
     outcome: str = ""
     finished_at: float | None = None
     id: int | None = None

@@ -203,6 +203,7 @@ _V2 = (
         result TEXT NOT NULL,
         detail TEXT NOT NULL,
         claim TEXT,
+        request_key TEXT,
         outcome TEXT NOT NULL,
         finished_at {float}
     )
