@@ -246,7 +246,6 @@ class ProcessesTests(SynchronousTestCase):
                 problems(MINIMAL + f"[processes]\nworkers = {bad}\n"), [message]
             )
 
-
     def test_umask(self) -> None:
         """
         The processes' umask is 027 by default, any octal mask when given,
