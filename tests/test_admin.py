@@ -52,6 +52,7 @@ from mdgateway.ops.interfaces import (
     QueueEntry,
     QueueRecipient,
     Readiness,
+    ReloadResult,
 )
 from mdgateway.ops.tokens import (
     TokenFileError,
@@ -970,17 +971,32 @@ async def test_queue(env: Env) -> None:
 @pytest_twisted.ensureDeferred
 async def test_reload(env: Env) -> None:
     """
-    Reload answers 200 with C{loaded} true when the file loaded, and 422
-    with every problem line when it did not.
+    Reload answers 200 with C{loaded} true when the file loaded, with the
+    settings it applied and those that need a restart, and 422 with every
+    problem line when it did not (also from an older operations object
+    that answers with a pair).
     """
+    env.ops.reload_result = ReloadResult(
+        True, applied=("sender_helo_domain",), restart_required=("workers",)
+    )
     code, body = await env.json("POST", "/api/config/reload")
-    assert (code, body) == (200, {"loaded": True, "problems": []})
+    assert (code, body) == (
+        200,
+        {
+            "loaded": True,
+            "problems": [],
+            "applied": ["sender_helo_domain"],
+            "restart_required": ["workers"],
+        },
+    )
     env.ops.reload_result = (False, ["rules[0].relay_profile: unknown profile 'x'"])
     code, body = await env.json("POST", "/api/config/reload")
     assert code == 422
     assert body == {
         "loaded": False,
         "problems": ["rules[0].relay_profile: unknown profile 'x'"],
+        "applied": [],
+        "restart_required": [],
     }
 
 

@@ -404,7 +404,8 @@ class ReloadTests(SynchronousTestCase):
     def test_reload_keeps_process_count(self) -> None:
         """
         A reload applies new rules but keeps the number of processes (and
-        listeners and spool) until a restart, saying so in the log.
+        listeners and spool) until a restart, saying so in its answer and
+        in the log.
         """
         folder = Path(self.mktemp())
         folder.mkdir()
@@ -416,10 +417,11 @@ class ReloadTests(SynchronousTestCase):
         warnings: list[dict[str, Any]] = []
         globalLogPublisher.addObserver(warnings.append)
         self.addCleanup(globalLogPublisher.removeObserver, warnings.append)
-        loaded, problems = service.reload()
-        self.assertEqual((loaded, problems), (True, []))
+        result = service.reload()
+        self.assertEqual((result.loaded, result.problems), (True, ()))
+        self.assertEqual(result.restart_required, ("workers",))
         self.assertEqual(service.config.workers, 2)
         self.assertEqual(service.config.version, load_config(config).version)
         self.assertTrue(
-            [e for e in warnings if "process count" in str(e.get("log_format"))]
+            [e for e in warnings if "after a restart" in str(e.get("log_format"))]
         )

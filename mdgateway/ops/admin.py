@@ -41,7 +41,12 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from mdgateway.ops import adminjson
-from mdgateway.ops.interfaces import ActionResult, IOperations, OperationError
+from mdgateway.ops.interfaces import (
+    ActionResult,
+    IOperations,
+    OperationError,
+    ReloadResult,
+)
 from mdgateway.ops.tokens import DEFAULT_NAME
 from mdgateway.policy.rules import DIRECTIONS
 from mdgateway.smtp.parse import ParseError, parse_mailbox
@@ -968,22 +973,33 @@ class AdminAPI:
 
     async def _reload(self, call: _Call) -> _Response:
         call.body()
-        loaded, problems = await _resolve(self.operations.reload())
+        result = await _resolve(self.operations.reload())
+        if not isinstance(result, ReloadResult):
+            loaded, problems = result
+            result = ReloadResult(bool(loaded), tuple(problems))
+        restart = "; needs a restart: " + ", ".join(result.restart_required)
         await self._audited(
             call,
             "reload",
             "config",
-            DONE if loaded else REFUSED,
-            "; ".join(problems),
+            DONE if result.loaded else REFUSED,
+            "; ".join(result.problems) + (restart if result.restart_required else ""),
         )
         self._logged(
             call,
             "configuration reload",
-            "loaded" if loaded else "refused",
-            problems=list(problems),
+            "loaded" if result.loaded else "refused",
+            problems=list(result.problems),
+            restart_required=list(result.restart_required),
         )
         return _Response.json(
-            200 if loaded else 422, {"loaded": bool(loaded), "problems": list(problems)}
+            200 if result.loaded else 422,
+            {
+                "loaded": result.loaded,
+                "problems": list(result.problems),
+                "applied": list(result.applied),
+                "restart_required": list(result.restart_required),
+            },
         )
 
     # -- audit

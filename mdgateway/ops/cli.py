@@ -779,6 +779,9 @@ def _reload(client: AdminClient, args: argparse.Namespace, out: TextIO) -> int:
         _print_json(data, out)
     elif data.get("loaded"):
         out.write("configuration reloaded\n")
+        if data.get("restart_required"):
+            keys = ", ".join(data["restart_required"])
+            out.write(f"  changed, but in force only after a restart: {keys}\n")
     else:
         out.write("configuration NOT reloaded; the running one stays:\n")
         for line in data.get("problems", []):

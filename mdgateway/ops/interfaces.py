@@ -71,6 +71,24 @@ class ActionResult:
 
 
 @attrs.frozen
+class ReloadResult:
+    """
+    What a configuration reload did.
+
+    @ivar loaded: the file was valid and is in force now.
+    @ivar problems: why it was not (one line per problem, naming its key).
+    @ivar applied: the settings that changed and apply now (dotted keys).
+    @ivar restart_required: the settings that changed but keep their old
+        value until the gateway restarts.
+    """
+
+    loaded: bool
+    problems: tuple[str, ...] = ()
+    applied: tuple[str, ...] = ()
+    restart_required: tuple[str, ...] = ()
+
+
+@attrs.frozen
 class Readiness:
     """
     Whether a load balancer should send this instance new connections.
@@ -148,9 +166,10 @@ class IOperations(Interface):
         blocked original only with C{force}, as L{release}.
         """
 
-    def reload() -> tuple[bool, list[str]]:  # noqa: N805
+    def reload() -> Any:  # noqa: N805
         """
-        Reload the configuration file: C{(loaded, problems)}.
+        Reload the configuration file: a L{ReloadResult} (or, from older
+        implementations, a C{(loaded, problems)} pair).
         """
 
     def readiness() -> Readiness:  # noqa: N805

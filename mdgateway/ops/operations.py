@@ -27,6 +27,7 @@ from mdgateway.ops.interfaces import (
     QueueEntry,
     QueueRecipient,
     Readiness,
+    ReloadResult,
 )
 from mdgateway.queue.entry import SpoolEntry
 from mdgateway.queue.envelope import Envelope, Recipient
@@ -70,7 +71,7 @@ class GatewayOperations:
         store: IStore,
         metrics: Any,
         policy: Callable[[], Any],
-        reload: Callable[[], tuple[bool, list[str]]],
+        reload: Callable[[], ReloadResult],
         checks: Callable[[], dict[str, bool]],
         worker_spools: Callable[[], list[tuple[int, str]]] = list,
         details: Callable[[], dict[str, Any]] = dict,
@@ -326,7 +327,7 @@ class GatewayOperations:
 
     # -- configuration and health ----------------------------------------------
 
-    def reload(self) -> tuple[bool, list[str]]:
+    def reload(self) -> ReloadResult:
         return self._reload()
 
     def readiness(self) -> Readiness:

@@ -121,6 +121,9 @@ class Gateway:
     runtimes: CoreRuntimes
     loop_guard: MarkerLoopGuard
     verifier: CachingVerifier
+    #: The recipient probe behind L{verifier} (its EHLO name follows a
+    #: reload).
+    probe: SmtpRecipientVerifier
     relay: Relay
     outbox: Outbox
     history: StoreHistory
@@ -204,9 +207,8 @@ def build_gateway(
         min_free_bytes=config.spool.min_free,
     )
     resolver = DNSPythonResolver(reactor, threads.dns)
-    verifier = CachingVerifier(
-        SmtpRecipientVerifier(reactor, config.sender_helo_domain, resolver), reactor
-    )
+    probe = SmtpRecipientVerifier(reactor, config.sender_helo_domain, resolver)
+    verifier = CachingVerifier(probe, reactor)
     store = store_for(config.store.location, reactor, threads.store)
     runtimes = CoreRuntimes(reactor)
     loop_guard = MarkerLoopGuard(
@@ -295,6 +297,7 @@ def build_gateway(
         runtimes=runtimes,
         loop_guard=loop_guard,
         verifier=verifier,
+        probe=probe,
         relay=relay,
         outbox=outbox,
         history=history,

@@ -27,11 +27,12 @@ from twisted.python.failure import Failure
 
 from mdgateway.config import ConfigError, GatewayConfig, endpoint_address, load_config
 from mdgateway.ops.admin import AdminAPI
+from mdgateway.ops.interfaces import ReloadResult
 from mdgateway.ops.operations import GatewayOperations
-from mdgateway.ops.tokens import load_or_create_tokens
+from mdgateway.ops.tokens import load_or_create_tokens, load_tokens
 from mdgateway.queue.entry import SpoolInUseError
-from mdgateway.receive.listeners import apply_settings
-from mdgateway.run.compose import Gateway
+from mdgateway.receive.listeners import apply_settings, listener_tls_options
+from mdgateway.run.compose import Gateway, retry_policy
 from mdgateway.run.supervisor import (
     Supervisor,
     stale_worker_spools,
@@ -43,8 +44,26 @@ from mdgateway.smtp.serverprotocol import ProxyHeaderFactory
 
 log = Logger()
 
-#: What a reload leaves as it is until a restart.
-RESTART_KEYS = ("listeners", "tls", "spool", "workers")
+#: The settings a reload leaves as they are until a restart (dotted keys
+#: of the configuration); everything else a reload applies at once.
+RESTART_KEYS = (
+    "listeners",
+    "spool.directory",
+    "spool.threads",
+    "store.location",
+    "store.instance",
+    "admin.endpoint",
+    "admin.tls",
+    "delivery.concurrency",
+    "delivery.loop_secret_file",
+    "emulator",
+    "workers",
+    "umask",
+)
+
+#: The sections whose settings are compared one by one for the reload
+#: answer; other top-level keys count as one setting each.
+_SECTIONS = ("tls", "limits", "spool", "delivery", "store", "admin")
 
 
 class GatewayService(MultiService):
@@ -427,12 +446,13 @@ class GatewayService(MultiService):
 
     # -- reload ----------------------------------------------------------------------
 
-    def reload(self) -> tuple[bool, list[str]]:
+    def reload(self) -> ReloadResult:
         """
-        Load the configuration file again. If it is valid, new sessions use
-        its rules and limits while sessions in progress keep theirs; if not,
-        the running configuration stays and every problem is logged.
-        Listener, TLS and spool changes need a restart.
+        Load the configuration file again. If it is valid, everything it
+        changes applies now (new sessions use its rules, limits, names and
+        certificate; sessions in progress keep theirs) except the settings
+        of L{RESTART_KEYS}, which the answer names; if not, the running
+        configuration stays and every problem is logged.
         """
         old = self.config
         try:
@@ -440,36 +460,118 @@ class GatewayService(MultiService):
         except ConfigError as e:
             for problem in e.problems:
                 log.error("configuration reload refused: {problem}", problem=problem)
-            return False, list(e.problems)
-        if any(getattr(new, k) != getattr(old, k) for k in RESTART_KEYS):
+            return ReloadResult(False, tuple(e.problems))
+        changed = changed_keys(old, new)
+        restart = tuple(k for k in changed if _needs_restart(k))
+        applied = tuple(k for k in changed if not _needs_restart(k))
+        if restart:
             log.warn(
-                "listener, TLS, spool and process count changes take effect "
-                "after a restart; rules and limits are applied now"
+                "configuration reload: {keys} changed, but take effect only "
+                "after a restart",
+                keys=", ".join(restart),
             )
+        kept = _keep(new, old, RESTART_KEYS)
         gateway = self.gateway
-        gateway.runtimes.sync(new.policy.core_profiles)
+        gateway.runtimes.sync(kept.policy.core_profiles)
         if self.supervisor is not None:
             self.supervisor.signal_all("HUP")
-        gateway.handler.policy = gateway.recipient_policy(new)
-        gateway.handler.hostname = new.sender_helo_domain
+        gateway.handler.policy = gateway.recipient_policy(kept)
+        gateway.handler.hostname = kept.sender_helo_domain
+        gateway.handler.max_queue = kept.spool.max_queue
+        gateway.relay.reconfigure(kept.sender_helo_domain)
+        gateway.probe.helo = kept.sender_helo_domain
+        gateway.processor.hostname = kept.sender_helo_domain
+        gateway.queue.retry = retry_policy(kept)
+        gateway.history.quarantine_days = kept.store.quarantine_days
+        gateway.outbox.limit = kept.store.outbox_limit
+        try:
+            tls_options = listener_tls_options(kept)
+        except Exception as e:  # pyOpenSSL's own errors included
+            log.error("TLS certificate not reloaded: {error}", error=str(e))
+            tls_options = None
         for factory in gateway.factories:
-            apply_settings(factory, old.listeners, new)
-        gateway.live.current = attrs.evolve(
-            new, **{k: getattr(old, k) for k in RESTART_KEYS}
-        )
+            apply_settings(factory, old.listeners, kept)
+            if factory.tls_options is not None and tls_options is not None:
+                factory.tls_options = tls_options
+        self._reload_tokens(kept)
+        gateway.live.current = kept
         log.info(
             "configuration {config_version} loaded from {path}",
             config_version=new.version,
             path=new.path,
             rules=len(new.policy.rules),
+            applied=list(applied),
         )
-        return True, []
+        return ReloadResult(True, (), applied, restart)
+
+    def _reload_tokens(self, config: GatewayConfig) -> None:
+        """
+        Read the admin token file again (names may have been added or
+        removed); a file with problems leaves the tokens in force.
+        """
+        if self.admin_api is None:
+            return
+        try:
+            self.admin_api.set_tokens(load_tokens(config.admin.token_file))
+        except (OSError, ValueError) as e:
+            log.error(
+                "admin tokens not reloaded, the old ones stay: {error}", error=str(e)
+            )
 
     def _worker_spools(self) -> list[tuple[int, str]]:
         if not self.gateway.role.primary:
             return []
         root = self.config.spool.directory
         return [(k, worker_spool(root, k)) for k in range(1, self.config.workers)]
+
+
+def _get(config: Any, key: str) -> Any:
+    value = config
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _needs_restart(key: str) -> bool:
+    return any(key == r or key.startswith(r + ".") for r in RESTART_KEYS)
+
+
+def changed_keys(old: GatewayConfig, new: GatewayConfig) -> list[str]:
+    """
+    The settings (dotted keys) that differ between two configurations.
+    """
+    changed: list[str] = []
+    for field in attrs.fields(GatewayConfig):
+        name = field.name
+        if name in ("version", "path"):
+            continue
+        before, after = getattr(old, name), getattr(new, name)
+        if before == after:
+            continue
+        if name in _SECTIONS:
+            changed.extend(
+                f"{name}.{inner.name}"
+                for inner in attrs.fields(type(before))
+                if getattr(before, inner.name) != getattr(after, inner.name)
+            )
+        else:
+            changed.append(name)
+    return changed
+
+
+def _keep(new: GatewayConfig, old: GatewayConfig, keys: tuple[str, ...]) -> Any:
+    """
+    C{new} with the settings named by C{keys} as they are in C{old}.
+    """
+    top: dict[str, Any] = {}
+    for key in keys:
+        section, _, inner = key.partition(".")
+        if not inner:
+            top[section] = getattr(old, section)
+            continue
+        current = top.get(section, getattr(new, section))
+        top[section] = attrs.evolve(current, **{inner: _get(old, key)})
+    return attrs.evolve(new, **top)
 
 
 def adopt_listener(reactor: Any, fd: int, factory: Factory) -> IListeningPort:

@@ -56,7 +56,7 @@ from mdgateway.smtp.server import (
     SessionSettings,
     StartTLS,
 )
-from mdgateway.smtp.tls import negotiated
+from mdgateway.smtp.tls import CurrentServerTLS, negotiated
 
 log = Logger()
 
@@ -838,8 +838,13 @@ def listening_factory(
     """
     wrapped: Any = factory
     if factory.tls_options is not None and factory.implicit_tls:
+        # The factory's options are read per connection: a reload that
+        # replaces them (a renewed certificate) applies to the next one.
         wrapped = TLSMemoryBIOFactory(
-            factory.tls_options, False, wrapped, clock=factory.clock
+            CurrentServerTLS(lambda: factory.tls_options),
+            False,
+            wrapped,
+            clock=factory.clock,
         )
     if proxy_trusted is not None:
         wrapped = ProxyHeaderFactory(

@@ -22,6 +22,7 @@ from mdgateway.ops.interfaces import (
     OperationError,
     QueueEntry,
     Readiness,
+    ReloadResult,
 )
 from mdgateway.ops.metrics import Metrics
 from mdgateway.store.interfaces import IStore, NotFoundError
@@ -50,7 +51,7 @@ class FakeOperations:
         self.metrics = metrics if metrics is not None else Metrics()
         self.entries: list[QueueEntry] = []
         self.calls: list[tuple[Any, ...]] = []
-        self.reload_result: tuple[bool, list[str]] = (True, [])
+        self.reload_result = ReloadResult(True)
         self.ready = READY
         self.new_queue_ids: list[str] = []
         self.error: OperationError | None = None
@@ -132,10 +133,9 @@ class FakeOperations:
             self.answered[key] = queue_id
         return ActionResult(queue_id)
 
-    def reload(self) -> tuple[bool, list[str]]:
+    def reload(self) -> ReloadResult:
         self.calls.append(("reload",))
-        loaded, problems = self.reload_result
-        return loaded, list(problems)
+        return self.reload_result
 
     def readiness(self) -> Readiness:
         self.calls.append(("readiness",))
