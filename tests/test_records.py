@@ -14,6 +14,8 @@ import pytest
 import pytest_twisted
 from twisted.trial.unittest import SynchronousTestCase
 
+from mdgateway.queue.processing import CopyOutcome, Decision
+from mdgateway.queue.report import copy_verdict
 from mdgateway.store import (
     DeliveryStatus,
     MessageFilter,
@@ -390,3 +392,36 @@ class PureTests(SynchronousTestCase):
         self.assertEqual(overall_verdict([allowed]), ScanVerdict.ALLOWED)
         self.assertEqual(overall_verdict([allowed, sanitized]), ScanVerdict.SANITIZED)
         self.assertEqual(overall_verdict([error, blocked]), ScanVerdict.BLOCKED)
+
+    def test_copy_verdict_never_calls_unscanned_mail_clean(self) -> None:
+        """
+        The history verdict of a processed copy: none for a copy that
+        failed, waits for a retry of its scan, was bypassed or skipped, even
+        when every part Core did judge was clean; Blocked whenever Core
+        blocked; else what the parts say, Sanitized when CDR rebuilt it.
+        """
+        clean = (PartVerdict("1", "text/plain", 1, "Allowed"),)
+        error = (*clean, PartVerdict("2", "application/pdf", 1, "Error"))
+        blocked = (*error, PartVerdict("3", "application/zip", 1, "Blocked"))
+
+        def outcome(decision: Decision, result: str, **kw: Any) -> CopyOutcome:
+            return CopyOutcome(decision, result, **kw)
+
+        cases = [
+            (outcome(Decision.FAIL, "Failed/not_scanned"), error, None),
+            (outcome(Decision.FAIL, "Failed/modification_failure"), clean, None),
+            (outcome(Decision.RETRY, "Failed/processing_failed"), error, None),
+            (outcome(Decision.DELIVER, "Bypassed/core_unreachable"), error, None),
+            (outcome(Decision.DELIVER, "Bypassed/modification_failure"), clean, None),
+            (outcome(Decision.DELIVER, "Skipped/AlreadyProcessed"), (), None),
+            (outcome(Decision.BLOCK, "Blocked/Infected"), blocked, ScanVerdict.BLOCKED),
+            (outcome(Decision.DELIVER, "Allowed"), clean, ScanVerdict.ALLOWED),
+            (
+                outcome(Decision.DELIVER, "Allowed", sanitized=True),
+                clean,
+                ScanVerdict.SANITIZED,
+            ),
+            (outcome(Decision.DELIVER, "Allowed"), error, None),
+        ]
+        for copy, parts, expected in cases:
+            self.assertEqual(copy_verdict(copy, parts), expected, copy.result)
