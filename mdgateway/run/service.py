@@ -50,6 +50,7 @@ RESTART_KEYS = (
     "listeners",
     "spool.directory",
     "spool.threads",
+    "spool.min_free",
     "store.location",
     "store.instance",
     "admin.endpoint",
