@@ -321,7 +321,8 @@ class Outbox:
 
     def _start_writing(self) -> None:
         # Appends made before open() wait until the folder is there.
-        if self._writing is None and self._opened and self._pending:
+        writing = self._writing
+        if (writing is None or writing.called) and self._opened and self._pending:
             self._writing = Deferred.fromCoroutine(self._write_pending())
 
     async def quarantine(
