@@ -69,6 +69,10 @@ class ActionResult:
     queue_id: str
     replayed: bool = False
 
+    def __str__(self) -> str:
+        # Callers that only want the queue id can format the result.
+        return self.queue_id
+
 
 @attrs.frozen
 class ReloadResult:
