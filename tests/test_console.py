@@ -33,7 +33,12 @@ from mdgateway.ops.configview import configuration_view
 from mdgateway.ops.console import Console, mount
 from mdgateway.ops.console.auth import token_checker
 from mdgateway.ops.console.passwords import set_password
-from mdgateway.ops.interfaces import OperationError, QueueEntry, QueueRecipient
+from mdgateway.ops.interfaces import (
+    OperationError,
+    QueueEntry,
+    QueueRecipient,
+    ReloadResult,
+)
 from mdgateway.store import PartVerdict, ReceivedMessage, SqliteStore
 from mdgateway.testing.ops import FakeOperations
 from tests.test_admin import NOW, Recorder, listen, seed
@@ -534,7 +539,9 @@ async def test_release_needs_confirmation_and_second_one_when_infected(
         path, {"csrf": csrf, "confirm": "yes", "confirm_infected": "yes"}
     )
     assert done.code == 303
-    assert ("release", env.item_id, "console:token:admin") in env.ops.calls
+    # Core blocked it: confirmed twice, it goes with force (the fake records
+    # the force flag and the form's idempotency key, absent in this post).
+    assert ("release", env.item_id, "console:token:admin", True, None) in env.ops.calls
     after = await client.get(done.location)
     assert "queued as FAKEQ0001" in after.body
     assert "by console:token:admin" in after.body
@@ -615,9 +622,11 @@ async def test_forward_rescan_delete_retry(env: Env) -> None:
         env.item_id,
         ["x@example.org", "y@example.org"],
         "console:token:admin",
+        True,
+        None,
     ) in env.ops.calls
     await client.post(base + "/rescan", {"csrf": csrf})
-    assert ("rescan", env.item_id, "console:token:admin") in env.ops.calls
+    assert ("rescan", env.item_id, "console:token:admin", False, None) in env.ops.calls
     assert (await client.post(base + "/delete", {"csrf": csrf})).code == 400
     deleted = await client.post(base + "/delete", {"csrf": csrf, "confirm": "yes"})
     assert deleted.code == 303
@@ -708,7 +717,9 @@ async def test_configuration_page_and_reload(env: Env) -> None:
     csrf = page.csrf()
     await client.post("/console/config/reload", {"csrf": csrf})
     assert "version v123 is in force" in (await client.get("/console/config")).body
-    env.ops.reload_result = (False, ["rules[0].core_profile: no profile 'x'"])
+    env.ops.reload_result = ReloadResult(
+        False, ("rules[0].core_profile: no profile 'x'",)
+    )
     await client.post("/console/config/reload", {"csrf": csrf})
     page = await client.get("/console/config")
     assert "Configuration not reloaded: 1 problem(s)" in page.body

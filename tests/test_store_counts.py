@@ -11,23 +11,17 @@ import pytest_twisted
 from mdgateway.store import MessageStatus, PartVerdict, ScanVerdict
 from mdgateway.store.interfaces import InstanceActivity, VerdictCount
 from mdgateway.store.sqlstore import SqlStore
-from tests import test_store as base
-from tests.pg import postgres_server  # noqa: F401  (a fixture, used by name)
-from tests.test_store import received
+from tests.storefixtures import Backend, received
 
 pytestmark = pytest.mark.timeout(60)
 
 T0 = 1_800_000_000.0
 
 
-# The store tests' fixtures: every test runs on SQLite and PostgreSQL.
-threadpool = base.threadpool
-location = base.location
-backend = base.backend
-
-
+# The store fixtures (tests/storefixtures.py, through conftest.py) run every
+# test on SQLite and on PostgreSQL.
 @pytest_twisted.async_fixture
-async def db(backend: base.Backend) -> SqlStore:
+async def db(backend: Backend) -> SqlStore:
     return await backend.open()
 
 

@@ -14,7 +14,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from mdgateway.ops.metrics import refusal_reason
 from mdgateway.policy.parse import parse_policy
 from mdgateway.policy.profiles import CoreProfile, CoreServer, RelayServer, SmtpProfile
 from mdgateway.policy.rules import Rule
@@ -31,6 +30,7 @@ from mdgateway.policy.tenants import (
     parse_tenant_id,
 )
 from mdgateway.receive.tenant import HeaderFieldWatch, TenantGate, bound_rules
+from mdgateway.smtp.categories import categorize
 from mdgateway.tomlreader import Problems, Section
 
 OURS = "3f2504e0-4f89-41d3-9a0c-0305e82c3301"
@@ -457,9 +457,8 @@ class TenantGateTests(SynchronousTestCase):
             self.assertTrue(
                 reply.text.startswith("Not from an allowed Office 365 tenant: ")
             )
-            self.assertEqual(
-                refusal_reason(reply.code, reply.status, reply.text), "tenant"
-            )
+            self.assertEqual(reply.category, "tenant")
+            self.assertEqual(categorize(reply.code, reply.status, reply.text), "tenant")
 
     def test_untrusted_previous_hop(self) -> None:
         """

@@ -150,6 +150,7 @@ class EnvelopeHandler:
         on_refused: Callable[..., object] | None = None,
         max_queue: int = 0,
         ready: bool = True,
+        records_full: Callable[[], bool] | None = None,
     ) -> None:
         """
         @param looped: given the start of a message (its header block) and
@@ -158,11 +159,15 @@ class EnvelopeHandler:
             refused.
         @param on_queued: called with each committed spool entry.
         @param on_refused: called as C{(info, sender, recipient, reply)} for
-            every refusal, for the refused-mail log.
+            every negative reply a session sends (see L{refusal_sent}), for the
+            refused log.
         @param ready: whether sessions may start at once; a gateway being
             built sets it when its spool has been recovered.
         @param max_queue: spool entries at which new mail is refused with
             C{452 4.3.1} (back-pressure when delivery falls behind); 0: none.
+        @param records_full: whether the records of new mail could not be
+            kept (the outbox for the store is full): new mail then gets
+            C{451 4.3.0} at MAIL and at the end of DATA.
         """
         self.hostname = hostname
         self.spool = spool
@@ -174,6 +179,8 @@ class EnvelopeHandler:
         self.on_refused = on_refused
         self.max_queue = max_queue
         self._queue_full = False
+        self.records_full = records_full
+        self._records_full = False
         #: Called as C{(info, opened)} when a session starts and ends.
         self.on_connection: Callable[[ConnectionInfo, bool], object] | None = None
         self.accepting = True
@@ -202,8 +209,22 @@ class EnvelopeHandler:
         self, info: ConnectionInfo, mail: MailFrom, reply: Reply
     ) -> None:
         self.refused += 1
+
+    def refusal_sent(
+        self,
+        info: ConnectionInfo,
+        reply: Reply,
+        mail: MailFrom | None,
+        rcpt: RcptTo | None,
+    ) -> None:
+        # Every negative reply of every session, once: the refused log.
         if self.on_refused is not None:
-            self.on_refused(info, mail.sender_text, None, reply)
+            self.on_refused(
+                info,
+                None if mail is None else mail.sender_text,
+                None if rcpt is None else str(rcpt.recipient),
+                reply,
+            )
 
     def disconnected(self, info: ConnectionInfo) -> None:
         log.debug("disconnect", session_id=info.session_id, client=info.client[0])
@@ -215,7 +236,25 @@ class EnvelopeHandler:
             return replies.SPOOL_FULL
         if self._queue_is_full():
             return replies.QUEUE_FULL
+        if self.cannot_record():
+            return replies.RECORDS_BACKLOG
         return SENDER_OK
+
+    def cannot_record(self) -> bool:
+        """
+        Whether new mail must wait because its records could not be kept.
+        """
+        full = self.records_full is not None and self.records_full()
+        if full != self._records_full:
+            self._records_full = full
+            if full:
+                log.warn(
+                    "the outbox of records for the store is full: new mail gets "
+                    "451 4.3.0 until the store catches up"
+                )
+            else:
+                log.info("the outbox has room again: accepting mail")
+        return full
 
     def _queue_is_full(self) -> bool:
         full = bool(self.max_queue) and self.spool.entry_count >= self.max_queue
@@ -251,10 +290,6 @@ class EnvelopeHandler:
                     code=decision.reply.code,
                     config_version=info.config_version,
                 )
-                if self.on_refused is not None:
-                    self.on_refused(
-                        info, mail.sender_text, str(rcpt.recipient), decision.reply
-                    )
             return decision
 
         return d.addCallback(logged)
@@ -388,7 +423,8 @@ class SpoolSink:
 
     async def _refuse(self, reply: Reply) -> Reply:
         """
-        Discard the message and record the refusal (refused log, metric).
+        Discard the message and count the refusal (the SMTP layer reports the
+        reply itself to L{EnvelopeHandler.refusal_sent}, for the refused log).
         """
         await self.writer.abort()
         self.gateway.message_refused(self.info, self.mail, reply)
@@ -422,6 +458,8 @@ class SpoolSink:
                 sender=self.mail.sender_text,
             )
             return await self._refuse(replies.TOO_MANY_HOPS)
+        if self.gateway.cannot_record():
+            return await self._refuse(replies.RECORDS_BACKLOG)
         try:
             entry = await self.writer.commit(self.envelope())
         except SpoolFullError:

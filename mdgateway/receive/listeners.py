@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory
+from twisted.internet.ssl import CertificateOptions
 
 from mdgateway.config import GatewayConfig, ListenerConfig
 from mdgateway.receive.handler import EnvelopeHandler
@@ -66,14 +67,8 @@ def build_listener_factory(
     with (the first wrapped for implicit TLS and PROXY as configured).
     """
     tls_options = None
-    if listener.tls != "none" and config.tls.certificate and config.tls.key:
-        tls_options = server_tls_options(
-            config.tls.certificate,
-            config.tls.key,
-            config.tls.chain,
-            config.tls.min_version,
-            config.tls.ciphers,
-        )
+    if listener.tls != "none":
+        tls_options = listener_tls_options(config)
     factory = SMTPServerFactory(
         name=listener.name,
         settings=session_settings(listener, config),
@@ -88,6 +83,19 @@ def build_listener_factory(
         proxy_trusted=listener.trusted_proxies if listener.proxy_protocol else None,
     )
     return factory, wrapped
+
+
+def listener_tls_options(config: GatewayConfig) -> CertificateOptions | None:
+    """
+    The server TLS options of C{config}'s certificate (read from its files
+    now, so a reload picks up a renewed one); C{None} without one.
+    """
+    tls = config.tls
+    if not (tls.certificate and tls.key):
+        return None
+    return server_tls_options(
+        tls.certificate, tls.key, tls.chain, tls.min_version, tls.ciphers
+    )
 
 
 def apply_settings(

@@ -158,6 +158,7 @@ class TenantRefusal:
             550,
             "5.7.1",
             f"Not from an allowed Office 365 tenant: {self.verdict.describe()}",
+            category="tenant",
         )
 
 

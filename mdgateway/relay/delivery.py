@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -432,11 +433,24 @@ class Relay:
             for entry in list(entries):
                 if entry.client is client:
                     entries.remove(entry)
-            from twisted.internet.defer import Deferred
-
             Deferred.fromCoroutine(_quit(client))
 
         entries.append(_Idle(client, self.reactor.callLater(self.idle_keep, expire)))
+
+    def reconfigure(self, helo: str) -> None:
+        """
+        A configuration reload: new connections greet with C{helo} and
+        read their profile's settings afresh; idle connections, which
+        greeted with the old name and settings, are closed.
+        """
+        self.helo = helo
+        self._settings.clear()
+        idle, self._idle = self._idle, {}
+        for entries in idle.values():
+            for entry in entries:
+                if entry.timer.active():
+                    entry.timer.cancel()
+                Deferred.fromCoroutine(_quit(entry.client))
 
     async def close(self) -> None:
         """

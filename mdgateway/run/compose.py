@@ -10,6 +10,7 @@ disk or the network until L{mdgateway.run.service.GatewayService} starts.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import attrs
@@ -45,6 +46,7 @@ from mdgateway.smtp.interfaces import ConnectionInfo
 from mdgateway.smtp.serverprotocol import SMTPServerFactory
 from mdgateway.store import store_for
 from mdgateway.store.interfaces import IStore
+from mdgateway.store.outbox import Outbox
 
 
 @attrs.define
@@ -119,8 +121,13 @@ class Gateway:
     runtimes: CoreRuntimes
     loop_guard: MarkerLoopGuard
     verifier: CachingVerifier
+    #: The recipient probe behind L{verifier} (its EHLO name follows a
+    #: reload).
+    probe: SmtpRecipientVerifier
     relay: Relay
+    outbox: Outbox
     history: StoreHistory
+    refusals: RefusalRecorder
     processor: CopyProcessor
     queue: QueueManager
     handler: EnvelopeHandler
@@ -200,9 +207,8 @@ def build_gateway(
         min_free_bytes=config.spool.min_free,
     )
     resolver = DNSPythonResolver(reactor, threads.dns)
-    verifier = CachingVerifier(
-        SmtpRecipientVerifier(reactor, config.sender_helo_domain, resolver), reactor
-    )
+    probe = SmtpRecipientVerifier(reactor, config.sender_helo_domain, resolver)
+    verifier = CachingVerifier(probe, reactor)
     store = store_for(config.store.location, reactor, threads.store)
     runtimes = CoreRuntimes(reactor)
     loop_guard = MarkerLoopGuard(
@@ -218,13 +224,22 @@ def build_gateway(
         maildir_writer=MaildirWriter(reactor, live.hostname),
         password_reader=read_password,
     )
-    history = StoreHistory(
+    outbox = Outbox(
+        os.path.join(spool.root, "outbox"),
         store,
+        reactor,
+        threads.spool,
+        limit=config.store.outbox_limit,
+    )
+    outbox.on_failed = metrics.outbox_failed
+    history = StoreHistory(
+        outbox,
         reactor,
         threads.work,
         instance=config.store.instance,
         quarantine_days=config.store.quarantine_days,
     )
+    refusals = RefusalRecorder(outbox, metrics, reactor)
     processor = CopyProcessor(
         reactor=reactor,
         threadpool=threads.work,
@@ -265,9 +280,10 @@ def build_gateway(
         checker=_auth_checker(config),
         looped=loop_guard.looped,
         on_queued=queued,
-        on_refused=RefusalRecorder(store, metrics, reactor),
+        on_refused=refusals,
         max_queue=config.spool.max_queue,
         ready=False,
+        records_full=lambda: outbox.full,
     )
     handler.on_connection = _session_metrics(metrics)
     return Gateway(
@@ -281,8 +297,11 @@ def build_gateway(
         runtimes=runtimes,
         loop_guard=loop_guard,
         verifier=verifier,
+        probe=probe,
         relay=relay,
+        outbox=outbox,
         history=history,
+        refusals=refusals,
         processor=processor,
         queue=queue,
         handler=handler,

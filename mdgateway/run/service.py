@@ -28,13 +28,13 @@ from twisted.python.failure import Failure
 from mdgateway.config import ConfigError, GatewayConfig, endpoint_address, load_config
 from mdgateway.ops.admin import AdminAPI
 from mdgateway.ops.console import Console, mount
-from mdgateway.ops.console.auth import token_checker
+from mdgateway.ops.interfaces import ReloadResult
 from mdgateway.ops.operations import GatewayOperations
 from mdgateway.ops.overview import GatewayOverview, SpoolStatus, snapshot_spools
-from mdgateway.ops.tokens import load_or_create_token
+from mdgateway.ops.tokens import load_or_create_tokens, load_tokens
 from mdgateway.queue.entry import SpoolInUseError
-from mdgateway.receive.listeners import apply_settings
-from mdgateway.run.compose import Gateway
+from mdgateway.receive.listeners import apply_settings, listener_tls_options
+from mdgateway.run.compose import Gateway, retry_policy
 from mdgateway.run.supervisor import (
     Supervisor,
     stale_worker_spools,
@@ -46,8 +46,27 @@ from mdgateway.smtp.serverprotocol import ProxyHeaderFactory
 
 log = Logger()
 
-#: What a reload leaves as it is until a restart.
-RESTART_KEYS = ("listeners", "tls", "spool", "workers")
+#: The settings a reload leaves as they are until a restart (dotted keys
+#: of the configuration); everything else a reload applies at once.
+RESTART_KEYS = (
+    "listeners",
+    "spool.directory",
+    "spool.threads",
+    "spool.min_free",
+    "store.location",
+    "store.instance",
+    "admin.endpoint",
+    "admin.tls",
+    "delivery.concurrency",
+    "delivery.loop_secret_file",
+    "emulator",
+    "workers",
+    "umask",
+)
+
+#: The sections whose settings are compared one by one for the reload
+#: answer; other top-level keys count as one setting each.
+_SECTIONS = ("tls", "limits", "spool", "delivery", "store", "admin")
 
 
 class GatewayService(MultiService):
@@ -75,6 +94,7 @@ class GatewayService(MultiService):
             policy=gateway.live.policy,
             reload=self.reload,
             checks=self.checks,
+            details=self.details,
             worker_spools=self._worker_spools,
             overview=GatewayOverview(
                 config=lambda: gateway.live.current,
@@ -88,6 +108,7 @@ class GatewayService(MultiService):
         )
         self._watch_metrics()
         self.admin_port: IListeningPort | None = None
+        self.admin_api: AdminAPI | None = None
         self.purger = LoopingCall(self._purge)
         self.purger.clock = self.reactor
         self.ports: list[IListeningPort] = []
@@ -106,6 +127,7 @@ class GatewayService(MultiService):
         metrics.watch_queue_depth(lambda: gateway.spool.entry_count)
         metrics.watch_queue_oldest_seconds(gateway.spool.oldest_age)
         metrics.watch_core_servers_up(gateway.runtimes.servers_up)
+        metrics.watch_outbox(lambda: gateway.outbox.depth, gateway.outbox.oldest_age)
         metrics.watch_relay_throttled(
             lambda: {
                 name: bool(gateway.relay.throttled_until(profile))
@@ -137,7 +159,15 @@ class GatewayService(MultiService):
             "core": core,
             "relay": relay,
             "not_draining": not self.draining,
+            "outbox_not_full": not gateway.outbox.full,
         }
+
+    def details(self) -> dict[str, Any]:
+        """
+        What readiness shows beside its checks: the outbox of records for
+        the store (depth, limit, oldest age, whether the store answers).
+        """
+        return {"outbox": attrs.asdict(self.gateway.outbox.status())}
 
     async def _purge(self) -> None:
         counts = await self.gateway.store.purge(
@@ -175,10 +205,12 @@ class GatewayService(MultiService):
                 lambda f: log.failure("retention job failed", f)
             )
             await gateway.spool.acquire()
+            await gateway.outbox.open()
             await self._adopt_stale_spools()
         else:
             # A predecessor of this worker may still be draining.
             await gateway.spool.acquire(wait=config.drain_timeout + 30)
+            await gateway.outbox.open()
         entries = await gateway.spool.recover()
         log.info(
             "spool {directory}: {count} message(s) recovered",
@@ -206,6 +238,7 @@ class GatewayService(MultiService):
         )
         for stale in stale_spools:
             try:
+                await self.gateway.outbox.adopt(stale)
                 await self.gateway.spool.adopt(stale)
             except SpoolInUseError as e:
                 # A retired worker still draining: its messages are safe
@@ -285,13 +318,14 @@ class GatewayService(MultiService):
 
     async def _start_admin(self) -> None:
         settings = self.config.admin
-        token = await deferToThreadPool(
+        tokens = await deferToThreadPool(
             self.reactor,
             self.gateway.threads.spool,
-            load_or_create_token,
+            load_or_create_tokens,
             settings.token_file,
         )
-        api = AdminAPI(self.operations, token, self.reactor)
+        api = AdminAPI(self.operations, tokens, self.reactor)
+        self.admin_api = api
         site = api.site()
         site.noisy = False
         console = await Console.create(
@@ -299,7 +333,7 @@ class GatewayService(MultiService):
             reactor=self.reactor,
             threadpool=self.gateway.threads.work,
             users_file=settings.users_file,
-            token_name=token_checker({"admin": token}),
+            token_name=api.token_name,
             session_lifetime=settings.session_lifetime,
             secure_cookies=settings.tls,
         )
@@ -418,7 +452,8 @@ class GatewayService(MultiService):
             await maybeDeferred(self.admin_port.stopListening)
         if self.purger.running:
             self.purger.stop()
-        await gateway.history.drain()
+        gateway.refusals.stop()
+        await gateway.outbox.close(timeout=min(10.0, config.drain_timeout))
         await gateway.store.close()
         await gateway.runtimes.close()
         if self.emulator is not None:
@@ -433,12 +468,13 @@ class GatewayService(MultiService):
 
     # -- reload ----------------------------------------------------------------------
 
-    def reload(self) -> tuple[bool, list[str]]:
+    def reload(self) -> ReloadResult:
         """
-        Load the configuration file again. If it is valid, new sessions use
-        its rules and limits while sessions in progress keep theirs; if not,
-        the running configuration stays and every problem is logged.
-        Listener, TLS and spool changes need a restart.
+        Load the configuration file again. If it is valid, everything it
+        changes applies now (new sessions use its rules, limits, names and
+        certificate; sessions in progress keep theirs) except the settings
+        of L{RESTART_KEYS}, which the answer names; if not, the running
+        configuration stays and every problem is logged.
         """
         old = self.config
         try:
@@ -446,30 +482,63 @@ class GatewayService(MultiService):
         except ConfigError as e:
             for problem in e.problems:
                 log.error("configuration reload refused: {problem}", problem=problem)
-            return False, list(e.problems)
-        if any(getattr(new, k) != getattr(old, k) for k in RESTART_KEYS):
+            return ReloadResult(False, tuple(e.problems))
+        changed = changed_keys(old, new)
+        restart = tuple(k for k in changed if _needs_restart(k))
+        applied = tuple(k for k in changed if not _needs_restart(k))
+        if restart:
             log.warn(
-                "listener, TLS, spool and process count changes take effect "
-                "after a restart; rules and limits are applied now"
+                "configuration reload: {keys} changed, but take effect only "
+                "after a restart",
+                keys=", ".join(restart),
             )
+        kept = _keep(new, old, RESTART_KEYS)
         gateway = self.gateway
-        gateway.runtimes.sync(new.policy.core_profiles)
+        gateway.runtimes.sync(kept.policy.core_profiles)
         if self.supervisor is not None:
             self.supervisor.signal_all("HUP")
-        gateway.handler.policy = gateway.recipient_policy(new)
-        gateway.handler.hostname = new.sender_helo_domain
+        gateway.handler.policy = gateway.recipient_policy(kept)
+        gateway.handler.hostname = kept.sender_helo_domain
+        gateway.handler.max_queue = kept.spool.max_queue
+        gateway.relay.reconfigure(kept.sender_helo_domain)
+        gateway.probe.helo = kept.sender_helo_domain
+        gateway.processor.hostname = kept.sender_helo_domain
+        gateway.queue.retry = retry_policy(kept)
+        gateway.history.quarantine_days = kept.store.quarantine_days
+        gateway.outbox.limit = kept.store.outbox_limit
+        try:
+            tls_options = listener_tls_options(kept)
+        except Exception as e:  # pyOpenSSL's own errors included
+            log.error("TLS certificate not reloaded: {error}", error=str(e))
+            tls_options = None
         for factory in gateway.factories:
-            apply_settings(factory, old.listeners, new)
-        gateway.live.current = attrs.evolve(
-            new, **{k: getattr(old, k) for k in RESTART_KEYS}
-        )
+            apply_settings(factory, old.listeners, kept)
+            if factory.tls_options is not None and tls_options is not None:
+                factory.tls_options = tls_options
+        self._reload_tokens(kept)
+        gateway.live.current = kept
         log.info(
             "configuration {config_version} loaded from {path}",
             config_version=new.version,
             path=new.path,
             rules=len(new.policy.rules),
+            applied=list(applied),
         )
-        return True, []
+        return ReloadResult(True, (), applied, restart)
+
+    def _reload_tokens(self, config: GatewayConfig) -> None:
+        """
+        Read the admin token file again (names may have been added or
+        removed); a file with problems leaves the tokens in force.
+        """
+        if self.admin_api is None:
+            return
+        try:
+            self.admin_api.set_tokens(load_tokens(config.admin.token_file))
+        except (OSError, ValueError) as e:
+            log.error(
+                "admin tokens not reloaded, the old ones stay: {error}", error=str(e)
+            )
 
     def _worker_spool_status(self) -> list[SpoolStatus]:
         if self.supervisor is None:
@@ -481,6 +550,57 @@ class GatewayService(MultiService):
             return []
         root = self.config.spool.directory
         return [(k, worker_spool(root, k)) for k in range(1, self.config.workers)]
+
+
+def _get(config: Any, key: str) -> Any:
+    value = config
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _needs_restart(key: str) -> bool:
+    return any(key == r or key.startswith(r + ".") for r in RESTART_KEYS)
+
+
+def changed_keys(old: GatewayConfig, new: GatewayConfig) -> list[str]:
+    """
+    The settings (dotted keys) that differ between two configurations.
+    """
+    changed: list[str] = []
+    for field in attrs.fields(GatewayConfig):
+        name = field.name
+        if name in ("version", "path") or not field.eq:
+            # Where it came from, and what only describes it (the document
+            # as loaded), are not settings.
+            continue
+        before, after = getattr(old, name), getattr(new, name)
+        if before == after:
+            continue
+        if name in _SECTIONS:
+            changed.extend(
+                f"{name}.{inner.name}"
+                for inner in attrs.fields(type(before))
+                if getattr(before, inner.name) != getattr(after, inner.name)
+            )
+        else:
+            changed.append(name)
+    return changed
+
+
+def _keep(new: GatewayConfig, old: GatewayConfig, keys: tuple[str, ...]) -> Any:
+    """
+    C{new} with the settings named by C{keys} as they are in C{old}.
+    """
+    top: dict[str, Any] = {}
+    for key in keys:
+        section, _, inner = key.partition(".")
+        if not inner:
+            top[section] = getattr(old, section)
+            continue
+        current = top.get(section, getattr(new, section))
+        top[section] = attrs.evolve(current, **{inner: _get(old, key)})
+    return attrs.evolve(new, **top)
 
 
 def adopt_listener(reactor: Any, fd: int, factory: Factory) -> IListeningPort:

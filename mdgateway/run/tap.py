@@ -43,6 +43,9 @@ class Options(usage.Options):
 def makeService(options: Options) -> IService:
     reactor = global_reactor()
     config: GatewayConfig = options["gateway_config"]
+    # Before anything is created: spool, store, tokens and secrets hold
+    # mail and keys, and their workers inherit the mask.
+    os.umask(config.umask)
     service = GatewayService(build_gateway(config, reactor))
     _install_signals(reactor, service)
     return service

@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print("invalid configuration:\n  " + "\n  ".join(e.problems), file=sys.stderr)
         return 2
+    os.umask(config.umask)
     role = WorkerRole(index=args.index, listen_fds=parse_listen_fds(args.listen))
     gateway = build_gateway(config, reactor, role=role)
     service = GatewayService(gateway)

@@ -9,6 +9,7 @@ L{IOperations} and is logged with it.
 from __future__ import annotations
 
 import re
+import secrets
 from typing import TYPE_CHECKING
 
 from twisted.web.template import tags
@@ -16,7 +17,7 @@ from twisted.web.template import tags
 from mdgateway.ops.console.http import Call, ConsoleError, Response, redirect
 from mdgateway.ops.console.pages.quarantine import Examined, back_path, examine
 from mdgateway.ops.console.render import button, href, post_form, table
-from mdgateway.ops.interfaces import OperationError
+from mdgateway.ops.interfaces import ActionResult, OperationError
 from mdgateway.smtp.parse import ParseError, parse_mailbox
 
 if TYPE_CHECKING:
@@ -55,7 +56,7 @@ async def _confirm_page(
         if single
         else href("quarantine", "bulk")
     )
-    infected = [e for e in items if e.infected]
+    blocked = [e for e in items if e.blocked]
     cancel = href("quarantine", items[0].item.id) if single else back_path(call)
     body = post_form(
         form_action,
@@ -75,7 +76,7 @@ async def _confirm_page(
                     ", ".join(e.item.message.recipients),
                     tags.span(e.item.message.subject, class_="subject"),
                     e.item.reason,
-                    "; ".join(e.infected) or "no malware",
+                    e.findings() if e.blocked else "nothing blocked",
                 ]
                 for e in items
             ),
@@ -87,12 +88,9 @@ async def _confirm_page(
         ),
         tags.div(
             tags.p(
-                tags.strong(
-                    f"Core found malware in {len(infected)} of them. "
-                    if len(items) > 1
-                    else "Core found malware in this original. "
-                ),
-                "Releasing sends the malware itself to the recipients.",
+                tags.strong(_blocked_summary(items, blocked)),
+                "Releasing sends what Core found (malware, or data the rule "
+                "keeps in) to the recipients.",
             ),
             tags.label(
                 tags.input(
@@ -101,12 +99,13 @@ async def _confirm_page(
                     value="yes",
                     id="confirm-infected",
                 ),
-                f" I understand that Core found it infected, and {what} it anyway.",
+                f" I understand what Core found, and {what} it anyway.",
             ),
             class_="danger",
         )
-        if infected and action == "release"
+        if blocked and action == "release"
         else "",
+        tags.input(type="hidden", name="key", value=secrets.token_urlsafe(18)),
         tags.div(
             button(
                 f"{action.capitalize()}",
@@ -126,6 +125,13 @@ async def _confirm_page(
     return await console.page(call, heading, "quarantine", content, status=status)
 
 
+def _blocked_summary(items: list[Examined], blocked: list[Examined]) -> str:
+    found = "found malware in" if any(e.infected for e in blocked) else "blocked"
+    if len(items) > 1:
+        return f"Core {found} {len(blocked)} of them. "
+    return f"Core {found} this original. "
+
+
 def _these(items: list[Examined]) -> str:
     return "this original" if len(items) == 1 else f"these {len(items)} originals"
 
@@ -138,12 +144,12 @@ def _unconfirmed(call: Call, action: str, items: list[Examined]) -> str | None:
         return f"Not done: {action} was not confirmed. Nothing was changed."
     if (
         action == "release"
-        and any(e.infected for e in items)
+        and any(e.blocked for e in items)
         and not call.checked("confirm_infected")
     ):
         return (
-            "Not done: Core found malware in what you asked to release, and "
-            "that second confirmation was not given. Nothing was released."
+            "Not done: Core blocked what you asked to release, and that "
+            "second confirmation was not given. Nothing was released."
         )
     return None
 
@@ -175,7 +181,7 @@ async def release(console: Console, call: Call) -> Response:
         return await _confirm_page(
             console, call, "release", [e], status=400, error=why, single=True
         )
-    queue_id = await console.operations.release(item_id, call.user.by)
+    queue_id = str(await _release(console, call, e, call.field("key")))
     console.audit(
         call,
         "released quarantined original",
@@ -187,9 +193,35 @@ async def release(console: Console, call: Call) -> Response:
     return redirect(href("quarantine", item_id))
 
 
+async def _release(
+    console: Console, call: Call, e: Examined, key: str | None
+) -> ActionResult:
+    """
+    Release C{e}; an original Core blocked was confirmed twice by now, so it
+    goes with C{force}, but never twice from the console: its own form key
+    makes a resubmission replay the first answer, and an original released
+    before is refused here.
+    """
+    if not e.blocked:
+        result: ActionResult = await console.operations.release(
+            e.item.id, call.user.by, key=key or None, origin="console"
+        )
+        return result
+    if e.item.released_at is not None:
+        raise OperationError(
+            409,
+            f"{e.item.id} was released already by {e.item.released_by}; "
+            "release it again with the CLI or API and force if you must",
+        )
+    result = await console.operations.release(
+        e.item.id, call.user.by, force=True, key=key or None, origin="console"
+    )
+    return result
+
+
 async def rescan(console: Console, call: Call) -> Response:
     (item_id,) = call.args
-    queue_id = await console.operations.rescan(item_id, call.user.by)
+    queue_id = str(await console.operations.rescan(item_id, call.user.by))
     console.audit(call, "rescanning quarantined original", item_id, queue_id=queue_id)
     call.user.flash("ok", f"Rescanning {item_id}: queued as {queue_id}.")
     return redirect(href("quarantine", item_id))
@@ -211,15 +243,20 @@ async def forward(console: Console, call: Call) -> Response:
             except ParseError:
                 problem = f"Not forwarded: not an address: {address}"
                 break
-    if problem is None and e.infected and not call.checked("confirm_infected"):
+    if problem is None and e.blocked and not call.checked("confirm_infected"):
         problem = (
-            "Not forwarded: Core found malware in this original; tick the "
+            "Not forwarded: Core blocked this original; tick the "
             "confirmation to forward it anyway."
         )
     if problem is not None:
         call.user.flash("error", problem)
         return redirect(href("quarantine", item_id))
-    queue_id = await console.operations.forward(item_id, addresses, call.user.by)
+    key = call.field("key") or None
+    queue_id = str(
+        await console.operations.forward(
+            item_id, addresses, call.user.by, force=e.blocked, key=key, origin="console"
+        )
+    )
     console.audit(
         call, "forwarded quarantined original", item_id, to=addresses, queue_id=queue_id
     )
@@ -275,10 +312,14 @@ async def bulk(console: Console, call: Call) -> Response:
     done, failed = [], []
     by = call.user.by
     ops = console.operations
+    examined = {e.item.id: e for e in items} if action == "release" else {}
+    form_key = call.field("key")
     for item_id in ids:
         try:
             if action == "release":
-                done.append(f"{item_id} as {await ops.release(item_id, by)}")
+                key = f"{form_key}:{item_id}" if form_key else None
+                released = await _release(console, call, examined[item_id], key)
+                done.append(f"{item_id} as {released}")
             elif action == "rescan":
                 done.append(f"{item_id} as {await ops.rescan(item_id, by)}")
             elif action in ("pin", "unpin"):

@@ -57,11 +57,24 @@ async def page(console: Console, call: Call) -> Response:
 
 
 async def reload(console: Console, call: Call) -> Response:
-    loaded, problems = console.operations.reload()
-    if loaded:
+    result = console.operations.reload()
+    problems = result.problems
+    if result.loaded:
         version = console.operations.configuration().version
         console.audit(call, "configuration reload", "loaded", version=version)
-        call.user.flash("ok", f"Configuration reloaded: version {version} is in force.")
+        details = []
+        if result.applied:
+            details.append("Applied now: " + ", ".join(result.applied))
+        if result.restart_required:
+            details.append(
+                "Changed, but in force only after a restart: "
+                + ", ".join(result.restart_required)
+            )
+        call.user.flash(
+            "ok",
+            f"Configuration reloaded: version {version} is in force.",
+            tuple(details),
+        )
     else:
         console.audit(call, "configuration reload", "refused", problems=list(problems))
         call.user.flash(

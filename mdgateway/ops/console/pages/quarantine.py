@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import tempfile
 from contextlib import suppress
 from typing import TYPE_CHECKING, Any
@@ -44,6 +45,7 @@ from mdgateway.ops.console.render import (
     verdict_badge,
     when,
 )
+from mdgateway.ops.operations import needs_force
 from mdgateway.store.interfaces import (
     NotFoundError,
     PartVerdict,
@@ -66,11 +68,23 @@ class Examined:
 
     @ivar infected: Core's findings on parts it found infected (one line
         per part), empty when none.
+    @ivar blocked: Core blocked the original, so releasing or forwarding it
+        takes a second, explicit confirmation (and C{force} below).
     """
 
     item: QuarantineItem
     parts: tuple[PartVerdict, ...]
     infected: tuple[str, ...]
+    blocked: bool = False
+
+    def findings(self) -> str:
+        """
+        What Core found, for the second confirmation.
+        """
+        if self.infected:
+            return "; ".join(self.infected)
+        reasons = sorted({p.blocked_reason for p in self.parts if p.blocked_reason})
+        return "blocked: " + ("; ".join(reasons) or self.item.reason)
 
 
 def infected_parts(parts: tuple[PartVerdict, ...]) -> tuple[str, ...]:
@@ -99,7 +113,7 @@ async def examine(console: Console, item_id: str) -> Examined:
         parts = (await store.get_message(item.message.id)).parts
     except NotFoundError:
         parts = ()
-    return Examined(item, parts, infected_parts(parts))
+    return Examined(item, parts, infected_parts(parts), needs_force(item))
 
 
 async def _read_original(console: Console, item_id: str) -> OriginalView:
@@ -290,14 +304,18 @@ def _item_facts(e: Examined) -> Tag:
 
 def _infected_box(e: Examined, what: str) -> Tag | str:
     """
-    The second confirmation, for an original Core found infected.
+    The second confirmation, for an original Core blocked.
     """
-    if not e.infected:
+    if not e.blocked:
         return ""
     return tags.div(
         tags.p(
-            tags.strong("Core found malware in this original: "),
-            "; ".join(e.infected),
+            tags.strong(
+                "Core found malware in this original: "
+                if e.infected
+                else "Core blocked this original: "
+            ),
+            e.findings(),
         ),
         tags.label(
             tags.input(
@@ -306,8 +324,9 @@ def _infected_box(e: Examined, what: str) -> Tag | str:
                 value="yes",
                 id="confirm-infected",
             ),
-            f" I understand that Core found it infected, and {what} it anyway.",
+            f" I understand what Core found, and {what} it anyway.",
         ),
+        tags.input(type="hidden", name="key", value=secrets.token_urlsafe(18)),
         class_="danger",
     )
 
