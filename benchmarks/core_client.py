@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,14 @@ def make_files(directory: Path, count: int = 40) -> list[tuple[str, str]]:
     for i in range(count):
         name = f"part{i}.docx" if i % 5 == 0 else f"part{i}.txt"
         path = directory / name
-        path.write_bytes((b"line %d of a mail attachment\n" % i) * 150)
+        text = (b"line %d of a mail attachment\n" % i) * 150
+        if name.endswith(".docx"):
+            # A real Word package: the emulator recognises types by content.
+            with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as package:
+                package.writestr("[Content_Types].xml", b"<Types/>")
+                package.writestr("word/document.xml", text)
+        else:
+            path.write_bytes(text)
         files.append((str(path), name))
     return files
 

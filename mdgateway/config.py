@@ -160,12 +160,15 @@ class StoreConfig:
 
     @ivar location: a SQLite file (the default, one host) or a
         C{postgresql://} URL (a cluster shares one database).
+    @ivar outbox_limit: records kept on disk for the store (while it is
+        unreachable or slow) at which new mail gets C{451 4.3.0}.
     """
 
     location: str
     history_days: float | None = 30.0
     quarantine_days: float | None = 30.0
     instance: str = ""
+    outbox_limit: int = 100_000
 
 
 @attrs.frozen
@@ -176,11 +179,16 @@ class AdminConfig:
     @ivar endpoint: a Twisted server endpoint; empty means no admin API.
     @ivar token_file: the bearer token; created (random, 0600) on first
         start when missing.
+    @ivar users_file: the console's operator accounts (scrypt hashes,
+        written by C{mdgateway users add}); a missing file means none.
+    @ivar session_lifetime: seconds a console login lasts.
     """
 
     endpoint: str = ""
     token_file: str = ""
     tls: bool = False
+    users_file: str = ""
+    session_lifetime: float = 8 * 3600.0
 
 
 @attrs.frozen
@@ -188,6 +196,8 @@ class GatewayConfig:
     """
     The whole configuration.
 
+    @ivar umask: the file-creation mask of the gateway's processes (set by
+        the twistd plugin and the workers, not when embedded).
     @ivar version: a short hash of the file's bytes, stamped on log lines and
         Received headers so every decision names the config it was made under.
     """
@@ -205,8 +215,11 @@ class GatewayConfig:
     drain_timeout: float = 30.0
     drain_grace: float = 0.0
     workers: int = 1
+    umask: int = 0o027
     version: str = ""
     path: str = ""
+    #: The TOML document as loaded, for the console's configuration page.
+    document: Mapping[str, Any] = attrs.field(factory=dict, eq=False, repr=False)
 
 
 def load_config(path: str | Path, check_files: bool = True) -> GatewayConfig:
@@ -302,6 +315,7 @@ def parse_config(
     drain.finish()
     processes = root.table("processes")
     workers = _workers(processes)
+    umask = _umask(processes)
     processes.finish()
     root.finish()
     problems.raise_if_any()
@@ -319,8 +333,10 @@ def parse_config(
         drain_timeout=drain_timeout,
         drain_grace=drain_grace,
         workers=workers,
+        umask=umask,
         version=version,
         path=path,
+        document=data,
     )
 
 
@@ -335,6 +351,17 @@ def _workers(section: Section) -> int:
         )
         return max(1, min(64, os.cpu_count() or 1))
     return section.integer("workers", 1, minimum=1, maximum=64)
+
+
+def _umask(section: Section) -> int:
+    """
+    C{[processes] umask}: octal text such as C{"0027"} (the default),
+    the file-creation mask the gateway's processes run with.
+    """
+    text = section.string("umask", "0027") or "0027"
+    ok = len(text) in (3, 4) and all(c in "01234567" for c in text)
+    section.check("umask", ok, f"expected an octal mask such as '0027', got {text!r}")
+    return int(text, 8) if ok else 0o027
 
 
 def _is_hostname(name: str) -> bool:
@@ -480,6 +507,7 @@ def _store(section: Section, base: Path, spool: str) -> StoreConfig:
         history_days=history or None,
         quarantine_days=quarantine or None,
         instance=section.string("instance", socket.gethostname()),
+        outbox_limit=section.integer("outbox_limit", 100_000, minimum=100),
     )
     section.finish()
     return config
@@ -493,10 +521,13 @@ def _admin(section: Section, base: Path, spool: str) -> AdminConfig:
         except Exception as e:
             section.problems.add(f"{section.path}.endpoint", f"invalid endpoint: {e}")
     token = section.string("token_file")
+    users = section.string("users_file")
     config = AdminConfig(
         endpoint=endpoint,
         token_file=_path(base, token) if token else str(Path(spool) / "admin.token"),
         tls=section.boolean("tls", False),
+        users_file=_path(base, users) if users else str(Path(spool) / "admin.users"),
+        session_lifetime=section.duration("session_lifetime", 8 * 3600.0, minimum=60.0),
     )
     section.finish()
     return config

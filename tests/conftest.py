@@ -10,6 +10,13 @@ from typing import Any
 import pytest
 
 from tests.downstream import RecordingHandler, _Controller
+from tests.pg import postgres_server  # noqa: F401  (a fixture)
+from tests.storefixtures import (  # noqa: F401  (fixtures)
+    backend,
+    location,
+    store,
+    threadpool,
+)
 
 
 @pytest.fixture

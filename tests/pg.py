@@ -150,32 +150,49 @@ class PostgresServer:
         )
         for attempt in range(3):
             self.port = _free_port()
-            options = (
-                f"-p {self.port} -k {self.socket_dir} "
-                "-c listen_addresses=127.0.0.1 -c fsync=off "
-                "-c synchronous_commit=off -c full_page_writes=off "
-                "-c max_connections=100"
-            )
             try:
-                self._run(
-                    "pg_ctl",
-                    "--pgdata",
-                    self.data,
-                    "--log",
-                    self.log,
-                    "--wait",
-                    "--timeout",
-                    "30",
-                    "-o",
-                    options,
-                    "start",
-                )
+                self._start_server()
             except RuntimeError:
                 if attempt == 2:
                     raise
                 continue
             self._started = True
             return
+
+    def _start_server(self) -> None:
+        options = (
+            f"-p {self.port} -k {self.socket_dir} "
+            "-c listen_addresses=127.0.0.1 -c fsync=off "
+            "-c synchronous_commit=off -c full_page_writes=off "
+            "-c max_connections=100"
+        )
+        self._run(
+            "pg_ctl",
+            "--pgdata",
+            self.data,
+            "--log",
+            self.log,
+            "--wait",
+            "--timeout",
+            "30",
+            "-o",
+            options,
+            "start",
+        )
+
+    def pause(self) -> None:
+        """
+        Stop the server (an outage), keeping its data for L{resume}.
+        """
+        self._run("pg_ctl", "--pgdata", self.data, "--mode", "fast", "stop")
+        self._started = False
+
+    def resume(self) -> None:
+        """
+        Start the server again after L{pause}, on the same port.
+        """
+        self._start_server()
+        self._started = True
 
     def stop(self) -> None:
         """

@@ -35,6 +35,7 @@ from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
+from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
@@ -45,11 +46,19 @@ from zope.interface.verify import verifyObject
 from mdgateway.ops.admin import MAX_BODY, AdminAPI, parse_time
 from mdgateway.ops.adminjson import iso
 from mdgateway.ops.interfaces import (
+    ActionResult,
     IOperations,
     OperationError,
     QueueEntry,
     QueueRecipient,
     Readiness,
+    ReloadResult,
+)
+from mdgateway.ops.tokens import (
+    TokenFileError,
+    load_or_create_tokens,
+    parse_tokens,
+    pick_token,
 )
 from mdgateway.store import (
     DeliveryStatus,
@@ -318,7 +327,11 @@ async def test_fake_operations_behaviour(env: Env) -> None:
     entries, fails with a set error, and records every call.
     """
     ops, item_id = env.ops, env.seeded.item_id
-    assert await ops.release(item_id, "tester") == "FAKEQ0001"
+    assert await ops.release(item_id, "tester") == ActionResult("FAKEQ0001")
+    replayed = await ops.rescan(item_id, "tester", key="k1")
+    assert await ops.rescan(item_id, "tester", key="k1") == attrs.evolve(
+        replayed, replayed=True
+    )
     assert (await env.store.get_quarantined(item_id)).released_by == "tester"
     with pytest.raises(OperationError) as caught:
         await ops.rescan("nope", "tester")
@@ -329,7 +342,14 @@ async def test_fake_operations_behaviour(env: Env) -> None:
     with pytest.raises(OperationError) as caught:
         await ops.forward(item_id, ["x@example.org"], "tester")
     assert caught.value.status == 409
-    assert [c[0] for c in ops.calls] == ["release", "rescan", "retry_now", "forward"]
+    assert [c[0] for c in ops.calls] == [
+        "release",
+        "rescan",
+        "rescan",
+        "rescan",
+        "retry_now",
+        "forward",
+    ]
 
 
 def test_parse_time_forms() -> None:
@@ -740,21 +760,26 @@ async def test_eml_unknown(env: Env) -> None:
 async def test_release_and_rescan(env: Env) -> None:
     """
     Release and rescan reach the operations with the operator identity
-    (C{api:} and the client address) and answer 202 with the new queue id;
-    the release is recorded on the item.
+    (the name of the token: C{admin} for an unnamed one) and answer 202
+    with the new queue id; the release is recorded on the item.
     """
     item_id = env.seeded.item_id
     code, body = await env.json("POST", f"/api/quarantine/{item_id}/release")
     assert code == 202
-    assert body == {"id": item_id, "action": "release", "queue_id": "FAKEQ0001"}
+    assert body == {
+        "id": item_id,
+        "action": "release",
+        "queue_id": "FAKEQ0001",
+        "replayed": False,
+    }
     code, body = await env.json("POST", f"/api/quarantine/{item_id}/rescan", data=b"{}")
     assert (code, body["queue_id"]) == (202, "FAKEQ0002")
     assert env.ops.calls == [
-        ("release", item_id, "api:127.0.0.1"),
-        ("rescan", item_id, "api:127.0.0.1"),
+        ("release", item_id, "admin", False, None),
+        ("rescan", item_id, "admin", False, None),
     ]
     item = await env.store.get_quarantined(item_id)
-    assert item.released_by == "api:127.0.0.1"
+    assert item.released_by == "admin"
 
 
 @pytest_twisted.ensureDeferred
@@ -790,7 +815,9 @@ async def test_forward(env: Env) -> None:
             "forward",
             item_id,
             ["sec@example.org", "Soc.Team@example.com"],
-            "api:127.0.0.1",
+            "admin",
+            False,
+            None,
         )
     ]
 
@@ -895,10 +922,10 @@ async def test_mutations_logged(env: Env) -> None:
         and "action" in e
     ]
     assert logged == [
-        ("pinned", item_id, "api:127.0.0.1"),
-        ("released quarantine item", item_id, "api:127.0.0.1"),
-        ("deleted quarantine item", item_id, "api:127.0.0.1"),
-        ("configuration reload", "loaded", "api:127.0.0.1"),
+        ("pinned", item_id, "admin"),
+        ("released quarantine item", item_id, "admin"),
+        ("deleted quarantine item", item_id, "admin"),
+        ("configuration reload", "loaded", "admin"),
     ]
 
 
@@ -944,17 +971,34 @@ async def test_queue(env: Env) -> None:
 @pytest_twisted.ensureDeferred
 async def test_reload(env: Env) -> None:
     """
-    Reload answers 200 with C{loaded} true when the file loaded, and 422
-    with every problem line when it did not.
+    Reload answers 200 with C{loaded} true when the file loaded, with the
+    settings it applied and those that need a restart, and 422 with every
+    problem line when it did not (also from an older operations object
+    that answers with a pair).
     """
+    env.ops.reload_result = ReloadResult(
+        True, applied=("sender_helo_domain",), restart_required=("workers",)
+    )
     code, body = await env.json("POST", "/api/config/reload")
-    assert (code, body) == (200, {"loaded": True, "problems": []})
-    env.ops.reload_result = (False, ["rules[0].relay_profile: unknown profile 'x'"])
+    assert (code, body) == (
+        200,
+        {
+            "loaded": True,
+            "problems": [],
+            "applied": ["sender_helo_domain"],
+            "restart_required": ["workers"],
+        },
+    )
+    env.ops.reload_result = ReloadResult(
+        False, ("rules[0].relay_profile: unknown profile 'x'",)
+    )
     code, body = await env.json("POST", "/api/config/reload")
     assert code == 422
     assert body == {
         "loaded": False,
         "problems": ["rules[0].relay_profile: unknown profile 'x'"],
+        "applied": [],
+        "restart_required": [],
     }
 
 
@@ -1198,3 +1242,150 @@ async def test_download_aborted(env: Env) -> None:
     code, body = await env.json("GET", "/healthz")
     assert (code, body) == (200, {"status": "alive"})
     assert os.listdir(env.scratch) == []
+
+
+# --------------------------------------------------------------------------
+# Named tokens, idempotency keys, force and the audit
+
+
+class TokenFileTests(SynchronousTestCase):
+    """
+    The token file: named tokens, and the single unnamed token of earlier
+    versions, which is named C{admin}.
+    """
+
+    def test_named_and_legacy_tokens(self) -> None:
+        """
+        C{name:token} lines give named tokens; comments and blank lines are
+        skipped; a bare token is C{admin}.
+        """
+        text = "# operators\n\nalice:tok-a\nbob:tok-b\n"
+        self.assertEqual(parse_tokens(text), {"alice": "tok-a", "bob": "tok-b"})
+        self.assertEqual(parse_tokens("just-one-token\n"), {"admin": "just-one-token"})
+
+    def test_bad_files_name_the_line(self) -> None:
+        """
+        A bad name, a repeated name or token, a token with spaces or a
+        file without tokens is refused with the file and line.
+        """
+        for text, fragment in (
+            ("al ice:x\n", "line 1"),
+            ("alice:x\nalice:y\n", "used twice"),
+            ("alice:x\nbob:x\n", "same token"),
+            ("alice:a b\n", "no spaces"),
+            ("# nothing\n", "no token"),
+        ):
+            with self.assertRaises(TokenFileError) as caught:
+                parse_tokens(text, "tokens.txt")
+            self.assertIn(fragment, str(caught.exception))
+            self.assertIn("tokens.txt", str(caught.exception))
+
+    def test_pick_token(self) -> None:
+        """
+        A client uses the token it names, else the only one, else C{admin};
+        several without C{admin} and no name is an error.
+        """
+        self.assertEqual(pick_token({"alice": "a"}, None), "a")
+        self.assertEqual(pick_token({"alice": "a", "admin": "x"}, None), "x")
+        self.assertEqual(pick_token({"alice": "a", "bob": "b"}, "bob"), "b")
+        with self.assertRaises(TokenFileError):
+            pick_token({"alice": "a", "bob": "b"}, None)
+        with self.assertRaises(TokenFileError):
+            pick_token({"alice": "a"}, "carol")
+
+    def test_first_start_creates_a_private_admin_token(self) -> None:
+        """
+        Without a file, one random token named C{admin} is written, mode
+        0600 in a 0700 folder; an existing legacy file is read as it is.
+        """
+        import tempfile
+
+        base = Path(tempfile.mkdtemp())
+        path = base / "new" / "admin.token"
+        tokens = load_or_create_tokens(str(path))
+        self.assertEqual(list(tokens), ["admin"])
+        self.assertEqual(path.stat().st_mode & 0o777, 0o600)
+        self.assertEqual(path.parent.stat().st_mode & 0o777, 0o700)
+        self.assertEqual(load_or_create_tokens(str(path)), tokens)
+        legacy = base / "legacy.token"
+        legacy.write_text("old-token\n")
+        self.assertEqual(load_or_create_tokens(str(legacy)), {"admin": "old-token"})
+
+
+@pytest_twisted.ensureDeferred
+async def test_named_tokens_name_the_operator(
+    threadpool: ThreadPool, tmp_path: Path
+) -> None:
+    """
+    With named tokens, each request is done as the token's name: actions
+    reach the gateway under it and the audit records it with the action,
+    the result and where the request came from; an unknown token is 401.
+    """
+    env = await start_env(threadpool, tmp_path)
+    try:
+        env.api.set_tokens({"alice": "alice-token", "bob": "bob-token"})
+        item_id = env.seeded.item_id
+        code, _ = await env.json("GET", "/api/messages", token=TOKEN)
+        assert code == 401
+        code, body = await env.json(
+            "POST",
+            f"/api/quarantine/{item_id}/release",
+            token="bob-token",
+            json={"force": True, "idempotency_key": "k-1"},
+        )
+        assert code == 202
+        assert env.ops.calls[-1] == ("release", item_id, "bob", True, "k-1")
+        code, _ = await env.json(
+            "POST",
+            f"/api/quarantine/{item_id}/pin",
+            token="alice-token",
+            json={"pinned": True},
+        )
+        assert code == 200
+        code, _ = await env.json(
+            "POST", "/api/queue/NOPE/retry", token="alice-token", data=b"{}"
+        )
+        assert code == 404
+        code, body = await env.json("GET", "/api/audit", token="bob-token")
+        assert code == 200
+        got = [
+            (e["actor"], e["action"], e["target"], e["result"]) for e in body["items"]
+        ]
+        assert got == [
+            ("alice", "retry", "NOPE", "refused"),
+            ("alice", "pin", item_id, "done"),
+        ]
+        assert body["items"][0]["detail"].endswith("from 127.0.0.1")
+        code, body = await env.json(
+            "GET", "/api/audit?actor=alice&action=pin", token="bob-token"
+        )
+        assert body["total"] == 1
+    finally:
+        await stop_env(env)
+
+
+@pytest_twisted.ensureDeferred
+async def test_idempotency_key_and_force(env: Env) -> None:
+    """
+    The idempotency key comes from the body or the C{Idempotency-Key}
+    header; a retry with the same key is answered as a replay; a body and
+    header that disagree, a non-boolean C{force} or an unknown field are
+    refused with 400 and reach nothing.
+    """
+    item_id = env.seeded.item_id
+    path = f"/api/quarantine/{item_id}/rescan"
+    code, first = await env.json("POST", path, headers={"Idempotency-Key": "r-1"})
+    code, again = await env.json("POST", path, json={"idempotency_key": "r-1"})
+    assert code == 202
+    assert (again["queue_id"], again["replayed"]) == (first["queue_id"], True)
+    assert first["replayed"] is False
+    calls = list(env.ops.calls)
+    for kw in (
+        {"json": {"idempotency_key": "a"}, "headers": {"Idempotency-Key": "b"}},
+        {"json": {"force": "yes"}},
+        {"json": {"forcefully": True}},
+        {"json": {"idempotency_key": ""}},
+    ):
+        code, body = await env.json("POST", path, **kw)
+        assert code == 400, kw
+    assert env.ops.calls == calls

@@ -33,7 +33,7 @@ from mdgateway.ops.cli import (
     main,
     table,
 )
-from mdgateway.ops.interfaces import Readiness
+from mdgateway.ops.interfaces import Readiness, ReloadResult
 from tests.test_admin import NOW, T0, TOKEN, Env, entry, start_env, stop_env
 
 pytestmark = pytest.mark.timeout(60)
@@ -434,7 +434,7 @@ async def test_reload_and_status(admin: Env) -> None:
     """
     result = await cli(admin, "reload")
     assert (result.code, result.out) == (EXIT_OK, "configuration reloaded\n")
-    admin.ops.reload_result = (False, ["rules[0].name: duplicate"])
+    admin.ops.reload_result = ReloadResult(False, ("rules[0].name: duplicate",))
     result = await cli(admin, "reload")
     assert result.code == EXIT_FAILED
     assert "  rules[0].name: duplicate" in result.lines
@@ -488,3 +488,44 @@ async def test_unreachable() -> None:
     )
     assert result.code == EXIT_UNREACHABLE
     assert result.err.startswith(f"mdgateway: cannot reach the admin API at {url}")
+
+
+@pytest_twisted.ensureDeferred
+async def test_force_key_and_audit(admin: Env, tmp_path: Path) -> None:
+    """
+    C{quarantine release ID --force --key K} sends both; repeating it says
+    nothing was done again; C{--token-name} picks a token from a file of
+    named tokens, and C{audit list} shows what that operator did.
+    """
+    item_id = admin.seeded.item_id
+    admin.api.set_tokens({"alice": "alice-token", "bob": "bob-token"})
+    tokens = tmp_path / "tokens"
+    tokens.write_text("alice:alice-token\nbob:bob-token\n")
+    base = ["--token-file", str(tokens)]
+    result = await cli(admin, *base, "quarantine", "pin", item_id, token=None)
+    assert result.code == EXIT_USAGE
+    assert "several tokens" in result.err
+    bob = [*base, "--token-name", "bob"]
+    argv = [*bob, "quarantine", "release", item_id, "--force", "--key", "K1"]
+    result = await cli(admin, *argv, token=None)
+    assert result.out == f"{item_id}: released (queued as FAKEQ0001)\n"
+    assert admin.ops.calls[-1] == ("release", item_id, "bob", True, "K1")
+    result = await cli(admin, *argv, token=None)
+    assert result.out == (
+        f"{item_id}: released before with this key (queued as FAKEQ0001); "
+        "nothing done again\n"
+    )
+    result = await cli(admin, *bob, "quarantine", "pin", item_id, token=None)
+    assert result.code == EXIT_OK
+    result = await cli(admin, *bob, "audit", "list", "--actor", "bob", token=None)
+    assert result.code == EXIT_OK, result.err
+    assert result.lines[0].split() == [
+        "AT",
+        "WHO",
+        "ACTION",
+        "TARGET",
+        "RESULT",
+        "DETAIL",
+    ]
+    assert "bob" in result.lines[1] and "pin" in result.lines[1]
+    assert result.lines[-1] == "1 of 1 audit entries"

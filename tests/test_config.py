@@ -268,6 +268,37 @@ class ProcessesTests(SynchronousTestCase):
                 problems(MINIMAL + f"[processes]\nworkers = {bad}\n"), [message]
             )
 
+    def test_umask(self) -> None:
+        """
+        The processes' umask is 027 by default, any octal mask when given,
+        and anything else is refused naming the key.
+        """
+        base = tomllib.loads(MINIMAL)
+        self.assertEqual(parse_config(base, base=ETC).umask, 0o027)
+        tight = {**base, "processes": {"umask": "0077"}}
+        self.assertEqual(parse_config(tight, base=ETC).umask, 0o077)
+        self.assertEqual(
+            problems(MINIMAL + '[processes]\numask = "0928"\n'),
+            ["processes.umask: expected an octal mask such as '0027', got '0928'"],
+        )
+
+
+class StoreSettingsTests(SynchronousTestCase):
+    """
+    C{[store] outbox_limit}.
+    """
+
+    def test_outbox_limit(self) -> None:
+        """
+        100000 records by default; at least 100.
+        """
+        base = tomllib.loads(MINIMAL)
+        self.assertEqual(parse_config(base, base=ETC).store.outbox_limit, 100_000)
+        self.assertEqual(
+            problems(MINIMAL + "[store]\noutbox_limit = 5\n"),
+            ["store.outbox_limit: must be at least 100"],
+        )
+
 
 class EndpointAddressTests(SynchronousTestCase):
     """

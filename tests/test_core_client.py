@@ -33,11 +33,15 @@ from mdgateway.emulator.detect import (
 )
 from mdgateway.policy.profiles import CoreProfile, CoreServer
 from mdgateway.scan.client import CoreClient, build_http_client
-from mdgateway.scan.errors import Condition, CoreError, error_for_response
+from mdgateway.scan.errors import (
+    Condition,
+    CoreError,
+    error_for_response,
+    parse_retry_after,
+)
 from mdgateway.scan.interfaces import ICoreServerClient
 from mdgateway.scan.verdict import Outcome
-
-CARD = b"4111 1111 1111 1111"
+from tests.coresamples import CARD, docx, encrypted_zip, zip_of
 
 
 class ErrorMappingTests(SynchronousTestCase):
@@ -61,6 +65,20 @@ class ErrorMappingTests(SynchronousTestCase):
         self.assertEqual(error.status, 503)
         self.assertIn("too busy", str(error))
         self.assertIs(self.map(429, b"").condition, Condition.BUSY)
+
+    def test_retry_after(self) -> None:
+        """
+        A busy answer keeps the seconds of its C{Retry-After} (seconds or an
+        HTTP date); an unreadable header counts as none.
+        """
+        now = 1_700_000_000.0
+        self.assertEqual(parse_retry_after("30", now), 30.0)
+        self.assertEqual(parse_retry_after("Tue, 14 Nov 2023 22:14:20 GMT", now), 60.0)
+        self.assertEqual(parse_retry_after("Tue, 14 Nov 2000 22:13:20 GMT", now), 0)
+        self.assertIsNone(parse_retry_after("soon", now))
+        self.assertIsNone(parse_retry_after(None, now))
+        error = error_for_response(503, b"{}", server="http://core", retry_after=30.0)
+        self.assertEqual(error.retry_after, 30.0)
 
     def test_access_denied(self) -> None:
         """
@@ -228,7 +246,7 @@ async def test_waits_for_processing_not_scan(tmp_path: Path) -> None:
     """
     rig = Rig(tmp_path, EmulatorConfig(latency=0.05))
     try:
-        path = rig.file("a.docx", b"word document")
+        path = rig.file("a.docx", docx())
         verdict = await rig.client.scan(path, "a.docx")
         assert verdict.sanitized
         assert verdict.actions_ran == ("Sanitized",)
@@ -282,13 +300,19 @@ async def test_infected(tmp_path: Path) -> None:
 @pytest_twisted.ensureDeferred
 async def test_encrypted_archive(tmp_path: Path) -> None:
     """
-    An encrypted zip is Blocked as Encrypted Archive (12).
+    An encrypted zip is Blocked as Encrypted Archive (12); a compressed
+    zip with EICAR inside is Blocked as Infected, its child listed.
     """
     rig = Rig(tmp_path)
     try:
-        header = b"PK\x03\x04\x14\x00\x01\x00" + b"\x00" * 40
-        verdict = await rig.client.scan(rig.file("s.zip", header), "s.zip")
+        locked = encrypted_zip({"a.txt": b"x"}, b"pw")
+        verdict = await rig.client.scan(rig.file("s.zip", locked), "s.zip")
         assert (verdict.scan_all_result_i, verdict.blocked) == (12, True)
+        packed = zip_of({"eicar.com": EICAR})
+        verdict = await rig.client.scan(rig.file("e.zip", packed), "e.zip")
+        assert (verdict.blocked_reason, verdict.blocked) == ("Infected", True)
+        (child,) = verdict.children
+        assert (child.display_name, child.result) == ("e.zip/eicar.com", "Blocked")
     finally:
         await rig.close()
 
@@ -317,8 +341,9 @@ async def test_sanitized_download(tmp_path: Path) -> None:
 @pytest_twisted.ensureDeferred
 async def test_dlp_redacted_download(tmp_path: Path) -> None:
     """
-    A card number gives Sensitive Data Found with a masked hit, and the
-    redacted copy downloads.
+    A card number gives Sensitive Data Found with a masked hit: blocked and
+    not redacted by default; allowed with DLP's redacted copy, named by
+    DLP, when the rule redacts.
     """
     rig = Rig(tmp_path)
     try:
@@ -326,11 +351,19 @@ async def test_dlp_redacted_download(tmp_path: Path) -> None:
         verdict = await rig.client.scan(rig.file("n.txt", data), "n.txt")
         assert verdict.scan_all_result_i == 20
         assert verdict.blocked_reason == "Sensitive Data Found"
+        assert verdict.dlp is not None and not verdict.dlp.redacted
+        assert not verdict.has_converted_file
+        assert [h.hit for h in verdict.dlp.hits] == ["XXXXXXXXXXXXXXX1111"]
+        rig.emulator.config = EmulatorConfig(dlp_block=False)
+        verdict = await rig.client.scan(rig.file("n.txt", data), "n.txt")
+        assert verdict.allowed and not verdict.sanitized
         assert verdict.dlp is not None and verdict.dlp.redacted
-        assert [h.hit for h in verdict.dlp.hits] == ["XXXX XXXX XXXX 1111"]
         dest = str(tmp_path / "redacted")
-        await rig.client.download_converted(verdict, dest)
-        assert Path(dest).read_bytes() == b"pay with XXXX XXXX XXXX 1111 please"
+        name = await rig.client.download_converted(verdict, dest)
+        assert name == (
+            f"n_proactive-dlp-processed_by_OPSWAT_MetaDefender_{verdict.data_id}.txt"
+        )
+        assert Path(dest).read_bytes() == b"pay with XXXXXXXXXXXXXXX1111 please"
     finally:
         await rig.close()
 

@@ -1,7 +1,9 @@
 """
-Tests for the MetaDefender Core v4 emulator (L{mdgateway.emulator.app}),
-its content checks (L{mdgateway.emulator.detect}) and its twist plugin
-(L{mdgateway.emulator.tap}).
+Tests for the MetaDefender Core emulator's API (L{mdgateway.emulator.app}
+and its resource tree) and its content checks (L{mdgateway.emulator.detect}).
+Archives, DLP and Deep CDR are in C{test_core_emulator_content}; the shapes
+of every answer in C{test_core_conformance}; the twist plugin in
+C{test_core_emulator_tap}.
 
 Most tests drive the real C{twisted.web} tree synchronously: raw HTTP bytes
 into an C{HTTPChannel} over a L{StringTransport}, time from a L{Clock}.
@@ -13,10 +15,6 @@ import io
 import json
 import os
 import shutil
-import socket
-import struct
-import subprocess
-import sys
 import tempfile
 import zipfile
 from collections.abc import Sequence
@@ -24,25 +22,16 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-import pytest
-import pytest_twisted
-import treq
-from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import MultiService
-from twisted.internet import reactor, task, threads
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred
-from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from mdgateway.emulator.app import (
     DEFAULT_SANITIZE_TYPES,
     CoreEmulator,
     EmulatorConfig,
-    EmulatorServer,
     build_site,
 )
 from mdgateway.emulator.detect import (
@@ -50,13 +39,13 @@ from mdgateway.emulator.detect import (
     FAIL_MARKER,
     NOT_SCANNED_MARKER,
     SANITIZED_MARKER,
+    copy_masked,
     luhn_valid,
+    mask_card,
     scan_stream,
-    write_converted,
 )
-from mdgateway.emulator.tap import Options, makeService
+from tests.coresamples import CARD, docx, pdf, zip_of
 
-CARD = b"4111 1111 1111 1111"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -100,19 +89,6 @@ def parse_response(raw: bytes) -> Answer:
     return Answer(status, headers, rest)
 
 
-def encrypted_zip() -> bytes:
-    """
-    A zip whose only entry has bit 0 (encrypted) of its general-purpose
-    flag set.
-    """
-    name, data = b"secret.txt", b"\x00" * 24
-    header = struct.pack(
-        "<4sHHHHHIIIHH", b"PK\x03\x04", 20, 1, 0, 0, 0, 0, len(data), len(data),
-        len(name), 0,
-    )  # fmt: skip
-    return header + name + data
-
-
 def plain_zip() -> bytes:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
@@ -133,7 +109,13 @@ class Wire:
         self.site = build_site(self.emulator, access_log=False, reactor=self.clock)
         self.transports: list[StringTransport] = []
 
-    def request(
+    def rebuild(self) -> None:
+        """
+        Serve C{self.emulator} again (after replacing it).
+        """
+        self.site = build_site(self.emulator, access_log=False, reactor=self.clock)
+
+    def send(
         self,
         method: str,
         path: str,
@@ -141,7 +123,11 @@ class Wire:
         headers: Sequence[tuple[str, str]] = (),
         *,
         chunked: bool = False,
-    ) -> Answer:
+    ) -> StringTransport:
+        """
+        Send one request on a new connection and run what is due; return
+        the transport the answer is (or will be) written to.
+        """
         lines = [f"{method} {path} HTTP/1.1", "Host: core", "Connection: close"]
         lines += [f"{k}: {v}" for k, v in headers]
         payload = body or b""
@@ -158,6 +144,25 @@ class Wire:
         channel.makeConnection(transport)
         channel.dataReceived(raw)
         self.turns()
+        return transport
+
+    def answer(self, transport: StringTransport) -> Answer:
+        """
+        The answer written to C{transport} so far.
+        """
+        self.turns()
+        return parse_response(transport.value())
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        headers: Sequence[tuple[str, str]] = (),
+        *,
+        chunked: bool = False,
+    ) -> Answer:
+        transport = self.send(method, path, body, headers, chunked=chunked)
         return parse_response(transport.value())
 
     def turns(self) -> None:
@@ -229,7 +234,16 @@ class ContentScanTests(SynchronousTestCase):
         self.assertTrue(found.infected)
         (card,) = found.cards
         self.assertEqual(card.offset, data.index(CARD))
-        self.assertEqual(card.masked, b"XXXX XXXX XXXX 1111")
+        self.assertEqual(card.masked, b"XXXXXXXXXXXXXXX1111")
+
+    def test_mask_card(self) -> None:
+        """
+        Masking keeps the length and the last four digits, and masks the
+        separators too, as Core shows a hit.
+        """
+        self.assertEqual(mask_card("4111 1111 1111 1938"), "XXXXXXXXXXXXXXX1938")
+        self.assertEqual(mask_card("4111-1111-1111-1111"), "XXXXXXXXXXXXXXX1111")
+        self.assertEqual(mask_card("4111111111111111"), "XXXXXXXXXXXX1111")
 
     def test_non_luhn_and_long_digit_runs(self) -> None:
         """
@@ -239,16 +253,6 @@ class ContentScanTests(SynchronousTestCase):
         found = scan_stream(io.BytesIO(b"id 4111111111111112 and 94111111111111111"))
         self.assertEqual(found.cards, ())
 
-    def test_encrypted_zip(self) -> None:
-        """
-        A local header with flag bit 0 marks an encrypted archive; a normal
-        zip and a non-zip mentioning the signature do not.
-        """
-        self.assertTrue(scan_stream(io.BytesIO(encrypted_zip())).encrypted_archive)
-        self.assertFalse(scan_stream(io.BytesIO(plain_zip())).encrypted_archive)
-        text = b"text PK\x03\x04\x14\x00\x01\x00"
-        self.assertFalse(scan_stream(io.BytesIO(text)).encrypted_archive)
-
     def test_markers(self) -> None:
         """
         The failure and not-scanned markers are detected.
@@ -256,21 +260,15 @@ class ContentScanTests(SynchronousTestCase):
         self.assertTrue(scan_stream(io.BytesIO(b"a " + FAIL_MARKER)).fail)
         self.assertTrue(scan_stream(io.BytesIO(NOT_SCANNED_MARKER)).not_scanned)
 
-    def test_write_converted_masks_across_blocks(self) -> None:
+    def test_copy_masked_across_blocks(self) -> None:
         """
-        The converted copy masks the card even when it spans copy blocks,
-        and carries the sanitized marker.
+        The redacted copy masks the card even when it spans copy blocks.
         """
         data = b"a" * 10 + CARD + b"b" * 10
         found = scan_stream(io.BytesIO(data))
         out = io.BytesIO()
-        write_converted(
-            io.BytesIO(data), out, found.cards, sanitized=True, chunk_size=7
-        )
-        self.assertEqual(
-            out.getvalue(),
-            b"a" * 10 + b"XXXX XXXX XXXX 1111" + b"b" * 10 + SANITIZED_MARKER,
-        )
+        copy_masked(io.BytesIO(data), out, found.cards, chunk_size=7)
+        self.assertEqual(out.getvalue(), b"a" * 10 + b"XXXXXXXXXXXXXXX1111" + b"b" * 10)
 
 
 class EmulatorApiTests(SynchronousTestCase):
@@ -377,23 +375,11 @@ class EmulatorApiTests(SynchronousTestCase):
         self.assertEqual(doc["scan_results"]["scan_all_result_i"], 1)
         self.assertEqual(doc["file_info"]["file_size"], len(body))
 
-    def test_encrypted_zip(self) -> None:
-        """
-        An encrypted zip is Blocked as Encrypted Archive (12); a normal zip
-        is allowed.
-        """
-        doc = self.wire.final(self.wire.upload(encrypted_zip(), "secret.zip"))
-        self.assertEqual(doc["scan_results"]["scan_all_result_i"], 12)
-        self.assertEqual(doc["scan_results"]["scan_all_result_a"], "Encrypted Archive")
-        self.assertEqual(doc["process_info"]["blocked_reason"], "Encrypted Archive")
-        plain = self.wire.final(self.wire.upload(plain_zip(), "plain.zip"))
-        self.assertEqual(plain["scan_results"]["scan_all_result_i"], 0)
-        self.assertEqual(plain["file_info"]["file_type"], "application/zip")
-
     def test_card_number(self) -> None:
         """
         A Luhn-valid card number is Sensitive Data Found (20), Blocked, with
-        a masked DLP hit and a redacted converted file.
+        a masked DLP hit that says it was not redacted, and no converted
+        file (a blocked file gets no redacted copy).
         """
         wire = self.wire
         data_id = wire.upload(b"card " + CARD + b" thanks", "note.txt")
@@ -401,25 +387,52 @@ class EmulatorApiTests(SynchronousTestCase):
         self.assertEqual(doc["scan_results"]["scan_all_result_i"], 20)
         self.assertEqual(doc["process_info"]["blocked_reason"], "Sensitive Data Found")
         self.assertEqual(doc["process_info"]["result"], "Blocked")
+        self.assertEqual(doc["process_info"]["verdicts"], ["Sensitive Data Found"])
         dlp = doc["dlp_info"]
         self.assertEqual(dlp["verdict"], 1)
-        self.assertEqual(dlp["redact"]["result"], "redacted")
+        self.assertEqual(dlp["redact"]["result"], "not redacted")
+        self.assertEqual(dlp["filename"], "")
         (hit,) = dlp["hits"]["ccn"]["hits"]
-        self.assertEqual(hit["hit"], "XXXX XXXX XXXX 1111")
-        self.assertIs(hit["isRedacted"], True)
+        self.assertEqual(hit["hit"], "XXXXXXXXXXXXXXX1111")
+        self.assertIs(hit["isRedacted"], False)
         self.assertEqual(doc["process_info"]["post_processing"]["actions_ran"], "")
         download = wire.request("GET", f"/file/converted/{data_id}")
-        self.assertEqual(download.status, 200)
-        self.assertEqual(download.body, b"card XXXX XXXX XXXX 1111 thanks")
+        self.assertEqual(download.status, 404)
 
     def test_card_number_allowed(self) -> None:
         """
-        With C{dlp_block} off the file is Allowed with the same DLP hit.
+        With C{dlp_block} off the file is Allowed, Proactive DLP redacts it
+        and names its output C{*_proactive-dlp-processed_by_*}; Deep CDR
+        does not claim it (no C{Sanitized}).
         """
-        self.wire.emulator.config = EmulatorConfig(latency=2.0, dlp_block=False)
-        doc = self.wire.final(self.wire.upload(CARD, "note.txt"))
+        wire = self.wire
+        wire.emulator.config = EmulatorConfig(latency=2.0, dlp_block=False)
+        data_id = wire.upload(b"card " + CARD + b" thanks", "note.txt")
+        doc = wire.final(data_id)
         self.assertEqual(doc["scan_results"]["scan_all_result_i"], 20)
         self.assertEqual(doc["process_info"]["result"], "Allowed")
+        self.assertEqual(doc["process_info"]["blocked_reason"], "")
+        self.assertEqual(doc["process_info"]["verdicts"], ["Sensitive Data Found"])
+        dlp = doc["dlp_info"]
+        name = f"note_proactive-dlp-processed_by_OPSWAT_MetaDefender_{data_id}.txt"
+        self.assertEqual(dlp["redact"]["result"], "redacted")
+        self.assertEqual(dlp["filename"], name)
+        self.assertIs(dlp["hits"]["ccn"]["hits"][0]["isRedacted"], True)
+        post = doc["process_info"]["post_processing"]
+        self.assertEqual((post["actions_ran"], post["converted_destination"]), ("", ""))
+        download = wire.request("GET", f"/file/converted/{data_id}")
+        self.assertEqual(download.body, b"card XXXXXXXXXXXXXXX1111 thanks")
+        self.assertIn(name.replace(" ", "%20"), download.headers["content-disposition"])
+
+    def test_pdf_with_card_not_sanitized(self) -> None:
+        """
+        A PDF with a card number is a DLP hit, not a Deep CDR result: no
+        C{Sanitized}, blocked, and no converted copy.
+        """
+        doc = self.wire.final(self.wire.upload(pdf(b"card " + CARD), "a.pdf"))
+        self.assertEqual(doc["process_info"]["post_processing"]["actions_ran"], "")
+        self.assertEqual(doc["process_info"]["result"], "Blocked")
+        self.assertNotIn("sanitization_details", doc["process_info"]["post_processing"])
 
     def test_non_luhn_number(self) -> None:
         """
@@ -427,6 +440,7 @@ class EmulatorApiTests(SynchronousTestCase):
         """
         doc = self.wire.final(self.wire.upload(b"4111 1111 1111 1112", "n.txt"))
         self.assertEqual(doc["scan_results"]["scan_all_result_i"], 0)
+        self.assertEqual(doc["dlp_info"]["verdict"], 0)
 
     def test_sanitized_types(self) -> None:
         """
@@ -442,6 +456,10 @@ class EmulatorApiTests(SynchronousTestCase):
         self.assertEqual(post["actions_ran"], "Sanitized")
         self.assertEqual(post["converted_destination"], expected)
         self.assertEqual(post["converted_to"], "pdf")
+        self.assertEqual(
+            post["sanitization_details"],
+            {"description": "Sanitized successfully.", "details": []},
+        )
         self.assertEqual(doc["process_info"]["result"], "Allowed")
         self.assertEqual(doc["file_info"]["file_type"], "application/pdf")
         download = wire.request("GET", f"/file/converted/{data_id}")
@@ -460,12 +478,32 @@ class EmulatorApiTests(SynchronousTestCase):
 
     def test_default_sanitize_types(self) -> None:
         """
-        The default types are the Office, PDF, HTML and RTF extensions.
+        The default types are the Office formats (with and without macros),
+        PDF, HTML and RTF.
         """
         self.assertEqual(
             DEFAULT_SANITIZE_TYPES,
-            {"docx", "xlsx", "pptx", "pdf", "html", "htm", "doc", "xls", "rtf"},
-        )
+            {
+                "doc", "docm", "docx", "htm", "html", "pdf", "ppt", "pptm",
+                "pptx", "rtf", "xls", "xlsm", "xlsx",
+            },
+        )  # fmt: skip
+
+    def test_type_from_content(self) -> None:
+        """
+        Deep CDR goes by the content, not the name: text named C{.docx} is
+        not sanitized, a PDF named C{.bin} is (its converted file gets the
+        C{pdf} extension).
+        """
+        wire = self.wire
+        text = wire.final(wire.upload(b"just words", "a.docx"))
+        self.assertEqual(text["process_info"]["post_processing"]["actions_ran"], "")
+        self.assertEqual(text["file_info"]["file_type"], "text/plain")
+        data_id = wire.upload(pdf(), "scan.bin")
+        post = wire.final(data_id)["process_info"]["post_processing"]
+        self.assertEqual(post["actions_ran"], "Sanitized")
+        self.assertEqual(post["converted_to"], "pdf")
+        self.assertTrue(post["converted_destination"].endswith(".pdf"))
 
     def test_not_sanitized(self) -> None:
         """
@@ -477,16 +515,25 @@ class EmulatorApiTests(SynchronousTestCase):
         answer = wire.request("GET", f"/file/converted/{clean['data_id']}")
         self.assertEqual(answer.status, 404)
         self.assertEqual(answer.json(), {"err": "File could not be found"})
-        early = wire.upload(b"doc", "a.docx")
+        early = wire.upload(docx(), "a.docx")
         self.assertEqual(wire.request("GET", f"/file/converted/{early}").status, 404)
 
     def test_infected_office_file_not_sanitized(self) -> None:
         """
         An infected file of a sanitized type is blocked, not sanitized.
         """
-        doc = self.wire.final(self.wire.upload(EICAR, "macro.docx"))
+        stored = zip_of(
+            {"[Content_Types].xml": b"<Types/>", "word/document.xml": EICAR},
+            zipfile.ZIP_STORED,
+        )
+        data_id = self.wire.upload(stored, "macro.docx")
+        doc = self.wire.final(data_id)
         self.assertEqual(doc["process_info"]["post_processing"]["actions_ran"], "")
         self.assertEqual(doc["process_info"]["result"], "Blocked")
+        self.assertEqual(doc["process_info"]["blocked_reason"], "Infected")
+        converted = self.wire.request("GET", f"/file/converted/{data_id}")
+        self.assertEqual(converted.status, 404)
+        self.assertEqual(os.listdir(self.workdir), [])
 
     def test_failure_markers(self) -> None:
         """
@@ -509,11 +556,51 @@ class EmulatorApiTests(SynchronousTestCase):
 
     def test_empty_file(self) -> None:
         """
-        A zero-length upload is refused with 422.
+        A zero-length upload is refused with 422, before the queue limit is
+        looked at and without writing anything.
         """
-        answer = self.wire.request("POST", "/file", b"")
+        wire = self.wire
+        wire.emulator.config = EmulatorConfig(queue_size=0)
+        answer = wire.request("POST", "/file", b"", [("filename", "a.pdf")])
         self.assertEqual(answer.status, 422)
         self.assertEqual(answer.json(), {"err": "File is empty."})
+        self.assertEqual(os.listdir(self.workdir), [])
+
+    def test_too_big(self) -> None:
+        """
+        An upload over the rule's C{max_file_size} gets Core's 500 size
+        message, which C{/file/rules} announces.
+        """
+        wire = self.wire
+        wire.emulator.config = EmulatorConfig(max_file_size=10)
+        rules = wire.request("GET", "/file/rules").json()
+        self.assertEqual(rules[0]["max_file_size"], 10)
+        answer = wire.request("POST", "/file", b"x" * 11)
+        self.assertEqual(answer.status, 500)
+        self.assertEqual(
+            answer.json(),
+            {
+                "err": "Failed to request scan. File size exceeded the maximum"
+                " size permitted by your configuration."
+            },
+        )
+        self.assertEqual(wire.request("POST", "/file", b"x" * 10).status, 200)
+
+    def test_link_and_body(self) -> None:
+        """
+        C{downloadfrom} or C{filepath} together with a body is refused with
+        Core's 400; a C{downloadfrom} that is not http(s) too.
+        """
+        wire = self.wire
+        for header in ("downloadfrom", "filepath"):
+            answer = wire.request("POST", "/file", b"x", [(header, "http://h/f")])
+            self.assertEqual(
+                (answer.status, answer.json()),
+                (400, {"err": "Both body data and download link were given."}),
+            )
+        answer = wire.request("POST", "/file", b"", [("downloadfrom", "ftp://h/f")])
+        self.assertEqual(answer.status, 400)
+        self.assertIn("must start with http", answer.json()["err"])
 
     def test_queue_full(self) -> None:
         """
@@ -582,7 +669,8 @@ class EmulatorApiTests(SynchronousTestCase):
         self.assertEqual(doc["scan_results"]["scan_all_result_i"], 19)
         self.assertEqual(doc["process_info"]["progress_percentage"], 100)
         self.assertEqual(wire.emulator.in_flight, 0)
-        self.assertEqual(wire.request("POST", "/file/nope/cancel").status, 404)
+        unknown = wire.request("POST", "/file/nope/cancel")
+        self.assertEqual((unknown.status, unknown.json()), (404, {"err": "Not found"}))
 
     def test_info_endpoints(self) -> None:
         """
@@ -592,7 +680,7 @@ class EmulatorApiTests(SynchronousTestCase):
         wire = self.wire
         self.assertEqual(
             wire.request("GET", "/version").json(),
-            {"product_id": "MSCL", "version": "4.18.0"},
+            {"product_id": "MSCL", "version": "4.21.1"},
         )
         rules = wire.request("GET", "/file/rules").json()
         self.assertEqual([r["name"] for r in rules], ["Default", "Email Security"])
@@ -611,6 +699,11 @@ class EmulatorApiTests(SynchronousTestCase):
         self.assertEqual(self.wire.request("POST", "/login", b"{}").status, 403)
         out = self.wire.request("POST", "/logout", b"")
         self.assertEqual(out.json(), {"response": "Logout success"})
+        self.wire.emulator.config = EmulatorConfig(apikey="k")
+        denied = self.wire.request("POST", "/logout", b"", [("apikey", "x")])
+        self.assertEqual(
+            (denied.status, denied.json()), (403, {"response": "Access denied"})
+        )
 
     def test_unknown_route_and_method(self) -> None:
         """
@@ -627,7 +720,7 @@ class EmulatorApiTests(SynchronousTestCase):
         """
         wire = self.wire
         wire.emulator.config = EmulatorConfig(latency=2.0, retention=60.0)
-        data_id = wire.upload(b"doc", "a.docx")
+        data_id = wire.upload(docx(), "a.docx")
         wire.final(data_id)
         self.assertEqual(os.listdir(self.workdir), [data_id])
         wire.clock.advance(61)
@@ -641,7 +734,10 @@ class EmulatorApiTests(SynchronousTestCase):
         """
         wire = self.wire
         wire.emulator.config = EmulatorConfig(max_results=2)
-        ids = [wire.upload(b"file %d" % i) for i in range(4)]
+        ids = []
+        for i in range(4):
+            ids.append(wire.upload(b"file %d" % i))
+            wire.clock.advance(1.0)  # processed and post-processed
         wire.upload(b"one more")
         self.assertLessEqual(wire.emulator.results, 3)
         self.assertEqual(wire.result(ids[0]).status, 404)
@@ -714,14 +810,71 @@ class BlockingScanTests(SynchronousTestCase):
             b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
         )
         self.assertEqual(transport.value(), b"")
-        self.assertEqual(wire.emulator.in_flight, 0)
+        # The upload holds its place in the queue while it is examined.
+        self.assertEqual(wire.emulator.in_flight, 1)
         ((function, args, d),) = handed
+        # The worker got the body itself, not the request's content file
+        # (which the request closes if the client goes away).
+        args[0].seek(0)
+        self.assertEqual(args[0].read(), b"hello")
         d.callback(function(*args))
+        self.assertTrue(args[0].closed)
         answer = parse_response(transport.value())
         self.assertEqual(answer.status, 200)
         data_id = answer.json()["data_id"]
-        self.assertEqual(wire.emulator.in_flight, 1)
+        self.assertEqual(wire.emulator.in_flight, 1)  # now processing
         self.assertEqual(wire.final(data_id)["scan_results"]["scan_all_result_i"], 0)
+
+    def test_queue_counts_uploads_being_examined(self) -> None:
+        """
+        Uploads being examined hold their place in the queue: with
+        C{queue_size} 2 and two uploads still in the worker, a third is
+        refused with 503 at once (the limit was once checked before the
+        examination and counted only after it, letting a burst through).
+        """
+        wire = Wire()
+        handed: list[tuple[Any, tuple[Any, ...], Deferred[Any]]] = []
+
+        def runner(function: Any, *args: Any) -> Deferred[Any]:
+            d: Deferred[Any] = Deferred()
+            handed.append((function, args, d))
+            return d
+
+        wire.emulator = CoreEmulator(
+            wire.clock, EmulatorConfig(latency=5.0, queue_size=2), blocking=runner
+        )
+        self.addCleanup(wire.emulator.close)
+        wire.rebuild()
+        pending = [
+            wire.send("POST", "/file", b"one"),
+            wire.send("POST", "/file", b"two"),
+        ]
+        self.assertEqual(len(handed), 2)
+        self.assertEqual(wire.request("POST", "/file", b"three").status, 503)
+        for function, args, d in handed:
+            d.callback(function(*args))
+        self.assertEqual([wire.answer(t).status for t in pending], [200, 200])
+        self.assertEqual(wire.request("POST", "/file", b"four").status, 503)
+        self.assertEqual(wire.emulator.in_flight, 2)
+
+    def test_failed_examination_frees_its_place(self) -> None:
+        """
+        An examination that fails answers 500 and gives its queue place
+        back.
+        """
+        wire = Wire()
+
+        def runner(function: Any, *args: Any) -> Deferred[Any]:
+            return fail(OSError("disk gone"))
+
+        wire.emulator = CoreEmulator(
+            wire.clock, EmulatorConfig(queue_size=1), blocking=runner
+        )
+        self.addCleanup(wire.emulator.close)
+        wire.rebuild()
+        self.assertEqual(wire.request("POST", "/file", b"x").status, 500)
+        self.assertEqual(wire.emulator.in_flight, 0)
+        self.flushLoggedErrors(OSError)
 
 
 class ApiKeyTests(SynchronousTestCase):
@@ -758,7 +911,7 @@ class ApiKeyTests(SynchronousTestCase):
         """
         wire = self.wire
         key = [("apikey", "s3cret")]
-        data_id = wire.upload(b"doc", "a.docx", key)
+        data_id = wire.upload(docx(), "a.docx", key)
         wire.turns()
         wire.result(data_id, key)
         wire.result(data_id, key)
@@ -783,7 +936,7 @@ class EmulatorCloseTests(SynchronousTestCase):
         emulator made for converted files.
         """
         wire = Wire(EmulatorConfig(latency=5.0))
-        wire.upload(b"doc", "a.docx")
+        wire.upload(docx(), "a.docx")
         workdir = wire.emulator._workdir
         assert workdir is not None
         self.assertTrue(os.path.isdir(workdir))
@@ -792,162 +945,3 @@ class EmulatorCloseTests(SynchronousTestCase):
         self.assertEqual(
             [c for c in wire.clock.getDelayedCalls() if c.getTime() == 5.0], []
         )
-
-
-class TapTests(SynchronousTestCase):
-    """
-    The C{mdcore-emulator} plugin's options and service.
-    """
-
-    def test_defaults(self) -> None:
-        """
-        Defaults: port 8008 on 127.0.0.1, no latency, the default sanitize
-        types, 404 for unknown ids, DLP blocks.
-        """
-        options = Options()
-        options.parseOptions([])
-        self.assertEqual((options["port"], options["interface"]), (8008, "127.0.0.1"))
-        config = options.config()
-        self.assertEqual(config.latency, 0.0)
-        self.assertEqual(config.sanitize_types, DEFAULT_SANITIZE_TYPES)
-        self.assertEqual(config.not_found_status, 404)
-        self.assertIs(config.dlp_block, True)
-        self.assertIsNone(config.apikey)
-
-    def test_knobs(self) -> None:
-        """
-        Every knob reaches the config.
-        """
-        options = Options()
-        options.parseOptions(
-            [
-                "--port", "9000", "--latency", "0.5", "--queue-size", "7",
-                "--apikey", "k", "--sanitize-types", "DOCX, .pdf", "--fail-rate",
-                "0.25", "--stall-body", "--not-found-200", "--dlp-allow",
-                "--retention", "30",
-            ]
-        )  # fmt: skip
-        config = options.config()
-        self.assertEqual(
-            (config.latency, config.queue_size, config.apikey, config.fail_rate),
-            (0.5, 7, "k", 0.25),
-        )
-        self.assertEqual(config.sanitize_types, {"docx", "pdf"})
-        self.assertEqual(
-            (config.stall_body, config.not_found_status, config.dlp_block),
-            (True, 200, False),
-        )
-        self.assertEqual(config.retention, 30.0)
-
-    def test_apikey_file(self) -> None:
-        """
-        C{--apikey-file} reads the key; giving both forms, or an empty key,
-        is an error.
-        """
-        path = os.path.join(temp_dir(self), "key")
-        Path(path).write_text("from-file\n")
-        options = Options()
-        options.parseOptions(["--apikey-file", path])
-        self.assertEqual(options.config().apikey, "from-file")
-        self.assertRaises(
-            usage.UsageError,
-            Options().parseOptions,
-            ["--apikey-file", path, "--apikey", "x"],
-        )
-        empty = os.path.join(temp_dir(self), "empty")
-        Path(empty).write_text("\n")
-        self.assertRaises(
-            usage.UsageError, Options().parseOptions, ["--apikey-file", empty]
-        )
-
-    def test_bad_values(self) -> None:
-        """
-        Out-of-range values are usage errors.
-        """
-        for argv in (
-            ["--fail-rate", "2"],
-            ["--latency", "-1"],
-            ["--port", "70000"],
-            ["--queue-size", "-1"],
-            ["--retention", "0"],
-        ):
-            self.assertRaises(usage.UsageError, Options().parseOptions, argv)
-
-    def test_make_service(self) -> None:
-        """
-        C{makeService} gives a service listening on the chosen endpoint.
-        """
-        options = Options()
-        options.parseOptions(["--port", "0", "--quiet", "--fail-next", "1"])
-        service = makeService(options, reactor=Clock())
-        assert isinstance(service, MultiService)
-        listeners = [s for s in service if isinstance(s, StreamServerEndpointService)]
-        self.assertEqual(len(listeners), 1)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
-
-
-@pytest.mark.timeout(60)
-@pytest_twisted.ensureDeferred
-async def test_stop_and_start_listening() -> None:
-    """
-    L{EmulatorServer.stop} makes connections fail with "refused";
-    L{EmulatorServer.start} listens again on the same port.
-    """
-    server = EmulatorServer(reactor)
-    port = server.start()
-    try:
-        answer = await treq.get(f"{server.url}/version", persistent=False)
-        assert answer.code == 200
-        await answer.content()
-        await server.stop()
-        with pytest.raises(ConnectionRefusedError):
-            await treq.get(f"{server.url}/version", persistent=False)
-        assert server.start() == port
-        answer = await treq.get(f"{server.url}/version", persistent=False)
-        assert (await answer.json())["product_id"] == "MSCL"
-    finally:
-        await server.close()
-
-
-@pytest.mark.timeout(60)
-@pytest_twisted.ensureDeferred
-async def test_twist_plugin(tmp_path: Path) -> None:
-    """
-    C{twist mdcore-emulator --port N} starts a working emulator.
-    """
-    port = _free_port()
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
-    log = open(tmp_path / "twist.log", "wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "twisted", "mdcore-emulator", "--port", str(port)],
-        cwd=str(tmp_path),
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        doc = None
-        for _ in range(200):
-            try:
-                answer = await treq.get(
-                    f"http://127.0.0.1:{port}/version", persistent=False, timeout=2
-                )
-                doc = await answer.json()
-                break
-            except Exception:
-                if process.poll() is not None:
-                    break
-                await task.deferLater(reactor, 0.1, lambda: None)
-        assert doc == {"product_id": "MSCL", "version": "4.18.0"}, (
-            tmp_path / "twist.log"
-        ).read_text()
-    finally:
-        process.terminate()
-        await threads.deferToThread(process.wait, 20)
-        log.close()

@@ -209,7 +209,8 @@ class FailoverTests(SynchronousTestCase):
     def test_file_failures_not_retried(self) -> None:
         """
         A failure of the file itself (Failed, Not Scanned) goes straight to
-        the caller, and counts as a good answer from the server.
+        the caller, and says nothing about the server's health: it neither
+        counts as a failure nor hides the one before.
         """
         for condition in (Condition.PROCESSING_FAILED, Condition.NOT_SCANNED):
             s = Setup(self)
@@ -221,7 +222,12 @@ class FailoverTests(SynchronousTestCase):
             s.fakes[0].fail("scan", error(condition, s.fakes[0]))
             self.assertIs(self.failureResultOf(d, CoreError).value.condition, condition)
             self.assertEqual(s.scans_on(), [2, 1])
-            self.assertEqual(s.runtime.status()[0].failures, 0)
+            self.assertEqual(s.runtime.status()[0].failures, 1)
+            third = s.scan()
+            s.fakes[0].fail("scan", error(Condition.UNREACHABLE, s.fakes[0]))
+            s.fakes[1].succeed_scan()
+            self.successResultOf(third)
+            self.assertFalse(s.runtime.status()[0].up)
 
     def test_scan_timeout_not_retried_but_counted(self) -> None:
         """
@@ -337,10 +343,11 @@ class CircuitBreakerRuntimeTests(SynchronousTestCase):
         s.scan()
         self.assertEqual(s.scans_on(), [3, 2])
 
-    def test_late_success_brings_server_back(self) -> None:
+    def test_late_success_does_not_bring_server_back(self) -> None:
         """
         A scan that started before the server went down and then succeeds
-        brings the server back and cancels the pending probe.
+        does not bring it back (only a probe does), and the probe stays
+        scheduled.
         """
         s = Setup(self, concurrency=3, threshold=2)
         slow = s.scan()
@@ -352,22 +359,85 @@ class CircuitBreakerRuntimeTests(SynchronousTestCase):
         self.assertFalse(s.runtime.status()[0].up)
         s.fakes[0].succeed_scan()
         self.successResultOf(slow)
-        self.assertTrue(s.runtime.status()[0].up)
-        self.assertEqual(s.clock.getDelayedCalls(), [])
+        self.assertFalse(s.runtime.status()[0].up)
+        self.assertEqual(len(s.clock.getDelayedCalls()), 1)
 
-    def test_success_resets_count(self) -> None:
+    def test_success_does_not_hide_failures(self) -> None:
         """
-        Failures must be consecutive: a success in between resets the count.
+        Successes of other files in between do not hide a run of failures:
+        the server goes down when half or more of its recent answers were
+        failures (here 2 of the last 4), which a count of consecutive
+        failures would never see.
         """
-        s = Setup(self)
-        for _ in range(3):
+        s = Setup(self, threshold=2)
+        for _ in range(2):
             d = s.scan()
             s.fakes[0].fail("scan", error(Condition.UNREACHABLE, s.fakes[0]))
             s.fakes[1].succeed_scan()
             self.successResultOf(d)
+            if s.runtime.status()[0].up:
+                d = s.scan()
+                s.fakes[0].succeed_scan()
+                self.successResultOf(d)
+        self.assertFalse(s.runtime.status()[0].up)
+
+    def test_mostly_healthy_stays_up(self) -> None:
+        """
+        A server whose answers are mostly good stays up: one failure in five
+        never puts two in its last four answers.
+        """
+        s = Setup(self, threshold=2)
+        for round_ in range(11):
             d = s.scan()
-            s.fakes[0].succeed_scan()
+            if round_ % 5 == 0:
+                s.fakes[0].fail("scan", error(Condition.UNREACHABLE, s.fakes[0]))
+                s.fakes[1].succeed_scan()
+            else:
+                s.fakes[0].succeed_scan()
             self.successResultOf(d)
+            s.clock.advance(1)
+        self.assertTrue(s.runtime.status()[0].up)
+
+    def test_old_failures_expire(self) -> None:
+        """
+        Failures older than the breaker's window no longer count.
+        """
+        s = Setup(self, threshold=2)
+        d = s.scan()
+        s.fakes[0].fail("scan", error(Condition.UNREACHABLE, s.fakes[0]))
+        s.fakes[1].succeed_scan()
+        self.successResultOf(d)
+        s.clock.advance(61)
+        d = s.scan()
+        s.fakes[0].fail("scan", error(Condition.UNREACHABLE, s.fakes[0]))
+        s.fakes[1].succeed_scan()
+        self.successResultOf(d)
+        self.assertTrue(s.runtime.status()[0].up)
+        self.assertEqual(s.runtime.status()[0].failures, 1)
+
+    def test_trial_after_probe(self) -> None:
+        """
+        After a good probe the server is back on trial: its next failure
+        takes it down at once; a good answer ends the trial.
+        """
+        s = Setup(self, threshold=2)
+        self.mark_down(s)
+        s.clock.advance(30)
+        s.fakes[0].pending("probe")[0].result.callback(None)
+        self.assertTrue(s.runtime.status()[0].up)
+        d = s.scan()
+        s.fakes[0].fail("scan", error(Condition.SCAN_TIMEOUT, s.fakes[0]))
+        self.failureResultOf(d, CoreError)
+        self.assertFalse(s.runtime.status()[0].up)
+        s.clock.advance(30)
+        s.fakes[0].pending("probe")[0].result.callback(None)
+        d = s.scan()
+        s.fakes[0].succeed_scan()
+        self.successResultOf(d)
+        d = s.scan()
+        s.fakes[0].fail("scan", error(Condition.UNREACHABLE, s.fakes[0]))
+        s.fakes[1].succeed_scan()
+        self.successResultOf(d)
         self.assertTrue(s.runtime.status()[0].up)
 
     def test_all_down(self) -> None:
@@ -553,10 +623,29 @@ class BreakerTests(SynchronousTestCase):
         self.assertTrue(breaker.probe_due(12))
         breaker.probe_failed(12)
         self.assertEqual(breaker.next_probe(), 22)
-        self.assertTrue(breaker.success())
+        breaker.success(13)  # a late answer: still down
+        self.assertFalse(breaker.up)
+        self.assertTrue(breaker.probe_succeeded())
         self.assertTrue(breaker.up)
+        self.assertTrue(breaker.on_trial)
+        self.assertEqual(breaker.failures, 0)
         self.assertIsNone(breaker.next_probe())
-        self.assertFalse(breaker.success())
+        self.assertFalse(breaker.probe_succeeded())
+
+    def test_rate(self) -> None:
+        """
+        Down when C{threshold} of the last C{2 x threshold} outcomes are
+        failures, however they interleave with successes.
+        """
+        breaker = CircuitBreaker(threshold=3, retry_after=10)
+        for t, ok in enumerate([True, False, True, True, False, True]):
+            if ok:
+                breaker.success(t)
+            else:
+                self.assertFalse(breaker.failure(t))
+        # The last six are now F T T F T F: three failures.
+        self.assertTrue(breaker.failure(6))
+        self.assertFalse(breaker.up)
 
 
 # -- two real emulators ----------------------------------------------------------

@@ -242,7 +242,9 @@ def test_cluster(cluster: tuple[Cluster, RecordingHandler]) -> None:
     (item,) = items
     assert item["message"]["instance"] == "gw1"
     before = len(handler.messages)
-    released = c.api("gw2", f"/api/quarantine/{item['id']}/release", "POST", {})
+    released = c.api(
+        "gw2", f"/api/quarantine/{item['id']}/release", "POST", {"force": True}
+    )
     assert released
     wait_for(lambda: len(handler.messages) > before, timeout=30)
     original = handler.messages[-1].content

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.coresamples import docx
 from tests.downstream import Received, RecordingHandler, _Controller
 from tests.gatewayproc import ETC, free_port, running_gateway
 
@@ -215,7 +216,7 @@ def test_sanitized_document(tmp_path: Path, smtpd: Callable[..., _Controller]) -
     toml, _ = pipeline_toml(
         port, tmp_path, downstream.port, rule='subject_tag_sanitized = "[SANITIZED]"'
     )
-    original = b"PK\x03\x04 pretend this is a word document" * 20
+    original = docx(b"A word document" * 20)
     with running_gateway(tmp_path, toml=toml, port=port):
         send(port, message("report", (original, "report.docx")))
         (got,) = wait_for(lambda: handler.messages)

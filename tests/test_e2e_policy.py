@@ -51,9 +51,18 @@ def transaction(raw: Raw, sender: str, recipients: list[str]) -> list[tuple[int,
     ]
 
 
-def send_body(raw: Raw) -> str:
+#: The example's placeholder tenant id.
+PLACEHOLDER_TENANT = "11111111-2222-3333-4444-555555555555"
+
+
+def send_body(raw: Raw, tenant: str | None = None) -> str:
+    """
+    Send a short message; with C{tenant}, the message carries that tenant id
+    as Exchange Online stamps it.
+    """
     assert raw.command(b"DATA")[0] == 354
-    code, lines = raw.command(b"Subject: test\r\n\r\nbody\r\n.")
+    stamp = f"X-MS-Exchange-CrossTenant-Id: {tenant}\r\n" if tenant else ""
+    code, lines = raw.command(f"Subject: test\r\n{stamp}\r\nbody\r\n.".encode())
     assert code == 250, lines
     return lines[0].rsplit(" ", 1)[1]
 
@@ -70,7 +79,9 @@ def test_office365_example(tmp_path: Path) -> None:
     accepts inbound mail for the tenant's domain under the inbound rule,
     binds the tenant's outgoing mail to the outbound rule, and stores one
     spool entry with a binding per recipient when one transaction mixes
-    both.
+    both. Another tenant's mail through the same Office 365 servers is
+    taken at RCPT (no sender filter) but refused at the end of DATA
+    (tests/test_e2e_office365.py covers the binding in depth).
     """
     port = free_port()
     with running_gateway(tmp_path, toml=office365_toml(port, tmp_path), port=port) as (
@@ -91,7 +102,7 @@ def test_office365_example(tmp_path: Path) -> None:
             transaction(o365, "sender@partner.example", ["bob@example.com"])[0][0]
             == 250
         )
-        inbound = envelope(tmp_path, send_body(o365))
+        inbound = envelope(tmp_path, send_body(o365, PLACEHOLDER_TENANT))
         assert [
             (r["address"], r["rule"], r["direction"]) for r in inbound["recipients"]
         ] == [("bob@example.com", "inbound", "inbound")]
@@ -101,23 +112,32 @@ def test_office365_example(tmp_path: Path) -> None:
             o365, "alice@example.com", ["carol@example.com", "dave@partner.example"]
         )
         assert [code for code, _ in results] == [250, 250]
-        mixed = envelope(tmp_path, send_body(o365))
+        mixed = envelope(tmp_path, send_body(o365, PLACEHOLDER_TENANT))
         assert [(r["address"], r["rule"]) for r in mixed["recipients"]] == [
             ("carol@example.com", "inbound"),
             ("dave@partner.example", "outbound"),
         ]
         # Another tenant's mail through the same Office 365 servers, to an
-        # outside domain, matches no rule.
-        assert (
-            transaction(o365, "x@othertenant.example", ["y@partner.example"])[0][0]
-            == 550
+        # outside domain: the outbound rule takes the recipient, the tenant
+        # binding refuses the message.
+        assert transaction(o365, "x@othertenant.example", ["y@partner.example"]) == [
+            (250, "250 2.1.5 Ok")
+        ]
+        assert o365.command(b"DATA")[0] == 354
+        code, lines = o365.command(
+            b"Subject: t\r\nX-MS-Exchange-CrossTenant-Id: "
+            b"6ec0bd7f-11c0-43da-975e-2a8ad9ebae0b\r\n\r\nbody\r\n."
+        )
+        assert (code, lines[0]) == (
+            550,
+            "550 5.7.1 Not from an allowed Office 365 tenant: "
+            "X-MS-Exchange-CrossTenant-Id names another tenant",
         )
         o365.close()
 
         refusals = [e for e in gw.log_events() if e.get("reason") == "No security rule"]
         assert {(e["client"], e["sender"], e["recipient"]) for e in refusals} == {
             ("198.51.100.23", "spammer@bad.example", "victim@elsewhere.example"),
-            ("40.107.22.5", "x@othertenant.example", "y@partner.example"),
         }
 
 

@@ -228,6 +228,45 @@ def test_killed_worker_restarts_and_retired_spool_is_adopted(
         gw.terminate(60)
 
 
+def test_counters_never_decrease_when_a_worker_is_killed(
+    tmp_path: Path, smtpd: Callable[..., Any]
+) -> None:
+    """
+    The primary's merged counters keep a killed worker's counts: the
+    accepted total seen before the kill is never undercut by any scrape
+    while the worker is restarted, and the successor's messages add to it.
+    """
+    handler = RecordingHandler()
+    downstream = smtpd(handler)
+    port, admin = free_port(), free_port()
+    toml = workers_toml(
+        tmp_path, port, downstream.port, 2, admin_section(admin, tmp_path)
+    )
+    accepted = "mdgateway_smtp_messages_accepted_total"
+    with running_gateway(tmp_path, toml=toml, port=port) as (gw, _):
+        wait_for_port(admin)
+        pid = worker_pid(gw)
+        with stopped(gw):
+            by_worker = [send(port, f"w{n}") for n in range(4)]
+        wait_for(lambda: len(handler.messages) == 4)
+        # The worker pushes its counters every few seconds.
+        wait_for(lambda: metric(admin, accepted) == 4, timeout=20)
+        os.kill(pid, signal.SIGKILL)
+        scraped = []
+        restarted = None
+        while restarted is None or len(scraped) < 20:
+            scraped.append(metric(admin, accepted))
+            if restarted is None and len(worker_events(gw, "{process} started")) > 1:
+                restarted = worker_pid(gw, after=1)
+        assert min(scraped) == 4, scraped
+        with stopped(gw):
+            later = [send(port, f"s{n}") for n in range(2)]
+        wait_for(lambda: len(handler.messages) == 6)
+        wait_for(lambda: metric(admin, accepted) == 6, timeout=20)
+        assert sorted(subjects(handler)) == sorted(by_worker + later)
+        gw.terminate(60)
+
+
 def test_restart_waits_for_address_in_use(
     tmp_path: Path, smtpd: Callable[..., Any]
 ) -> None:

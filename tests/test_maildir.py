@@ -17,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from mdgateway.queue.fileops import IFileOps, OSFileOps
+from mdgateway.fileops import IFileOps, OSFileOps
 from mdgateway.relay.maildir import (
     ENVELOPE_TO,
     MaildirError,

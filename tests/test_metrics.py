@@ -15,12 +15,13 @@ from mdgateway.ops.metrics import (
     MAX_NAME,
     REFUSAL_REASONS,
     Metrics,
-    refusal_reason,
 )
 from mdgateway.receive import admission
 from mdgateway.receive import handler as gateway
 from mdgateway.scan.errors import Condition
 from mdgateway.smtp import replies
+from mdgateway.smtp.categories import categorize, refusal_category
+from mdgateway.smtp.replies import Reply
 from mdgateway.store import ScanVerdict
 
 Labels = tuple[tuple[str, str], ...]
@@ -155,9 +156,7 @@ class SmtpEdgeTests(SynchronousTestCase):
         }
         m = Metrics()
         for reply, reason in cases.items():
-            self.assertEqual(
-                m.refused(reply.code, reply.status, reply.text), reason, reply
-            )
+            self.assertEqual(m.refused(refusal_category(reply)), reason, reply)
         for reason in set(cases.values()):
             self.assertEqual(
                 value(m, "mdgateway_smtp_refused_total", reason=reason),
@@ -167,14 +166,44 @@ class SmtpEdgeTests(SynchronousTestCase):
     def test_unknown_refusals(self) -> None:
         """
         A reply nothing recognises is C{other_4xx} or C{other_5xx} by its
-        code, so the label never carries reply text.
+        code, so the label never carries reply text; a category outside the
+        vocabulary is counted as C{other}.
         """
         m = Metrics()
-        self.assertEqual(m.refused(450, "4.2.0", "Mailbox busy"), "other_4xx")
-        self.assertEqual(m.refused(554, None, "Go away, spammer"), "other_5xx")
+        self.assertEqual(categorize(450, "4.2.0", "Mailbox busy"), "other_4xx")
+        self.assertEqual(categorize(554, None, "Go away, spammer"), "other_5xx")
+        m.refused("other_5xx")
         self.assertEqual(
             value(m, "mdgateway_smtp_refused_total", reason="other_5xx"), 1.0
         )
+        self.assertEqual(m.refused("made up"), "other")
+
+    def test_protocol_refusal_categories(self) -> None:
+        """
+        Replies the SMTP server makes without asking the handler get the
+        categories the refused log documents: address syntax, SIZE over
+        the limit, no valid recipients, draining, too many errors, and a
+        category a reply carries itself wins over its text.
+        """
+        cases = {
+            Reply.of(501, "5.1.3", "Bad recipient address syntax"): "syntax",
+            Reply.of(501, "5.1.7", "Bad address syntax"): "syntax",
+            Reply.of(501, "5.5.4", "Syntax: HELO hostname"): "syntax",
+            replies.MESSAGE_TOO_BIG: "too_big",
+            Reply.of(554, "5.5.1", "Error: no valid recipients"): "bad_sequence",
+            replies.SHUTTING_DOWN: "shutting_down",
+            replies.NOT_READY: "not_ready",
+            replies.TOO_MANY_ERRORS: "too_many_errors",
+            replies.RECORDS_BACKLOG: "outbox_full",
+            Reply.of(535, "5.7.8", "Authentication credentials invalid"): (
+                "auth_failed"
+            ),
+            Reply.of(550, "5.7.1", "Refused by tenant restrictions"): "tenant",
+            Reply.of(550, "5.7.1", "Not today", category="tenant"): "tenant",
+            Reply.of(550, "5.7.1", "Sender blocked"): "policy",
+        }
+        for reply, category in cases.items():
+            self.assertEqual(refusal_category(reply), category, reply)
 
     @given(
         code=st.integers(min_value=400, max_value=599),
@@ -187,7 +216,7 @@ class SmtpEdgeTests(SynchronousTestCase):
         """
         Whatever the reply, the reason is one of L{REFUSAL_REASONS}.
         """
-        self.assertIn(refusal_reason(code, enhanced, text), REFUSAL_REASONS)
+        self.assertIn(categorize(code, enhanced, text), REFUSAL_REASONS)
 
     def test_rules(self) -> None:
         """

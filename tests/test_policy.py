@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from mdgateway.policy.parse import parse_policy
-from mdgateway.policy.patterns import AddressFilter
+from mdgateway.policy.patterns import ANY_ADDRESS, AddressFilter
 from mdgateway.policy.profiles import CoreProfile, CoreServer, RelayServer, SmtpProfile
 from mdgateway.policy.rules import (
     ERROR_CONDITIONS,
@@ -1518,8 +1518,12 @@ class ExampleTests(SynchronousTestCase):
 
     def test_office365_behaviour(self) -> None:
         """
-        Mail from Office 365 to the tenant is inbound, from the tenant to the
-        world outbound (DLP only); strangers and other tenants get nothing.
+        Mail from Office 365 to the tenant is inbound (full scanning with
+        the Core rule the integration guide names), everything else from
+        Office 365 is outbound (the DLP-only Core rule, limited to the
+        mdemailsecurity user agent), null senders included; both rules are
+        bound to the placeholder tenant, which is what keeps other tenants
+        out; strangers match nothing.
         """
         _, policy, _ = self.load_example("office365.toml")
         o365 = ip("40.107.1.2")
@@ -1527,17 +1531,31 @@ class ExampleTests(SynchronousTestCase):
         assert inbound is not None
         self.assertEqual(inbound.name, "inbound")
         self.assertEqual(inbound.relay_profile.tls, "verify")
+        self.assertEqual(
+            inbound.core_profile.rule, "MetaDefender Email Gateway Security"
+        )
         outbound = policy.select(o365, "user@example.com", "someone@elsewhere.example")
         assert outbound is not None
         self.assertEqual(
-            (outbound.name, outbound.core_profile.rule), ("outbound", "Email DLP")
+            (
+                outbound.name,
+                outbound.core_profile.rule,
+                outbound.core_profile.user_agent,
+            ),
+            ("outbound", "MetaDefender Email Gateway Security DLP", "mdemailsecurity"),
         )
-        self.assertIsNone(
-            policy.select(o365, "x@other-tenant.example", "y@elsewhere.example")
+        bounce = policy.select(o365, "", "someone@elsewhere.example")
+        self.assertIs(bounce, outbound)
+        placeholder = ("11111111-2222-3333-4444-555555555555",)
+        self.assertEqual(
+            [(r.name, r.tenant_ids) for r in policy.rules],
+            [("inbound", placeholder), ("outbound", placeholder)],
         )
+        self.assertEqual([r.senders for r in policy.rules], [ANY_ADDRESS] * 2)
         self.assertIsNone(
             policy.select(ip("198.51.100.1"), "a@b.example", "user@example.com")
         )
+        self.assertIsNone(policy.select(ip("198.51.100.1"), "", "x@elsewhere.example"))
 
     def test_perimeter_loads(self) -> None:
         """

@@ -469,3 +469,90 @@ class ProxyHeaderTests(SynchronousTestCase):
         clock.advance(11)
         self.assertTrue(quiet.disconnecting)
         self.assertEqual(outer.proxy_errors, 2)
+
+
+class RefusalReportTests(SynchronousTestCase):
+    """
+    Every negative reply the server sends is reported to the handler once
+    (for the refused log), whether the handler decided it or the session,
+    the limits, the timers or the drain did.
+    """
+
+    def test_session_refusals_are_reported(self) -> None:
+        """
+        Syntax errors, SIZE over the limit at MAIL, DATA without valid
+        recipients and an unknown command never reach the handler's
+        checks, yet each is reported with what it refused.
+        """
+        protocol, transport, handler, _ = connect(max_message_size=1000)
+        handler.refused_recipients["nobody@example.org"] = Reply.of(
+            550, "5.7.1", "No security rule"
+        )
+        protocol.dataReceived(
+            b"EHLO client.example\r\n"
+            b"MAIL FROM:<a@example.org> SIZE=5000\r\n"
+            b"MAIL FROM:<a@example.org>\r\n"
+            b"RCPT TO:<bad address>\r\n"
+            b"RCPT TO:<nobody@example.org>\r\n"
+            b"DATA\r\n"
+            b"FROB\r\n"
+        )
+        self.assertEqual(codes(transport)[1:], [250, 552, 250, 501, 550, 554, 502])
+        self.assertEqual(
+            handler.refusals,
+            [
+                (552, None, None),
+                (501, "a@example.org", None),
+                (550, "a@example.org", "nobody@example.org"),
+                (554, "a@example.org", None),
+                (502, "a@example.org", None),
+            ],
+        )
+
+    def test_draining_and_limits_are_reported(self) -> None:
+        """
+        The 421 a draining gateway answers with, and the 421 of a session
+        that made too many errors, are reported like any refusal.
+        """
+        protocol, transport, handler, _ = connect(max_errors=2)
+        protocol.dataReceived(b"EHLO c\r\nFROB\r\nFROB\r\n")
+        self.assertEqual(codes(transport)[-3:], [502, 502, 421])
+        self.assertEqual([r[0] for r in handler.refusals], [502, 502, 421])
+        protocol, transport, handler, _ = connect()
+        handler.accepting = False
+        protocol.dataReceived(b"EHLO c\r\n")
+        self.assertEqual(codes(transport)[-1], 421)
+        self.assertEqual(handler.refusals, [(421, None, None)])
+
+    def test_connection_limit_and_timeout_are_reported(self) -> None:
+        """
+        A connection over the per-client limit, refused before the
+        handler ever sees it, and an idle timeout are reported too.
+        """
+        handler = FakeEnvelopeHandler()
+        clock = Clock()
+        limits = ProtocolLimits(max_connections_per_client=1, idle_timeout=5)
+        first, transport, _, _ = connect(handler, clock, limits)
+        factory = first.factory
+        second = factory.buildProtocol(None)
+        other = TLSStringTransport(peerAddress=IPv4Address("TCP", "192.0.2.10", 6))
+        second.makeConnection(other)
+        self.assertEqual(codes(other), [421])
+        clock.advance(6)
+        self.assertEqual(codes(transport)[-1], 421)
+        self.assertEqual([r[0] for r in handler.refusals], [421, 421])
+
+    def test_content_refusal_is_reported_once(self) -> None:
+        """
+        Content refused by the server itself (a bare LF) is told to the
+        handler as refused content and reported once, with its sender.
+        """
+        protocol, transport, handler, _ = connect()
+        protocol.dataReceived(
+            b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\n"
+            b"DATA\r\n"
+        )
+        protocol.dataReceived(b"Subject: x\r\n\r\nbare\nline\r\n.\r\n")
+        self.assertEqual(codes(transport)[-1], 550)
+        self.assertIn(("message refused", 550), handler.events)
+        self.assertEqual(handler.refusals, [(550, "a@example.org", None)])

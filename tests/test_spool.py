@@ -34,6 +34,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from mdgateway.fileops import IFileOps, OSFileOps
 from mdgateway.queue.entry import (
     SpoolEntry,
     SpoolError,
@@ -46,7 +47,6 @@ from mdgateway.queue.envelope import (
     EnvelopeFormatError,
     Recipient,
 )
-from mdgateway.queue.fileops import IFileOps, OSFileOps
 from mdgateway.queue.ids import QUEUE_ID_LENGTH, QueueIdGenerator, is_queue_id
 from mdgateway.queue.spool import Spool
 from mdgateway.queue.writer import ISpoolWriter, SpoolWriter

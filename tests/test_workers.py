@@ -21,6 +21,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mdgateway.config import load_config
 from mdgateway.ops.metrics import Metrics
+from mdgateway.run.compose import build_gateway
+from mdgateway.run.service import GatewayService
 from mdgateway.run.supervisor import (
     FIRST_LISTEN_FD,
     METRICS_FD,
@@ -33,7 +35,6 @@ from mdgateway.run.supervisor import (
     stale_worker_spools,
     worker_spool,
 )
-from mdgateway.run.tap import GatewayService
 from tests.gatewayproc import default_toml, free_port
 
 
@@ -295,7 +296,7 @@ class SupervisorTests(SynchronousTestCase):
     def test_metrics_snapshots(self) -> None:
         """
         The latest snapshot a running worker pushed is what the supervisor
-        offers; a dead worker's is dropped; garbage is ignored.
+        offers; garbage is ignored; a dead worker's gauges are dropped.
         """
         self.supervisor.start()
         worker = self.reactor.spawned[0]
@@ -304,6 +305,48 @@ class SupervisorTests(SynchronousTestCase):
         self.assertEqual(list(self.supervisor.snapshots()), [[1]])
         worker.end(killed())
         self.assertEqual(list(self.supervisor.snapshots()), [])
+
+    def test_dead_workers_counters_are_kept(self) -> None:
+        """
+        When a worker dies its counters (and histograms) stay in the
+        merged scrape, its gauges go, and its successor's counts add to
+        them: the accepted total never goes down across the restart.
+        """
+        primary = Metrics()
+        primary.remote = self.supervisor.snapshots
+        self.supervisor.start()
+        first = Metrics()
+        for _ in range(5):
+            first.message_accepted("smtp")
+        first.session_opened("smtp")
+        first.core_scan("local", 0.3, "allowed")
+        spawned = self.reactor.spawned[0]
+        spawned.protocol.childDataReceived(
+            METRICS_FD, Frames.encode(json.dumps(first.snapshot()).encode())
+        )
+        accepted = "mdgateway_smtp_messages_accepted_total"
+        active = "mdgateway_smtp_sessions_active"
+        scans = "mdgateway_core_scan_seconds_count"
+        text = primary.render()[0].decode()
+        self.assertEqual(sample(text, accepted, '{listener="smtp"}'), 5.0)
+        self.assertEqual(sample(text, active, '{listener="smtp"}'), 1.0)
+        spawned.end(killed())
+        text = primary.render()[0].decode()
+        self.assertEqual(sample(text, accepted, '{listener="smtp"}'), 5.0)
+        self.assertEqual(
+            sample(text, scans, '{outcome="allowed",profile="local"}'), 1.0
+        )
+        self.assertNotIn(f'{active}{{listener="smtp"}} 1.0', text)
+        self.clock.advance(60)
+        successor = Metrics()
+        for _ in range(2):
+            successor.message_accepted("smtp")
+        self.assertEqual(len(self.reactor.spawned), 3)
+        self.reactor.spawned[-1].protocol.childDataReceived(
+            METRICS_FD, Frames.encode(json.dumps(successor.snapshot()).encode())
+        )
+        text = primary.render()[0].decode()
+        self.assertEqual(sample(text, accepted, '{listener="smtp"}'), 7.0)
 
 
 def sample(text: str, name: str, labels: str = "") -> float:
@@ -361,22 +404,24 @@ class ReloadTests(SynchronousTestCase):
     def test_reload_keeps_process_count(self) -> None:
         """
         A reload applies new rules but keeps the number of processes (and
-        listeners and spool) until a restart, saying so in the log.
+        listeners and spool) until a restart, saying so in its answer and
+        in the log.
         """
         folder = Path(self.mktemp())
         folder.mkdir()
         config = folder / "gw.toml"
         base = default_toml(free_port(), folder / "spool")
         config.write_text(base + "[processes]\nworkers = 2\n")
-        service = GatewayService(load_config(config), reactor)
+        service = GatewayService(build_gateway(load_config(config), reactor))
         config.write_text(base + "[processes]\nworkers = 3\n")
         warnings: list[dict[str, Any]] = []
         globalLogPublisher.addObserver(warnings.append)
         self.addCleanup(globalLogPublisher.removeObserver, warnings.append)
-        loaded, problems = service.reload()
-        self.assertEqual((loaded, problems), (True, []))
+        result = service.reload()
+        self.assertEqual((result.loaded, result.problems), (True, ()))
+        self.assertEqual(result.restart_required, ("workers",))
         self.assertEqual(service.config.workers, 2)
         self.assertEqual(service.config.version, load_config(config).version)
         self.assertTrue(
-            [e for e in warnings if "process count" in str(e.get("log_format"))]
+            [e for e in warnings if "after a restart" in str(e.get("log_format"))]
         )

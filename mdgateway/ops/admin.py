@@ -19,14 +19,13 @@ C{authorization: {credentials_file: ...}}).
 
 from __future__ import annotations
 
-import hmac
 import io
 import json
 import math
 import os
 import re
 import tempfile
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import suppress
 from datetime import UTC, datetime
 from typing import IO, Any, TypeVar
@@ -41,9 +40,16 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from mdgateway.ops import adminjson
-from mdgateway.ops.interfaces import IOperations, OperationError
+from mdgateway.ops.interfaces import (
+    ActionResult,
+    IOperations,
+    OperationError,
+    ReloadResult,
+)
+from mdgateway.ops.tokens import DEFAULT_NAME, find_token
 from mdgateway.policy.rules import DIRECTIONS
 from mdgateway.smtp.parse import ParseError, parse_mailbox
+from mdgateway.store.audit import DONE, REFUSED, AuditEntry, AuditFilter
 from mdgateway.store.interfaces import (
     MAX_ID_LENGTH,
     MAX_PAGE,
@@ -156,13 +162,15 @@ class _Call:
     now: float
     max_body: int
     gone: bool = False
+    #: The name of the token the request was authorized with.
+    by: str = ""
 
     @property
-    def by(self) -> str:
+    def origin(self) -> str:
         """
-        Who the operations log names: the API and the client address.
+        Where the request came from, for the audit and the log.
         """
-        return f"api:{client_host(self.request)}"
+        return client_host(self.request)
 
     def query(self, allowed: Sequence[str]) -> _Query:
         return _Query.parse(self.request, allowed, self.now)
@@ -337,6 +345,15 @@ _REFUSAL_PARAMETERS = (
     "recipient",
     "listener",
     "code",
+    "category",
+    *_PAGE_PARAMETERS,
+)
+_AUDIT_PARAMETERS = (
+    "since",
+    "until",
+    "actor",
+    "action",
+    "target",
     *_PAGE_PARAMETERS,
 )
 _QUARANTINE_PARAMETERS = (
@@ -474,7 +491,9 @@ class AdminAPI:
     The admin HTTP API over an L{IOperations}.
 
     @param operations: the running gateway.
-    @param token: the bearer token every protected request must carry.
+    @param token: the bearer tokens by name (see L{mdgateway.ops.tokens});
+        every protected request must carry one, and the audit names its
+        operator by it. A single string is the token named C{admin}.
     @param clock: the time for relative filters (C{since=2h}).
     @param metrics_public: serve C{/metrics} without the token (for a
         scraper that cannot send one, on a listener only it can reach).
@@ -489,23 +508,43 @@ class AdminAPI:
     def __init__(
         self,
         operations: IOperations,
-        token: str,
+        token: str | Mapping[str, str],
         clock: IReactorTime,
         *,
         metrics_public: bool = False,
         scratch_dir: str | None = None,
         max_body: int = MAX_BODY,
     ) -> None:
-        if not token or token != token.strip() or not token.isprintable():
-            raise ValueError("the admin token must be non-empty printable text")
         self.operations = operations
-        self._token = token.encode("utf-8")
+        self.set_tokens(token)
         self._clock = clock
         self._public = {("healthz",), ("readyz",)}
         if metrics_public:
             self._public.add(("metrics",))
         self._scratch = scratch_dir
         self._max_body = max_body
+
+    def token_name(self, presented: bytes | str) -> str | None:
+        """
+        The name of the admin token C{presented}, or L{None}.
+        """
+        if isinstance(presented, str):
+            presented = presented.encode("utf-8")
+        return find_token(self._tokens, presented)
+
+    def set_tokens(self, tokens: str | Mapping[str, str]) -> None:
+        """
+        Accept these tokens from now on (a reload of the token file).
+        """
+        named = {DEFAULT_NAME: tokens} if isinstance(tokens, str) else dict(tokens)
+        if not named:
+            raise ValueError("at least one admin token is needed")
+        for name, token in named.items():
+            if not token or token != token.strip() or not token.isprintable():
+                raise ValueError(
+                    f"the admin token {name!r} must be non-empty printable text"
+                )
+        self._tokens = [(name, token.encode("utf-8")) for name, token in named.items()]
 
     def resource(self) -> Resource:
         """
@@ -572,7 +611,7 @@ class AdminAPI:
     async def _dispatch(self, request: Request, call: _Call) -> _Response | _Streamed:
         segments = _split_path(request.path)
         if tuple(segments) not in self._public:
-            self._authenticate(request)
+            call.by = self._authenticate(request)
         asked = request.method.upper()
         method = b"GET" if asked == b"HEAD" else asked
         allowed: list[bytes] = []
@@ -594,20 +633,25 @@ class AdminAPI:
             headers=[(b"allow", b", ".join(allowed))],
         )
 
-    def _authenticate(self, request: Request) -> None:
+    def _authenticate(self, request: Request) -> str:
+        """
+        The name of the token the request carries.
+        """
         header = request.getHeader(b"authorization")
         if header is None:
             raise _unauthorized("missing bearer token", b'Bearer realm="mdgateway"')
         scheme, _, credentials = header.strip().partition(b" ")
         if scheme.lower() != b"bearer":
             raise _unauthorized("not a bearer token", b'Bearer realm="mdgateway"')
-        if not hmac.compare_digest(credentials.strip(), self._token):
+        found = self.token_name(credentials.strip())
+        if found is None:
             self._log.warn(
                 "Admin API: invalid token from {client}", client=client_host(request)
             )
             raise _unauthorized(
                 "invalid token", b'Bearer realm="mdgateway", error="invalid_token"'
             )
+        return found
 
     def _logged(self, call: _Call, action: str, target: str, **fields: object) -> None:
         self._log.info(
@@ -615,8 +659,33 @@ class AdminAPI:
             action=action,
             target=target,
             by=call.by,
+            client=call.origin,
             **fields,
         )
+
+    async def _audited(
+        self, call: _Call, action: str, target: str, result: str, detail: str = ""
+    ) -> None:
+        """
+        Record an operator action in the audit; an audit the store cannot
+        take is logged, and the action's answer stands.
+        """
+        origin = f"from {call.origin}"
+        entry = AuditEntry(
+            at=call.now,
+            actor=call.by,
+            action=action,
+            target=target,
+            result=result,
+            detail=f"{detail}, {origin}" if detail else origin,
+            finished_at=call.now,
+        )
+        try:
+            await self.operations.store.record_audit(entry)
+        except StoreError:
+            self._log.failure(
+                "Admin API: could not record {action} in the audit", action=action
+            )
 
     async def _page(self, search: Awaitable[Page[_T]]) -> Page[_T]:
         try:
@@ -697,6 +766,7 @@ class AdminAPI:
             recipient=q.text("recipient"),
             listener=q.text("listener"),
             code=q.integer("code", 200, 599),
+            category=q.text("category"),
         )
         page = q.page()
         result = await self._page(self.operations.store.search_refusals(filters, page))
@@ -790,26 +860,38 @@ class AdminAPI:
 
     async def _release(self, call: _Call) -> _Response:
         (item_id,) = call.args
-        call.body()
-        queue_id = await _resolve(self.operations.release(item_id, call.by))
-        self._logged(call, "released quarantine item", item_id, queue_id=queue_id)
-        return _Response.json(
-            202, {"id": item_id, "action": "release", "queue_id": queue_id}
+        force, key = _action_options(call, call.body(), ())
+        result = await _resolve(
+            self.operations.release(item_id, call.by, force, key, call.origin)
         )
+        self._logged(
+            call,
+            "released quarantine item",
+            item_id,
+            queue_id=result.queue_id,
+            replayed=result.replayed,
+        )
+        return _Response.json(202, _action(item_id, "release", result))
 
     async def _rescan(self, call: _Call) -> _Response:
         (item_id,) = call.args
-        call.body()
-        queue_id = await _resolve(self.operations.rescan(item_id, call.by))
-        self._logged(call, "rescanning quarantine item", item_id, queue_id=queue_id)
-        return _Response.json(
-            202, {"id": item_id, "action": "rescan", "queue_id": queue_id}
+        force, key = _action_options(call, call.body(), ())
+        result = await _resolve(
+            self.operations.rescan(item_id, call.by, force, key, call.origin)
         )
+        self._logged(
+            call,
+            "rescanning quarantine item",
+            item_id,
+            queue_id=result.queue_id,
+            replayed=result.replayed,
+        )
+        return _Response.json(202, _action(item_id, "rescan", result))
 
     async def _forward(self, call: _Call) -> _Response:
         (item_id,) = call.args
         body = call.body()
-        _only_fields(body, ("to",))
+        force, key = _action_options(call, body, ("to",))
         to = body.get("to")
         if not isinstance(to, list) or not to:
             raise _bad("to", "must be a non-empty list of addresses")
@@ -824,17 +906,21 @@ class AdminAPI:
             except ParseError:
                 raise _bad("to", f"not an address: {address!r}") from None
             addresses.append(address)
-        queue_id = await _resolve(self.operations.forward(item_id, addresses, call.by))
+        result = await _resolve(
+            self.operations.forward(
+                item_id, addresses, call.by, force, key, call.origin
+            )
+        )
         self._logged(
             call,
             "forwarded quarantine item",
             item_id,
             to=addresses,
-            queue_id=queue_id,
+            queue_id=result.queue_id,
+            replayed=result.replayed,
         )
         return _Response.json(
-            202,
-            {"id": item_id, "action": "forward", "to": addresses, "queue_id": queue_id},
+            202, {**_action(item_id, "forward", result), "to": addresses}
         )
 
     async def _pin(self, call: _Call) -> _Response:
@@ -845,10 +931,13 @@ class AdminAPI:
         if not isinstance(pinned, bool):
             raise _bad("pinned", "required, true or false")
         store = self.operations.store
+        action = "pin" if pinned else "unpin"
         try:
             await store.pin(item_id, pinned)
         except NotFoundError:
+            await self._audited(call, action, item_id, REFUSED, "no such item")
             raise HttpError(404, f"no quarantine item {item_id!r}") from None
+        await self._audited(call, action, item_id, DONE)
         self._logged(call, "pinned" if pinned else "unpinned", item_id)
         item = await self._get_item(item_id)
         return _Response.json(200, adminjson.quarantine_item(item))
@@ -857,7 +946,9 @@ class AdminAPI:
         (item_id,) = call.args
         call.body()
         if not await self.operations.store.delete_quarantined(item_id):
+            await self._audited(call, "delete", item_id, REFUSED, "no such item")
             raise HttpError(404, f"no quarantine item {item_id!r}")
+        await self._audited(call, "delete", item_id, DONE)
         self._logged(call, "deleted quarantine item", item_id)
         return _Response.json(200, {"id": item_id, "deleted": True})
 
@@ -872,22 +963,103 @@ class AdminAPI:
     async def _retry(self, call: _Call) -> _Response:
         (queue_id,) = call.args
         call.body()
-        await _resolve(self.operations.retry_now(queue_id))
+        try:
+            await _resolve(self.operations.retry_now(queue_id))
+        except OperationError as e:
+            await self._audited(call, "retry", queue_id, REFUSED, e.message)
+            raise
+        await self._audited(call, "retry", queue_id, DONE)
         self._logged(call, "retry now of queued message", queue_id)
         return _Response.json(202, {"queue_id": queue_id, "action": "retry"})
 
     async def _reload(self, call: _Call) -> _Response:
         call.body()
-        loaded, problems = await _resolve(self.operations.reload())
+        result: ReloadResult = await _resolve(self.operations.reload())
+        restart = "; needs a restart: " + ", ".join(result.restart_required)
+        await self._audited(
+            call,
+            "reload",
+            "config",
+            DONE if result.loaded else REFUSED,
+            "; ".join(result.problems) + (restart if result.restart_required else ""),
+        )
         self._logged(
             call,
             "configuration reload",
-            "loaded" if loaded else "refused",
-            problems=list(problems),
+            "loaded" if result.loaded else "refused",
+            problems=list(result.problems),
+            restart_required=list(result.restart_required),
         )
         return _Response.json(
-            200 if loaded else 422, {"loaded": bool(loaded), "problems": list(problems)}
+            200 if result.loaded else 422,
+            {
+                "loaded": result.loaded,
+                "problems": list(result.problems),
+                "applied": list(result.applied),
+                "restart_required": list(result.restart_required),
+            },
         )
+
+    # -- audit
+
+    async def _audit(self, call: _Call) -> _Response:
+        q = call.query(_AUDIT_PARAMETERS)
+        since, until = q.window()
+        filters = AuditFilter(
+            since=since,
+            until=until,
+            actor=q.text("actor"),
+            action=q.text("action"),
+            target=q.text("target"),
+        )
+        page = q.page()
+        result = await self._page(self.operations.store.search_audit(filters, page))
+        return _Response.json(200, adminjson.page(result, adminjson.audit_entry))
+
+
+#: Longest idempotency key accepted.
+MAX_KEY = 200
+
+
+def _action_options(
+    call: _Call, body: dict[str, Any], other: Sequence[str]
+) -> tuple[bool, str | None]:
+    """
+    The C{force} flag and the idempotency key of a quarantine action: the
+    key from the body's C{idempotency_key} or the C{Idempotency-Key}
+    header (not both, unless equal).
+    """
+    _only_fields(body, ("force", "idempotency_key", *other))
+    force = body.get("force", False)
+    if not isinstance(force, bool):
+        raise _bad("force", "must be true or false")
+    key = body.get("idempotency_key")
+    header = call.request.getHeader(b"idempotency-key")
+    if header is not None:
+        try:
+            from_header = header.decode("ascii").strip()
+        except UnicodeDecodeError:
+            raise _bad("idempotency_key", "the header is not ASCII") from None
+        if key is not None and key != from_header:
+            raise _bad("idempotency_key", "the body and the header differ")
+        key = from_header
+    if key is not None and (
+        not isinstance(key, str)
+        or not key
+        or len(key) > MAX_KEY
+        or not key.isprintable()
+    ):
+        raise _bad("idempotency_key", f"must be 1 to {MAX_KEY} printable characters")
+    return force, key
+
+
+def _action(item_id: str, action: str, result: ActionResult) -> dict[str, Any]:
+    return {
+        "id": item_id,
+        "action": action,
+        "queue_id": result.queue_id,
+        "replayed": result.replayed,
+    }
 
 
 def client_host(request: Request) -> str:
@@ -927,4 +1099,5 @@ _ROUTES = (
     _Route(b"GET", ("api", "queue"), AdminAPI._queue),
     _Route(b"POST", ("api", "queue", None, "retry"), AdminAPI._retry),
     _Route(b"POST", ("api", "config", "reload"), AdminAPI._reload),
+    _Route(b"GET", ("api", "audit"), AdminAPI._audit),
 )

@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from mdgateway.ops.interfaces import QueueEntry, QueueRecipient, Readiness
+from mdgateway.store.audit import AuditEntry
 from mdgateway.store.interfaces import (
     MessageRecord,
     MessageSummary,
@@ -146,6 +147,8 @@ def refusal(r: Refusal) -> JSON:
         "helo": r.helo,
         "sender": r.sender,
         "recipient": r.recipient,
+        "category": r.category,
+        "repeats": r.repeats,
     }
 
 
@@ -194,12 +197,32 @@ def queue_entry(e: QueueEntry) -> JSON:
     }
 
 
+def audit_entry(a: AuditEntry) -> JSON:
+    """
+    One operator action of the audit.
+    """
+    return {
+        "id": a.id,
+        "at": iso(a.at),
+        "actor": a.actor,
+        "action": a.action,
+        "target": a.target,
+        "result": a.result,
+        "detail": a.detail,
+        "outcome": a.outcome or None,
+        "finished_at": iso(a.finished_at) if a.finished_at is not None else None,
+    }
+
+
 def readiness(r: Readiness) -> JSON:
     """
     The readiness verdict with its checks and reasons.
     """
-    return {
+    data: JSON = {
         "ready": r.ready,
         "checks": dict(r.checks),
         "reasons": list(r.reasons),
     }
+    if r.details:
+        data["details"] = dict(r.details)
+    return data

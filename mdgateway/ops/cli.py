@@ -29,11 +29,14 @@ from datetime import datetime
 from typing import Any, TextIO
 
 from mdgateway.config import GatewayConfig, load_config
+from mdgateway.ops.console.userscli import add_commands as add_user_commands
+from mdgateway.ops.tokens import TokenFileError, parse_tokens, pick_token
 from mdgateway.tomlreader import ConfigError
 
 DEFAULT_URL = "http://127.0.0.1:10080"
 URL_ENV = "MDGATEWAY_ADMIN_URL"
 TOKEN_ENV = "MDGATEWAY_ADMIN_TOKEN"
+TOKEN_NAME_ENV = "MDGATEWAY_ADMIN_TOKEN_NAME"
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -518,19 +521,65 @@ def _quarantine_show(client: AdminClient, args: argparse.Namespace, out: TextIO)
 
 def _quarantine_action(action: str, done: str) -> Any:
     def run(client: AdminClient, args: argparse.Namespace, out: TextIO) -> int:
-        body = None
+        body: dict[str, Any] = {}
         if action == "forward":
-            body = {"to": list(args.addresses)}
+            body["to"] = list(args.addresses)
+        if args.force:
+            body["force"] = True
+        if args.key:
+            body["idempotency_key"] = args.key
         data = client.call(
             "POST", f"/api/quarantine/{_quote(args.id)}/{action}", body=body
         )
         if args.json:
             _print_json(data, out)
+        elif data.get("replayed"):
+            out.write(
+                f"{args.id}: {done} before with this key (queued as "
+                f"{data['queue_id']}); nothing done again\n"
+            )
         else:
             out.write(f"{args.id}: {done} (queued as {data['queue_id']})\n")
         return EXIT_OK
 
     return run
+
+
+def _audit_list(client: AdminClient, args: argparse.Namespace, out: TextIO) -> int:
+    query = {
+        **_times(args),
+        "actor": args.actor,
+        "action": args.action_name,
+        "target": args.target,
+        "limit": args.limit,
+        "cursor": args.cursor,
+    }
+    data = client.call("GET", "/api/audit", query)
+    if args.json:
+        _print_json(data, out)
+        return EXIT_OK
+    rows = [
+        (
+            local_time(a["at"]),
+            a["actor"],
+            a["action"],
+            a["target"],
+            a["result"],
+            a["detail"],
+        )
+        for a in data["items"]
+    ]
+    if rows:
+        out.write(
+            table(
+                ("AT", "WHO", "ACTION", "TARGET", "RESULT", "DETAIL"),
+                rows,
+                (19, 20, 8, 34, 8, 60),
+            )
+            + "\n"
+        )
+    out.write(_page_footer(data, "audit entries") + "\n")
+    return EXIT_OK
 
 
 def _quarantine_pin(pinned: bool) -> Any:
@@ -679,6 +728,7 @@ def _refused_list(client: AdminClient, args: argparse.Namespace, out: TextIO) ->
         "sender": args.sender,
         "recipient": args.recipient,
         "listener": args.listener,
+        "category": args.category,
         "limit": args.limit,
         "cursor": args.cursor,
     }
@@ -693,6 +743,7 @@ def _refused_list(client: AdminClient, args: argparse.Namespace, out: TextIO) ->
             r["sender"] if r["sender"] is not None else "-",
             r["recipient"] or "-",
             f"{r['code']} {r['enhanced'] or ''}".strip(),
+            r.get("category") or "-",
             r["reason"],
         )
         for r in data["items"]
@@ -700,9 +751,9 @@ def _refused_list(client: AdminClient, args: argparse.Namespace, out: TextIO) ->
     if rows:
         out.write(
             table(
-                ("AT", "CLIENT", "SENDER", "RECIPIENT", "CODE", "REASON"),
+                ("AT", "CLIENT", "SENDER", "RECIPIENT", "CODE", "CATEGORY", "REASON"),
                 rows,
-                (19, 39, 32, 32, 12, 50),
+                (19, 39, 32, 32, 12, 20, 50),
             )
             + "\n"
         )
@@ -729,6 +780,9 @@ def _reload(client: AdminClient, args: argparse.Namespace, out: TextIO) -> int:
         _print_json(data, out)
     elif data.get("loaded"):
         out.write("configuration reloaded\n")
+        if data.get("restart_required"):
+            keys = ", ".join(data["restart_required"])
+            out.write(f"  changed, but in force only after a restart: {keys}\n")
     else:
         out.write("configuration NOT reloaded; the running one stays:\n")
         for line in data.get("problems", []):
@@ -770,6 +824,11 @@ def _parser() -> _Parser:
     parser.add_argument(
         "--token-file",
         help=f"file holding the admin API token (default: ${TOKEN_ENV})",
+    )
+    parser.add_argument(
+        "--token-name",
+        help="which token of a file of named tokens to use "
+        f"(default: ${TOKEN_NAME_ENV}, the only one, or 'admin')",
     )
     parser.add_argument("--cafile", help="CA certificates for an https URL")
     parser.add_argument(
@@ -820,10 +879,13 @@ def _parser() -> _Parser:
     ):
         sub = actions.add_parser(name, help=text)
         sub.add_argument("id")
+        if name in ("release", "rescan"):
+            _action_options(sub)
         sub.set_defaults(run=run)
     forward = actions.add_parser("forward", help="send the original to addresses")
     forward.add_argument("id")
     forward.add_argument("addresses", nargs="+", metavar="ADDRESS")
+    _action_options(forward)
     forward.set_defaults(run=_quarantine_action("forward", "forwarded"))
     download = actions.add_parser("download", help="save the original as .eml")
     download.add_argument("id")
@@ -848,11 +910,34 @@ def _parser() -> _Parser:
     raction = refused.add_subparsers(dest="action", metavar="ACTION", required=True)
     rlist = raction.add_parser("list", help="list refusals")
     _time_options(rlist)
-    for name in ("client", "sender", "recipient", "listener"):
+    for name in ("client", "sender", "recipient", "listener", "category"):
         rlist.add_argument(f"--{name}")
     _page_options(rlist)
     rlist.set_defaults(run=_refused_list)
+
+    audit = commands.add_parser("audit", help="what operators did")
+    aaction = audit.add_subparsers(dest="action", metavar="ACTION", required=True)
+    alist = aaction.add_parser("list", help="list audit entries")
+    _time_options(alist)
+    alist.add_argument("--actor", help="the name of the operator's token")
+    alist.add_argument("--action", dest="action_name", help="release, pin, ...")
+    alist.add_argument("--target", help="a quarantine item or queue id")
+    _page_options(alist)
+    alist.set_defaults(run=_audit_list)
+    add_user_commands(commands)
     return parser
+
+
+def _action_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="do it even if done before, or if Core blocked the original",
+    )
+    parser.add_argument(
+        "--key",
+        help="an idempotency key: a retry with the same key does nothing again",
+    )
 
 
 def _time_options(parser: argparse.ArgumentParser) -> None:
@@ -871,14 +956,18 @@ def _token(args: argparse.Namespace, environ: Mapping[str, str]) -> str | None:
     if args.token_file:
         try:
             with open(args.token_file, encoding="utf-8") as file:
-                token = file.read().strip()
+                text = file.read()
         except OSError as e:
             raise CliError(
                 f"cannot read token file {args.token_file}: {e.strerror}", EXIT_USAGE
             ) from None
-        if not token:
+        if not text.strip():
             raise CliError(f"token file {args.token_file} is empty", EXIT_USAGE)
-        return token
+        name = args.token_name or environ.get(TOKEN_NAME_ENV) or None
+        try:
+            return pick_token(parse_tokens(text, args.token_file), name)
+        except TokenFileError as e:
+            raise CliError(str(e), EXIT_USAGE) from None
     return environ.get(TOKEN_ENV, "").strip() or None
 
 

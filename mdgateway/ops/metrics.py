@@ -26,6 +26,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from twisted.logger import Logger
 
+from mdgateway.smtp.categories import REFUSAL_CATEGORIES
+
 __all__ = [
     "CDR_OUTCOMES",
     "CORE_CONDITIONS",
@@ -34,8 +36,11 @@ __all__ = [
     "Metrics",
     "REFUSAL_REASONS",
     "VERDICTS",
-    "refusal_reason",
 ]
+
+#: The C{reason} label of C{mdgateway_smtp_refused_total}: the refusal
+#: categories of L{mdgateway.smtp.categories}.
+REFUSAL_REASONS = REFUSAL_CATEGORIES
 
 _log = Logger()
 
@@ -80,69 +85,6 @@ _TLS_VERSIONS = frozenset({"TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"})
 #: archive through Deep CDR can take minutes.
 _SCAN_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
-# (enhanced status code or None, lower-case text fragment or None, reason),
-# tried in order; the first whose given parts all match wins. The texts are
-# those of mdgateway's own replies (mdgateway.smtp.replies, admission,
-# gateway), so a reworded reply still falls back on its enhanced code.
-_REFUSAL_RULES: tuple[tuple[str | None, str | None, str], ...] = (
-    (None, "no security rule", "no_rule"),
-    (None, "no policy for recipient", "no_policy"),
-    (None, "relaying denied", "relay_denied"),
-    (None, "mail loop", "loop"),
-    (None, "too many hops", "loop"),
-    (None, "bare cr or lf", "smuggling"),
-    (None, "line exceeds", "line_too_long"),
-    (None, "line too long", "line_too_long"),
-    (None, "too many long lines", "line_too_long"),
-    (None, "mail queue full", "queue_full"),
-    (None, "too many recipients", "too_many_recipients"),
-    (None, "too many connections", "too_many_connections"),
-    (None, "too many errors", "too_many_errors"),
-    (None, "starttls", "tls_required"),
-    (None, "authentication required", "auth_required"),
-    (None, "shutting down", "shutting_down"),
-    (None, "scanning service unavailable", "scanner_busy"),
-    ("5.3.4", None, "too_big"),
-    ("5.2.3", None, "too_big"),
-    ("4.3.1", None, "spool_full"),
-    ("5.4.6", None, "loop"),
-    ("5.6.11", None, "smuggling"),
-    ("4.4.2", None, "timeout"),
-    ("5.7.8", None, "auth_failed"),
-    ("5.1.7", None, "invalid_sender"),
-    ("5.1.3", None, "invalid_recipient"),
-    ("5.6.7", None, "smtputf8_required"),
-    ("5.5.1", None, "bad_sequence"),
-    ("5.5.2", None, "syntax"),
-    ("5.5.4", None, "syntax"),
-    ("4.3.0", None, "local_error"),
-)
-
-#: Every reason L{refusal_reason} can return.
-REFUSAL_REASONS = frozenset(
-    {reason for _, _, reason in _REFUSAL_RULES} | {"other_4xx", "other_5xx"}
-)
-
-
-def refusal_reason(code: int, enhanced: str | None, text: str) -> str:
-    """
-    A short, bounded label for one refusal reply (C{no_rule}, C{too_big},
-    C{spool_full}, ...), so the refused counter has a handful of series
-    whatever the reply texts say.
-
-    @param code: the reply code sent, e.g. C{550}.
-    @param enhanced: its enhanced status code, e.g. C{5.7.1}, if any.
-    @param text: the reply text.
-    """
-    folded = text.casefold()
-    for status, fragment, reason in _REFUSAL_RULES:
-        if status is not None and status != enhanced:
-            continue
-        if fragment is not None and fragment not in folded:
-            continue
-        return reason
-    return "other_4xx" if 400 <= code < 500 else "other_5xx"
-
 
 def _text(value: object) -> str:
     if isinstance(value, enum.Enum):
@@ -175,6 +117,8 @@ class _Watched:
         self.core_up: Callable[[], Mapping[str, float]] | None = None
         self.throttled: Callable[[], Mapping[str, bool | float]] | None = None
         self.workers: Callable[[], float] | None = None
+        self.outbox_depth: Callable[[], float] | None = None
+        self.outbox_oldest: Callable[[], float] | None = None
 
     def _families(self) -> tuple[GaugeMetricFamily, ...]:
         return (
@@ -199,13 +143,30 @@ class _Watched:
                 "mdgateway_workers_running",
                 "Worker processes running beside the primary ([processes] workers).",
             ),
+            GaugeMetricFamily(
+                "mdgateway_outbox_depth",
+                "Records (history, refusals, quarantined originals) kept on "
+                "local disk, not yet in the store.",
+            ),
+            GaugeMetricFamily(
+                "mdgateway_outbox_oldest_seconds",
+                "Age of the oldest record not yet in the store (0 when none).",
+            ),
         )
 
     def describe(self) -> Iterable[Metric]:
         return self._families()
 
     def collect(self) -> Iterator[Metric]:
-        depth, oldest, core_up, throttled, workers = self._families()
+        (
+            depth,
+            oldest,
+            core_up,
+            throttled,
+            workers,
+            outbox_depth,
+            outbox_oldest,
+        ) = self._families()
         value = _call(self.queue_depth, "queue_depth")
         if value is not None:
             depth.add_metric([], float(value))
@@ -229,6 +190,14 @@ class _Watched:
         if running is not None:
             workers.add_metric([], float(running))
             yield workers
+        for family, callback, what in (
+            (outbox_depth, self.outbox_depth, "outbox_depth"),
+            (outbox_oldest, self.outbox_oldest, "outbox_oldest_seconds"),
+        ):
+            found = _call(callback, what)
+            if found is not None:
+                family.add_metric([], float(found))
+                yield family
 
 
 def _call(callback: Callable[[], Any] | None, what: str, missing: Any = None) -> Any:
@@ -343,6 +312,11 @@ class Metrics:
             "Delivery status notifications (bounces) generated.",
             registry=r,
         )
+        self._outbox_failed = Counter(
+            "mdgateway_outbox_failed",
+            "Records the store refused for good (kept in the outbox's failed/).",
+            registry=r,
+        )
         self._watched = _Watched()
         r.register(self._watched)
 
@@ -382,14 +356,15 @@ class Metrics:
         """
         self._accepted.labels(_name(listener)).inc()
 
-    def refused(self, code: int, enhanced: str | None, text: str) -> str:
+    def refused(self, category: str, count: int = 1) -> str:
         """
-        Count one SMTP-level refusal by the short reason L{refusal_reason}
-        derives from the reply; returns that reason.
+        Count C{count} SMTP-level refusals of one category (see
+        L{mdgateway.smtp.categories}); returns the label used (C{other}
+        for a category outside the vocabulary).
         """
-        reason = refusal_reason(code, enhanced, text)
-        self._refused.labels(reason).inc()
-        return reason
+        label = category if category in REFUSAL_REASONS else OTHER
+        self._refused.labels(label).inc(count)
+        return label
 
     def rule_matched(self, rule: str | None, direction: str | None) -> None:
         """
@@ -457,6 +432,24 @@ class Metrics:
         A bounce (DSN) was generated.
         """
         self._bounces.inc()
+
+    # -- Records owed to the store
+
+    def outbox_failed(self, count: int = 1) -> None:
+        """
+        C{count} records were refused by the store for good.
+        """
+        self._outbox_failed.inc(count)
+
+    def watch_outbox(
+        self, depth: Callable[[], float], oldest: Callable[[], float]
+    ) -> None:
+        """
+        C{depth()} is the number of records on disk not yet in the store,
+        C{oldest()} the age in seconds of the oldest of them (0: none).
+        """
+        self._watched.outbox_depth = depth
+        self._watched.outbox_oldest = oldest
 
     # -- Gauges computed at scrape time
 
@@ -536,9 +529,78 @@ class Metrics:
 #: One process's metric families, as L{Metrics.snapshot} makes them.
 Snapshot = list[dict[str, Any]]
 
+#: Family types whose samples only ever grow while a process lives.
+_CUMULATIVE = frozenset({"counter", "histogram", "summary"})
+
+
+class RetiredCounters:
+    """
+    The last counter values of worker processes that are gone, kept by
+    the primary so the merged totals never go down when a worker dies
+    and its successor counts from zero (Prometheus would read a drop as
+    a counter reset and every rate would be wrong). Gauges of a dead
+    worker are not kept: they described a process that is no more.
+    """
+
+    def __init__(self) -> None:
+        self._families: dict[str, dict[str, Any]] = {}
+
+    def add(self, snapshot: Snapshot) -> None:
+        """
+        Fold in the last snapshot of a worker that ended.
+        """
+        for family in snapshot:
+            if not isinstance(family, dict) or family.get("type") not in _CUMULATIVE:
+                continue
+            name = family.get("name")
+            if not isinstance(name, str):
+                continue
+            kept = self._families.setdefault(
+                name,
+                {
+                    "name": name,
+                    "help": family.get("help", ""),
+                    "type": family["type"],
+                    "unit": family.get("unit", ""),
+                    "samples": {},
+                },
+            )
+            samples: dict[tuple[str, tuple[tuple[str, str], ...]], float] = kept[
+                "samples"
+            ]
+            for item in family.get("samples", []):
+                try:
+                    sample, labels, value = item
+                    key = (str(sample), tuple(sorted(labels.items())))
+                    number = float(value)
+                except (TypeError, ValueError, AttributeError):
+                    continue
+                if key[0].endswith("_created"):
+                    samples[key] = min(samples.get(key, number), number)
+                else:
+                    samples[key] = samples.get(key, 0.0) + number
+
+    def snapshot(self) -> Snapshot:
+        """
+        What was kept, in the form of L{Metrics.snapshot} (empty when no
+        worker has ended).
+        """
+        return [
+            {
+                **{k: v for k, v in family.items() if k != "samples"},
+                "samples": [
+                    [sample, dict(labels), value]
+                    for (sample, labels), value in family["samples"].items()
+                ],
+            }
+            for family in self._families.values()
+        ]
+
+
 #: Gauges whose whole-gateway value is not the sum over processes.
 _COMBINE: Mapping[str, Callable[[list[float]], float]] = {
     "mdgateway_queue_oldest_seconds": max,
+    "mdgateway_outbox_oldest_seconds": max,
     "mdgateway_relay_throttled": max,
     "mdgateway_core_servers_up": min,
 }

@@ -5,7 +5,8 @@ Security rules and server profiles from their TOML form.
 L{parse_policy} reads C{[profiles.core.*]}, C{[profiles.smtp.*]} and
 C{[[rules]]} and records every mistake, with its key path, in the shared
 L{Problems}: unknown profiles, bad server URIs, bad networks, unsafe
-patterns, a relay profile that points back at one of the gateway's own
+patterns, bad Office 365 tenant ids (or ones without the networks their
+header is trusted from), a relay profile that points back at one of the gateway's own
 listeners (a loop) and a rule that would relay for anyone (an open relay).
 """
 
@@ -52,6 +53,7 @@ from mdgateway.policy.servers import (
     parse_core_server,
     parse_relay_server,
 )
+from mdgateway.policy.tenants import TENANT_HEADER, parse_tenant_id
 from mdgateway.smtp.clientmodel import SmtpTimeouts
 from mdgateway.tomlreader import Section
 
@@ -312,6 +314,47 @@ def _filter(section: Section, key: str) -> tuple[AddressFilter, bool]:
     return AddressFilter(tuple(patterns)), ok
 
 
+def _tenant_ids(
+    section: Section, networks: Sequence[IPNetwork], networks_ok: bool
+) -> tuple[str, ...]:
+    """
+    Read a rule's C{tenant_ids}: GUIDs, none twice, never the nil or the
+    consumer Outlook.com tenant, and only on a rule whose previous-hop
+    filter names the networks the tenant header is trusted from.
+    """
+    if not section.has("tenant_ids"):
+        return ()
+    texts = section.strings("tenant_ids")
+    if isinstance(section.data.get("tenant_ids"), list) and not texts:
+        section.check(
+            "tenant_ids",
+            False,
+            "needs at least one tenant id (remove the key for a rule that is "
+            "not bound to a tenant)",
+        )
+    ids: list[str] = []
+    for index, text in enumerate(texts):
+        where = f"{_path(section, 'tenant_ids')}[{index}]"
+        try:
+            tenant = parse_tenant_id(text)
+        except ValueError as e:
+            section.problems.add(where, str(e))
+            continue
+        if tenant in ids:
+            section.problems.add(where, f"{tenant} is listed twice")
+            continue
+        ids.append(tenant)
+    if networks_ok and covers_every_client(networks):
+        section.check(
+            "tenant_ids",
+            False,
+            f"needs client_networks naming Exchange Online's addresses: "
+            f"{TENANT_HEADER} is trusted only from them, and anyone else "
+            "could write it",
+        )
+    return tuple(ids)
+
+
 def _custom_headers(section: Section) -> tuple[tuple[str, str], ...]:
     headers: list[tuple[str, str]] = []
     seen: set[str] = set()
@@ -388,6 +431,7 @@ def parse_rule(
     networks, networks_ok = _networks(section, "client_networks")
     senders, _ = _filter(section, "senders")
     recipients, recipients_ok = _filter(section, "recipients")
+    tenant_ids = _tenant_ids(section, networks, networks_ok)
     core = _profile(section, "core_profile", core_profiles, "MetaDefender Core profile")
     relay = _profile(section, "relay_profile", smtp_profiles, "SMTP relay profile")
     enabled = section.boolean("enabled", True)
@@ -439,6 +483,7 @@ def parse_rule(
         client_networks=tuple(networks),
         senders=senders,
         recipients=recipients,
+        tenant_ids=tenant_ids,
         recipient_verification=verification,
         blocked_action=blocked_action,
         apply_sanitized=apply_sanitized,

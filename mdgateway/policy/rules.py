@@ -31,6 +31,7 @@ from mdgateway.policy.profiles import (
     CoreProfile,
     SmtpProfile,
 )
+from mdgateway.policy.tenants import normal_tenant_ids
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -191,6 +192,11 @@ class Rule:
     @ivar client_networks: previous-hop filter (the connecting client's IP).
     @ivar senders: envelope sender filter; C{<>} matches the null sender.
     @ivar recipients: recipient filter.
+    @ivar tenant_ids: Office 365 tenant binding (lower-case GUIDs): when
+        set, a message is taken only if its C{X-MS-Exchange-CrossTenant-Id}
+        names one of these tenants, checked at the end of DATA since
+        headers are unknown at RCPT (L{mdgateway.policy.tenants}). Needs
+        C{client_networks}: the header is trusted only from them.
     @ivar core_profile: the Core servers (and Core rule) that scan the mail.
     @ivar relay_profile: where processed mail is sent next.
     @ivar recipient_verification: probe the relay with RCPT before accepting.
@@ -225,6 +231,7 @@ class Rule:
     )
     senders: AddressFilter = ANY_ADDRESS
     recipients: AddressFilter = ANY_ADDRESS
+    tenant_ids: tuple[str, ...] = attrs.field(default=(), converter=normal_tenant_ids)
     recipient_verification: bool = False
     blocked_action: str = "block"
     apply_sanitized: bool = True

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from contextlib import suppress
 from typing import Any
 
+from mdgateway.fileops import IFileOps
 from mdgateway.queue.entry import (
     ENVELOPE_SUFFIX,
     LOCK_ATTEMPTS,
@@ -28,7 +29,6 @@ from mdgateway.queue.entry import (
     SpoolPaths,
 )
 from mdgateway.queue.envelope import Envelope, EnvelopeFormatError
-from mdgateway.queue.fileops import IFileOps
 from mdgateway.queue.ids import QUEUE_ID_LENGTH, is_queue_id
 
 

@@ -24,13 +24,9 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from mdgateway.message.digest import content_digest
-from mdgateway.message.marker import (
-    DEFAULT_RELAY_ONCE_MAX_AGE,
-    MarkerCheck,
-    MarkerCount,
-    Stamp,
-)
+from mdgateway.message.marker import MarkerCheck, MarkerCount
 from mdgateway.policy.rules import Policy, Rule
+from mdgateway.queue.bounces import IBounceWriter
 from mdgateway.queue.copies import (
     CopyJob,
     CopyOutcome,
@@ -41,6 +37,7 @@ from mdgateway.queue.copies import (
 from mdgateway.queue.entry import SCRATCH, SpoolEntry
 from mdgateway.queue.envelope import Envelope, Recipient
 from mdgateway.queue.history import IHistory, LogHistory, TeeHistory
+from mdgateway.queue.loopguard import ILoopGuard
 from mdgateway.queue.processing import CopyProcessor
 from mdgateway.queue.scanned import (
     keep_outcome,
@@ -60,11 +57,9 @@ from mdgateway.store.interfaces import MessageStatus, copy_id
 log = Logger()
 
 __all__ = [
-    "BounceMaker",
     "IHistory",
     "LogHistory",
-    "LoopGuard",
-    "Pipeline",
+    "QueueManager",
     "RetryPolicy",
     "TeeHistory",
 ]
@@ -99,35 +94,7 @@ class RetryPolicy:
         return float(min(self.first * 2 ** max(attempts - 1, 0), self.maximum))
 
 
-@attrs.frozen
-class LoopGuard:
-    """
-    The processed-marker seam: make our marker value for a copy id, a time,
-    a content digest and a stamp; check the markers of a spooled file
-    against its content digest (blocking; L{None} when the file has no
-    digest, so no marker can be valid).
-
-    @ivar relay_once_max_age: how old a marker may be to let a message be
-        relayed once more without a second scan (asked each time, so a
-        configuration reload applies).
-    """
-
-    make: Callable[[str, float, bytes, Stamp], str]
-    check: Callable[[str, float, bytes | None], MarkerCount]
-    relay_once_max_age: Callable[[], float] = lambda: DEFAULT_RELAY_ONCE_MAX_AGE
-
-
-@attrs.frozen
-class BounceMaker:
-    """
-    Writes a DSN file: C{(message_path, envelope, results, path, delayed)}
-    returns the recipients reported or L{None} when no DSN is due.
-    """
-
-    write: Callable[..., Any]
-
-
-class Pipeline:
+class QueueManager:
     """
     Processes and delivers spooled messages with bounded concurrency.
     """
@@ -141,8 +108,8 @@ class Pipeline:
         relay: Relay,
         reactor: Any,
         threadpool: ThreadPool,
-        loop_guard: LoopGuard,
-        bounces: BounceMaker,
+        loop_guard: ILoopGuard,
+        bounces: IBounceWriter,
         history: IHistory | None = None,
         retry: RetryPolicy | None = None,
         concurrency: int = 16,

@@ -3,17 +3,18 @@
 The pipeline's report of what happened to each message copy, kept in the
 store (email history, quarantine) and in the log.
 
-Recording never stands in the way of mail: a store that fails is logged
-loudly, and delivery goes on.
+Every record goes through the durable outbox (L{mdgateway.store.outbox}):
+a step of the pipeline counts as done only once its record is on local
+disk, and the store gets it when it can. So a store outage costs the
+history nothing, and a blocked original's bytes are kept (linked into the
+outbox) before its spool entry is removed. A record that cannot be
+written to disk fails the step, which the queue manager tries again.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from functools import partial
 from typing import Any
 
-from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -21,19 +22,28 @@ from zope.interface import implementer
 
 from mdgateway.message.headers import read_summary
 from mdgateway.policy.rules import Rule
-from mdgateway.queue.copies import CopyOutcome, Delivery
+from mdgateway.queue.copies import CopyOutcome, Decision, Delivery
 from mdgateway.queue.entry import SpoolEntry
 from mdgateway.queue.history import IHistory
 from mdgateway.relay.delivery import RecipientOutcome, Status
 from mdgateway.store.interfaces import (
     DeliveryStatus,
-    IStore,
     MessageStatus,
     PartVerdict,
     ReceivedMessage,
     RecipientResult,
     ScanVerdict,
+    overall_verdict,
 )
+from mdgateway.store.outbox import Outbox
+from mdgateway.store.owed import (
+    OwedDelivery,
+    OwedEvent,
+    OwedReceived,
+    OwedStatus,
+    OwedVerdicts,
+)
+from mdgateway.store.upstream import parse_upstream_queue_id
 
 log = Logger()
 
@@ -43,15 +53,29 @@ _DELIVERY = {
     Status.FAILED: DeliveryStatus.BOUNCED,
 }
 
+#: Results that mean Core's verdict was not acted on as given.
+_NOT_A_VERDICT = ("Failed/", "Bypassed/", "Skipped/")
 
-def _verdict(outcome: CopyOutcome) -> ScanVerdict | None:
+
+def copy_verdict(
+    outcome: CopyOutcome, parts: tuple[PartVerdict, ...]
+) -> ScanVerdict | None:
+    """
+    The history verdict of a processed copy: Blocked when Core blocked a
+    part; none for a copy that failed, waits for a retry, was bypassed or
+    skipped, or has a part Core never judged; else what the parts add up
+    to (Sanitized when Deep CDR rebuilt a part).
+    """
     if outcome.result.startswith("Blocked"):
         return ScanVerdict.BLOCKED
-    if outcome.sanitized:
+    if outcome.decision in (Decision.RETRY, Decision.FAIL):
+        return None
+    if outcome.result.startswith(_NOT_A_VERDICT):
+        return None
+    verdict = overall_verdict(parts)
+    if verdict is ScanVerdict.ALLOWED and outcome.sanitized:
         return ScanVerdict.SANITIZED
-    if outcome.result == "Allowed":
-        return ScanVerdict.ALLOWED
-    return None
+    return verdict
 
 
 def _summary(path: str) -> tuple[str, str]:
@@ -63,89 +87,23 @@ def _summary(path: str) -> tuple[str, str]:
 @implementer(IHistory)
 class StoreHistory:
     """
-    History in an L{IStore}, one record per message copy.
+    History in the store, one record per message copy, through an outbox.
     """
 
     def __init__(
         self,
-        store: IStore,
+        outbox: Outbox,
         reactor: Any,
         threadpool: ThreadPool,
         *,
         instance: str = "",
         quarantine_days: float | None = 30.0,
-        backlog: int = 2000,
     ) -> None:
-        self.store = store
+        self.outbox = outbox
         self.reactor = reactor
         self.threadpool = threadpool
         self.instance = instance
         self.quarantine_days = quarantine_days
-        self.backlog = backlog
-        self._chains: dict[str, Deferred[None]] = {}
-        self._pending = 0
-        self._room: list[Deferred[None]] = []
-
-    async def _safely(self, what: str, call: Callable[[], Awaitable[Any]]) -> Any:
-        try:
-            return await call()
-        except Exception:
-            log.failure("history: could not record {what}", what=what)
-            return None
-
-    async def _later(
-        self, copy_id: str, what: str, call: Callable[[], Awaitable[Any]]
-    ) -> None:
-        """
-        Record in the background, in order for each copy, so the pipeline
-        never waits on the database; only when the backlog is full does the
-        caller wait for room.
-        """
-        while self._pending >= self.backlog:
-            room: Deferred[None] = Deferred()
-            self._room.append(room)
-            await room
-        self._pending += 1
-        previous = self._chains.get(copy_id)
-
-        async def run() -> None:
-            if previous is not None:
-                await previous
-            await self._safely(what, call)
-
-        step: Deferred[None] = Deferred.fromCoroutine(run())
-        self._chains[copy_id] = step
-
-        def done(_: object) -> None:
-            self._pending -= 1
-            if self._chains.get(copy_id) is step:
-                del self._chains[copy_id]
-            if self._room:
-                self._room.pop(0).callback(None)
-
-        step.addBoth(done)
-
-    async def flush(self, copy_id: str) -> None:
-        """
-        Wait until everything recorded for C{copy_id} so far is written.
-        """
-        step = self._chains.get(copy_id)
-        if step is not None:
-            waiter: Deferred[None] = Deferred()
-
-            def release(result: object) -> object:
-                waiter.callback(None)
-                return result
-
-            step.addBoth(release)
-            await waiter
-
-    async def drain(self) -> None:
-        """
-        Wait until every recording in the background is written (at stop).
-        """
-        while self._chains:
-            await self.flush(next(iter(self._chains)))
 
     async def received(self, entry: SpoolEntry, rule: Rule, copy_id: str) -> None:
         envelope = entry.envelope
@@ -170,14 +128,15 @@ class StoreHistory:
             instance=self.instance,
             parent_id=envelope.extra.get("about"),
         )
-
-        async def record() -> None:
-            await self.store.record_received(message)
-            await self.store.update_status(
-                copy_id, MessageStatus.PROCESSING, f"processing under rule {rule.name}"
+        await self.outbox.append(
+            OwedReceived(
+                message,
+                f"received from {message.helo} [{message.client_address}]",
+                self.reactor.seconds(),
+                MessageStatus.PROCESSING,
+                f"processing under rule {rule.name}",
             )
-
-        await self._later(copy_id, "a received message", record)
+        )
 
     async def copy_processed(
         self, entry: SpoolEntry, rule: Rule, copy_id: str, outcome: CopyOutcome
@@ -197,16 +156,16 @@ class StoreHistory:
             )
             for p in outcome.parts
         )
-
-        async def record() -> None:
-            await self.store.record_verdicts(
-                copy_id, parts, tuple(outcome.actions), _verdict(outcome)
+        await self.outbox.append(
+            OwedVerdicts(
+                copy_id,
+                parts,
+                tuple(outcome.actions),
+                copy_verdict(outcome, parts),
+                self.reactor.seconds(),
+                f"{outcome.result}: {outcome.decision.value}",
             )
-            await self.store.add_event(
-                copy_id, f"{outcome.result}: {outcome.decision.value}"
-            )
-
-        await self._later(copy_id, "verdicts", record)
+        )
 
     async def delivered(
         self,
@@ -216,56 +175,51 @@ class StoreHistory:
         delivery: Delivery,
         outcomes: list[RecipientOutcome],
     ) -> None:
+        now = self.reactor.seconds()
         if delivery.kind != "message":
-            await self._later(
-                copy_id,
-                "an event",
-                lambda: self.store.add_event(
+            await self.outbox.append(
+                OwedEvent(
                     copy_id,
                     f"{delivery.kind} sent: "
                     + ", ".join(f"{o.address} {o.status.value}" for o in outcomes),
-                ),
+                    now,
+                )
             )
             return
         for o in outcomes:
+            upstream = o.queue_id or None
+            if upstream is None and o.code is not None and 200 <= o.code < 300:
+                upstream = parse_upstream_queue_id(o.text)
             result = RecipientResult(
                 recipient=o.address,
                 status=_DELIVERY[o.status],
                 code=o.code,
                 enhanced=o.enhanced,
                 text=o.text,
-                upstream_queue_id=o.queue_id or None,
+                upstream_queue_id=upstream,
                 server=o.server or None,
-                at=self.reactor.seconds(),
+                at=now,
             )
-            await self._later(
-                copy_id, "a delivery", partial(self._delivery, copy_id, result)
-            )
-
-    async def _delivery(self, copy_id: str, result: RecipientResult) -> None:
-        await self.store.record_delivery(copy_id, result)
+            await self.outbox.append(OwedDelivery(copy_id, result, now))
 
     async def quarantine(
         self, entry: SpoolEntry, rule: Rule, copy_id: str, reason: str
     ) -> None:
+        now = self.reactor.seconds()
         expires = None
         if self.quarantine_days:
-            expires = self.reactor.seconds() + self.quarantine_days * 86400
-        # The original must be in the store before the spool entry goes:
-        # this one is waited for, after what came before it for the copy.
-        await self.flush(copy_id)
-        await self._safely(
-            "a quarantined original",
-            lambda: self.store.quarantine(
-                copy_id, reason, str(entry.message_path), expires_at=expires
-            ),
+            expires = now + self.quarantine_days * 86400
+        # Returns once the original's bytes are kept in the outbox: only
+        # then may the spool entry go.
+        await self.outbox.quarantine(
+            copy_id, reason, str(entry.message_path), now, expires
         )
 
     async def status(
         self, entry: SpoolEntry, copy_id: str, status: MessageStatus, text: str
     ) -> None:
-        await self._later(
-            copy_id, "a status", lambda: self.store.update_status(copy_id, status, text)
+        await self.outbox.append(
+            OwedStatus(copy_id, status, text, self.reactor.seconds())
         )
 
 

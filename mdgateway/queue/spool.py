@@ -44,6 +44,7 @@ from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from twisted.python.threadpool import ThreadPool
 
+from mdgateway.fileops import IFileOps, OSFileOps
 from mdgateway.queue.entry import (
     LOCK_RETRY,
     RecoveryReport,
@@ -53,7 +54,6 @@ from mdgateway.queue.entry import (
     SpoolPaths,
     spool_error,
 )
-from mdgateway.queue.fileops import IFileOps, OSFileOps
 from mdgateway.queue.ids import QueueIdGenerator
 from mdgateway.queue.jobs import (
     close_quietly,

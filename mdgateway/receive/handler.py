@@ -3,7 +3,7 @@
 The server-side delivery hooks: who may send what to whom, and how the
 content of an accepted message reaches the spool.
 
-L{Gateway} is the L{IEnvelopeHandler} of every listener. It asks an
+L{EnvelopeHandler} is the L{IEnvelopeHandler} of every listener. It asks an
 L{IRecipientPolicy} about each recipient and streams each message into a
 spool writer, answering C{250} only once the spool has made it durable.
 """
@@ -31,6 +31,7 @@ from mdgateway.queue.entry import SpoolEntry, SpoolError, SpoolFullError
 from mdgateway.queue.envelope import Envelope, Recipient
 from mdgateway.queue.spool import Spool
 from mdgateway.queue.writer import SpoolWriter
+from mdgateway.receive.tenant import TenantGate
 from mdgateway.smtp import replies
 from mdgateway.smtp.interfaces import (
     ConnectionInfo,
@@ -128,7 +129,7 @@ def received_header(
 
 
 @implementer(IEnvelopeHandler)
-class Gateway:
+class EnvelopeHandler:
     """
     Every listener's envelope handler.
 
@@ -147,6 +148,8 @@ class Gateway:
         on_queued: Callable[[SpoolEntry], object] | None = None,
         on_refused: Callable[..., object] | None = None,
         max_queue: int = 0,
+        ready: bool = True,
+        records_full: Callable[[], bool] | None = None,
     ) -> None:
         """
         @param looped: given the top-level header block of a message and
@@ -155,9 +158,15 @@ class Gateway:
             (two valid processed markers): such a message is refused.
         @param on_queued: called with each committed spool entry.
         @param on_refused: called as C{(info, sender, recipient, reply)} for
-            every refusal, for the refused-mail log.
+            every negative reply a session sends (see L{refusal_sent}), for the
+            refused log.
+        @param ready: whether sessions may start at once; a gateway being
+            built sets it when its spool has been recovered.
         @param max_queue: spool entries at which new mail is refused with
             C{452 4.3.1} (back-pressure when delivery falls behind); 0: none.
+        @param records_full: whether the records of new mail could not be
+            kept (the outbox for the store is full): new mail then gets
+            C{451 4.3.0} at MAIL and at the end of DATA.
         """
         self.hostname = hostname
         self.spool = spool
@@ -169,9 +178,12 @@ class Gateway:
         self.on_refused = on_refused
         self.max_queue = max_queue
         self._queue_full = False
+        self.records_full = records_full
+        self._records_full = False
         #: Called as C{(info, opened)} when a session starts and ends.
         self.on_connection: Callable[[ConnectionInfo, bool], object] | None = None
         self.accepting = True
+        self.ready = ready
         self.accepted = 0
         self.refused = 0
 
@@ -185,6 +197,8 @@ class Gateway:
         )
         if not self.accepting:
             return replies.SHUTTING_DOWN
+        if not self.ready:
+            return replies.NOT_READY
         info.context = self.policy
         if self.on_connection is not None:
             self.on_connection(info, True)
@@ -194,8 +208,22 @@ class Gateway:
         self, info: ConnectionInfo, mail: MailFrom, reply: Reply
     ) -> None:
         self.refused += 1
+
+    def refusal_sent(
+        self,
+        info: ConnectionInfo,
+        reply: Reply,
+        mail: MailFrom | None,
+        rcpt: RcptTo | None,
+    ) -> None:
+        # Every negative reply of every session, once: the refused log.
         if self.on_refused is not None:
-            self.on_refused(info, mail.sender_text, None, reply)
+            self.on_refused(
+                info,
+                None if mail is None else mail.sender_text,
+                None if rcpt is None else str(rcpt.recipient),
+                reply,
+            )
 
     def disconnected(self, info: ConnectionInfo) -> None:
         log.debug("disconnect", session_id=info.session_id, client=info.client[0])
@@ -207,7 +235,25 @@ class Gateway:
             return replies.SPOOL_FULL
         if self._queue_is_full():
             return replies.QUEUE_FULL
+        if self.cannot_record():
+            return replies.RECORDS_BACKLOG
         return SENDER_OK
+
+    def cannot_record(self) -> bool:
+        """
+        Whether new mail must wait because its records could not be kept.
+        """
+        full = self.records_full is not None and self.records_full()
+        if full != self._records_full:
+            self._records_full = full
+            if full:
+                log.warn(
+                    "the outbox of records for the store is full: new mail gets "
+                    "451 4.3.0 until the store catches up"
+                )
+            else:
+                log.info("the outbox has room again: accepting mail")
+        return full
 
     def _queue_is_full(self) -> bool:
         full = bool(self.max_queue) and self.spool.entry_count >= self.max_queue
@@ -243,10 +289,6 @@ class Gateway:
                     code=decision.reply.code,
                     config_version=info.config_version,
                 )
-                if self.on_refused is not None:
-                    self.on_refused(
-                        info, mail.sender_text, str(rcpt.recipient), decision.reply
-                    )
             return decision
 
         return d.addCallback(logged)
@@ -316,7 +358,7 @@ class SpoolSink:
 
     def __init__(
         self,
-        gateway: Gateway,
+        gateway: EnvelopeHandler,
         info: ConnectionInfo,
         mail: MailFrom,
         recipients: list[tuple[RcptTo, object]],
@@ -328,9 +370,14 @@ class SpoolSink:
         self.recipients = recipients
         self.writer = writer
         self.content = ContentHasher()
+        self.tenant = TenantGate.for_message(
+            (binding for _, binding in recipients), info.client[0]
+        )
 
     def write(self, data: bytes) -> bool:
         self.content.feed(data)
+        if self.tenant is not None:
+            self.tenant.feed(data)
         return self.writer.write(data)
 
     def on_drained(self, callback: Any) -> None:
@@ -374,18 +421,45 @@ class SpoolSink:
         digest = self.content.digest()
         return {} if digest is None else {CONTENT_DIGEST: digest.hex()}
 
+    async def _refuse(self, reply: Reply) -> Reply:
+        """
+        Discard the message and count the refusal (the SMTP layer reports the
+        reply itself to L{EnvelopeHandler.refusal_sent}, for the refused log).
+        """
+        await self.writer.abort()
+        self.gateway.message_refused(self.info, self.mail, reply)
+        return reply
+
     async def _commit(self) -> Reply:
+        if self.tenant is not None:
+            refusal = self.tenant.refusal()
+            if refusal is not None:
+                log.warn(
+                    "message {message_id} from {client} refused: rule {rule} "
+                    "takes mail only from its Office 365 tenants ({cause})",
+                    session_id=self.info.session_id,
+                    message_id=self.writer.queue_id,
+                    client=self.info.client[0],
+                    sender=self.mail.sender_text,
+                    recipients=[str(rcpt.recipient) for rcpt, _ in self.recipients],
+                    rule=refusal.rule.name,
+                    cause=refusal.verdict.cause,
+                    tenant=refusal.verdict.tenant,
+                )
+                return await self._refuse(refusal.reply)
         looped = self.gateway.looped
         if looped is not None and looped(self.content.header(), self.content.digest()):
-            await self.writer.abort()
             log.warn(
-                "message from {client} refused: it has been through this gateway "
-                "twice (mail loop)",
+                "message {message_id} from {client} refused: it has been through "
+                "this gateway twice (mail loop)",
                 session_id=self.info.session_id,
+                message_id=self.writer.queue_id,
                 client=self.info.client[0],
                 sender=self.mail.sender_text,
             )
-            return replies.TOO_MANY_HOPS
+            return await self._refuse(replies.TOO_MANY_HOPS)
+        if self.gateway.cannot_record():
+            return await self._refuse(replies.RECORDS_BACKLOG)
         try:
             entry = await self.writer.commit(self.envelope())
         except SpoolFullError:

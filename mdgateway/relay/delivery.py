@@ -18,12 +18,14 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from mdgateway.policy.profiles import RelayServer, SmtpProfile
+from mdgateway.relay import maildir
 from mdgateway.relay.connect import ClientSettings, connect_server
 from mdgateway.relay.hosts import IMXResolver, NullMXError, expand
 from mdgateway.smtp.clientmodel import (
@@ -431,11 +433,24 @@ class Relay:
             for entry in list(entries):
                 if entry.client is client:
                     entries.remove(entry)
-            from twisted.internet.defer import Deferred
-
             Deferred.fromCoroutine(_quit(client))
 
         entries.append(_Idle(client, self.reactor.callLater(self.idle_keep, expire)))
+
+    def reconfigure(self, helo: str) -> None:
+        """
+        A configuration reload: new connections greet with C{helo} and
+        read their profile's settings afresh; idle connections, which
+        greeted with the old name and settings, are closed.
+        """
+        self.helo = helo
+        self._settings.clear()
+        idle, self._idle = self._idle, {}
+        for entries in idle.values():
+            for entry in entries:
+                if entry.timer.active():
+                    entry.timer.cancel()
+                Deferred.fromCoroutine(_quit(entry.client))
 
     async def close(self) -> None:
         """
@@ -456,3 +471,29 @@ async def _quit(client: SmtpClient) -> None:
         pass
     finally:
         client.abort()
+
+
+class MaildirWriter:
+    """
+    Delivers an L{Outgoing} into a C{maildir:} folder (blocking: the relay
+    runs it in a worker thread).
+
+    @param hostname: the name in the delivered file's names and
+        C{Received} line, read at each delivery so a reload applies.
+    """
+
+    def __init__(self, clock: IReactorTime, hostname: Callable[[], str]) -> None:
+        self._clock = clock
+        self._hostname = hostname
+
+    def __call__(self, folder: str, outgoing: Outgoing) -> str:
+        return maildir.deliver(
+            folder,
+            outgoing.path,
+            sender=outgoing.sender,
+            recipients=[r.address for r in outgoing.recipients],
+            now=self._clock.seconds(),
+            prefix=outgoing.prefix,
+            offset=outgoing.offset,
+            hostname=self._hostname(),
+        )

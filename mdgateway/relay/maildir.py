@@ -32,7 +32,7 @@ import socket
 from collections.abc import Sequence
 from contextlib import suppress
 
-from mdgateway.queue.fileops import IFileOps, OSFileOps
+from mdgateway.fileops import IFileOps, OSFileOps
 
 #: Bytes copied at a time.
 CHUNK_SIZE = 64 * 1024

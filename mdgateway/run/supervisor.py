@@ -50,6 +50,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 import mdgateway
+from mdgateway.ops.metrics import RetiredCounters
 
 log = Logger()
 
@@ -327,6 +328,8 @@ class _Worker:
 
     def ended(self, reason: Failure) -> None:
         self.transport = None
+        # Its counters live on in the totals; its successor starts at 0.
+        self.supervisor.retired.add(self.snapshot)
         self.snapshot = []
         self.supervisor._ended(self, reason)
 
@@ -366,6 +369,8 @@ class Supervisor:
         self._env = dict(environment if environment is not None else os.environ)
         self._workers = [_Worker(self, index) for index in range(1, children + 1)]
         self._stopping = False
+        #: The counters of workers that ended (see L{snapshots}).
+        self.retired = RetiredCounters()
 
     @property
     def running(self) -> int:
@@ -463,8 +468,13 @@ class Supervisor:
 
     def snapshots(self) -> Iterator[list[dict[str, Any]]]:
         """
-        The last metric snapshot of each running worker.
+        The last metric snapshot of each running worker, and the last
+        counter values of the workers that ended, so merged counters never
+        decrease across a worker's restart.
         """
+        retired = self.retired.snapshot()
+        if retired:
+            yield retired
         for worker in self._workers:
             if worker.snapshot:
                 yield worker.snapshot

@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import sys
-from typing import Any
 
 from mdgateway.run.supervisor import (
     METRICS_FD,
@@ -39,20 +38,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--listen", default="")
     args = parser.parse_args(argv)
 
-    from twisted.internet import reactor as default_reactor
-
-    reactor: Any = default_reactor
-
     from mdgateway.config import load_config
-    from mdgateway.run.tap import GatewayService
+    from mdgateway.run.compose import build_gateway
+    from mdgateway.run.reactor import global_reactor
+    from mdgateway.run.service import GatewayService
+
+    reactor = global_reactor()
 
     try:
         config = load_config(args.config)
     except ConfigError as e:
         print("invalid configuration:\n  " + "\n  ".join(e.problems), file=sys.stderr)
         return 2
+    os.umask(config.umask)
     role = WorkerRole(index=args.index, listen_fds=parse_listen_fds(args.listen))
-    service = GatewayService(config, reactor, role=role)
+    gateway = build_gateway(config, reactor, role=role)
+    service = GatewayService(gateway)
     status = {"code": 0}
 
     def failed(_: object) -> None:
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def push_metrics() -> None:
         try:
-            frame = json.dumps(service.metrics.snapshot()).encode()
+            frame = json.dumps(gateway.metrics.snapshot()).encode()
             metrics_out.write(Frames.encode(frame))
         except (OSError, ValueError):
             return

@@ -40,7 +40,6 @@ from twisted.python.failure import Failure
 from twisted.web.client import (
     Agent,
     BrowserLikePolicyForHTTPS,
-    FileBodyProducer,
     HTTPConnectionPool,
     RequestNotSent,
     RequestTransmissionFailed,
@@ -51,8 +50,14 @@ from twisted.web.iweb import IResponse
 from zope.interface import implementer
 
 from mdgateway.policy.profiles import CoreProfile, CoreServer
-from mdgateway.scan.errors import Condition, CoreError, error_for_response
+from mdgateway.scan.errors import (
+    Condition,
+    CoreError,
+    error_for_response,
+    parse_retry_after,
+)
 from mdgateway.scan.interfaces import ICoreServerClient
+from mdgateway.scan.upload import FileUpload
 from mdgateway.scan.verdict import (
     DocumentState,
     MalformedResultError,
@@ -312,16 +317,18 @@ class CoreClient:
         }
         if self._profile.rule != "Automatic":
             headers["rule"] = quote(self._profile.rule, safe="")
-        with open(path, "rb") as f:
-            producer = FileBodyProducer(
-                f, cooperator=self._cooperator, readSize=_UPLOAD_BLOCK
-            )
+        upload = FileUpload(path, self._cooperator, _UPLOAD_BLOCK)
+        try:
             response = await self._send(
-                "POST", "/file", headers=headers, data=producer, what="upload"
+                "POST", "/file", headers=headers, data=upload, what="upload"
             )
+        finally:
+            # Core may answer before it has the whole body (a 503, say):
+            # the rest is not sent, and the upload closes its file.
+            upload.stopProducing()
         body = await self._read_small(response, "upload")
         if response.code != 200:
-            raise self._failure(response.code, body, "upload")
+            raise self._failure(response.code, body, "upload", response)
         doc = self._decode(body, "upload")
         data_id = doc.get("data_id") if isinstance(doc, Mapping) else None
         if not isinstance(data_id, str):
@@ -594,8 +601,23 @@ class CoreClient:
             server_fault=True,
         )
 
-    def _failure(self, status: int, body: bytes, what: str) -> CoreError:
-        error = error_for_response(status, body, server=self.server.url, what=what)
+    def _failure(
+        self,
+        status: int,
+        body: bytes,
+        what: str,
+        response: IResponse | None = None,
+    ) -> CoreError:
+        retry_after = None
+        if response is not None:
+            header = response.headers.getRawHeaders(b"retry-after", [None])[-1]
+            retry_after = parse_retry_after(
+                header.decode("latin-1") if header is not None else None,
+                self._clock.seconds(),
+            )
+        error = error_for_response(
+            status, body, server=self.server.url, what=what, retry_after=retry_after
+        )
         if error.condition is Condition.ACCESS_DENIED:
             _log.error(
                 "MetaDefender Core {server} denied access ({what}, HTTP {status}):"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import json
+from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -48,6 +49,8 @@ class CoreError(Exception):
         server's health.
     @ivar verdict: the parsed result when the failure is a result (for
         example C{Not Scanned}), else C{None}.
+    @ivar retry_after: seconds a busy server asked us to wait
+        (C{Retry-After}), if it said.
     """
 
     def __init__(
@@ -59,6 +62,7 @@ class CoreError(Exception):
         status: int | None = None,
         server_fault: bool = False,
         verdict: Verdict | None = None,
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(condition, message)
         self.condition = condition
@@ -67,6 +71,7 @@ class CoreError(Exception):
         self.status = status
         self.server_fault = server_fault
         self.verdict = verdict
+        self.retry_after = retry_after
 
     @property
     def retry_elsewhere(self) -> bool:
@@ -108,8 +113,32 @@ def error_message(body: bytes) -> str:
     return body[:200].decode("utf-8", "replace").strip()
 
 
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """
+    The seconds a C{Retry-After} header asks for (delta-seconds or an HTTP
+    date), or C{None} when absent or unreadable.
+    """
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - now)
+
+
 def error_for_response(
-    status: int, body: bytes, *, server: str, what: str = "request"
+    status: int,
+    body: bytes,
+    *,
+    server: str,
+    what: str = "request",
+    retry_after: float | None = None,
 ) -> CoreError:
     """
     Map a non-success HTTP answer to a L{CoreError}.
@@ -123,12 +152,16 @@ def error_for_response(
     bounce because a Core server answers 500 or sits behind a wrong URL.
 
     @param what: what was being done, for the message (C{"upload"}, ...).
+    @param retry_after: the answer's C{Retry-After}, in seconds, kept on a
+        I{busy} error.
     """
     message = error_message(body)
     text = f"{what}: HTTP {status} {message}".rstrip()
     lowered = message.lower()
     if status in (503, 429) or (status == 400 and "disk space" in lowered):
-        return CoreError(Condition.BUSY, text, server=server, status=status)
+        return CoreError(
+            Condition.BUSY, text, server=server, status=status, retry_after=retry_after
+        )
     if status in (400, 401, 403, 405) and ("access denied" in lowered or status == 401):
         return CoreError(
             Condition.ACCESS_DENIED,

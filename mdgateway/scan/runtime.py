@@ -4,11 +4,12 @@ One MetaDefender Core server profile at run time.
 
 L{CoreRuntime} spreads scans over the profile's servers (failover or
 round-robin), limits the scans in flight per server, takes a server out of
-rotation after C{failure_threshold} consecutive failures and probes it with
+rotation after C{failure_threshold} failures among its recent answers, probes it with
 C{GET /version} after C{retry_after} seconds, and tells the SMTP edge
 whether new work can be taken (L{CoreRuntime.available}). A failure on one
 server moves the scan to the next; the caller sees an error condition only
-when every server failed.
+when every server failed. Health is counted per server across every part
+and message (see L{mdgateway.scan.breaker}).
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ from mdgateway.scan.verdict import Verdict
 
 _log = Logger()
 _T = TypeVar("_T")
+
+#: The longest C{Retry-After} of a busy server that is honoured, in seconds.
+MAX_RETRY_AFTER = 300.0
 
 
 @attrs.frozen
@@ -55,6 +59,19 @@ def _scan_call(
     server: _Server, path: str, filename: str
 ) -> Callable[[], Awaitable[Verdict]]:
     return lambda: server.client.scan(path, filename)
+
+
+def _health_fault(error: CoreError) -> bool:
+    """
+    Whether C{error} says the server is unwell (and counts against it): a
+    server fault, no usable answer, a refused key, a scan that never
+    completed. A busy server and the file's own failures do not.
+    """
+    return error.server_fault or error.condition in (
+        Condition.UNREACHABLE,
+        Condition.ACCESS_DENIED,
+        Condition.SCAN_TIMEOUT,
+    )
 
 
 class _ServerDownError(Exception):
@@ -91,7 +108,9 @@ class CoreRuntime:
 
     @param clients: one L{ICoreServerClient} per server, in profile order.
     @param pool: closed by L{close} when given.
-    @param busy_backoff: seconds a server that answered 503 gets no new work.
+    @param busy_backoff: seconds a server that answered 503 gets no new work
+        (unless its C{Retry-After} says otherwise: from 1 second up to
+        L{MAX_RETRY_AFTER}).
     @param queue_bound: scans that may wait for a server's slots before it
         counts as busy (default: twice C{concurrency}).
     """
@@ -347,48 +366,38 @@ class CoreRuntime:
         now = self._clock.seconds()
         if error.condition is Condition.BUSY:
             was_busy = server.busy_until > now
-            server.busy_until = now + self._busy_backoff
+            wait = self._busy_backoff
+            if error.retry_after is not None:
+                # The server said how long: believe it, within reason.
+                wait = min(max(error.retry_after, 1.0), MAX_RETRY_AFTER)
+            server.busy_until = max(server.busy_until, now + wait)
             if was_busy:
                 return
             _log.info(
                 "Core server {server} is busy; no new work for {seconds}s",
                 server=server.url,
                 profile=self.profile.name,
-                seconds=self._busy_backoff,
+                seconds=wait,
             )
             return
-        if error.server_fault or error.condition in (
-            Condition.UNREACHABLE,
-            Condition.ACCESS_DENIED,
-            Condition.SCAN_TIMEOUT,
-        ):
-            if server.breaker.failure(now):
-                _log.warn(
-                    "Core server {server} marked down after {failures} failures"
-                    " ({error}); probing in {seconds}s",
-                    server=server.url,
-                    profile=self.profile.name,
-                    failures=server.breaker.failures,
-                    error=str(error),
-                    seconds=self.profile.retry_after,
-                )
-                self._schedule_probe(server)
+        if not _health_fault(error):
+            # The server answered properly; the failure belongs to the file,
+            # and says nothing about the server's health either way.
             return
-        # The server answered properly; the failure belongs to the file.
-        self._succeeded(server)
-
-    def _succeeded(self, server: _Server) -> None:
-        if server.breaker.success():
-            # A scan that started before the server went down finished fine:
-            # it is back, and the probe is moot.
-            if server.probe_call is not None and server.probe_call.active():
-                server.probe_call.cancel()
-            server.probe_call = None
-            _log.info(
-                "Core server {server} is back up",
+        if server.breaker.failure(now):
+            _log.warn(
+                "Core server {server} marked down after {failures} failures"
+                " ({error}); probing in {seconds}s",
                 server=server.url,
                 profile=self.profile.name,
+                failures=server.breaker.failures,
+                error=str(error),
+                seconds=self.profile.retry_after,
             )
+            self._schedule_probe(server)
+
+    def _succeeded(self, server: _Server) -> None:
+        server.breaker.success(self._clock.seconds())
 
     def _schedule_probe(self, server: _Server) -> None:
         if self._closed:
@@ -433,4 +442,9 @@ class CoreRuntime:
             server.breaker.probe_failed(self._clock.seconds())
             self._schedule_probe(server)
             return
-        self._succeeded(server)
+        if server.breaker.probe_succeeded():
+            _log.info(
+                "Core server {server} is back up",
+                server=server.url,
+                profile=self.profile.name,
+            )

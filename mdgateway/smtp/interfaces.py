@@ -140,8 +140,26 @@ class IEnvelopeHandler(Interface):
 
     def message_refused(info: ConnectionInfo, mail: MailFrom, reply: Reply) -> None:
         """
-        Message content was refused (too big, bare CR/LF, a loop...); for
-        the refused-mail log.
+        Message content was refused by the server itself (too big, bare
+        CR/LF, too many hops); the refused log hears of it through
+        L{refusal_sent} like of every other refusal.
+        """
+
+    def refusal_sent(
+        info: ConnectionInfo,
+        reply: Reply,
+        mail: MailFrom | None,
+        rcpt: RcptTo | None,
+    ) -> None:
+        """
+        The server sent C{reply}, a 4xx or 5xx, to the client: called once
+        for every negative reply, whoever decided it (this handler's own
+        answers, the session's syntax and sequence errors, limits, TLS and
+        AUTH requirements, timeouts, draining, connection limits), so the
+        refused log and its counter see them all, and see each once.
+
+        @param mail: the transaction's sender, when there is one.
+        @param rcpt: the recipient the reply refused, for a RCPT refusal.
         """
 
     def disconnected(info: ConnectionInfo) -> None:

@@ -21,15 +21,22 @@ class Reply:
     @ivar status: the enhanced status code (C{"2.0.0"}), or C{""} for the
         greeting and EHLO replies, which RFC 2034 exempts.
     @ivar lines: the text lines, without code or status.
+    @ivar category: for a refusal, why, in one word of
+        L{mdgateway.smtp.categories.REFUSAL_CATEGORIES}, when whoever made
+        the reply knows it better than its code and text tell; not sent,
+        and not part of equality.
     """
 
     code: int
     status: str
     lines: tuple[str, ...]
+    category: str | None = attrs.field(default=None, kw_only=True, eq=False)
 
     @classmethod
-    def of(cls, code: int, status: str, *lines: str) -> Reply:
-        return cls(code, status, lines or ("",))
+    def of(
+        cls, code: int, status: str, *lines: str, category: str | None = None
+    ) -> Reply:
+        return cls(code, status, lines or ("",), category=category)
 
     @property
     def text(self) -> str:
@@ -74,6 +81,7 @@ TOO_MANY_LONG_LINES = Reply.of(
 )
 TLS_REQUIRED = Reply.of(530, "5.7.0", "Must issue a STARTTLS command first")
 SHUTTING_DOWN = Reply.of(421, "4.3.2", "Service shutting down, try again later")
+NOT_READY = Reply.of(421, "4.3.2", "Service starting, try again later")
 TOO_MANY_ERRORS = Reply.of(421, "4.7.0", "Too many errors, closing connection")
 IDLE_TIMEOUT = Reply.of(421, "4.4.2", "Timeout exceeded, closing connection")
 SESSION_DEADLINE = Reply.of(421, "4.4.2", "Session time limit exceeded")
@@ -89,3 +97,9 @@ TOO_MANY_RECIPIENTS = Reply.of(452, "4.5.3", "Error: too many recipients")
 SPOOL_FULL = Reply.of(452, "4.3.1", "Insufficient system storage")
 QUEUE_FULL = Reply.of(452, "4.3.1", "Mail queue full, try again later")
 LOCAL_ERROR = Reply.of(451, "4.3.0", "Error: local error in processing")
+RECORDS_BACKLOG = Reply.of(
+    451,
+    "4.3.0",
+    "Temporarily unable to record mail, try again later",
+    category="outbox_full",
+)

@@ -41,7 +41,7 @@ from mdgateway.smtp.interfaces import (
     IMessageSink,
     RecipientDecision,
 )
-from mdgateway.smtp.parse import RcptTo
+from mdgateway.smtp.parse import MailFrom, RcptTo
 from mdgateway.smtp.proxy import ProxyHeaderError, ProxyHeaderParser
 from mdgateway.smtp.replies import Reply
 from mdgateway.smtp.server import (
@@ -56,7 +56,7 @@ from mdgateway.smtp.server import (
     SessionSettings,
     StartTLS,
 )
-from mdgateway.smtp.tls import negotiated
+from mdgateway.smtp.tls import CurrentServerTLS, negotiated
 
 log = Logger()
 
@@ -155,6 +155,7 @@ class SMTPServerProtocol(Protocol):
                 client=client[0],
                 reason=refusal.text,
             )
+            self._report(refusal)
             self._mode = _Mode.CLOSED
             self.transport.write(refusal.to_bytes())
             self.transport.loseConnection()
@@ -218,6 +219,7 @@ class SMTPServerProtocol(Protocol):
 
     def _close_with(self, reply: Reply) -> None:
         assert self.transport is not None
+        self._report(reply, self._mail())
         self._mode = _Mode.CLOSED
         self._abort_message()
         self.transport.write(reply.to_bytes())
@@ -326,23 +328,41 @@ class SMTPServerProtocol(Protocol):
         if not self.factory.handler.accepting and self.session.transaction is None:
             self._close_with(replies.SHUTTING_DOWN)
             return False
-        self._run(self.session.line(line))
+        mail = self._mail()
+        self._run(self.session.line(line), mail)
         return True
+
+    def _mail(self) -> MailFrom | None:
+        """
+        The sender of the transaction in progress, if any.
+        """
+        transaction = self.session.transaction
+        return transaction.mail if transaction is not None else None
 
     def _long_line(self) -> None:
         self._long_lines += 1
         if self._long_lines >= self.factory.limits.max_long_lines:
             self._close_with(replies.TOO_MANY_LONG_LINES)
             return
-        self._run(self.session.line_too_long())
+        self._run(self.session.line_too_long(), self._mail())
 
     # -- actions -----------------------------------------------------------
 
-    def _run(self, actions: Sequence[Action]) -> None:
+    def _run(
+        self,
+        actions: Sequence[Action],
+        mail: MailFrom | None = None,
+        rcpt: RcptTo | None = None,
+    ) -> None:
+        """
+        Carry out C{actions}; C{mail} and C{rcpt} are what a refusal among
+        them refuses, for the refused log.
+        """
         assert self.transport is not None and self.info is not None
         out = []
         for action in actions:
             if isinstance(action, Reply):
+                self._report(action, mail, rcpt)
                 out.append(action.to_bytes())
                 continue
             if out:
@@ -353,12 +373,15 @@ class SMTPServerProtocol(Protocol):
                     self.factory.handler.check_sender,
                     (self.info, action.mail),
                     partial(self.session.sender_checked, action.mail),
+                    action.mail,
                 )
             elif isinstance(action, CheckRecipient):
                 self._ask(
                     self.factory.handler.check_recipient,
                     (self.info, action.mail, action.rcpt),
                     partial(self._recipient, action.rcpt),
+                    action.mail,
+                    action.rcpt,
                 )
             elif isinstance(action, CheckCredentials):
                 self._ask(
@@ -386,12 +409,35 @@ class SMTPServerProtocol(Protocol):
         function: Callable[..., Any],
         arguments: tuple[Any, ...],
         then: Callable[[Any], list[Action]],
+        mail: MailFrom | None = None,
+        rcpt: RcptTo | None = None,
     ) -> None:
         self._waiting = True
         d = maybeDeferred(function, *arguments)
         d.addCallback(then)
         d.addErrback(self._internal_error)
-        d.addCallback(self._answered)
+        d.addCallback(self._answered, mail, rcpt)
+
+    def _report(
+        self,
+        reply: Reply,
+        mail: MailFrom | None = None,
+        rcpt: RcptTo | None = None,
+    ) -> None:
+        """
+        Tell the handler of a negative reply about to be sent (for the
+        refused log); a failing handler costs the record, not the session.
+        """
+        if reply.code < 400 or self.info is None:
+            return
+        self._sync_info()
+        try:
+            self.factory.handler.refusal_sent(self.info, reply, mail, rcpt)
+        except Exception:
+            log.failure(
+                "recording a refusal failed in session {session_id}",
+                session_id=self.info.session_id,
+            )
 
     def _recipient(self, rcpt: RcptTo, decision: RecipientDecision) -> list[Action]:
         return self.session.recipient_checked(rcpt, decision.reply, decision.binding)
@@ -414,12 +460,17 @@ class SMTPServerProtocol(Protocol):
             self._mode = _Mode.COMMAND
         return [replies.LOCAL_ERROR]
 
-    def _answered(self, actions: list[Action]) -> None:
+    def _answered(
+        self,
+        actions: list[Action],
+        mail: MailFrom | None = None,
+        rcpt: RcptTo | None = None,
+    ) -> None:
         self._waiting = False
         if self._mode is _Mode.CLOSED:
             return
         self._sync_info()
-        self._run(actions)
+        self._run(actions, mail or self._mail(), rcpt)
         self._reset_idle()
         self._process()
 
@@ -511,7 +562,8 @@ class SMTPServerProtocol(Protocol):
         self._chunk = None
         self._mode = _Mode.COMMAND
         if chunk.refusal is not None:
-            self._run(self.session.chunk_refused(chunk.refusal))
+            mail = self._mail()
+            self._run(self.session.chunk_refused(chunk.refusal), mail)
             return
         if not chunk.last:
             checker = self._checker
@@ -519,7 +571,8 @@ class SMTPServerProtocol(Protocol):
             if checker.refusal is not None:
                 refusal = checker.refusal
                 self._abort_message()
-                self._run(self.session.chunk_refused(refusal))
+                mail = self._mail()
+                self._run(self.session.chunk_refused(refusal), mail)
                 return
             self._run([Reply.of(250, "2.0.0", f"{chunk.size} octets received")])
             return
@@ -541,18 +594,17 @@ class SMTPServerProtocol(Protocol):
                 reason=refusal.text,
                 code=refusal.code,
             )
-            transaction = self.session.transaction
-            if transaction is not None:
-                self.factory.handler.message_refused(
-                    self.info, transaction.mail, refusal
-                )
-            self._run(self.session.message_received(refusal))
+            mail = self._mail()
+            if mail is not None:
+                self.factory.handler.message_refused(self.info, mail, refusal)
+            self._run(self.session.message_received(refusal), mail)
             return
         self._waiting = True
+        mail = self._mail()
         d: Deferred[Any] = maybeDeferred(sink.finish)
         d.addCallback(self.session.message_received)
         d.addErrback(self._internal_error)
-        d.addCallback(self._answered)
+        d.addCallback(self._answered, mail)
 
     def _abort_message(self) -> None:
         sink = self._sink
@@ -786,8 +838,13 @@ def listening_factory(
     """
     wrapped: Any = factory
     if factory.tls_options is not None and factory.implicit_tls:
+        # The factory's options are read per connection: a reload that
+        # replaces them (a renewed certificate) applies to the next one.
         wrapped = TLSMemoryBIOFactory(
-            factory.tls_options, False, wrapped, clock=factory.clock
+            CurrentServerTLS(lambda: factory.tls_options),
+            False,
+            wrapped,
+            clock=factory.clock,
         )
     if proxy_trusted is not None:
         wrapped = ProxyHeaderFactory(

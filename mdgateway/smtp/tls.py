@@ -5,13 +5,16 @@ TLS context helpers for the server side.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from OpenSSL import SSL
 from twisted.internet import ssl
-from twisted.internet.interfaces import ITransport
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, ITransport
+from zope.interface import implementer
 
 _VERSIONS = {
     "TLSv1.2": ssl.TLSVersion.TLSv1_2,
@@ -75,3 +78,22 @@ def negotiated(transport: ITransport) -> tuple[str | None, str | None]:
     if version is None or cipher is None:
         return None, None
     return version(), cipher()
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class CurrentServerTLS:
+    """
+    Server TLS connections made with whatever options C{options()} gives
+    at the moment each connection starts, so a listener serving implicit
+    TLS takes a reloaded certificate for its next connection while those
+    already open keep theirs.
+    """
+
+    def __init__(self, options: Callable[[], ssl.CertificateOptions | None]) -> None:
+        self._options = options
+
+    def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
+        options = self._options()
+        if options is None:
+            raise RuntimeError("no TLS options for this listener")
+        return SSL.Connection(options.getContext(), None)

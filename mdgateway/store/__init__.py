@@ -15,6 +15,7 @@ from twisted.python.threadpool import ThreadPool
 from mdgateway.store.interfaces import (
     CorruptOriginalError,
     DeliveryStatus,
+    InstanceActivity,
     IStore,
     MessageFilter,
     MessageRecord,
@@ -36,6 +37,7 @@ from mdgateway.store.interfaces import (
     SchemaVersionError,
     StoreError,
     TimelineEvent,
+    VerdictCount,
     copy_id,
     overall_verdict,
 )
@@ -46,6 +48,7 @@ __all__ = [
     "CorruptOriginalError",
     "DeliveryStatus",
     "IStore",
+    "InstanceActivity",
     "MessageFilter",
     "MessageRecord",
     "MessageStatus",
@@ -67,6 +70,7 @@ __all__ = [
     "SqliteStore",
     "StoreError",
     "TimelineEvent",
+    "VerdictCount",
     "copy_id",
     "overall_verdict",
     "parse_upstream_queue_id",

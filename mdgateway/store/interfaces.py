@@ -20,13 +20,24 @@ from __future__ import annotations
 
 import enum
 import os
-from collections.abc import Iterable
-from typing import BinaryIO, Generic, TypeVar
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, BinaryIO
 
 import attrs
 from zope.interface import Interface
 
-_T = TypeVar("_T")
+# Searching lives in its own module; its names are re-exported here.
+from mdgateway.store.search import MAX_PAGE as MAX_PAGE
+from mdgateway.store.search import MessageFilter as MessageFilter
+from mdgateway.store.search import Page as Page
+from mdgateway.store.search import PageRequest as PageRequest
+from mdgateway.store.search import PurgeCounts as PurgeCounts
+from mdgateway.store.search import QuarantineFilter as QuarantineFilter
+from mdgateway.store.search import RefusalFilter as RefusalFilter
+
+if TYPE_CHECKING:
+    from mdgateway.store.audit import AuditEntry, AuditFilter
+    from mdgateway.store.owed import Applied, Owed
 
 #: Where a quarantined original comes from: a file path, a binary stream
 #: read from a pool thread, or bytes already in memory.
@@ -152,26 +163,6 @@ class DeliveryStatus(enum.Enum):
     BLOCKED = "blocked"
 
 
-def _statuses(value: object) -> frozenset[MessageStatus]:
-    if value is None:
-        return frozenset()
-    if isinstance(value, MessageStatus | str):
-        return frozenset({MessageStatus(value)})
-    if isinstance(value, Iterable):
-        return frozenset(MessageStatus(v) for v in value)
-    raise TypeError(f"not a status or statuses: {value!r}")
-
-
-def _verdicts(value: object) -> frozenset[ScanVerdict]:
-    if value is None:
-        return frozenset()
-    if isinstance(value, ScanVerdict | str):
-        return frozenset({ScanVerdict(value)})
-    if isinstance(value, Iterable):
-        return frozenset(ScanVerdict(v) for v in value)
-    raise TypeError(f"not a verdict or verdicts: {value!r}")
-
-
 def _tuple_of_str(value: Iterable[str]) -> tuple[str, ...]:
     if isinstance(value, str):
         raise TypeError("expected a sequence of strings, not one string")
@@ -257,20 +248,46 @@ class PartVerdict:
         """
         return self.result.casefold() == "blocked"
 
+    @property
+    def scanned(self) -> bool:
+        """
+        Whether Core gave this part a verdict (a part whose scan failed
+        is recorded with the result C{Error}).
+        """
+        return self.result.casefold() in _SCAN_RESULTS
+
+
+#: The part results that are verdicts of Core (case-folded).
+_SCAN_RESULTS = frozenset({"allowed", "blocked"})
+
 
 def overall_verdict(parts: Iterable[PartVerdict]) -> ScanVerdict | None:
     """
-    The message verdict the parts add up to: blocked if any part was,
-    else sanitized if any part was, else allowed; C{None} without parts.
+    The message verdict the parts add up to: blocked if Core blocked any
+    part; otherwise C{None} unless every part was scanned (and there was
+    one), sanitized if any part was, else allowed. A message with a part
+    Core never judged is never called clean.
     """
     parts = list(parts)
-    if not parts:
-        return None
     if any(p.blocked for p in parts):
         return ScanVerdict.BLOCKED
+    if not parts or not all(p.scanned for p in parts):
+        return None
     if any(p.sanitized for p in parts):
         return ScanVerdict.SANITIZED
     return ScanVerdict.ALLOWED
+
+
+class FromParts(enum.Enum):
+    """
+    The type of L{FROM_PARTS}.
+    """
+
+    FROM_PARTS = "from parts"
+
+
+#: L{IStore.record_verdicts}: work the verdict out with L{overall_verdict}.
+FROM_PARTS = FromParts.FROM_PARTS
 
 
 @attrs.frozen
@@ -390,6 +407,11 @@ class Refusal:
     @ivar reason: the reply text or a short cause.
     @ivar helo: C{None} when refused before EHLO/HELO; likewise
         C{sender} and C{recipient}.
+    @ivar category: the short reason (C{syntax}, C{too_big}, C{no_rule},
+        ...; see L{mdgateway.smtp.categories}); C{None} in rows older
+        than categories.
+    @ivar repeats: how many refusals the row stands for: 1, or more for a
+        summary row written instead of individual rows during a flood.
     @ivar id: assigned by the store; C{None} on input.
     """
 
@@ -403,6 +425,8 @@ class Refusal:
     sender: str | None = None
     recipient: str | None = None
     id: int | None = None
+    category: str | None = None
+    repeats: int = 1
 
 
 # --------------------------------------------------------------------------
@@ -437,121 +461,40 @@ class QuarantineItem:
 
 
 # --------------------------------------------------------------------------
-# Searching
+# Dashboard counts
 
 
 @attrs.frozen
-class MessageFilter:
+class VerdictCount:
     """
-    Email history filters; every one that is set must match.
+    How many copies received in one time bucket got one verdict.
 
-    Text filters (C{sender}, C{recipient}, C{subject}) match a
-    case-insensitive substring. C{since} is inclusive, C{until} exclusive,
-    both on the received time.
+    @ivar start: the bucket's first second (C{since + k * step}).
+    @ivar verdict: C{None} for copies without one (not scanned, pending).
     """
 
-    since: float | None = None
-    until: float | None = None
-    sender: str | None = None
-    recipient: str | None = None
-    subject: str | None = None
-    statuses: frozenset[MessageStatus] = attrs.field(
-        default=frozenset(), converter=_statuses
-    )
-    rule: str | None = None
-    direction: str | None = None
-    verdicts: frozenset[ScanVerdict] = attrs.field(
-        default=frozenset(), converter=_verdicts
-    )
-    queue_id: str | None = None
-    message_id_header: str | None = None
+    start: float
+    verdict: ScanVerdict | None
+    count: int
 
 
 @attrs.frozen
-class RefusalFilter:
+class InstanceActivity:
     """
-    Refused log filters; every one that is set must match. Text filters
-    match a case-insensitive substring; C{listener} and C{code} are exact.
-    """
+    What the shared history says about one gateway instance.
 
-    since: float | None = None
-    until: float | None = None
-    client_address: str | None = None
-    sender: str | None = None
-    recipient: str | None = None
-    listener: str | None = None
-    code: int | None = None
-
-
-@attrs.frozen
-class QuarantineFilter:
-    """
-    Quarantine filters; every one that is set must match. C{since} and
-    C{until} bound the quarantine time; text filters are case-insensitive
-    substrings, except C{rule}, C{direction} and C{message_id} (exact).
+    @ivar received: copies it received since the time asked for.
+    @ivar last_received: its latest copy's received time, if any since.
+    @ivar pending: copies still queued, processing or deferred in its
+        spool, however old.
+    @ivar oldest_pending: the received time of the oldest of those.
     """
 
-    since: float | None = None
-    until: float | None = None
-    sender: str | None = None
-    recipient: str | None = None
-    subject: str | None = None
-    reason: str | None = None
-    rule: str | None = None
-    direction: str | None = None
-    pinned: bool | None = None
-    released: bool | None = None
-    message_id: str | None = None
-
-
-#: The largest page a search returns.
-MAX_PAGE = 1000
-
-
-@attrs.frozen
-class PageRequest:
-    """
-    Which page of a search to return, newest first.
-
-    @ivar cursor: C{next_cursor} of the previous page, C{None} for the
-        first. Pages are keyed on the sort order, so rows added meanwhile
-        neither repeat nor shift rows across pages.
-    """
-
-    limit: int = attrs.field(default=50)
-    cursor: str | None = None
-
-    @limit.validator
-    def _check_limit(self, attribute: object, value: int) -> None:
-        if not 1 <= value <= MAX_PAGE:
-            raise ValueError(f"page limit must be 1 to {MAX_PAGE}, not {value}")
-
-
-@attrs.frozen
-class Page(Generic[_T]):
-    """
-    One page of search results.
-
-    @ivar total: how many rows match the filters, across all pages.
-    @ivar next_cursor: pass it in the next L{PageRequest}; C{None} on the
-        last page.
-    """
-
-    items: tuple[_T, ...]
-    total: int
-    next_cursor: str | None
-
-
-@attrs.frozen
-class PurgeCounts:
-    """
-    What one L{IStore.purge} removed.
-    """
-
-    messages: int = 0
-    refusals: int = 0
-    quarantined: int = 0
-    quarantined_bytes: int = 0
+    instance: str
+    received: int
+    last_received: float | None
+    pending: int
+    oldest_pending: float | None
 
 
 # --------------------------------------------------------------------------
@@ -622,13 +565,13 @@ class IStore(Interface):
         message_id: str,
         parts: Iterable[PartVerdict],
         actions: Iterable[str] = (),
-        verdict: ScanVerdict | None = None,
+        verdict: ScanVerdict | None | FromParts = FROM_PARTS,
         at: float | None = None,
     ) -> None:
         """
         Replace the copy's part verdicts and actions and set its verdict
-        (C{verdict}, or L{overall_verdict} of C{parts} when C{None}) and
-        C{processed_at}.
+        (C{verdict}: C{None} for none, or by default L{overall_verdict} of
+        C{parts}) and C{processed_at}.
         """
 
     async def record_delivery(message_id: str, result: RecipientResult) -> None:
@@ -717,6 +660,22 @@ class IStore(Interface):
         its history entry.
         """
 
+    async def count_by_verdict(
+        since: float, until: float, step: float
+    ) -> tuple[VerdictCount, ...]:
+        """
+        Copies received in C{[since, until)}, counted per C{step}-second
+        bucket (counted from C{since}) and verdict; empty buckets are left
+        out. For the console's traffic chart.
+        """
+
+    async def instance_activity(since: float) -> tuple[InstanceActivity, ...]:
+        """
+        Per gateway instance (by name): copies received since C{since} and
+        copies still pending, for every instance that has either; sorted
+        by name.
+        """
+
     async def purge(
         now: float, history_days: float | None, quarantine_days: float | None
     ) -> PurgeCounts:
@@ -727,4 +686,52 @@ class IStore(Interface):
         history entry that still has a quarantine item stays.
         C{history_days=None} keeps history and refusals forever;
         C{quarantine_days=None} keeps items without their own C{expires_at}.
+        """
+
+    async def apply(records: Sequence[Owed]) -> list[Applied]:
+        """
+        Apply records the gateway owed the store (see
+        L{mdgateway.store.outbox}), in order, in one durable transaction,
+        each at most once: a record whose key was applied before is a
+        duplicate and changes nothing. A record that cannot be applied
+        (its history entry is missing, its original is unreadable) fails
+        alone, keeping none of its changes, and the others go on.
+
+        @return: one L{Applied} per record, in order.
+        @raise StoreError: the transaction failed as a whole; nothing was
+            kept (the database is unreachable, say).
+        """
+
+    async def record_audit(entry: AuditEntry) -> AuditEntry:
+        """
+        Add one finished operator action to the audit; returns it with
+        its id.
+        """
+
+    async def claim_audit(entry: AuditEntry) -> tuple[AuditEntry, bool]:
+        """
+        Add C{entry} (an action starting, with its C{claim}) unless an
+        entry with the same claim exists: then C{(that entry, False)},
+        except that an entry whose action failed is taken over (its result
+        set back to started). C{(entry with its id, True)} when the claim
+        is ours.
+        """
+
+    async def finish_audit(
+        entry_id: int,
+        result: str,
+        detail: str,
+        outcome: str = "",
+        at: float | None = None,
+    ) -> AuditEntry:
+        """
+        Record how a claimed action ended.
+        """
+
+    async def search_audit(
+        filters: AuditFilter | None = None,
+        page: PageRequest | None = None,
+    ) -> Page[AuditEntry]:
+        """
+        Audit entries matching C{filters}, newest first.
         """

@@ -15,6 +15,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import IO, Any
 
+import attrs
+
 from mdgateway.store.dialect import Tx, fold
 from mdgateway.store.interfaces import (
     CorruptOriginalError,
@@ -102,8 +104,20 @@ def job_record_received(
 
 
 def job_update_status(
-    tx: Tx, message_id: str, status: MessageStatus, text: str, at: float
-) -> None:
+    tx: Tx,
+    message_id: str,
+    status: MessageStatus,
+    text: str,
+    at: float,
+    key: str | None = None,
+) -> bool:
+    """
+    Set the status and append it to the timeline; with C{key}, only if
+    the keyed line is not there yet. Returns whether anything changed.
+    """
+    require_message(tx, message_id)
+    if not add_event(tx, message_id, at, text, status, key):
+        return False
     if status.final:
         query = (
             "UPDATE messages SET status = ?, updated_at = ?, finished_at = ? "
@@ -113,14 +127,15 @@ def job_update_status(
     else:
         query = "UPDATE messages SET status = ?, updated_at = ? WHERE id = ?"
         params = (status.value, at, message_id)
-    if not tx.rowcount(query, params):
-        raise NotFoundError(f"no history entry {message_id!r}")
-    add_event(tx, message_id, at, text, status)
+    tx.execute(query, params)
+    return True
 
 
-def job_add_event(tx: Tx, message_id: str, text: str, at: float) -> None:
+def job_add_event(
+    tx: Tx, message_id: str, text: str, at: float, key: str | None = None
+) -> bool:
     require_message(tx, message_id)
-    add_event(tx, message_id, at, text, None)
+    return add_event(tx, message_id, at, text, None, key)
 
 
 def job_record_verdicts(
@@ -130,7 +145,17 @@ def job_record_verdicts(
     actions: tuple[str, ...],
     verdict: ScanVerdict | None,
     at: float,
-) -> None:
+    text: str = "",
+    key: str | None = None,
+) -> bool:
+    """
+    Replace the verdicts, then (with C{text}) append a timeline line;
+    with C{key}, nothing happens when the keyed line is there already.
+    """
+    if key is not None and text:
+        require_message(tx, message_id)
+        if not add_event(tx, message_id, at, text, None, key):
+            return False
     changed = tx.rowcount(
         "UPDATE messages SET verdict = ?, actions = ?, processed_at = ?, "
         "updated_at = ? WHERE id = ?",
@@ -165,6 +190,9 @@ def job_record_verdicts(
                 json.dumps(list(p.dlp_hits)),
             ),
         )
+    if text and key is None:
+        add_event(tx, message_id, at, text, None)
+    return True
 
 
 def _delivery_text(r: RecipientResult) -> str:
@@ -177,8 +205,16 @@ def _delivery_text(r: RecipientResult) -> str:
     return f"{line}: {reply}" if reply else line
 
 
-def job_record_delivery(tx: Tx, message_id: str, r: RecipientResult, at: float) -> None:
+def job_record_delivery(
+    tx: Tx, message_id: str, r: RecipientResult, at: float, key: str | None = None
+) -> bool:
+    """
+    Store one recipient's outcome (see L{IStore.record_delivery}); with
+    C{key}, only if its keyed timeline line is not there yet.
+    """
     require_message(tx, message_id)
+    if not add_event(tx, message_id, at, _delivery_text(r), None, key):
+        return False
     values = (
         r.status.value,
         r.code,
@@ -210,7 +246,7 @@ def job_record_delivery(tx: Tx, message_id: str, r: RecipientResult, at: float) 
             "WHERE id = ?",
             (at, at, at, message_id),
         )
-    add_event(tx, message_id, at, _delivery_text(r), None)
+    return True
 
 
 def job_get_message(tx: Tx, message_id: str) -> MessageRecord:
@@ -320,15 +356,21 @@ def job_search_messages(
 
 REFUSAL_COLUMNS = (
     "f.id, f.at, f.listener, f.client_address, f.helo, f.sender, f.recipient, "
-    "f.reply_code, f.enhanced_code, f.reason"
+    "f.reply_code, f.enhanced_code, f.reason, f.category, f.repeats"
 )
 
 
-def job_record_refusal(tx: Tx, r: Refusal) -> Refusal:
+def job_record_refusal(tx: Tx, r: Refusal, key: str | None = None) -> Refusal | None:
+    """
+    Add a refusal row; with C{key}, only if no row has that key yet
+    (C{None} then).
+    """
     row = tx.one(
         "INSERT INTO refusals (at, listener, client_address, helo, sender, "
-        "sender_key, recipient, recipient_key, reply_code, enhanced_code, reason) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+        "sender_key, recipient, recipient_key, reply_code, enhanced_code, reason, "
+        "category, repeats, record_key) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+        "ON CONFLICT (record_key) DO NOTHING RETURNING id",
         (
             r.at,
             r.listener,
@@ -341,21 +383,14 @@ def job_record_refusal(tx: Tx, r: Refusal) -> Refusal:
             r.code,
             r.enhanced,
             r.reason,
+            r.category,
+            max(1, r.repeats),
+            key,
         ),
     )
-    assert row is not None
-    return Refusal(
-        id=int(row[0]),
-        at=r.at,
-        listener=r.listener,
-        client_address=r.client_address,
-        code=r.code,
-        reason=r.reason,
-        enhanced=r.enhanced,
-        helo=r.helo,
-        sender=r.sender,
-        recipient=r.recipient,
-    )
+    if row is None:
+        return None
+    return attrs.evolve(r, id=int(row[0]), repeats=max(1, r.repeats))
 
 
 def job_search_refusals(tx: Tx, f: RefusalFilter, page: PageRequest) -> Page[Refusal]:
@@ -425,6 +460,11 @@ def job_quarantine(
     at: float,
     chunk_size: int,
 ) -> QuarantineItem:
+    """
+    Store an original under C{item_id}. An outbox record uses its key as
+    the item id, so a replay finds the item there and changes nothing
+    (see L{job_quarantine_once}).
+    """
     require_message(tx, message_id)
     tx.execute(
         "INSERT INTO quarantine (id, message_id, reason, reason_key, "
@@ -452,6 +492,25 @@ def job_quarantine(
         tx, message_id, at, f"original quarantined ({size} bytes): {reason}", None
     )
     return get_item(tx, item_id)
+
+
+def job_quarantine_once(
+    tx: Tx,
+    item_id: str,
+    message_id: str,
+    reason: str,
+    source: QuarantineSource,
+    expires_at: float | None,
+    at: float,
+    chunk_size: int,
+) -> bool:
+    """
+    L{job_quarantine} unless item C{item_id} exists; whether it stored.
+    """
+    if tx.one("SELECT 1 FROM quarantine WHERE id = ?", (item_id,)) is not None:
+        return False
+    job_quarantine(tx, item_id, message_id, reason, source, expires_at, at, chunk_size)
+    return True
 
 
 def job_list_quarantine(

@@ -130,3 +130,6 @@ class PostgresStore(SqlStore):
 
     def _driver_errors(self) -> tuple[type[BaseException], ...]:
         return (psycopg.Error,)
+
+    def _record_errors(self) -> tuple[type[BaseException], ...]:
+        return (psycopg.IntegrityError, psycopg.DataError)

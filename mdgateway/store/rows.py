@@ -128,6 +128,8 @@ def refusal_where(f: RefusalFilter) -> Where:
         w.add("f.listener = ?", f.listener)
     if f.code is not None:
         w.add("f.reply_code = ?", f.code)
+    if f.category is not None:
+        w.add("f.category = ?", f.category)
     return w
 
 
@@ -225,6 +227,8 @@ def refusal_from_row(row: Sequence[Any]) -> Refusal:
         code=row[7],
         enhanced=row[8],
         reason=row[9],
+        category=row[10],
+        repeats=int(row[11]),
     )
 
 
@@ -250,9 +254,21 @@ def require_message(tx: Tx, message_id: str) -> None:
 
 
 def add_event(
-    tx: Tx, message_id: str, at: float, text: str, status: MessageStatus | None
-) -> None:
-    tx.execute(
-        "INSERT INTO message_events (message_id, at, status, text) VALUES (?, ?, ?, ?)",
-        (message_id, at, None if status is None else status.value, text),
+    tx: Tx,
+    message_id: str,
+    at: float,
+    text: str,
+    status: MessageStatus | None,
+    key: str | None = None,
+) -> bool:
+    """
+    Append a timeline line; with C{key} (an outbox record's), only if no
+    line has that key yet. Returns whether the line was added.
+    """
+    return bool(
+        tx.rowcount(
+            "INSERT INTO message_events (message_id, at, status, text, record_key) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (record_key) DO NOTHING",
+            (message_id, at, None if status is None else status.value, text, key),
+        )
     )

@@ -20,8 +20,12 @@ Layout (version 1)::
     quarantine          quarantined originals (metadata)
     quarantine_chunks   their bytes, in chunks of at most CHUNK_SIZE
 
+Version 2 adds C{record_key} to C{message_events} and C{refusals} (the key
+of the outbox record that wrote the row, see L{mdgateway.store.owed}),
+C{category} and C{repeats} to C{refusals}, and the C{audit} table.
+
 Columns ending in C{_key} hold the case-folded text that substring
-searches run on. Times are POSIX seconds in floating point.
+searches run on (C{record_key} excepted). Times are POSIX seconds in floating point.
 """
 
 from __future__ import annotations
@@ -173,8 +177,63 @@ _V1 = (
     """,
 )
 
+# Version 2: records applied from the outbox carry their key (a replay is
+# recognized and changes nothing); refusals carry their category and how
+# many refusals a (flood summary) row stands for; the operator audit; and
+# verdicts that claimed more than Core said are cleared: a copy that failed
+# or was bypassed, or has a part Core never judged, has no verdict unless
+# Core blocked a part.
+_V2 = (
+    "ALTER TABLE message_events ADD COLUMN record_key TEXT",
+    """
+    CREATE UNIQUE INDEX IF NOT EXISTS message_events_key
+        ON message_events (record_key)
+    """,
+    "ALTER TABLE refusals ADD COLUMN record_key TEXT",
+    "ALTER TABLE refusals ADD COLUMN category TEXT",
+    "ALTER TABLE refusals ADD COLUMN repeats INTEGER NOT NULL DEFAULT 1",
+    "CREATE UNIQUE INDEX IF NOT EXISTS refusals_key ON refusals (record_key)",
+    """
+    CREATE TABLE IF NOT EXISTS audit (
+        id {serial_pk},
+        at {float} NOT NULL,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        target TEXT NOT NULL,
+        result TEXT NOT NULL,
+        detail TEXT NOT NULL,
+        claim TEXT,
+        request_key TEXT,
+        outcome TEXT NOT NULL,
+        finished_at {float}
+    )
+    """,
+    "CREATE INDEX IF NOT EXISTS audit_at ON audit (at, id)",
+    "CREATE UNIQUE INDEX IF NOT EXISTS audit_claim ON audit (claim)",
+    """
+    UPDATE messages SET verdict = NULL
+    WHERE verdict IS NOT NULL AND verdict <> 'Blocked' AND (
+        status IN ('failed', 'bypassed')
+        OR NOT EXISTS (
+            SELECT 1 FROM message_parts p WHERE p.message_id = messages.id
+        )
+        OR EXISTS (
+            SELECT 1 FROM message_parts p WHERE p.message_id = messages.id
+            AND LOWER(p.result) NOT IN ('allowed', 'blocked')
+        )
+        OR (status = 'deferred' AND processed_at IS NOT NULL AND EXISTS (
+            SELECT 1 FROM message_events e WHERE e.message_id = messages.id
+            AND e.at >= messages.processed_at AND SUBSTR(e.text, 1, 7) = 'Failed/'
+        ))
+    )
+    """,
+)
+
 #: Every migration, in order. Append; never edit a released one.
-MIGRATIONS: tuple[Migration, ...] = (Migration(1, "initial schema", _V1),)
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "initial schema", _V1),
+    Migration(2, "outbox keys, refusal categories, audit, honest verdicts", _V2),
+)
 
 #: The version this code writes and reads.
 SCHEMA_VERSION = MIGRATIONS[-1].version

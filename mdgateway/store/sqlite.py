@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
@@ -100,6 +101,13 @@ class SqliteStore(SqlStore):
 
     def __repr__(self) -> str:
         return f"<SqliteStore {self.path}>"
+
+    async def open(self) -> None:
+        if not self._memory and not self._opened:
+            await deferToThreadPool(
+                self._threads, self._pool, private_database, self.path
+            )
+        await super().open()
 
     def _new_connection(self) -> sqlite3.Connection:
         conn = self._connect(self.path)
@@ -178,6 +186,41 @@ class SqliteStore(SqlStore):
 
     def _driver_errors(self) -> tuple[type[BaseException], ...]:
         return (sqlite3.Error,)
+
+    def _record_errors(self) -> tuple[type[BaseException], ...]:
+        return (sqlite3.IntegrityError, sqlite3.DataError)
+
+
+#: Permissions a database file may have at most: it holds mail (the
+#: quarantined originals), so the owner, and perhaps a group that reads
+#: it for backups.
+_MOST_OPEN = 0o640
+
+
+def private_database(path: str) -> None:
+    """
+    Create the database file 0600 if it is missing, and take away from an
+    existing one (and its C{-wal} and C{-shm} files, which SQLite creates
+    with the database's permissions) any permission beyond 0640. Blocking.
+    """
+    for name, create in ((path, True), (path + "-wal", False), (path + "-shm", False)):
+        flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+        try:
+            fd = os.open(name, flags, 0o600)
+        except FileNotFoundError:
+            continue
+        try:
+            mode = os.fstat(fd).st_mode & 0o777
+            if mode & ~_MOST_OPEN:
+                os.fchmod(fd, mode & _MOST_OPEN)
+                Logger().warn(
+                    "{file} was readable by other users (mode {mode:o}); now {new:o}",
+                    file=name,
+                    mode=mode,
+                    new=mode & _MOST_OPEN,
+                )
+        finally:
+            os.close(fd)
 
 
 @contextmanager

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import abc
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, TypeVar
 
@@ -33,8 +33,21 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from mdgateway.store.applyjobs import (
+    RECORD_ERRORS,
+    job_apply,
+    job_claim_audit,
+    job_finish_audit,
+    job_record_audit,
+    job_search_audit,
+)
+from mdgateway.store.audit import AuditEntry, AuditFilter
+from mdgateway.store.counts import job_count_by_verdict, job_instance_activity
 from mdgateway.store.dialect import Dialect, Tx
 from mdgateway.store.interfaces import (
+    FROM_PARTS,
+    FromParts,
+    InstanceActivity,
     IStore,
     MessageFilter,
     MessageRecord,
@@ -53,6 +66,7 @@ from mdgateway.store.interfaces import (
     RefusalFilter,
     ScanVerdict,
     StoreError,
+    VerdictCount,
     overall_verdict,
 )
 from mdgateway.store.jobs import (
@@ -76,6 +90,7 @@ from mdgateway.store.jobs import (
     job_search_refusals,
     job_update_status,
 )
+from mdgateway.store.owed import Applied, Owed
 from mdgateway.store.rows import DAY, decode_cursor
 from mdgateway.store.schema import current_version, migrate
 from mdgateway.store.upstream import parse_upstream_queue_id
@@ -171,6 +186,14 @@ class SqlStore(abc.ABC):
         """
         The driver's exception classes, mapped onto L{StoreError}.
         """
+
+    def _record_errors(self) -> tuple[type[BaseException], ...]:
+        """
+        The driver's exceptions that belong to one statement's data (a
+        constraint, a bad value), not to the connection: an outbox record
+        that raises one fails alone (see L{apply}).
+        """
+        return ()
 
     # Running jobs
 
@@ -357,11 +380,11 @@ class SqlStore(abc.ABC):
         message_id: str,
         parts: Iterable[PartVerdict],
         actions: Iterable[str] = (),
-        verdict: ScanVerdict | None = None,
+        verdict: ScanVerdict | None | FromParts = FROM_PARTS,
         at: float | None = None,
     ) -> None:
         parts = tuple(parts)
-        if verdict is None:
+        if isinstance(verdict, FromParts):
             verdict = overall_verdict(parts)
         await self._call(
             True,
@@ -413,7 +436,9 @@ class SqlStore(abc.ABC):
     # Refused log
 
     async def record_refusal(self, refusal: Refusal) -> Refusal:
-        return await self._call(True, job_record_refusal, refusal)
+        recorded = await self._call(True, job_record_refusal, refusal)
+        assert recorded is not None  # only a keyed refusal can be a repeat
+        return recorded
 
     async def search_refusals(
         self,
@@ -480,6 +505,69 @@ class SqlStore(abc.ABC):
         self, item_id: str, by: str, at: float | None = None
     ) -> QuarantineItem:
         return await self._call(True, job_mark_released, item_id, by, self._now(at))
+
+    # Dashboard counts
+
+    async def count_by_verdict(
+        self, since: float, until: float, step: float
+    ) -> tuple[VerdictCount, ...]:
+        if not step > 0 or not until > since:
+            raise ValueError("count_by_verdict needs step > 0 and until > since")
+        return await self._call(False, job_count_by_verdict, since, until, step)
+
+    async def instance_activity(self, since: float) -> tuple[InstanceActivity, ...]:
+        return await self._call(False, job_instance_activity, since)
+
+    # Records owed by the outbox
+
+    async def apply(self, records: Sequence[Owed]) -> list[Applied]:
+        if not records:
+            return []
+        return await self._call(
+            True,
+            job_apply,
+            tuple(records),
+            self._chunk_size,
+            RECORD_ERRORS + self._record_errors(),
+            durable=True,
+        )
+
+    # Audit
+
+    async def record_audit(self, entry: AuditEntry) -> AuditEntry:
+        return await self._call(True, job_record_audit, entry, durable=True)
+
+    async def claim_audit(self, entry: AuditEntry) -> tuple[AuditEntry, bool]:
+        return await self._call(True, job_claim_audit, entry, durable=True)
+
+    async def finish_audit(
+        self,
+        entry_id: int,
+        result: str,
+        detail: str,
+        outcome: str = "",
+        at: float | None = None,
+    ) -> AuditEntry:
+        return await self._call(
+            True,
+            job_finish_audit,
+            entry_id,
+            result,
+            detail,
+            outcome,
+            self._now(at),
+            durable=True,
+        )
+
+    async def search_audit(
+        self,
+        filters: AuditFilter | None = None,
+        page: PageRequest | None = None,
+    ) -> Page[AuditEntry]:
+        page = page or PageRequest()
+        if page.cursor is not None:
+            decode_cursor(page.cursor, "a", int)
+        return await self._call(False, job_search_audit, filters or AuditFilter(), page)
 
     # Retention
 

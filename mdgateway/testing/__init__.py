@@ -97,6 +97,9 @@ class FakeEnvelopeHandler:
         self.sinks: list[MemorySink] = []
         self.hold_finish = False
         self.infos: list[ConnectionInfo] = []
+        #: Every negative reply the server reported, as
+        #: C{(code, sender or None, recipient or None)}.
+        self.refusals: list[tuple[int, str | None, str | None]] = []
 
     def _answer(self, value: Any) -> Any:
         if not self.hold_checks:
@@ -147,6 +150,21 @@ class FakeEnvelopeHandler:
         self, info: ConnectionInfo, mail: MailFrom, reply: Reply
     ) -> None:
         self.events.append(("message refused", reply.code))
+
+    def refusal_sent(
+        self,
+        info: ConnectionInfo,
+        reply: Reply,
+        mail: MailFrom | None,
+        rcpt: RcptTo | None,
+    ) -> None:
+        self.refusals.append(
+            (
+                reply.code,
+                None if mail is None else mail.sender_text,
+                None if rcpt is None else str(rcpt.recipient),
+            )
+        )
 
     def disconnected(self, info: ConnectionInfo) -> None:
         self.events.append(("disconnected", info.client))

@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_e2e_workers -*-
 """
-C{python -m mdgateway.emulator.process}: the built-in Core emulator
+C{python -m mdgateway.run.emulator}: the built-in Core emulator
 (C{[emulator] enabled}) as a process of its own, started and kept alive by
 the gateway.
 
@@ -22,15 +22,33 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
 
-from mdgateway.emulator.app import CoreEmulator, EmulatorConfig, build_site
+from mdgateway.emulator.app import CoreEmulator, EmulatorConfig
+from mdgateway.emulator.server import BACKLOG, build_site
 from mdgateway.run.supervisor import run_child
 
 log = Logger()
 
+#: Threads examining uploads (their scan is Python, so more threads would
+#: only queue on the interpreter lock).
+THREADS = 4
+
+
+def with_backlog(endpoint: str, backlog: int = BACKLOG) -> str:
+    """
+    A C{tcp:}/C{tcp6:} endpoint description with a listen backlog, unless it
+    names one already (Twisted's default of 50 resets connections when a
+    few hundred uploads arrive at once).
+    """
+    kind = endpoint.split(":", 1)[0].lower()
+    if kind not in ("tcp", "tcp6") or "backlog=" in endpoint:
+        return endpoint
+    return f"{endpoint}:backlog={backlog}"
+
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mdgateway.emulator.process")
+    parser = argparse.ArgumentParser(prog="python -m mdgateway.run.emulator")
     parser.add_argument("--endpoint", required=True, help="a Twisted server endpoint")
     parser.add_argument("--latency", type=float, default=0.0)
     args = parser.parse_args(argv)
@@ -38,16 +56,17 @@ def main(argv: list[str] | None = None) -> int:
     from twisted.internet import reactor as default_reactor
 
     reactor: Any = default_reactor
+    pool = ThreadPool(minthreads=0, maxthreads=THREADS, name="mdcore-emulator")
     emulator = CoreEmulator(
         reactor,
         EmulatorConfig(latency=args.latency),
-        blocking=partial(deferToThreadPool, reactor, reactor.getThreadPool()),
+        blocking=partial(deferToThreadPool, reactor, pool),
     )
     site = build_site(emulator, access_log=False, reactor=reactor)
     status = {"code": 0}
 
     async def listen() -> None:
-        await serverFromString(reactor, args.endpoint).listen(site)
+        await serverFromString(reactor, with_backlog(args.endpoint)).listen(site)
         log.info(
             "MetaDefender Core emulator listening on {endpoint}",
             endpoint=args.endpoint,
@@ -63,10 +82,15 @@ def main(argv: list[str] | None = None) -> int:
         reactor.stop()
 
     def started() -> None:
+        pool.start()
         Deferred.fromCoroutine(listen()).addErrback(failed)
 
+    def stopping() -> None:
+        emulator.close()
+        pool.stop()
+
     # Nothing to reload: SIGHUP is ignored, so it never kills the emulator.
-    run_child(reactor, started, emulator.close)
+    run_child(reactor, started, stopping)
     return status["code"]
 
 

@@ -1,0 +1,71 @@
+# -*- test-case-name: tests.test_core_runtime -*-
+"""
+The Core runtimes of a running gateway: one per Core server profile, kept
+in step with the configuration across reloads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+
+from twisted.internet.interfaces import IReactorTime
+
+from mdgateway.policy.profiles import CoreProfile
+from mdgateway.policy.rules import Rule
+from mdgateway.scan.runtime import CoreRuntime
+
+
+class CoreRuntimes:
+    """
+    Core server profile name to its L{CoreRuntime}.
+
+    A profile that changes on reload gets a new runtime (its circuit
+    breakers and connections start afresh); an unchanged one keeps its
+    own, so a reload does not forget which servers are down.
+    """
+
+    def __init__(self, reactor: IReactorTime) -> None:
+        self._reactor = reactor
+        self._runtimes: dict[str, CoreRuntime] = {}
+
+    def sync(self, profiles: Mapping[str, CoreProfile]) -> None:
+        """
+        One runtime per profile in C{profiles}.
+        """
+        for name, profile in profiles.items():
+            runtime = self._runtimes.get(name)
+            if runtime is not None and runtime.profile == profile:
+                continue
+            if runtime is not None:
+                runtime.close()
+            self._runtimes[name] = CoreRuntime.from_profile(profile, self._reactor)
+
+    def __getitem__(self, name: str) -> CoreRuntime:
+        return self._runtimes[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._runtimes)
+
+    def items(self) -> list[tuple[str, CoreRuntime]]:
+        return list(self._runtimes.items())
+
+    def scanning(self, rule: Rule) -> bool:
+        """
+        Whether the rule's Core profile can take work now (a profile with
+        no runtime yet is assumed to).
+        """
+        runtime = self._runtimes.get(rule.core_profile.name)
+        return runtime is None or runtime.available()
+
+    def servers_up(self) -> dict[str, int]:
+        """
+        Profile name to the number of its servers currently up.
+        """
+        return {
+            name: sum(1 for s in runtime.status() if s.up)
+            for name, runtime in self._runtimes.items()
+        }
+
+    async def close(self) -> None:
+        for runtime in self._runtimes.values():
+            await runtime.close()
