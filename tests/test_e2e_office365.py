@@ -27,7 +27,7 @@ from tests.certs import make_test_pki
 from tests.downstream import RecordingHandler, _Controller
 from tests.gatewayproc import ETC, free_port, running_gateway, wait_for_port
 from tests.test_e2e_admin import admin_section, call
-from tests.test_e2e_pipeline import wait_for
+from tests.test_e2e_pipeline import body_of, unfold, wait_for
 from tests.test_e2e_receive import Raw
 from tests.test_smtp_proxy import v2_proxy
 
@@ -386,7 +386,14 @@ def test_our_tenant_passes(office365) -> None:
     wait_for(lambda: len(handler.messages) == len(expected) + 1)
     second = handler.messages[-1]
     assert second.content.count(b"X-MD-Email-Security-Id:") == 2
-    assert second.content.endswith(first.content)
+    # Relayed unscanned: the content as it was, the marker it came with
+    # kept beside ours, which says it was not scanned again.
+    assert body_of(second.content) == body_of(first.content)
+    came_with = email.message_from_bytes(first.content, policy=email.policy.compat32)
+    again = email.message_from_bytes(second.content, policy=email.policy.compat32)
+    markers = [unfold(v) for v in again.get_all("X-MD-Email-Security-Id")]
+    assert unfold(came_with["X-MD-Email-Security-Id"]) in markers
+    assert any("v=Skipped/AlreadyProcessed" in m for m in markers)
     codes, final = transaction(
         raw, "alice@example.com", ["carol@partner.example"], second.content
     )
