@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import json
 import shutil
 import socket
 import subprocess
@@ -31,6 +32,7 @@ from tests.gatewayproc import (
     running_gateway,
     wait_for_port,
 )
+from tests.test_e2e_admin import call
 from tests.test_e2e_pipeline import (
     headers_of,
     message,
@@ -264,12 +266,14 @@ def test_empty_parts_pass_default_configuration(
     The shipped configuration (etc/mdgateway.toml, its emulator and rule,
     relaying here to a real SMTP server instead of the maildir) delivers
     real-world mail with empty bodies and parts, each Allowed, and bounces
-    nothing: no DSN reaches the sender.
+    nothing: no DSN reaches the sender. The history gives each a verdict
+    (Allowed; Sanitized for the rebuilt PDF) and lists its empty parts as
+    Empty.
     """
     handler = RecordingHandler()
     downstream = smtpd(handler)
     config = (ETC / "mdgateway.toml").read_text()
-    port, core_port = free_port(), free_port()
+    port, core_port, admin = free_port(), free_port(), free_port()
     shutil.copytree(ETC / "tls", tmp_path / "tls")
     replaced = (
         config.replace(
@@ -280,9 +284,7 @@ def test_empty_parts_pass_default_configuration(
         .replace("tcp:8008:interface=127.0.0.1", f"tcp:{core_port}:interface=127.0.0.1")
         .replace("http://127.0.0.1:8008", f"http://127.0.0.1:{core_port}")
         .replace('"maildir:../var/delivered"', f'"smtp://127.0.0.1:{downstream.port}"')
-        .replace(
-            "tcp:10080:interface=127.0.0.1", f"tcp:{free_port()}:interface=127.0.0.1"
-        )
+        .replace("tcp:10080:interface=127.0.0.1", f"tcp:{admin}:interface=127.0.0.1")
         .replace('"../var/admin.token"', f'"{tmp_path / "admin.token"}"')
     )
     # Every path the example sets is ours (commented-out examples aside).
@@ -300,6 +302,24 @@ def test_empty_parts_pass_default_configuration(
             send(port, data, recipients=("r@example.org",))
         wait_for(lambda: len(handler.messages) == len(shapes), timeout=60)
         wait_for(lambda: not list((tmp_path / "spool" / "queue").glob("*")))
+        token = (tmp_path / "admin.token").read_text().strip()
+
+        def finished() -> list[dict]:
+            _, body = call(admin, "/api/messages", token=token)
+            items = json.loads(body)["items"]
+            done = [i for i in items if i["finished_at"]]
+            return done if len(done) == len(shapes) else []
+
+        history = {i["subject"]: i for i in wait_for(finished)}
+        # The PDF beside an empty text part is rebuilt by Deep CDR.
+        assert history.pop("scan")["verdict"] == "Sanitized"
+        assert {i["verdict"] for i in history.values()} == {"Allowed"}
+        results = []
+        for item in history.values():
+            _, body = call(admin, f"/api/messages/{item['id']}", token=token)
+            results += [p["result"] for p in json.loads(body)["parts"]]
+        assert "Empty" in results
+        assert set(results) <= {"Empty", "Allowed"}
     subjects = sorted(headers_of(m)["Subject"] for m in handler.messages)
     assert subjects == sorted(email.message_from_bytes(d)["Subject"] for _, d in shapes)
     for got in handler.messages:

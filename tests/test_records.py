@@ -393,6 +393,24 @@ class PureTests(SynchronousTestCase):
         self.assertEqual(overall_verdict([allowed, sanitized]), ScanVerdict.SANITIZED)
         self.assertEqual(overall_verdict([error, blocked]), ScanVerdict.BLOCKED)
 
+    def test_overall_verdict_empty_parts_count_clean(self) -> None:
+        """
+        An empty part (never sent to Core: nothing in zero bytes can do
+        harm) counts as clean: beside clean parts, or alone, the message is
+        Allowed; beside a sanitized part, Sanitized; beside a part whose
+        scan failed, still no verdict; beside a blocked one, Blocked.
+        """
+        empty = PartVerdict("1", "text/plain", 0, "Empty")
+        allowed = PartVerdict("2", "application/pdf", 9, "Allowed")
+        sanitized = PartVerdict("3", "text/plain", 1, "Allowed", sanitized=True)
+        error = PartVerdict("4", "text/plain", 1, "Error")
+        blocked = PartVerdict("5", "text/plain", 1, "Blocked")
+        self.assertEqual(overall_verdict([empty, allowed]), ScanVerdict.ALLOWED)
+        self.assertEqual(overall_verdict([empty]), ScanVerdict.ALLOWED)
+        self.assertEqual(overall_verdict([empty, sanitized]), ScanVerdict.SANITIZED)
+        self.assertIsNone(overall_verdict([empty, error]))
+        self.assertEqual(overall_verdict([empty, blocked]), ScanVerdict.BLOCKED)
+
     def test_copy_verdict_never_calls_unscanned_mail_clean(self) -> None:
         """
         The history verdict of a processed copy: none for a copy that
@@ -422,6 +440,11 @@ class PureTests(SynchronousTestCase):
                 ScanVerdict.SANITIZED,
             ),
             (outcome(Decision.DELIVER, "Allowed"), error, None),
+            (
+                outcome(Decision.DELIVER, "Allowed"),
+                (*clean, PartVerdict("2", "text/plain", 0, "Empty")),
+                ScanVerdict.ALLOWED,
+            ),
         ]
         for copy, parts, expected in cases:
             self.assertEqual(copy_verdict(copy, parts), expected, copy.result)

@@ -256,22 +256,34 @@ class PartVerdict:
         """
         return self.result.casefold() in _SCAN_RESULTS
 
+    @property
+    def empty(self) -> bool:
+        """
+        Whether the part had no content, so was never sent to Core (which
+        refuses empty files): nothing in zero bytes can do harm, so it
+        counts as clean.
+        """
+        return self.result.casefold() == _EMPTY
+
 
 #: The part results that are verdicts of Core (case-folded).
 _SCAN_RESULTS = frozenset({"allowed", "blocked"})
+#: The part result of an empty part (case-folded).
+_EMPTY = "empty"
 
 
 def overall_verdict(parts: Iterable[PartVerdict]) -> ScanVerdict | None:
     """
     The message verdict the parts add up to: blocked if Core blocked any
-    part; otherwise C{None} unless every part was scanned (and there was
-    one), sanitized if any part was, else allowed. A message with a part
-    Core never judged is never called clean.
+    part; otherwise C{None} unless every part was scanned or empty (and
+    there was one), sanitized if any part was, else allowed. A message
+    with a part Core never judged is never called clean; an empty part
+    needs no judging.
     """
     parts = list(parts)
     if any(p.blocked for p in parts):
         return ScanVerdict.BLOCKED
-    if not parts or not all(p.scanned for p in parts):
+    if not parts or not all(p.scanned or p.empty for p in parts):
         return None
     if any(p.sanitized for p in parts):
         return ScanVerdict.SANITIZED
