@@ -277,6 +277,12 @@ class Metrics:
             ["listener", "version"],
             registry=r,
         )
+        self._tls_failures = Counter(
+            "mdgateway_smtp_tls_failures",
+            "TLS handshakes that failed (or TLS errors later), by listener.",
+            ["listener"],
+            registry=r,
+        )
         self._proxy_errors = Counter(
             "mdgateway_smtp_proxy_errors",
             "Connections dropped for a missing, bad or untrusted PROXY header.",
@@ -368,6 +374,12 @@ class Metrics:
         """
         label = version if version in _TLS_VERSIONS else OTHER
         self._tls.labels(_name(listener), label).inc()
+
+    def tls_failed(self, listener: str) -> None:
+        """
+        A TLS handshake on C{listener} failed (the log says why).
+        """
+        self._tls_failures.labels(_name(listener)).inc()
 
     def proxy_error(self, listener: str) -> None:
         """

@@ -72,7 +72,7 @@ def build_listener_factory(
             config.tls.key,
             config.tls.chain,
             config.tls.min_version,
-            config.tls.ciphers,
+            listener.cipher_policy(config.tls.ciphers),
         )
     factory = SMTPServerFactory(
         name=listener.name,

@@ -298,5 +298,7 @@ def _session_metrics(metrics: Metrics) -> Callable[[ConnectionInfo, bool], None]
         metrics.session_closed(info.listener)
         if info.tls_version:
             metrics.tls_established(info.listener, info.tls_version)
+        if info.tls_error:
+            metrics.tls_failed(info.listener)
 
     return connection
