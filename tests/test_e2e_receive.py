@@ -154,6 +154,34 @@ def test_starttls_smtplib(gateway) -> None:
     assert envelope["protocol"] == "ESMTPS"
 
 
+def test_smtputf8_received_keyword(gateway) -> None:
+    """
+    A transaction whose MAIL carries SMTPUTF8 over STARTTLS is stamped
+    C{with UTF8SMTPS} (RFC 6531) in the Received header and the envelope;
+    the next one on the same connection, without it, is C{ESMTPS}.
+    """
+    gw, port, spool = gateway
+    body = "From: jörg@example.com\r\nSubject: grüße\r\n\r\nhallo\r\n".encode()
+    with smtplib.SMTP("127.0.0.1", port, local_hostname="utf8.test") as client:
+        client.starttls(context=client_tls())
+        client.ehlo()
+        refused = client.sendmail(
+            "jörg@example.com", ["r@example.org"], body, mail_options=["SMTPUTF8"]
+        )
+        assert refused == {}
+        assert client.sendmail("ascii@utf8.test", ["r@example.org"], MESSAGE) == {}
+    by_sender = {}
+    for path in queued_files(spool):
+        message, envelope = spooled(spool, path.stem)
+        by_sender[envelope["sender"]] = (message.split(b"\r\n\r\n")[0], envelope)
+    head, envelope = by_sender["jörg@example.com"]
+    assert b"with UTF8SMTPS (using TLSv1." in head
+    assert envelope["protocol"] == "UTF8SMTPS"
+    head, envelope = by_sender["ascii@utf8.test"]
+    assert b"with ESMTPS (using TLSv1." in head
+    assert envelope["protocol"] == "ESMTPS"
+
+
 def test_pipelined_replies_in_order(tmp_path: Path) -> None:
     """
     A client that sends EHLO, MAIL, three RCPTs (one refused), DATA, the
