@@ -19,8 +19,15 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-from twisted.internet.endpoints import _parseServer
 
+from mdgateway.endpoints import (
+    ADMIN_KINDS,
+    LISTENER_KINDS,
+    TCP_KINDS,
+    EndpointError,
+    check_endpoint,
+    endpoint_address,
+)
 from mdgateway.policy.parse import parse_policy
 from mdgateway.policy.rules import Policy
 from mdgateway.smtp.server import TLS_MODES
@@ -71,18 +78,6 @@ class ListenerConfig:
         """
         _, interface, port = endpoint_address(self.endpoint)
         return interface, port
-
-
-def endpoint_address(description: str) -> tuple[str, str, int]:
-    """
-    The kind (C{"TCP"}, C{"SSL"}, C{"UNIX"}...), interface and port of a
-    Twisted server endpoint description (port 0 and C{""} where none).
-    """
-    kind, args, kwargs = _parseServer(description, None)
-    port = (
-        int(args[0]) if args and str(args[0]).isdigit() else int(kwargs.get("port", 0))
-    )
-    return str(kind), str(kwargs.get("interface", "")), port
 
 
 @attrs.frozen
@@ -297,13 +292,14 @@ def parse_config(
     spool_section.finish()
     delivery = _delivery(root.table("delivery"), base, spool.directory)
     store = _store(root.table("store"), base, spool.directory)
-    admin = _admin(root.table("admin"), base, spool.directory)
+    admin = _admin(root.table("admin"), base, spool.directory, check_files)
     emulator_section = root.table("emulator")
     emulator = EmulatorSettings(
         enabled=emulator_section.boolean("enabled", False),
         endpoint=emulator_section.string("endpoint", "tcp:8008:interface=127.0.0.1"),
         latency=emulator_section.duration("latency", 0.0),
     )
+    _endpoint(emulator_section, "endpoint", emulator.endpoint, TCP_KINDS, False)
     emulator_section.finish()
     drain = root.table("drain")
     drain_timeout = drain.duration("timeout", 30.0)
@@ -417,17 +413,14 @@ def _tls(section: Section, base: Path, check: bool) -> TLSConfig:
 def _listener(section: Section, base: Path, check: bool) -> ListenerConfig:
     name = section.string("name", required=True) or section.path
     endpoint = section.string("endpoint", required=True) or "tcp:0"
-    kind = endpoint.split(":", 1)[0]
-    section.check(
+    _endpoint(
+        section,
         "endpoint",
-        kind in ("tcp", "tcp6", "unix", "systemd"),
-        f"unsupported endpoint type {kind!r} (use tcp:, tcp6:, unix: or systemd:;"
-        " TLS and PROXY are set with the tls and proxy_protocol keys)",
+        endpoint,
+        LISTENER_KINDS,
+        check,
+        hint="TLS and PROXY are set with the tls and proxy_protocol keys",
     )
-    try:
-        _parseServer(endpoint, None)
-    except Exception as e:
-        section.problems.add(f"{section.path}.endpoint", f"invalid endpoint: {e}")
     tls = section.choice("tls", TLS_MODES, "none", what="mode")
     proxy = section.boolean("proxy_protocol", False)
     trusted = section.networks("trusted_proxies")
@@ -475,6 +468,26 @@ def _listener(section: Section, base: Path, check: bool) -> ListenerConfig:
     return config
 
 
+def _endpoint(
+    section: Section,
+    key: str,
+    description: str,
+    kinds: tuple[str, ...],
+    check_files: bool,
+    hint: str = "",
+) -> None:
+    """
+    Record at most one problem for an endpoint that cannot be served.
+    """
+    try:
+        check_endpoint(description, kinds, check_files)
+    except EndpointError as e:
+        text = str(e)
+        if hint and text.startswith("unsupported endpoint type"):
+            text = text[:-1] + f"; {hint})"
+        section.check(key, False, f"{text}: {description!r}")
+
+
 def _store(section: Section, base: Path, spool: str) -> StoreConfig:
     location = section.string("location") or str(Path(spool) / "history.sqlite")
     if "://" not in location and location != ":memory:":
@@ -496,13 +509,10 @@ def _store(section: Section, base: Path, spool: str) -> StoreConfig:
     return config
 
 
-def _admin(section: Section, base: Path, spool: str) -> AdminConfig:
+def _admin(section: Section, base: Path, spool: str, check_files: bool) -> AdminConfig:
     endpoint = section.string("endpoint", "")
     if endpoint:
-        try:
-            _parseServer(endpoint, None)
-        except Exception as e:
-            section.problems.add(f"{section.path}.endpoint", f"invalid endpoint: {e}")
+        _endpoint(section, "endpoint", endpoint, ADMIN_KINDS, check_files)
     token = section.string("token_file")
     config = AdminConfig(
         endpoint=endpoint,
