@@ -183,18 +183,23 @@ def tls_gateway(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[GatewayProcess, int, int]]:
     """
-    A gateway with a STARTTLS listener and an implicit-TLS listener.
+    A gateway with a STARTTLS listener and an implicit-TLS listener, and
+    its Core emulator, so the mail it takes is scanned and delivered.
     """
     tmp = tmp_path_factory.mktemp("tls")
-    starttls, implicit = free_port(), free_port()
+    starttls, implicit, core = free_port(), free_port(), free_port()
     toml = default_toml(
         starttls,
         tmp / "spool",
+        core_url=f"http://127.0.0.1:{core}",
         extra=f"""
 [[listeners]]
 name = "smtps"
 endpoint = "tcp:{implicit}:interface=127.0.0.1"
 tls = "implicit"
+[emulator]
+enabled = true
+endpoint = "tcp:{core}:interface=127.0.0.1"
 """,
     )
     config = tmp / "mdgateway.toml"

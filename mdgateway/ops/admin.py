@@ -469,6 +469,33 @@ def _bounded_request(limit: int) -> type[Request]:
     return BoundedRequest
 
 
+#: Load balancers probe these every few seconds: logged only when they fail.
+_PROBES = frozenset({b"/healthz", b"/readyz"})
+
+_access_log = Logger(namespace="mdgateway.ops.admin.access")
+
+
+class _AdminSite(Site):
+    """
+    A site whose access log is one structured event per request (instead
+    of a line of text in the combined log format), and none for a health
+    probe that succeeds.
+    """
+
+    def log(self, request: Any) -> None:
+        code = request.code or 0
+        if request.path in _PROBES and code < 400:
+            return
+        _access_log.info(
+            "admin API {method} {path} {status}",
+            method=request.method.decode("ascii", "replace"),
+            path=request.path.decode("ascii", "replace"),
+            status=code,
+            client=client_host(request),
+            bytes=request.sentLength,
+        )
+
+
 class AdminAPI:
     """
     The admin HTTP API over an L{IOperations}.
@@ -520,7 +547,9 @@ class AdminAPI:
         bodies beyond C{max_body} discarded while they arrive, no
         tracebacks in answers.
         """
-        site = Site(self.resource(), requestFactory=_bounded_request(self._max_body))
+        site = _AdminSite(
+            self.resource(), requestFactory=_bounded_request(self._max_body)
+        )
         site.displayTracebacks = False
         return site
 

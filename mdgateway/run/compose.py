@@ -245,7 +245,11 @@ def build_gateway(
         ),
         retry=retry_policy(config),
         concurrency=config.delivery.concurrency,
-        history=TeeHistory(history, LogHistory(), MetricsHistory(metrics)),
+        history=TeeHistory(
+            history,
+            LogHistory(lambda: live.current.version),
+            MetricsHistory(metrics),
+        ),
     )
     queue.on_bounce = metrics.bounce
 

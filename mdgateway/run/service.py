@@ -7,32 +7,40 @@ and an orderly drain in the reverse order.
 
 from __future__ import annotations
 
-import errno
 import os
+import socket
 import sys
+from contextlib import suppress
 from functools import partial
 from typing import Any
 
 import attrs
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
-from twisted.internet.endpoints import HostnameEndpoint, serverFromString
-from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger, globalLogPublisher
 from twisted.python.failure import Failure
 
-from mdgateway.config import ConfigError, GatewayConfig, endpoint_address, load_config
+from mdgateway.config import ConfigError, GatewayConfig, ListenerConfig, load_config
 from mdgateway.ops.admin import AdminAPI
 from mdgateway.ops.operations import GatewayOperations
 from mdgateway.ops.tokens import load_or_create_token
 from mdgateway.queue.entry import SpoolInUseError
 from mdgateway.receive.listeners import apply_settings
+from mdgateway.run.binding import (
+    AddressInUseError,
+    StartError,
+    exit_after_shutdown,
+    listen_now,
+    listening_socket,
+    retrying,
+)
 from mdgateway.run.compose import Gateway
 from mdgateway.run.supervisor import (
+    ChildNotReadyError,
     Supervisor,
     stale_worker_spools,
     worker_command,
@@ -54,13 +62,21 @@ class GatewayService(MultiService):
     @param listen: bind the configured listeners (the primary), or adopt the
         sockets the primary passed down (a worker). An embedder that serves
         L{Gateway.smtp_factory} on endpoints of its own passes C{False}.
+    @param exit_on_failure: the process is this gateway (the plugin): a
+        start that fails ends it with status 1; before the reactor runs, at
+        once by C{SystemExit} with one line naming the key at fault.
     """
 
-    def __init__(self, gateway: Gateway, *, listen: bool = True) -> None:
+    def __init__(
+        self, gateway: Gateway, *, listen: bool = True, exit_on_failure: bool = False
+    ) -> None:
         super().__init__()
         self.gateway = gateway
         self.reactor = gateway.reactor
         self.listen = listen
+        self.exit_on_failure = exit_on_failure
+        #: The emulator's listening socket, bound here and served by it.
+        self.emulator_socket: socket.socket | None = None
         self.supervisor: Supervisor | None = None
         self.emulator: Supervisor | None = None
         self.operations = GatewayOperations(
@@ -78,13 +94,25 @@ class GatewayService(MultiService):
         self.admin_port: IListeningPort | None = None
         self.purger = LoopingCall(self._purge)
         self.purger.clock = self.reactor
-        self.ports: list[IListeningPort] = []
+        #: The listening ports by listener name.
+        self.listener_ports: dict[str, IListeningPort] = {}
         self.ready: Deferred[None] = Deferred()
         self.draining = False
 
     @property
     def config(self) -> GatewayConfig:
         return self.gateway.live.current
+
+    @property
+    def ports(self) -> list[IListeningPort]:
+        """
+        The listeners' ports, in configuration order.
+        """
+        return [
+            self.listener_ports[listener.name]
+            for listener in self.config.listeners
+            if listener.name in self.listener_ports
+        ]
 
     # -- readiness and metrics -------------------------------------------------
 
@@ -143,11 +171,60 @@ class GatewayService(MultiService):
 
     # -- start -------------------------------------------------------------------
 
+    def privilegedStartService(self) -> None:
+        # twistd calls this before it drops privileges: bind port 25 here.
+        self._bind_now()
+        super().privilegedStartService()
+
     def startService(self) -> None:
+        self._bind_now()
         super().startService()
         self.gateway.threads.start()
         d = Deferred.fromCoroutine(self._start())
         d.addErrback(self._failed_start)
+
+    def _bind_now(self) -> None:
+        """
+        Before the reactor runs (twist, twistd), bind the emulator's port,
+        every listener and the admin API synchronously, so a port that
+        cannot be had stops the start before anything else happens. An
+        address in use is left for L{_start} to wait for.
+        """
+        gateway = self.gateway
+        if (
+            self.reactor.running
+            or not gateway.role.primary
+            or not self.listen
+            or self.listener_ports
+        ):
+            return
+        try:
+            if self.config.emulator.enabled:
+                with suppress(AddressInUseError):
+                    self.emulator_socket = listening_socket(
+                        self.config.emulator.endpoint, key="emulator.endpoint"
+                    )
+            for index, listener in enumerate(self.config.listeners):
+                with suppress(AddressInUseError):
+                    self._listening(listener, self._listen_once(index, listener))
+            if self.config.admin.endpoint:
+                token = load_or_create_token(self.config.admin.token_file)
+                self._listen_admin(token)
+        except StartError as e:
+            self._unbind()
+            if self.exit_on_failure:
+                raise SystemExit(f"mdgateway: cannot start: {e}") from None
+            raise
+
+    def _unbind(self) -> None:
+        for port in [*self.ports, self.admin_port]:
+            if port is not None:
+                port.stopListening()
+        self.listener_ports = {}
+        self.admin_port = None
+        if self.emulator_socket is not None:
+            self.emulator_socket.close()
+            self.emulator_socket = None
 
     async def _start(self) -> None:
         gateway = self.gateway
@@ -159,9 +236,6 @@ class GatewayService(MultiService):
         gateway.runtimes.sync(config.policy.core_profiles)
         await gateway.store.open()
         if primary:
-            self.purger.start(3600, now=True).addErrback(
-                lambda f: log.failure("retention job failed", f)
-            )
             await gateway.spool.acquire()
             await self._adopt_stale_spools()
         else:
@@ -178,10 +252,20 @@ class GatewayService(MultiService):
         gateway.handler.ready = True
         if self.listen:
             await self._start_listeners()
-        if primary and config.admin.endpoint:
+        if primary and config.admin.endpoint and self.admin_port is None:
             await self._start_admin()
         if primary and self.listen and config.workers > 1:
             self._start_workers()
+        if primary:
+            self.purger.start(3600, now=True).addErrback(
+                lambda f: log.failure("retention job failed", f)
+            )
+        log.info(
+            "ready: config {config_version}, {listeners} listener(s)",
+            config_version=config.version,
+            listeners=len(self.ports),
+            gateway_ready=True,
+        )
         self.ready.callback(None)
 
     async def _adopt_stale_spools(self) -> None:
@@ -200,56 +284,60 @@ class GatewayService(MultiService):
                 # where they are; the next start adopts them.
                 log.warn("not adopted yet: {error}", error=str(e))
 
-    async def _start_listeners(self) -> None:
-        gateway = self.gateway
-        for listener in self.config.listeners:
-            wrapped = gateway.smtp_factory(listener.name)
-            if isinstance(wrapped, ProxyHeaderFactory):
-                wrapped.on_error = partial(gateway.metrics.proxy_error, listener.name)
-            if gateway.role.primary:
-                port = await self._listen(listener.endpoint, wrapped)
-            else:
-                port = adopt_listener(
-                    self.reactor, gateway.role.listen_fds[listener.name], wrapped
-                )
-            self.ports.append(port)
-            host = port.getHost()
-            log.info(
-                "listening on {listener}: {host}:{port} (tls {tls}, proxy {proxy})",
-                listener=listener.name,
-                host=getattr(host, "host", host),
-                port=getattr(host, "port", ""),
-                tls=listener.tls,
-                proxy=listener.proxy_protocol,
-            )
+    def _listener_factory(self, name: str) -> Factory:
+        wrapped = self.gateway.smtp_factory(name)
+        if isinstance(wrapped, ProxyHeaderFactory):
+            wrapped.on_error = partial(self.gateway.metrics.proxy_error, name)
+        # "Starting factory" lines say nothing the listening line does not.
+        wrapped.noisy = False
+        return wrapped
 
-    async def _listen(self, description: str, factory: Factory) -> IListeningPort:
+    def _listening(self, listener: ListenerConfig, port: IListeningPort) -> None:
+        self.listener_ports[listener.name] = port
+        host = port.getHost()
+        log.info(
+            "listening on {listener}: {host}:{port} (tls {tls}, proxy {proxy})",
+            listener=listener.name,
+            host=getattr(host, "host", host),
+            port=getattr(host, "port", ""),
+            tls=listener.tls,
+            proxy=listener.proxy_protocol,
+        )
+
+    def _listen_once(self, index: int, listener: ListenerConfig) -> IListeningPort:
+        return listen_now(
+            self.reactor,
+            listener.endpoint,
+            self._listener_factory(listener.name),
+            key=f"listeners[{index}].endpoint ({listener.name})",
+        )
+
+    async def _start_listeners(self) -> None:
         """
-        Listen on C{description}; while the address is in use, keep trying
+        Open the listeners not bound yet: an address in use is tried again
         for as long as a predecessor may take to drain (after a crash its
         workers still hold the old socket until they have finished).
         """
-        deadline = self.reactor.seconds() + self.config.drain_timeout + 5
-        warned = False
-        while True:
-            try:
-                port: IListeningPort = await serverFromString(
-                    self.reactor, description
-                ).listen(factory)
-                return port
-            except CannotListenError as e:
-                in_use = getattr(e.socketError, "errno", None) == errno.EADDRINUSE
-                if not in_use or self.reactor.seconds() >= deadline:
-                    raise
-                if not warned:
-                    warned = True
-                    log.warn(
-                        "{endpoint} is in use (a predecessor draining?); "
-                        "retrying until {seconds:g}s have passed",
-                        endpoint=description,
-                        seconds=self.config.drain_timeout + 5,
-                    )
-                await deferLater(self.reactor, 0.25, lambda: None)
+        gateway = self.gateway
+        for index, listener in enumerate(self.config.listeners):
+            if listener.name in self.listener_ports:
+                continue
+            if gateway.role.primary:
+                wait = self.config.drain_timeout + 5
+                port = await retrying(
+                    self.reactor,
+                    partial(self._listen_once, index, listener),
+                    wait,
+                    waiting=listener.endpoint,
+                    holder=f" (still, after {wait:g}s)",
+                )
+            else:
+                port = adopt_listener(
+                    self.reactor,
+                    gateway.role.listen_fds[listener.name],
+                    self._listener_factory(listener.name),
+                )
+            self._listening(listener, port)
 
     def _start_workers(self) -> None:
         fds = {
@@ -271,19 +359,31 @@ class GatewayService(MultiService):
         metrics.watch_workers(lambda: supervisor.running)
         self.supervisor.start()
 
+    def _admin_site(self, token: str) -> Any:
+        site = AdminAPI(self.operations, token, self.reactor).site()
+        site.noisy = False
+        return site
+
+    def _listen_admin(self, token: str) -> None:
+        self.admin_port = listen_now(
+            self.reactor,
+            self.config.admin.endpoint,
+            self._admin_site(token),
+            key="admin.endpoint",
+        )
+        self._admin_listening()
+
     async def _start_admin(self) -> None:
-        settings = self.config.admin
         token = await deferToThreadPool(
             self.reactor,
             self.gateway.threads.spool,
             load_or_create_token,
-            settings.token_file,
+            self.config.admin.token_file,
         )
-        api = AdminAPI(self.operations, token, self.reactor)
-        site = api.site()
-        site.noisy = False
-        endpoint = serverFromString(self.reactor, settings.endpoint)
-        self.admin_port = await endpoint.listen(site)
+        self._listen_admin(token)
+
+    def _admin_listening(self) -> None:
+        settings = self.config.admin
         log.info(
             "admin API listening on {endpoint} (token in {token_file})",
             endpoint=settings.endpoint,
@@ -293,9 +393,19 @@ class GatewayService(MultiService):
     async def _start_emulator(self) -> None:
         """
         Start the built-in Core emulator as a process of its own (kept
-        alive like a worker) and wait until it listens.
+        alive like a worker) on the socket bound for it, and wait until it
+        says it serves.
         """
         settings = self.config.emulator
+        if self.emulator_socket is None:
+            # A predecessor's emulator may take a moment to go.
+            self.emulator_socket = await retrying(
+                self.reactor,
+                partial(listening_socket, settings.endpoint, key="emulator.endpoint"),
+                5.0,
+                waiting=settings.endpoint,
+                holder=" (another program holds it)",
+            )
         command = [
             sys.executable,
             "-m",
@@ -309,51 +419,38 @@ class GatewayService(MultiService):
             reactor=self.reactor,
             clock=self.reactor,
             children=1,
-            command=lambda index, fds: command,
-            listen_fds={},
+            command=lambda index, fds: [*command, "--fd", str(fds["core"])],
+            listen_fds={"core": self.emulator_socket.fileno()},
             observer=globalLogPublisher,
             environment=worker_environment(),
             name="emulator",
+            ready_when=lambda event: event.get("emulator_listening") is True,
         )
         self.emulator.start()
-        await self._wait_listening(settings.endpoint, timeout=30)
-
-    async def _wait_listening(self, description: str, timeout: float) -> None:
-        """
-        Connect to the TCP server endpoint C{description} until it answers.
-        """
-        kind, interface, port = endpoint_address(description)
-        if kind != "TCP":
-            return
-        host = interface or "127.0.0.1"
-        if host in ("0.0.0.0", "::"):
-            host = "127.0.0.1" if host == "0.0.0.0" else "::1"
-        endpoint = HostnameEndpoint(self.reactor, host.encode(), port, timeout=1)
-        deadline = self.reactor.seconds() + timeout
-        while True:
-            try:
-                protocol = await endpoint.connect(Factory.forProtocol(Protocol))
-            except Exception:
-                if self.reactor.seconds() >= deadline:
-                    raise RuntimeError(
-                        f"nothing listens on {description} after {timeout:g}s"
-                    ) from None
-                await deferLater(self.reactor, 0.1, lambda: None)
-            else:
-                transport = getattr(protocol, "transport", None)
-                if transport is not None:
-                    transport.loseConnection()
-                return
+        try:
+            await self.emulator.wait_ready(timeout=30)
+        except ChildNotReadyError as e:
+            raise StartError(
+                f"emulator: the Core emulator did not start: {e}"
+            ) from None
 
     def _failed_start(self, failure: Failure) -> None:
+        self.ready.addErrback(lambda _: None)
+        if self.draining:
+            # Told to stop while still starting (SIGTERM, Ctrl-C): the stop
+            # closed what the start was using; nothing failed.
+            log.info("start abandoned: stopping")
+            self.ready.errback(failure)
+            return
         log.critical(
             "mdgateway failed to start: {error}", error=failure.getErrorMessage()
         )
         self.ready.addErrback(lambda _: None)
         self.ready.errback(failure)
         if self.reactor.running:
-            # Exit non-zero, so a supervisor (systemd, a test) sees it.
-            self.reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
+            if self.exit_on_failure:
+                # Exit non-zero, so a supervisor (systemd, a test) sees it.
+                exit_after_shutdown(self.reactor, 1)
             self.reactor.stop()
 
     # -- stop ----------------------------------------------------------------------
@@ -365,6 +462,9 @@ class GatewayService(MultiService):
         gateway = self.gateway
         config = self.config
         self.draining = True
+        for children in (self.supervisor, self.emulator):
+            if children is not None:
+                children.stopping()
         if config.drain_grace and gateway.role.primary and self.listen:
             # Readiness is red now; give the load balancer time to notice
             # before the listener goes away.
@@ -401,6 +501,9 @@ class GatewayService(MultiService):
         await gateway.runtimes.close()
         if self.emulator is not None:
             await self.emulator.stop(10)
+        if self.emulator_socket is not None:
+            self.emulator_socket.close()
+            self.emulator_socket = None
         await gateway.spool.close()
         gateway.threads.stop()
         await super().stopService()

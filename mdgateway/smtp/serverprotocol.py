@@ -609,6 +609,8 @@ class SMTPServerFactory(Factory):
     """
 
     protocol = SMTPServerProtocol  # type: ignore[assignment]
+    #: The gateway logs when a listener opens; Twisted's own lines add nothing.
+    noisy = False
 
     def __init__(
         self,
