@@ -470,6 +470,32 @@ async def test_not_ready(env: Env) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_dependencies_reported_not_judged(env: Env) -> None:
+    """
+    Shared services that are down leave C{/readyz} at 200 (ready) with a
+    short C{dependencies} summary; C{/api/health} (with the token) has the
+    full report.
+    """
+    core = {"c": {"available": False, "condition": "core_unreachable", "servers": []}}
+    env.ops.ready = Readiness(
+        True,
+        {"listening": True},
+        (),
+        {"core": core, "relay": {}, "store": {"ok": False, "error": "refused"}},
+    )
+    code, body = await env.json("GET", "/readyz", token=None)
+    assert code == 200
+    assert body["dependencies"] == {"core": {"c": False}, "relay": {}, "store": False}
+    code, _ = await env.json("GET", "/api/health", token=None)
+    assert code == 401
+    code, body = await env.json("GET", "/api/health")
+    assert code == 200
+    assert body["ready"] is True
+    assert body["dependencies"]["core"] == core
+    assert body["dependencies"]["store"]["error"] == "refused"
+
+
+@pytest_twisted.ensureDeferred
 async def test_access_log_skips_healthy_probes(env: Env) -> None:
     """
     Every request is one structured access event (method, path, status,

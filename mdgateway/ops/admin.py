@@ -674,6 +674,11 @@ class AdminAPI:
             200 if readiness.ready else 503, adminjson.readiness(readiness)
         )
 
+    async def _health(self, call: _Call) -> _Response:
+        call.query(())
+        readiness = await _resolve(self.operations.readiness())
+        return _Response.json(200, adminjson.health(readiness))
+
     async def _metrics(self, call: _Call) -> _Response:
         accept = call.request.getHeader(b"accept") or b""
         body, content_type = self.operations.metrics.render(accept.decode("latin-1"))
@@ -942,6 +947,7 @@ _ROUTES = (
     _Route(b"GET", ("healthz",), AdminAPI._healthz),
     _Route(b"GET", ("readyz",), AdminAPI._readyz),
     _Route(b"GET", ("metrics",), AdminAPI._metrics),
+    _Route(b"GET", ("api", "health"), AdminAPI._health),
     _Route(b"GET", ("api", "messages"), AdminAPI._messages),
     _Route(b"GET", ("api", "messages", None), AdminAPI._message),
     _Route(b"GET", ("api", "refused"), AdminAPI._refused),

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
+from mdgateway.ops.health import summary
 from mdgateway.ops.interfaces import QueueEntry, QueueRecipient, Readiness
 from mdgateway.store.interfaces import (
     MessageRecord,
@@ -198,8 +199,18 @@ def readiness(r: Readiness) -> JSON:
     """
     The readiness verdict with its checks and reasons.
     """
-    return {
+    data: JSON = {
         "ready": r.ready,
         "checks": dict(r.checks),
         "reasons": list(r.reasons),
     }
+    if r.dependencies:
+        data["dependencies"] = summary(r.dependencies)
+    return data
+
+
+def health(r: Readiness) -> JSON:
+    """
+    Readiness with the shared services in full (C{/api/health}).
+    """
+    return {**readiness(r), "dependencies": dict(r.dependencies)}

@@ -59,11 +59,16 @@ class QueueEntry:
 class Readiness:
     """
     Whether a load balancer should send this instance new connections.
+
+    @ivar checks: what this instance alone can fix, by name; all must pass.
+    @ivar dependencies: the shared services (C{core}, C{relay}, C{store})
+        and their state: reported, never a reason to be unready.
     """
 
     ready: bool
     checks: dict[str, bool]
     reasons: tuple[str, ...] = ()
+    dependencies: dict[str, Any] = attrs.field(factory=dict)
 
 
 class IOperations(Interface):
@@ -109,8 +114,8 @@ class IOperations(Interface):
         Reload the configuration file: C{(loaded, problems)}.
         """
 
-    def readiness() -> Readiness:  # noqa: N805
+    def readiness() -> Any:  # noqa: N805
         """
-        Listeners up, spool writable, a healthy server in every Core and
-        relay profile in use, not draining.
+        A L{Readiness} (or a L{Deferred} firing with one): listening, spool
+        writable, not draining; Core, relays and the store as details.
         """

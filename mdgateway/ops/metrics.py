@@ -175,6 +175,8 @@ class _Watched:
         self.core_up: Callable[[], Mapping[str, float]] | None = None
         self.throttled: Callable[[], Mapping[str, bool | float]] | None = None
         self.workers: Callable[[], float] | None = None
+        self.relay_up: Callable[[], Mapping[str, bool]] | None = None
+        self.store_up: Callable[[], bool | None] | None = None
 
     def _families(self) -> tuple[GaugeMetricFamily, ...]:
         return (
@@ -199,13 +201,24 @@ class _Watched:
                 "mdgateway_workers_running",
                 "Worker processes running beside the primary ([processes] workers).",
             ),
+            GaugeMetricFamily(
+                "mdgateway_relay_up",
+                "1 while some server of an SMTP relay profile answered lately.",
+                labels=["profile"],
+            ),
+            GaugeMetricFamily(
+                "mdgateway_store_up",
+                "1 while the store (history, quarantine) answers its check.",
+            ),
         )
 
     def describe(self) -> Iterable[Metric]:
         return self._families()
 
     def collect(self) -> Iterator[Metric]:
-        depth, oldest, core_up, throttled, workers = self._families()
+        depth, oldest, core_up, throttled, workers, relay_up, store_up = (
+            self._families()
+        )
         value = _call(self.queue_depth, "queue_depth")
         if value is not None:
             depth.add_metric([], float(value))
@@ -229,6 +242,15 @@ class _Watched:
         if running is not None:
             workers.add_metric([], float(running))
             yield workers
+        healthy = _call(self.relay_up, "relay_up")
+        if healthy is not None:
+            for profile, flag in sorted(healthy.items()):
+                relay_up.add_metric([_name(profile)], float(flag))
+            yield relay_up
+        store = _call(self.store_up, "store_up")
+        if store is not None:
+            store_up.add_metric([], float(store))
+            yield store_up
 
 
 def _call(callback: Callable[[], Any] | None, what: str, missing: Any = None) -> Any:
@@ -504,6 +526,20 @@ class Metrics:
         """
         self._watched.throttled = callback
 
+    def watch_relay_up(self, callback: Callable[[], Mapping[str, bool]]) -> None:
+        """
+        C{callback()} maps each SMTP relay profile name to whether some
+        server of it answered lately.
+        """
+        self._watched.relay_up = callback
+
+    def watch_store_up(self, callback: Callable[[], bool | None]) -> None:
+        """
+        C{callback()} says whether the store answered its last check
+        (C{None} before the first: no sample).
+        """
+        self._watched.store_up = callback
+
     def watch_workers(self, callback: Callable[[], float]) -> None:
         """
         C{callback()} is the number of worker processes running now.
@@ -553,6 +589,8 @@ _COMBINE: Mapping[str, Callable[[list[float]], float]] = {
     "mdgateway_queue_oldest_seconds": max,
     "mdgateway_relay_throttled": max,
     "mdgateway_core_servers_up": min,
+    "mdgateway_relay_up": min,
+    "mdgateway_store_up": min,
 }
 
 

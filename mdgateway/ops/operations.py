@@ -55,8 +55,9 @@ class GatewayOperations:
         metrics: Any,
         policy: Callable[[], Any],
         reload: Callable[[], tuple[bool, list[str]]],
-        checks: Callable[[], dict[str, bool]],
+        checks: Callable[[], Any],
         worker_spools: Callable[[], list[tuple[int, str]]] = list,
+        dependencies: Callable[[], dict[str, Any]] = dict,
     ) -> None:
         self.reactor = reactor
         self.spool = spool
@@ -67,6 +68,7 @@ class GatewayOperations:
         self._reload = reload
         self._checks = checks
         self._worker_spools = worker_spools
+        self._dependencies = dependencies
 
     # -- the queue -------------------------------------------------------------
 
@@ -191,10 +193,15 @@ class GatewayOperations:
     def reload(self) -> tuple[bool, list[str]]:
         return self._reload()
 
-    def readiness(self) -> Readiness:
+    def readiness(self) -> Deferred[Readiness]:
+        return Deferred.fromCoroutine(self._readiness())
+
+    async def _readiness(self) -> Readiness:
         checks = self._checks()
+        if isinstance(checks, Deferred) or hasattr(checks, "__await__"):
+            checks = await checks
         reasons = tuple(name for name, ok in checks.items() if not ok)
-        return Readiness(not reasons, checks, reasons)
+        return Readiness(not reasons, checks, reasons, self._dependencies())
 
 
 def _reply(record: dict[str, Any]) -> str:

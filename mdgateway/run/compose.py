@@ -155,7 +155,7 @@ class Gateway:
         """
         if self.policy_override is not None:
             return self.policy_override
-        return RulePolicy(config.policy, self.verifier, self.runtimes.scanning)
+        return RulePolicy(config.policy, self.verifier, self.runtimes.unavailable)
 
 
 def retry_policy(config: GatewayConfig) -> RetryPolicy:
@@ -264,7 +264,7 @@ def build_gateway(
         hostname=config.sender_helo_domain,
         spool=spool,
         policy=recipient_policy
-        or RulePolicy(config.policy, verifier, runtimes.scanning),
+        or RulePolicy(config.policy, verifier, runtimes.unavailable),
         clock=reactor,
         checker=_auth_checker(config),
         looped=loop_guard.looped,

@@ -26,6 +26,7 @@ from twisted.python.failure import Failure
 
 from mdgateway.config import ConfigError, GatewayConfig, ListenerConfig, load_config
 from mdgateway.ops.admin import AdminAPI
+from mdgateway.ops.health import Dependencies, StoreWatch
 from mdgateway.ops.operations import GatewayOperations
 from mdgateway.ops.tokens import load_or_create_token
 from mdgateway.queue.entry import SpoolInUseError
@@ -79,6 +80,14 @@ class GatewayService(MultiService):
         self.emulator_socket: socket.socket | None = None
         self.supervisor: Supervisor | None = None
         self.emulator: Supervisor | None = None
+        self.store_watch = StoreWatch(gateway.store, self.reactor)
+        self.dependencies = Dependencies(
+            policy=gateway.live.policy,
+            core_status=self._core_status,
+            relay_healthy=gateway.relay.healthy,
+            relay_throttled_until=gateway.relay.throttled_until,
+            store=self.store_watch,
+        )
         self.operations = GatewayOperations(
             reactor=self.reactor,
             spool=gateway.spool,
@@ -89,6 +98,7 @@ class GatewayService(MultiService):
             reload=self.reload,
             checks=self.checks,
             worker_spools=self._worker_spools,
+            dependencies=self.dependencies.report,
         )
         self._watch_metrics()
         self.admin_port: IListeningPort | None = None
@@ -122,6 +132,13 @@ class GatewayService(MultiService):
         metrics.watch_queue_depth(lambda: gateway.spool.entry_count)
         metrics.watch_queue_oldest_seconds(gateway.spool.oldest_age)
         metrics.watch_core_servers_up(gateway.runtimes.servers_up)
+        metrics.watch_relay_up(
+            lambda: {
+                profile.name: gateway.relay.healthy(profile)
+                for profile in self.config.policy.smtp_profiles_in_use()
+            }
+        )
+        metrics.watch_store_up(lambda: self.store_watch.ok)
         metrics.watch_relay_throttled(
             lambda: {
                 name: bool(gateway.relay.throttled_until(profile))
@@ -129,31 +146,32 @@ class GatewayService(MultiService):
             }
         )
 
-    def checks(self) -> dict[str, bool]:
+    def checks(self) -> Deferred[dict[str, bool]]:
         """
-        Readiness: listeners up, spool writable, a healthy server in every
-        Core and relay profile in use, not draining.
+        Readiness: what this instance alone can fix. Core servers, relays
+        and the store are shared by every instance; their state is in
+        L{Dependencies}, not here (see L{mdgateway.ops.health}).
         """
+        return Deferred.fromCoroutine(self._checks())
+
+    async def _checks(self) -> dict[str, bool]:
         gateway = self.gateway
-        policy = self.config.policy
-        core = all(
-            any(s.up for s in gateway.runtimes[p.name].status())
-            for p in policy.core_profiles_in_use()
-            if p.name in gateway.runtimes
-        )
-        relay = all(gateway.relay.healthy(p) for p in policy.smtp_profiles_in_use())
         listening = (
             bool(self.ports) and len(self.ports) == len(self.config.listeners)
             if self.listen
             else gateway.handler.ready
         )
         return {
-            "listening": listening,
-            "spool_writable": gateway.spool.writable(),
-            "core": core,
-            "relay": relay,
+            "listening": listening and gateway.handler.ready,
+            # A fresh reading (at most a second old), not the last probe's.
+            "spool_writable": await gateway.spool.refresh_space(),
             "not_draining": not self.draining,
+            # Issue 14 adds the store outbox here: "outbox_not_full".
         }
+
+    def _core_status(self, profile: str) -> Any:
+        runtimes = self.gateway.runtimes
+        return runtimes[profile].status() if profile in runtimes else None
 
     async def _purge(self) -> None:
         counts = await self.gateway.store.purge(
@@ -235,6 +253,8 @@ class GatewayService(MultiService):
             await self._start_emulator()
         gateway.runtimes.sync(config.policy.core_profiles)
         await gateway.store.open()
+        if primary:
+            self.store_watch.start()
         if primary:
             await gateway.spool.acquire()
             await self._adopt_stale_spools()
@@ -497,6 +517,7 @@ class GatewayService(MultiService):
         if self.purger.running:
             self.purger.stop()
         await gateway.history.drain()
+        self.store_watch.stop()
         await gateway.store.close()
         await gateway.runtimes.close()
         if self.emulator is not None:
