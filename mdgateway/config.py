@@ -565,4 +565,35 @@ def _limits(section: Section) -> LimitsConfig:
     return config
 
 
-__all__ = ["ConfigError", "GatewayConfig", "load_config", "parse_config"]
+def load_admin_settings(path: str | Path) -> AdminConfig:
+    """
+    Only the C{[admin]} table of a configuration file (and the spool folder
+    its token file defaults into), as the C{mdgateway} command needs: it
+    need not be allowed to read the rest (TLS keys), nor care about a
+    problem elsewhere in the file.
+
+    @raise ConfigError: the file cannot be read, or C{[admin]} has problems.
+    """
+    file = Path(path)
+    try:
+        data = tomllib.loads(file.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise ConfigError([f"{file}: cannot read: {e.strerror}"]) from None
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError([f"{file}: invalid TOML: {e}"]) from None
+    problems = Problems()
+    root = Section(data, "", problems)
+    base = file.resolve().parent
+    spool = _path(base, root.table("spool").string("directory") or "spool")
+    admin = _admin(root.table("admin"), base, spool, check_files=False)
+    problems.raise_if_any()
+    return admin
+
+
+__all__ = [
+    "ConfigError",
+    "GatewayConfig",
+    "load_admin_settings",
+    "load_config",
+    "parse_config",
+]
