@@ -40,6 +40,7 @@ from mdgateway.run.binding import (
     retrying,
 )
 from mdgateway.run.compose import Gateway
+from mdgateway.run.notify import SystemdNotifier
 from mdgateway.run.supervisor import (
     ChildNotReadyError,
     Supervisor,
@@ -66,16 +67,24 @@ class GatewayService(MultiService):
     @param exit_on_failure: the process is this gateway (the plugin): a
         start that fails ends it with status 1; before the reactor runs, at
         once by C{SystemExit} with one line naming the key at fault.
+    @param notifier: tells systemd when the gateway is ready, reloading
+        and stopping (C{Type=notify}).
     """
 
     def __init__(
-        self, gateway: Gateway, *, listen: bool = True, exit_on_failure: bool = False
+        self,
+        gateway: Gateway,
+        *,
+        listen: bool = True,
+        exit_on_failure: bool = False,
+        notifier: SystemdNotifier | None = None,
     ) -> None:
         super().__init__()
         self.gateway = gateway
         self.reactor = gateway.reactor
         self.listen = listen
         self.exit_on_failure = exit_on_failure
+        self.notifier = notifier
         #: The emulator's listening socket, bound here and served by it.
         self.emulator_socket: socket.socket | None = None
         self.supervisor: Supervisor | None = None
@@ -95,7 +104,7 @@ class GatewayService(MultiService):
             store=gateway.store,
             metrics=gateway.metrics,
             policy=gateway.live.policy,
-            reload=self.reload,
+            reload=self.reload_notified,
             checks=self.checks,
             worker_spools=self._worker_spools,
             dependencies=self.dependencies.report,
@@ -286,6 +295,10 @@ class GatewayService(MultiService):
             listeners=len(self.ports),
             gateway_ready=True,
         )
+        if self.notifier is not None:
+            self.notifier.ready(
+                f"ready: config {config.version}, {len(self.ports)} listener(s)"
+            )
         self.ready.callback(None)
 
     async def _adopt_stale_spools(self) -> None:
@@ -482,6 +495,8 @@ class GatewayService(MultiService):
         gateway = self.gateway
         config = self.config
         self.draining = True
+        if self.notifier is not None:
+            self.notifier.stopping()
         for children in (self.supervisor, self.emulator):
             if children is not None:
                 children.stopping()
@@ -572,6 +587,19 @@ class GatewayService(MultiService):
             rules=len(new.policy.rules),
         )
         return True, []
+
+    def reload_notified(self) -> tuple[bool, list[str]]:
+        """
+        L{reload}, with systemd told (C{RELOADING=1}, then C{READY=1} and
+        the configuration in force, whether or not the new one loaded).
+        """
+        if self.notifier is not None:
+            self.notifier.reloading()
+        loaded, problems = self.reload()
+        if self.notifier is not None:
+            state = "loaded" if loaded else "refused, the previous one stays"
+            self.notifier.ready(f"ready: config {self.config.version} (reload {state})")
+        return loaded, problems
 
     def _worker_spools(self) -> list[tuple[int, str]]:
         if not self.gateway.role.primary:

@@ -18,6 +18,7 @@ from twisted.python import usage
 from mdgateway.config import ConfigError, GatewayConfig, load_config
 from mdgateway.run.compose import build_gateway
 from mdgateway.run.logs import FORMATS, install
+from mdgateway.run.notify import SystemdNotifier
 from mdgateway.run.reactor import IGatewayReactor, global_reactor
 from mdgateway.run.service import GatewayService
 
@@ -71,7 +72,11 @@ class Options(usage.Options):
 def makeService(options: Options) -> IService:
     reactor = global_reactor()
     config: GatewayConfig = options["gateway_config"]
-    service = GatewayService(build_gateway(config, reactor), exit_on_failure=True)
+    service = GatewayService(
+        build_gateway(config, reactor),
+        exit_on_failure=True,
+        notifier=SystemdNotifier.from_environment(),
+    )
     _install_signals(reactor, service)
     return service
 
@@ -80,4 +85,6 @@ def _install_signals(reactor: IGatewayReactor, service: GatewayService) -> None:
     # twistd and twist handle SIGTERM and SIGINT (orderly stop); SIGHUP
     # reloads the configuration, as operators expect of a daemon.
     if os.name == "posix":
-        signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(service.reload))
+        signal.signal(
+            signal.SIGHUP, lambda *_: reactor.callFromThread(service.reload_notified)
+        )
