@@ -7,6 +7,7 @@ client offers no ALPN and works with a server that selects one.
 
 from __future__ import annotations
 
+import shutil
 import smtplib
 import ssl
 import subprocess
@@ -228,6 +229,12 @@ def s_client(port: int, *options: str, starttls: bool) -> subprocess.CompletedPr
     )
 
 
+needs_openssl = pytest.mark.skipif(
+    shutil.which("openssl") is None, reason="openssl not installed"
+)
+
+
+@needs_openssl
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("starttls", [True, False], ids=["starttls", "implicit"])
 @pytest.mark.parametrize("version", ["-tls1_2", "-tls1_3"])
@@ -260,6 +267,7 @@ def test_openssl_client_completes(
         assert "No ALPN negotiated" in out, out
 
 
+@needs_openssl
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("old", ["-tls1", "-tls1_1"])
 def test_old_tls_refused_and_logged(
