@@ -24,6 +24,7 @@ from mdgateway.ops.metrics import Metrics
 from mdgateway.run.compose import build_gateway
 from mdgateway.run.service import GatewayService
 from mdgateway.run.supervisor import (
+    EXIT_GRACE,
     FIRST_LISTEN_FD,
     METRICS_FD,
     ChildNotReadyError,
@@ -317,9 +318,26 @@ class SupervisorTests(SynchronousTestCase):
         with capturedLogs() as events:
             self.reactor.spawned[0].end(Failure(ProcessTerminated(signal=15)))
             self.reactor.spawned[1].end(killed())
+            self.clock.advance(EXIT_GRACE)
         self.assertEqual([levels(e) for e in events], ["warn", "critical"])
         self.clock.advance(1.0)
         self.assertEqual(len(self.reactor.spawned), 4)
+
+    def test_exit_just_before_stop_is_not_critical(self) -> None:
+        """
+        A child that dies a moment before the gateway begins to stop (Ctrl-C
+        reached it first) is reported at info once the stop began, and not
+        restarted.
+        """
+        self.supervisor.start()
+        with capturedLogs() as events:
+            self.reactor.spawned[0].end(Failure(ProcessTerminated(exitCode=1)))
+            self.clock.advance(EXIT_GRACE / 2)
+            self.supervisor.stopping()
+            self.clock.advance(EXIT_GRACE)
+        self.assertEqual([levels(e) for e in events], ["info"])
+        self.clock.advance(60)
+        self.assertEqual(len(self.reactor.spawned), 2)
 
     def test_metrics_snapshots(self) -> None:
         """

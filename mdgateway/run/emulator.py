@@ -19,6 +19,7 @@ serves the same socket. Run by hand, it listens on C{--endpoint}.
 from __future__ import annotations
 
 import argparse
+import signal
 import socket
 import sys
 from functools import partial
@@ -43,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
         "--fd", type=int, help="serve this inherited listening socket instead"
     )
     args = parser.parse_args(argv)
+    supervised = args.fd is not None
+    if supervised:
+        # Ctrl-C reaches the whole process group: the gateway stops us.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     from twisted.internet import reactor as default_reactor
 
@@ -83,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         Deferred.fromCoroutine(listen()).addErrback(failed)
 
     # Nothing to reload: SIGHUP is ignored, so it never kills the emulator.
-    run_child(reactor, started, emulator.close)
+    run_child(reactor, started, emulator.close, ignore_interrupt=supervised)
     return status["code"]
 
 

@@ -63,6 +63,10 @@ RESTART_MAX = 30.0
 #: A worker that ran this long before it died restarts without delay
 #: growth: it was not crash-looping.
 STABLE_AFTER = 60.0
+#: Seconds before a child's unexpected exit is reported: Ctrl-C reaches
+#: every process of the group at once, and a child may die of it a moment
+#: before the primary begins its own orderly stop.
+EXIT_GRACE = 0.25
 
 
 def worker_spool(root: str, index: int) -> str:
@@ -241,13 +245,16 @@ def run_child(
     start: Callable[[], object],
     stop: Callable[[], object],
     on_hangup: Callable[[], object] | None = None,
+    *,
+    ignore_interrupt: bool = True,
 ) -> None:
     """
     The life of a process the primary supervises (a worker, the built-in
     Core emulator): JSON log events on standard output, C{start} once the
     reactor runs, C{stop} before it shuts down, which happens on SIGTERM or
     when standard input closes (the primary stopping or gone); SIGHUP runs
-    C{on_hangup}, or is ignored. SIGINT is ignored: Ctrl-C in a terminal
+    C{on_hangup}, or is ignored. SIGINT is ignored (unless
+    C{ignore_interrupt} is false: run by hand): Ctrl-C in a terminal
     reaches the whole process group, and the primary, which gets it too,
     drains its children in order.
     """
@@ -257,7 +264,8 @@ def run_child(
     )
 
     def started() -> None:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if ignore_interrupt:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         os.set_blocking(0, False)
         reactor.addReader(
             ParentWatch(lambda: reactor.stop() if reactor.running else None)
@@ -448,18 +456,31 @@ class Supervisor:
             lived = self._clock.seconds() - worker.started_at
             if lived >= STABLE_AFTER:
                 worker.delay = RESTART_FIRST
-            # Stopped by a signal from outside, or by itself: not a crash.
-            emit = log.warn if status in _ORDERLY else log.critical
-            emit(
-                "{process} exited unexpectedly ({status}); restarting in {delay:g}s",
-                process=self._label(worker),
-                status=status,
-                delay=worker.delay,
+            self._clock.callLater(
+                EXIT_GRACE, self._report_exit, worker, status, worker.delay
             )
             worker.restart = self._clock.callLater(worker.delay, self._spawn, worker)
             worker.delay = min(worker.delay * 2, RESTART_MAX)
         if exited is not None:
             exited.callback(None)
+
+    def _report_exit(self, worker: _Worker, status: str, delay: float) -> None:
+        if self._stopping:
+            # The gateway began to stop meanwhile: this was part of it.
+            log.info(
+                "{process} stopped ({status})",
+                process=self._label(worker),
+                status=status,
+            )
+            return
+        # Stopped by a signal from outside, or by itself: not a crash.
+        emit = log.warn if status in _ORDERLY else log.critical
+        emit(
+            "{process} exited unexpectedly ({status}); restarting in {delay:g}s",
+            process=self._label(worker),
+            status=status,
+            delay=delay,
+        )
 
     def wait_ready(self, timeout: float) -> Deferred[None]:
         """
