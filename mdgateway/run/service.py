@@ -84,6 +84,7 @@ class GatewayService(MultiService):
         self.reactor = gateway.reactor
         self.listen = listen
         self.exit_on_failure = exit_on_failure
+        self._bound_now = False
         self.notifier = notifier
         #: The emulator's listening socket, bound here and served by it.
         self.emulator_socket: socket.socket | None = None
@@ -222,9 +223,11 @@ class GatewayService(MultiService):
             self.reactor.running
             or not gateway.role.primary
             or not self.listen
-            or self.listener_ports
+            or self._bound_now
         ):
             return
+        # Once: twistd calls privilegedStartService, then startService.
+        self._bound_now = True
         try:
             if self.config.emulator.enabled:
                 with suppress(AddressInUseError):
