@@ -133,6 +133,18 @@ class CipherPolicyTests(SynchronousTestCase):
             server_tls_options(CERT, KEY, ciphers="NOTACIPHER")
 
 
+class ServerTLSTests(SynchronousTestCase):
+    def test_one_context_for_every_connection(self) -> None:
+        """
+        Every connection, and any old-style caller of C{getContext}, uses
+        the one context that carries the ALPN answer and cipher policy.
+        """
+        tls = server_tls_options(CERT, KEY)
+        self.assertIs(tls.getContext(), tls.context)
+        connection = tls.serverConnectionForTLS(None)
+        self.assertIs(connection.get_context(), tls.context)
+
+
 class HandshakeErrorTests(SynchronousTestCase):
     def test_reasons_from_openssl_error(self) -> None:
         """

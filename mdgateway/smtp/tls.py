@@ -140,6 +140,13 @@ class ServerTLS:
         """
         return SSL.Connection(self.context, None)
 
+    def getContext(self) -> SSL.Context:  # noqa: N802
+        """
+        The shared context, for code that takes an old-style context
+        factory (C{startTLS}, a wrapper choosing the options per connection).
+        """
+        return self.context
+
 
 def server_tls_options(
     certificate: str,
