@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from mdgateway.config import load_config
 from tests.coresamples import docx
 from tests.downstream import Received, RecordingHandler, _Controller
 from tests.gatewayproc import ETC, free_port, running_gateway
@@ -177,9 +178,15 @@ def test_eicar(tmp_path: Path, smtpd: Callable[..., _Controller], action: str) -
             wait_for(lambda: not list((tmp_path / "spool" / "queue").glob("*.eml")))
             time.sleep(0.5)
             assert handler.messages == []
-            assert any(
-                "Blocked/Infected" in str(e.get("result")) for e in gw.log_events()
-            )
+            # One decision line per copy: queue id, rule, verdict, action and
+            # the version of the configuration it was decided under.
+            (decision,) = [e for e in gw.log_events() if "verdict" in e]
+            assert decision["verdict"] == "Blocked/Infected"
+            assert decision["action"] and decision["rule"]
+            assert decision["message_id"].startswith(decision["queue_id"] + ".")
+            version = load_config(tmp_path / "mdgateway.toml").version
+            assert decision["config_version"] == version
+            assert decision["msg"].startswith(decision["message_id"] + " rule ")
             return
         (got,) = wait_for(lambda: handler.messages)
     parsed = headers_of(got)
@@ -520,7 +527,7 @@ def test_dlp_card_number(tmp_path: Path, smtpd: Callable[..., _Controller]) -> N
     assert any(
         any(p.get("dlp_hits") for p in e.get("parts", []))
         for e in events
-        if e.get("result", "").startswith("Blocked")
+        if e.get("verdict", "").startswith("Blocked")
     )
 
 
@@ -582,4 +589,4 @@ def test_queue_limit_back_pressure(
                 return client.mail("a@example.com")[0] == 250
 
         wait_for(accepted)
-        assert [e for e in gw.log_events() if "queue full" in str(e.get("log_format"))]
+        assert [e for e in gw.log_events() if "queue full" in e["msg"]]

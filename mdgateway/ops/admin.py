@@ -486,6 +486,33 @@ def _bounded_request(limit: int) -> type[Request]:
     return BoundedRequest
 
 
+#: Load balancers probe these every few seconds: logged only when they fail.
+_PROBES = frozenset({b"/healthz", b"/readyz"})
+
+_access_log = Logger(namespace="mdgateway.ops.admin.access")
+
+
+class _AdminSite(Site):
+    """
+    A site whose access log is one structured event per request (instead
+    of a line of text in the combined log format), and none for a health
+    probe that succeeds.
+    """
+
+    def log(self, request: Any) -> None:
+        code = request.code or 0
+        if request.path in _PROBES and code < 400:
+            return
+        _access_log.info(
+            "admin API {method} {path} {status}",
+            method=request.method.decode("ascii", "replace"),
+            path=request.path.decode("ascii", "replace"),
+            status=code,
+            client=client_host(request),
+            bytes=request.sentLength,
+        )
+
+
 class AdminAPI:
     """
     The admin HTTP API over an L{IOperations}.
@@ -559,7 +586,9 @@ class AdminAPI:
         bodies beyond C{max_body} discarded while they arrive, no
         tracebacks in answers.
         """
-        site = Site(self.resource(), requestFactory=_bounded_request(self._max_body))
+        site = _AdminSite(
+            self.resource(), requestFactory=_bounded_request(self._max_body)
+        )
         site.displayTracebacks = False
         return site
 
@@ -713,6 +742,11 @@ class AdminAPI:
         return _Response.json(
             200 if readiness.ready else 503, adminjson.readiness(readiness)
         )
+
+    async def _health(self, call: _Call) -> _Response:
+        call.query(())
+        readiness = await _resolve(self.operations.readiness())
+        return _Response.json(200, adminjson.health(readiness))
 
     async def _metrics(self, call: _Call) -> _Response:
         accept = call.request.getHeader(b"accept") or b""
@@ -1085,6 +1119,7 @@ _ROUTES = (
     _Route(b"GET", ("healthz",), AdminAPI._healthz),
     _Route(b"GET", ("readyz",), AdminAPI._readyz),
     _Route(b"GET", ("metrics",), AdminAPI._metrics),
+    _Route(b"GET", ("api", "health"), AdminAPI._health),
     _Route(b"GET", ("api", "messages"), AdminAPI._messages),
     _Route(b"GET", ("api", "messages", None), AdminAPI._message),
     _Route(b"GET", ("api", "refused"), AdminAPI._refused),

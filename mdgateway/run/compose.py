@@ -162,7 +162,7 @@ class Gateway:
         """
         if self.policy_override is not None:
             return self.policy_override
-        return RulePolicy(config.policy, self.verifier, self.runtimes.scanning)
+        return RulePolicy(config.policy, self.verifier, self.runtimes.unavailable)
 
 
 def retry_policy(config: GatewayConfig) -> RetryPolicy:
@@ -260,7 +260,11 @@ def build_gateway(
         ),
         retry=retry_policy(config),
         concurrency=config.delivery.concurrency,
-        history=TeeHistory(history, LogHistory(), MetricsHistory(metrics)),
+        history=TeeHistory(
+            history,
+            LogHistory(lambda: live.current.version),
+            MetricsHistory(metrics),
+        ),
     )
     queue.on_bounce = metrics.bounce
 
@@ -275,7 +279,7 @@ def build_gateway(
         hostname=config.sender_helo_domain,
         spool=spool,
         policy=recipient_policy
-        or RulePolicy(config.policy, verifier, runtimes.scanning),
+        or RulePolicy(config.policy, verifier, runtimes.unavailable),
         clock=reactor,
         checker=_auth_checker(config),
         looped=loop_guard.looped,
@@ -317,5 +321,7 @@ def _session_metrics(metrics: Metrics) -> Callable[[ConnectionInfo, bool], None]
         metrics.session_closed(info.listener)
         if info.tls_version:
             metrics.tls_established(info.listener, info.tls_version)
+        if info.tls_error:
+            metrics.tls_failed(info.listener)
 
     return connection

@@ -57,6 +57,20 @@ class CoreRuntimes:
         runtime = self._runtimes.get(rule.core_profile.name)
         return runtime is None or runtime.available()
 
+    def unavailable(self, rule: Rule) -> str | None:
+        """
+        Why the rule's Core profile cannot take work now, as the error
+        condition a rule's C{on_error} names (C{core_unreachable}: no
+        server is up; C{core_busy}: every server that is up is busy), or
+        C{None} when it can.
+        """
+        runtime = self._runtimes.get(rule.core_profile.name)
+        if runtime is None or runtime.available():
+            return None
+        if any(status.up for status in runtime.status()):
+            return "core_busy"
+        return "core_unreachable"
+
     def servers_up(self) -> dict[str, int]:
         """
         Profile name to the number of its servers currently up.
