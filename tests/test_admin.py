@@ -43,7 +43,8 @@ from twisted.web.server import Site
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from mdgateway.ops.admin import MAX_BODY, AdminAPI, parse_time
+from mdgateway.ops.admin import AdminAPI
+from mdgateway.ops.adminhttp import MAX_BODY, parse_time
 from mdgateway.ops.adminjson import iso
 from mdgateway.ops.interfaces import (
     ActionResult,
