@@ -207,10 +207,12 @@ def build_gateway(
         min_free_bytes=config.spool.min_free,
     )
     resolver = DNSPythonResolver(reactor, threads.dns)
-    probe = SmtpRecipientVerifier(reactor, config.sender_helo_domain, resolver)
+    probe = SmtpRecipientVerifier(
+        reactor, config.sender_helo_domain, resolver, threads.work
+    )
     verifier = CachingVerifier(probe, reactor)
     store = store_for(config.store.location, reactor, threads.store)
-    runtimes = CoreRuntimes(reactor)
+    runtimes = CoreRuntimes(reactor, threads.work)
     loop_guard = MarkerLoopGuard(
         reactor,
         config.delivery.loop_secret_file,
