@@ -363,13 +363,11 @@ class Gateway:
 
 def log_events(path: Path) -> Iterator[dict[str, Any]]:
     """
-    The events of a JSON log (RFC 7464 text sequences or one per line).
+    The events of the gateway's JSON Lines log.
     """
     if not path.exists():
         return
-    text = path.read_text(errors="replace").replace("\x1e", "\n")
-    for line in text.splitlines():
-        line = line.strip()
+    for line in path.read_text(errors="replace").splitlines():
         if line.startswith("{"):
             try:
                 yield json.loads(line)
@@ -378,16 +376,9 @@ def log_events(path: Path) -> Iterator[dict[str, Any]]:
 
 
 def _format_event(event: dict[str, Any]) -> str:
-    text = str(event.get("log_format") or "")
-    try:
-        from twisted.logger import formatEvent
-
-        text = formatEvent(event)
-    except Exception:
-        pass
-    failure = event.get("log_failure")
-    if failure:
-        text += f" [{str(failure)[:300]}]"
+    text = str(event.get("msg", ""))
+    if event.get("error"):
+        text += f" [{str(event['error'])[:300]}]"
     return text
 
 
@@ -397,8 +388,7 @@ def log_problems(path: Path) -> list[str]:
     """
     found = []
     for event in log_events(path):
-        level = event.get("log_level") or {}
-        name = level.get("name") if isinstance(level, dict) else str(level)
+        name = event.get("level")
         if name in ("error", "critical"):
             found.append(f"{name}: {_format_event(event)}")
     return found

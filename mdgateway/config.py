@@ -19,12 +19,19 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-from twisted.internet.endpoints import _parseServer
 
+from mdgateway.endpoints import (
+    ADMIN_KINDS,
+    LISTENER_KINDS,
+    TCP_KINDS,
+    EndpointError,
+    check_endpoint,
+    endpoint_address,
+)
 from mdgateway.policy.parse import parse_policy
 from mdgateway.policy.rules import Policy
 from mdgateway.smtp.server import TLS_MODES
-from mdgateway.smtp.tls import TLS_VERSIONS
+from mdgateway.smtp.tls import TLS_VERSIONS, cipher_problem, default_cipher_policy
 from mdgateway.tomlreader import ConfigError, Problems, Section
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -52,6 +59,18 @@ class ListenerConfig:
     max_connections_per_client: int = 50
     auth: str = "off"
     auth_users_file: str | None = None
+    #: C{intermediate}, C{opportunistic} or an OpenSSL cipher string;
+    #: C{None}: C{[tls] ciphers}, else the policy its mode and AUTH call for.
+    tls_ciphers: str | None = None
+
+    def cipher_policy(self, default: str | None = None) -> str:
+        """
+        The cipher policy (name or OpenSSL string) this listener serves TLS
+        with: its own, else C{default} (C{[tls] ciphers}), else
+        C{intermediate} where TLS is required or AUTH offered and
+        C{opportunistic} where TLS is optional (RFC 7435).
+        """
+        return self.tls_ciphers or default or default_cipher_policy(self.tls, self.auth)
 
     def bound_address(self) -> tuple[str, int]:
         """
@@ -59,18 +78,6 @@ class ListenerConfig:
         """
         _, interface, port = endpoint_address(self.endpoint)
         return interface, port
-
-
-def endpoint_address(description: str) -> tuple[str, str, int]:
-    """
-    The kind (C{"TCP"}, C{"SSL"}, C{"UNIX"}...), interface and port of a
-    Twisted server endpoint description (port 0 and C{""} where none).
-    """
-    kind, args, kwargs = _parseServer(description, None)
-    port = (
-        int(args[0]) if args and str(args[0]).isdigit() else int(kwargs.get("port", 0))
-    )
-    return str(kind), str(kwargs.get("interface", "")), port
 
 
 @attrs.frozen
@@ -301,13 +308,14 @@ def parse_config(
     spool_section.finish()
     delivery = _delivery(root.table("delivery"), base, spool.directory)
     store = _store(root.table("store"), base, spool.directory)
-    admin = _admin(root.table("admin"), base, spool.directory)
+    admin = _admin(root.table("admin"), base, spool.directory, check_files)
     emulator_section = root.table("emulator")
     emulator = EmulatorSettings(
         enabled=emulator_section.boolean("enabled", False),
         endpoint=emulator_section.string("endpoint", "tcp:8008:interface=127.0.0.1"),
         latency=emulator_section.duration("latency", 0.0),
     )
+    _endpoint(emulator_section, "endpoint", emulator.endpoint, TCP_KINDS, False)
     emulator_section.finish()
     drain = root.table("drain")
     drain_timeout = drain.duration("timeout", 30.0)
@@ -406,6 +414,9 @@ def _tls(section: Section, base: Path, check: bool) -> TLSConfig:
         ),
         ciphers=section.string("ciphers"),
     )
+    if config.ciphers is not None:
+        problem = cipher_problem(config.ciphers)
+        section.check("ciphers", problem is None, problem or "")
     section.check(
         "key",
         bool(config.certificate) == bool(config.key),
@@ -421,16 +432,10 @@ def _tls(section: Section, base: Path, check: bool) -> TLSConfig:
 
         try:
             server_tls_options(
-                config.certificate,
-                config.key,
-                config.chain,
-                config.min_version,
-                config.ciphers,
+                config.certificate, config.key, config.chain, config.min_version
             )
         except (OSError, ValueError) as e:
             section.problems.add(section.path or "tls", str(e))
-        except Exception as e:  # pyOpenSSL raises its own errors for ciphers
-            section.problems.add(f"{section.path}.ciphers", f"rejected: {e}")
     section.finish()
     return config
 
@@ -438,17 +443,14 @@ def _tls(section: Section, base: Path, check: bool) -> TLSConfig:
 def _listener(section: Section, base: Path, check: bool) -> ListenerConfig:
     name = section.string("name", required=True) or section.path
     endpoint = section.string("endpoint", required=True) or "tcp:0"
-    kind = endpoint.split(":", 1)[0]
-    section.check(
+    _endpoint(
+        section,
         "endpoint",
-        kind in ("tcp", "tcp6", "unix", "systemd"),
-        f"unsupported endpoint type {kind!r} (use tcp:, tcp6:, unix: or systemd:;"
-        " TLS and PROXY are set with the tls and proxy_protocol keys)",
+        endpoint,
+        LISTENER_KINDS,
+        check,
+        hint="TLS and PROXY are set with the tls and proxy_protocol keys",
     )
-    try:
-        _parseServer(endpoint, None)
-    except Exception as e:
-        section.problems.add(f"{section.path}.endpoint", f"invalid endpoint: {e}")
     tls = section.choice("tls", TLS_MODES, "none", what="mode")
     proxy = section.boolean("proxy_protocol", False)
     trusted = section.networks("trusted_proxies")
@@ -474,6 +476,10 @@ def _listener(section: Section, base: Path, check: bool) -> ListenerConfig:
         auth == "off" or tls != "none",
         "AUTH is offered only under TLS: set tls",
     )
+    ciphers = section.string("tls_ciphers")
+    if ciphers is not None:
+        problem = cipher_problem(ciphers)
+        section.check("tls_ciphers", problem is None, problem or "")
     config = ListenerConfig(
         name=name,
         endpoint=endpoint,
@@ -486,9 +492,30 @@ def _listener(section: Section, base: Path, check: bool) -> ListenerConfig:
         ),
         auth=auth,
         auth_users_file=users,
+        tls_ciphers=ciphers,
     )
     section.finish()
     return config
+
+
+def _endpoint(
+    section: Section,
+    key: str,
+    description: str,
+    kinds: tuple[str, ...],
+    check_files: bool,
+    hint: str = "",
+) -> None:
+    """
+    Record at most one problem for an endpoint that cannot be served.
+    """
+    try:
+        check_endpoint(description, kinds, check_files)
+    except EndpointError as e:
+        text = str(e)
+        if hint and text.startswith("unsupported endpoint type"):
+            text = text[:-1] + f"; {hint})"
+        section.check(key, False, f"{text}: {description!r}")
 
 
 def _store(section: Section, base: Path, spool: str) -> StoreConfig:
@@ -513,13 +540,10 @@ def _store(section: Section, base: Path, spool: str) -> StoreConfig:
     return config
 
 
-def _admin(section: Section, base: Path, spool: str) -> AdminConfig:
+def _admin(section: Section, base: Path, spool: str, check_files: bool) -> AdminConfig:
     endpoint = section.string("endpoint", "")
     if endpoint:
-        try:
-            _parseServer(endpoint, None)
-        except Exception as e:
-            section.problems.add(f"{section.path}.endpoint", f"invalid endpoint: {e}")
+        _endpoint(section, "endpoint", endpoint, ADMIN_KINDS, check_files)
     token = section.string("token_file")
     users = section.string("users_file")
     config = AdminConfig(
@@ -581,4 +605,35 @@ def _limits(section: Section) -> LimitsConfig:
     return config
 
 
-__all__ = ["ConfigError", "GatewayConfig", "load_config", "parse_config"]
+def load_admin_settings(path: str | Path) -> AdminConfig:
+    """
+    Only the C{[admin]} table of a configuration file (and the spool folder
+    its token file defaults into), as the C{mdgateway} command needs: it
+    need not be allowed to read the rest (TLS keys), nor care about a
+    problem elsewhere in the file.
+
+    @raise ConfigError: the file cannot be read, or C{[admin]} has problems.
+    """
+    file = Path(path)
+    try:
+        data = tomllib.loads(file.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise ConfigError([f"{file}: cannot read: {e.strerror}"]) from None
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError([f"{file}: invalid TOML: {e}"]) from None
+    problems = Problems()
+    root = Section(data, "", problems)
+    base = file.resolve().parent
+    spool = _path(base, root.table("spool").string("directory") or "spool")
+    admin = _admin(root.table("admin"), base, spool, check_files=False)
+    problems.raise_if_any()
+    return admin
+
+
+__all__ = [
+    "ConfigError",
+    "GatewayConfig",
+    "load_admin_settings",
+    "load_config",
+    "parse_config",
+]

@@ -114,6 +114,21 @@ class GatewayProcess:
         log.close()
         if port is not None:
             wait_for_port(port, proc=self.proc)
+            self.wait_ready()
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """
+        Wait for the log line that says the gateway serves (its listeners
+        open before, answering C{421} while the spool is recovered).
+        """
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"gateway exited early with {self.proc.returncode}")
+            if any(e.get("gateway_ready") for e in self.log_events()):
+                return
+            time.sleep(0.05)
+        raise TimeoutError("the gateway did not log that it is ready")
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -138,21 +153,38 @@ class GatewayProcess:
 
     def log_events(self) -> list[dict]:
         """
-        The structured events of the JSON log (RFC 7464 text sequences).
+        The events of the JSON Lines log: C{time}, C{level}, C{logger},
+        C{msg} and the structured fields.
         """
-        events = []
-        for record in self.log_text().replace("\x1e", "\n").splitlines():
-            if record.strip().startswith("{"):
-                try:
-                    events.append(json.loads(record))
-                except ValueError:
-                    pass
-        return events
+        return log_events(self.log_text())
 
     def log_text(self) -> str:
         return (
             self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
         )
+
+
+def log_events(source: str | Path) -> list[dict]:
+    """
+    The events of a JSON Lines log (its text, or the path of its file).
+
+    Each also carries C{log_format} and C{log_level} (the rendered text and
+    C{{"name": level}}), the names tests written against Twisted's own JSON
+    used; new tests read C{msg} and C{level}.
+    """
+    if isinstance(source, Path):
+        source = source.read_text(errors="replace") if source.exists() else ""
+    events = []
+    for line in source.splitlines():
+        if line.startswith("{"):
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            event.setdefault("log_format", event.get("msg", ""))
+            event.setdefault("log_level", {"name": event.get("level")})
+            events.append(event)
+    return events
 
 
 @contextmanager

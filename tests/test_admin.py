@@ -43,7 +43,8 @@ from twisted.web.server import Site
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from mdgateway.ops.admin import MAX_BODY, AdminAPI, parse_time
+from mdgateway.ops.admin import AdminAPI
+from mdgateway.ops.adminhttp import MAX_BODY, parse_time
 from mdgateway.ops.adminjson import iso
 from mdgateway.ops.interfaces import (
     ActionResult,
@@ -487,6 +488,64 @@ async def test_not_ready(env: Env) -> None:
         "checks": {"listeners": True, "spool": False},
         "reasons": ["spool not writable"],
     }
+
+
+@pytest_twisted.ensureDeferred
+async def test_dependencies_reported_not_judged(env: Env) -> None:
+    """
+    Shared services that are down leave C{/readyz} at 200 (ready) with a
+    short C{dependencies} summary; C{/api/health} (with the token) has the
+    full report.
+    """
+    core = {"c": {"available": False, "condition": "core_unreachable", "servers": []}}
+    env.ops.ready = Readiness(
+        True,
+        {"listening": True},
+        (),
+        dependencies={
+            "core": core,
+            "relay": {},
+            "store": {"ok": False, "error": "refused"},
+        },
+    )
+    code, body = await env.json("GET", "/readyz", token=None)
+    assert code == 200
+    assert body["dependencies"] == {"core": {"c": False}, "relay": {}, "store": False}
+    code, _ = await env.json("GET", "/api/health", token=None)
+    assert code == 401
+    code, body = await env.json("GET", "/api/health")
+    assert code == 200
+    assert body["ready"] is True
+    assert body["dependencies"]["core"] == core
+    assert body["dependencies"]["store"]["error"] == "refused"
+
+
+@pytest_twisted.ensureDeferred
+async def test_access_log_skips_healthy_probes(env: Env) -> None:
+    """
+    Every request is one structured access event (method, path, status,
+    client), except a health probe that succeeds: C{/healthz} and a ready
+    C{/readyz} are not logged, a C{/readyz} answering 503 is.
+    """
+    recorder = Recorder()
+    globalLogPublisher.addObserver(recorder)
+    try:
+        await env.json("GET", "/healthz", token=None)
+        await env.json("GET", "/readyz", token=None)
+        await env.json("GET", "/api/queue")
+        env.ops.ready = Readiness(False, {"spool": False}, ("spool",))
+        await env.json("GET", "/readyz", token=None)
+    finally:
+        globalLogPublisher.removeObserver(recorder)
+    access = [
+        (e["method"], e["path"], e["status"], e["client"])
+        for e in recorder.events
+        if e.get("log_namespace") == "mdgateway.ops.admin.access"
+    ]
+    assert access == [
+        ("GET", "/api/queue", 200, "127.0.0.1"),
+        ("GET", "/readyz", 503, "127.0.0.1"),
+    ]
 
 
 @pytest_twisted.ensureDeferred

@@ -153,6 +153,76 @@ relay_profile = "b"
         )
 
 
+class CoreOutageTests(SynchronousTestCase):
+    """
+    A rule whose Core profile is out, at RCPT: answered as its C{on_error}
+    says, so a shared outage is a clear SMTP answer rather than a closed
+    connection.
+    """
+
+    RULES = """
+[[rules]]
+name = "inbound"
+recipients = ["example.org"]
+core_profile = "c"
+relay_profile = "a"
+"""
+
+    def decide_with(self, condition: str | None, on_error: str = "") -> object:
+        rules = self.RULES + (f"[rules.on_error]\n{on_error}\n" if on_error else "")
+        seen: list[str] = []
+
+        def unavailable(rule: object) -> str | None:
+            seen.append(rule.name)  # type: ignore[attr-defined]
+            return condition
+
+        policy = RulePolicy(policy_from(rules), unavailable=unavailable)
+        decision = decide(policy, "x@partner.example", "bob@example.org")
+        self.assertEqual(seen, ["inbound"])
+        return decision
+
+    def test_retry_answers_451(self) -> None:
+        """
+        With the default C{retry}, an unreachable Core profile gets C{451
+        4.3.2} saying it is not reachable, a busy one saying it is busy.
+        """
+        down = self.decide_with("core_unreachable")
+        self.assertEqual(
+            (down.reply.code, down.reply.status, down.reply.text),  # type: ignore[attr-defined]
+            (
+                451,
+                "4.3.2",
+                "Scanning service unavailable: not reachable, try again later",
+            ),
+        )
+        self.assertIsNone(down.binding)  # type: ignore[attr-defined]
+        busy = self.decide_with("core_busy")
+        self.assertEqual(
+            busy.reply.text,  # type: ignore[attr-defined]
+            "Scanning service unavailable: busy, try again later",
+        )
+
+    def test_bypass_or_fail_take_the_recipient(self) -> None:
+        """
+        A rule that bypasses (or fails) on the condition takes the
+        recipient: processing applies its choice.
+        """
+        for action in ("bypass", "fail"):
+            decision = self.decide_with(
+                "core_unreachable", f'core_unreachable = "{action}"'
+            )
+            self.assertEqual(decision.reply.code, 250, action)  # type: ignore[attr-defined]
+            self.assertEqual(decision.binding.name, "inbound")  # type: ignore[attr-defined]
+        busy = self.decide_with("core_busy", 'core_unreachable = "bypass"')
+        self.assertEqual(busy.reply.code, 451)  # type: ignore[attr-defined]
+
+    def test_available_takes_the_recipient(self) -> None:
+        """
+        A Core profile that can take work changes nothing.
+        """
+        self.assertEqual(self.decide_with(None).reply.code, 250)  # type: ignore[attr-defined]
+
+
 class RecipientVerificationTests(SynchronousTestCase):
     """
     Probing the rule's relay before accepting.

@@ -529,3 +529,156 @@ async def test_force_key_and_audit(admin: Env, tmp_path: Path) -> None:
     ]
     assert "bob" in result.lines[1] and "pin" in result.lines[1]
     assert result.lines[-1] == "1 of 1 audit entries"
+
+
+# --------------------------------------------------------------------------
+# No flags on the gateway's host
+
+
+def admin_config(tmp_path: Path, endpoint: str, token_file: str | None) -> Path:
+    """
+    A gateway configuration whose [admin] table names C{endpoint} and
+    C{token_file}; the rest need not even be valid for the command.
+    """
+    config = tmp_path / "mdgateway.toml"
+    token = f'token_file = "{token_file}"\n' if token_file else ""
+    config.write_text(
+        "[[listeners]]\nname = 1\n"  # wrong, and not the command's business
+        f'[spool]\ndirectory = "spool"\n[admin]\nendpoint = "{endpoint}"\n{token}'
+    )
+    return config
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_flags_with_the_configuration(admin: Env, tmp_path: Path) -> None:
+    """
+    With only the configuration file (named by C{$MDGATEWAY_CONFIG} or
+    C{--config}), C{queue list} finds the admin API from C{[admin]
+    endpoint} and its token from C{[admin] token_file}; without
+    C{token_file} the token is looked for in the spool folder, as the
+    gateway writes it.
+    """
+    port = admin.url.rsplit(":", 1)[1]
+    (tmp_path / "admin.token").write_text(TOKEN + "\n")
+    config = admin_config(
+        tmp_path, f"tcp:{port}:interface=127.0.0.1", str(tmp_path / "admin.token")
+    )
+    result = await deferToThread(
+        run, ["queue", "list"], {"MDGATEWAY_CONFIG": str(config)}
+    )
+    assert result.code == EXIT_OK, result.err
+    result = await deferToThread(run, ["--config", str(config), "status"], {})
+    assert (result.code, result.lines[0]) == (EXIT_OK, "ready"), result.err
+    (tmp_path / "spool").mkdir()
+    (tmp_path / "spool" / "admin.token").write_text(TOKEN + "\n")
+    config = admin_config(tmp_path, f"tcp:{port}:interface=0.0.0.0", None)
+    result = await deferToThread(run, ["--config", str(config), "queue", "list"], {})
+    assert result.code == EXIT_OK, result.err
+
+
+@pytest_twisted.ensureDeferred
+async def test_environment_overrides_configuration(admin: Env, tmp_path: Path) -> None:
+    """
+    C{$MDGATEWAY_ADMIN_URL} and C{$MDGATEWAY_ADMIN_TOKEN_FILE} win over the
+    configuration's C{[admin]} table.
+    """
+    (tmp_path / "good.token").write_text(TOKEN + "\n")
+    config = admin_config(tmp_path, "tcp:1:interface=127.0.0.1", "/nonexistent/token")
+    environ = {
+        "MDGATEWAY_CONFIG": str(config),
+        "MDGATEWAY_ADMIN_URL": admin.url,
+        "MDGATEWAY_ADMIN_TOKEN_FILE": str(tmp_path / "good.token"),
+    }
+    result = await deferToThread(run, ["queue", "list"], environ)
+    assert result.code == EXIT_OK, result.err
+
+
+class SettingsTests(SynchronousTestCase):
+    def test_url_for_admin_endpoints(self) -> None:
+        """
+        The URL that reaches an admin endpoint from this host: the
+        interface, loopback for a wildcard, brackets for IPv6, https for
+        C{ssl:}; a UNIX or systemd endpoint asks for C{--url}.
+        """
+        from mdgateway.ops.clisettings import url_for
+
+        self.assertEqual(
+            url_for("tcp:10080:interface=127.0.0.1"), "http://127.0.0.1:10080"
+        )
+        self.assertEqual(url_for("tcp:10080"), "http://127.0.0.1:10080")
+        self.assertEqual(url_for("tcp:8080:interface=0.0.0.0"), "http://127.0.0.1:8080")
+        self.assertEqual(url_for("tcp6:8080:interface=\\:\\:"), "http://[::1]:8080")
+        self.assertEqual(
+            url_for("ssl:8443:interface=10.0.0.5:privateKey=k.pem"),
+            "https://10.0.0.5:8443",
+        )
+        for endpoint in (
+            "unix:/run/mdgateway/admin.sock",
+            "systemd:domain=INET:index=1",
+        ):
+            with self.assertRaises(Exception) as caught:
+                url_for(endpoint)
+            self.assertIn("pass --url", str(caught.exception))
+
+    def test_problems_name_the_way_out(self) -> None:
+        """
+        A named configuration that cannot be read, one without an admin
+        API, and a token file the user may not read each exit 2 with a
+        line that says what to do.
+        """
+        folder = Path(self.mktemp())
+        folder.mkdir()
+        result = run(["--config", str(folder / "missing.toml"), "queue", "list"])
+        assert result.code == EXIT_USAGE
+        assert "cannot read the admin settings" in result.err
+        config = folder / "noadmin.toml"
+        config.write_text('[spool]\ndirectory = "s"\n')
+        result = run(["--config", str(config), "status"])
+        assert result.code == EXIT_USAGE
+        assert "has no admin API ([admin] endpoint is empty)" in result.err
+        token = folder / "secret.token"
+        token.write_text("x")
+        token.chmod(0o000)
+        config = admin_config(folder, "tcp:1:interface=127.0.0.1", str(token))
+        import os
+
+        if os.geteuid() == 0:  # root reads anything: check the message alone
+            from mdgateway.ops.clisettings import read_token
+
+            token.chmod(0o600)
+            token.write_text("")
+            with self.assertRaises(Exception) as caught:
+                read_token(str(token))
+            self.assertIn("is empty", str(caught.exception))
+            return
+        result = run(["--config", str(config), "status"])
+        assert result.code == EXIT_USAGE
+        assert "permission denied" in result.err
+
+    def test_help_texts(self) -> None:
+        """
+        The help names the configuration, the environment variables and
+        says C{--token-file} takes a path.
+        """
+        import contextlib
+
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert main(["--help"]) == 0
+        text = " ".join(out.getvalue().split())
+        assert "--token-file PATH path of the file holding the admin API token" in text
+        assert "$MDGATEWAY_ADMIN_TOKEN_FILE" in text
+        assert "--config FILE" in text and "$MDGATEWAY_CONFIG" in text
+        assert "/etc/mdgateway/mdgateway.toml" in text
+
+    def test_check_config_defaults_to_the_configuration(self) -> None:
+        """
+        C{check-config} without a file checks the one C{--config} (or
+        C{$MDGATEWAY_CONFIG}) names.
+        """
+        result = run(
+            ["check-config", "--no-check-files"],
+            {"MDGATEWAY_CONFIG": str(ETC / "mdgateway.toml")},
+        )
+        assert result.code == EXIT_OK, result.err
+        assert result.lines[0].startswith(f"ok: {ETC / 'mdgateway.toml'}")

@@ -206,6 +206,77 @@ recipients = 0
             )
         )
 
+    def test_endpoints_that_cannot_bind(self) -> None:
+        """
+        Every listener endpoint that cannot bind is one problem line naming
+        its key and saying why: port out of range, an interface that is not
+        an IP address, a UNIX socket in a folder that does not exist, a
+        systemd endpoint without a valid domain or index, an unknown option
+        and a misspelt type.
+        """
+        cases = {
+            "tcp:99999": "port must be 0 to 65535, not '99999'",
+            "tcp:-1": "port must be 0 to 65535, not '-1'",
+            "tcp:": "no port",
+            "tcp:25:interface=999.1.1.1": "interface must be an IP address",
+            "tcp:25:interface=localhost": "interface must be an IP address",
+            "tcp6:25:interface=127.0.0.1": "tcp6 needs an IPv6 interface",
+            "tcp:25:backlog=lots": "backlog must be 1 to 65535",
+            "tcp:25:interfce=::1": "unknown option 'interfce' for tcp",
+            "tcp:25:26": "unexpected parameter '26'",
+            "unix:/nonexistent/dir/gw.sock": "the socket's folder does not exist",
+            "unix:/tmp/gw.sock:mode=rw": "mode must be octal",
+            "systemd:domain=INET": "index (or name) of the inherited socket",
+            "systemd:domain=IPX:index=0": "domain must be one of INET, INET6, UNIX",
+            "systemd:domain=INET:index=x": "index must be 0 to 1023",
+            "tcpp:25": "unknown endpoint type 'tcpp'",
+            "ssl:465": "unsupported endpoint type 'ssl'",
+        }
+        for endpoint, why in cases.items():
+            text = MINIMAL.replace("tcp:10025:interface=127.0.0.1", endpoint)
+            lines = problems(text)
+            self.assertEqual(len(lines), 1, (endpoint, lines))
+            self.assertTrue(
+                lines[0].startswith("listeners[0].endpoint: "), (endpoint, lines)
+            )
+            self.assertIn(why, lines[0], endpoint)
+            self.assertIn(repr(endpoint), lines[0])
+
+    def test_endpoints_that_can_bind(self) -> None:
+        """
+        Well-formed endpoints of every supported kind pass.
+        """
+        for endpoint in (
+            "tcp:25",
+            "tcp:port=2525:interface=0.0.0.0:backlog=100",
+            "tcp:25:interface=\\:\\:1",
+            "tcp6:25:interface=\\:\\:",
+            "unix:/tmp/gw.sock:mode=660",
+            "systemd:domain=INET6:index=0",
+            "systemd:domain=INET:name=smtp",
+        ):
+            toml = endpoint.replace("\\", "\\\\")  # a TOML basic string
+            text = MINIMAL.replace("tcp:10025:interface=127.0.0.1", toml)
+            self.assertEqual(problems(text), [], endpoint)
+
+    def test_admin_and_emulator_endpoints(self) -> None:
+        """
+        The admin and emulator endpoints are checked the same way, each
+        naming its own key; the emulator must be TCP.
+        """
+        text = (
+            MINIMAL
+            + '[admin]\nendpoint = "tcp:70000"\n'
+            + '[emulator]\nendpoint = "unix:/tmp/core.sock"\n'
+        )
+        lines = problems(text)
+        self.assertEqual(len(lines), 2, lines)
+        self.assertTrue(lines[0].startswith("admin.endpoint: port must be"), lines)
+        self.assertTrue(
+            lines[1].startswith("emulator.endpoint: unsupported endpoint type 'unix'"),
+            lines,
+        )
+
     def test_auth_needs_tls_and_users(self) -> None:
         """
         AUTH on a listener needs TLS and a users file.
@@ -315,6 +386,9 @@ class EndpointAddressTests(SynchronousTestCase):
         )
         self.assertEqual(endpoint_address("tcp:port=25"), ("TCP", "", 25))
         self.assertEqual(endpoint_address("unix:/run/gw.sock"), ("UNIX", "", 0))
+        self.assertEqual(
+            endpoint_address("tcp6:25:interface=\\:\\:1"), ("TCP6", "::1", 25)
+        )
 
 
 class UnitParsingTests(SynchronousTestCase):

@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import pytest_twisted
+from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
 from twisted.web.template import flattenString
 from zope.interface.verify import verifyClass
@@ -365,7 +367,8 @@ class _Runtime:
         return self.servers
 
 
-def test_overview_status_and_instances() -> None:
+@pytest_twisted.ensureDeferred
+async def test_overview_status_and_instances() -> None:
     """
     The overview lists every Core server of a configured profile (marking
     profiles no enabled rule uses) and every relay profile with its
@@ -428,9 +431,9 @@ def test_overview_status_and_instances() -> None:
         relay=Relay(),
         spool=Spool(),
         worker_spools=lambda: snapshot_spools([snapshot]),
-        readiness=lambda: Readiness(True, {"x": True}),
+        readiness=lambda: succeed(Readiness(True, {"x": True})),
     )
-    status = overview.status()
+    status = await overview.status()
     assert status.instance == "gw-a" and status.config_version == "v1"
     assert [(c.profile, c.up, c.in_use) for c in status.core] == [
         ("idle", False, False),

@@ -106,11 +106,7 @@ def test_history_rescan_queue_metrics(
             )
         )
         gw.proc.send_signal(signal.SIGHUP)
-        wait_for(
-            lambda: any(
-                "loaded from" in e.get("log_format", "") for e in gw.log_events()
-            )
-        )
+        wait_for(lambda: any("loaded from" in e["msg"] for e in gw.log_events()))
         status, body = call(admin, f"/api/quarantine/{item['id']}/rescan", "POST")
         assert status == 202, body
         wait_for(

@@ -108,6 +108,6 @@ def test_hidden_payload_blocked(
     assert got.content.endswith(clean)
     assert headers_of(got)["X-Metadefender-Core-Result"] == "Allowed"
     assert any(
-        e.get("result") == "Blocked/Infected" and e.get("decision") == "block"
+        e.get("verdict") == "Blocked/Infected" and e.get("action") == "block"
         for e in events
     )

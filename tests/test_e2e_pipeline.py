@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from mdgateway.config import load_config
 from tests.coresamples import docx
 from tests.downstream import Received, RecordingHandler, _Controller
 from tests.gatewayproc import ETC, free_port, running_gateway
@@ -188,9 +189,15 @@ def test_eicar(tmp_path: Path, smtpd: Callable[..., _Controller], action: str) -
             wait_for(lambda: not list((tmp_path / "spool" / "queue").glob("*.eml")))
             time.sleep(0.5)
             assert handler.messages == []
-            assert any(
-                "Blocked/Infected" in str(e.get("result")) for e in gw.log_events()
-            )
+            # One decision line per copy: queue id, rule, verdict, action and
+            # the version of the configuration it was decided under.
+            (decision,) = [e for e in gw.log_events() if "verdict" in e]
+            assert decision["verdict"] == "Blocked/Infected"
+            assert decision["action"] and decision["rule"]
+            assert decision["message_id"].startswith(decision["queue_id"] + ".")
+            version = load_config(tmp_path / "mdgateway.toml").version
+            assert decision["config_version"] == version
+            assert decision["msg"].startswith(decision["message_id"] + " rule ")
             return
         (got,) = wait_for(lambda: handler.messages)
     parsed = headers_of(got)
@@ -362,8 +369,7 @@ def test_loop_marker(tmp_path: Path, smtpd: Callable[..., _Controller]) -> None:
         assert again["X-Metadefender-Core-Result"] == "Allowed"
         assert "v=Skipped/AlreadyProcessed" in again["X-MD-Email-Security-Id"]
         assert not any(
-            e.get("log_format", "").startswith("{message_id}: processed by this")
-            for e in gw.log_events()
+            "processed by this gateway before" in e["msg"] for e in gw.log_events()
         )
         with smtplib.SMTP("127.0.0.1", port) as client:
             client.ehlo()
@@ -554,7 +560,7 @@ def test_dlp_card_number(tmp_path: Path, smtpd: Callable[..., _Controller]) -> N
     assert any(
         any(p.get("dlp_hits") for p in e.get("parts", []))
         for e in events
-        if e.get("result", "").startswith("Blocked")
+        if e.get("verdict", "").startswith("Blocked")
     )
 
 
@@ -616,7 +622,7 @@ def test_queue_limit_back_pressure(
                 return client.mail("a@example.com")[0] == 250
 
         wait_for(accepted)
-        assert [e for e in gw.log_events() if "queue full" in str(e.get("log_format"))]
+        assert [e for e in gw.log_events() if "queue full" in e["msg"]]
 
 
 def test_marker_replayed_onto_new_structure(
@@ -664,10 +670,9 @@ def test_marker_replayed_onto_new_structure(
         events = gw.log_events()
     assert len(handler.messages) == 2
     assert not any(EICAR in m.content for m in handler.messages)
-    assert any(str(e.get("result")) == "Blocked/Infected" for e in events)
+    assert any(e.get("verdict") == "Blocked/Infected" for e in events)
     assert any(
-        "forged loop marker" in str(e.get("log_format")) or e.get("reason") == "forged"
-        for e in events
+        "forged loop marker" in e["msg"] and e.get("reason") == "forged" for e in events
     )
 
 
@@ -712,14 +717,13 @@ blocked_action = "deliver"
     assert headers_of(control)["Subject"] == "control"
     assert control.rcpt_tos == ["bob@example.org"]
     assert any(
-        "not under a rule at least as strict" in str(e.get("log_format"))
-        and e.get("rule") == "inbound"
+        "not under a rule at least as strict" in e["msg"] and e.get("rule") == "inbound"
         for e in events
     )
     blocked = [
         e
         for e in events
-        if e.get("rule") == "inbound" and str(e.get("result")) == "Blocked/Infected"
+        if e.get("rule") == "inbound" and e.get("verdict") == "Blocked/Infected"
     ]
     assert blocked
 

@@ -167,7 +167,7 @@ def test_hot_reload(tmp_path: Path) -> None:
         before.reply()
         config.write_text(old_text.replace('"example.org"', '"example.net"'))
         gw.proc.send_signal(signal.SIGHUP)
-        loaded = wait_for_log(gw, lambda e: "loaded from" in e.get("log_format", ""))
+        loaded = wait_for_log(gw, lambda e: "loaded from" in e["msg"])
         new_version = loaded["config_version"]
 
         after = Raw(port)
@@ -189,9 +189,7 @@ def test_hot_reload(tmp_path: Path) -> None:
             )
         )
         gw.proc.send_signal(signal.SIGHUP)
-        refused = wait_for_log(
-            gw, lambda e: "reload refused" in e.get("log_format", "")
-        )
+        refused = wait_for_log(gw, lambda e: "reload refused" in e["msg"])
         assert refused["problem"].startswith("rules[0].recipients")
         still = Raw(port)
         still.reply()

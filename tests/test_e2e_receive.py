@@ -27,6 +27,7 @@ from tests.gatewayproc import (
     default_toml,
     environment,
     free_port,
+    log_events,
     queued_files,
     running_gateway,
     wait_for_port,
@@ -152,6 +153,38 @@ def test_starttls_smtplib(gateway) -> None:
     message, envelope = spooled(spool, newest.stem)
     assert b"with ESMTPS (using TLSv1." in message.split(b"\r\n\r\n")[0]
     assert envelope["tls"] is True and envelope["tls_version"].startswith("TLSv1.")
+    assert envelope["protocol"] == "ESMTPS"
+
+
+def test_smtputf8_received_keyword(tmp_path: Path) -> None:
+    """
+    A transaction whose MAIL carries SMTPUTF8 over STARTTLS is stamped
+    C{with UTF8SMTPS} (RFC 6531) in the Received header and the envelope;
+    the next one on the same connection, without it, is C{ESMTPS}.
+    """
+    with running_gateway(tmp_path) as (gw, port):
+        check_utf8_keyword(port, tmp_path / "spool")
+
+
+def check_utf8_keyword(port: int, spool: Path) -> None:
+    body = "From: jörg@example.com\r\nSubject: grüße\r\n\r\nhallo\r\n".encode()
+    with smtplib.SMTP("127.0.0.1", port, local_hostname="utf8.test") as client:
+        client.starttls(context=client_tls())
+        client.ehlo()
+        refused = client.sendmail(
+            "jörg@example.com", ["r@example.org"], body, mail_options=["SMTPUTF8"]
+        )
+        assert refused == {}
+        assert client.sendmail("ascii@utf8.test", ["r@example.org"], MESSAGE) == {}
+    by_sender = {}
+    for path in queued_files(spool):
+        message, envelope = spooled(spool, path.stem)
+        by_sender[envelope["sender"]] = (message.split(b"\r\n\r\n")[0], envelope)
+    head, envelope = by_sender["jörg@example.com"]
+    assert b"with UTF8SMTPS (using TLSv1." in head
+    assert envelope["protocol"] == "UTF8SMTPS"
+    head, envelope = by_sender["ascii@utf8.test"]
+    assert b"with ESMTPS (using TLSv1." in head
     assert envelope["protocol"] == "ESMTPS"
 
 
@@ -466,9 +499,7 @@ def test_25mb_starttls_memory_and_sigkill(tmp_path: Path) -> None:
         gw.start(port)
         message = (tmp_path / "spool" / "queue" / f"{queue_id}.eml").read_bytes()
         assert message.endswith(body)
-        recovered = [
-            e for e in gw.log_events() if "recovered" in e.get("log_format", "")
-        ]
+        recovered = [e for e in gw.log_events() if "recovered" in e["msg"]]
         assert recovered[-1]["count"] == 1
 
 
@@ -483,7 +514,7 @@ def test_sigterm_drains(tmp_path: Path) -> None:
         raw.reply()
         raw.command(b"EHLO drain.test")
         assert gw.terminate() in (0, -15)
-        assert any(e.get("log_format") == "stopped" for e in gw.log_events())
+        assert any(e["msg"] == "stopped" for e in gw.log_events())
         code, lines = raw.reply()
         assert (code, lines[0][4:9]) == (421, "4.3.2")
         with pytest.raises(OSError):
@@ -583,14 +614,22 @@ def test_twistd_runs_plugin_and_logs_structured_fields(tmp_path: Path) -> None:
         env=environment(),
         cwd=str(REPO),
     )
+    twistd_log = tmp_path / "twistd.log"
     try:
         wait_for_port(port, proc=proc)
+        deadline = time.monotonic() + 30
+        while not any(e.get("gateway_ready") for e in log_events(twistd_log)):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
         with smtplib.SMTP("127.0.0.1", port) as client:
             client.sendmail("a@example.com", ["r@example.org"], MESSAGE)
     finally:
         proc.terminate()
         proc.wait(30)
-    assert "queued" in (tmp_path / "twistd.log").read_text()
+    # twistd logs JSON Lines too (the plugin names its observer as --logger).
+    lines = twistd_log.read_text().splitlines()
+    assert all(json.loads(line)["level"] for line in lines)
+    assert any("queued" in json.loads(line)["msg"] for line in lines)
 
     (tmp_path / "json").mkdir()
     with running_gateway(tmp_path / "json") as (gw, port):
@@ -604,6 +643,6 @@ def test_twistd_runs_plugin_and_logs_structured_fields(tmp_path: Path) -> None:
         assert queued[-1]["client"] == "127.0.0.1"
         session = queued[-1]["session_id"]
         assert any(
-            e.get("session_id") == session and "connect from" in e.get("log_format", "")
+            e.get("session_id") == session and "connect from" in e["msg"]
             for e in gw.log_events()
         )

@@ -146,7 +146,7 @@ def deferrals(gw: object, queue_id: str) -> int:
         1
         for e in gw.log_events()  # type: ignore[attr-defined]
         if e.get("message_id") == queue_id
-        and str(e.get("log_format", "")).startswith("{message_id} deferred")
+        and e["msg"].startswith(f"{queue_id} deferred")
     )
 
 

@@ -49,7 +49,7 @@ def subjects(handler: RecordingHandler) -> list[str]:
 
 
 def events(gw: GatewayProcess, text: str) -> list[dict]:
-    return [e for e in gw.log_events() if text in str(e.get("log_format", ""))]
+    return [e for e in gw.log_events() if text in e["msg"]]
 
 
 def worker_events(gw: GatewayProcess, text: str) -> list[dict]:
@@ -62,7 +62,7 @@ def worker_events(gw: GatewayProcess, text: str) -> list[dict]:
 
 
 def worker_pid(gw: GatewayProcess, after: int = 0) -> int:
-    started = wait_for(lambda: worker_events(gw, "{process} started")[after:])
+    started = wait_for(lambda: worker_events(gw, "started (pid")[after:])
     return int(started[0]["pid"])
 
 
@@ -85,7 +85,7 @@ def stopped(gw: GatewayProcess) -> Iterator[None]:
     assert gw.proc is not None
     (emulator,) = wait_for(
         lambda: [
-            e for e in events(gw, "{process} started") if e.get("process") == "emulator"
+            e for e in events(gw, "started (pid") if e.get("process") == "emulator"
         ][-1:]
     )
     frozen = [gw.proc.pid, int(emulator["pid"])]
@@ -145,9 +145,7 @@ def test_two_processes_share_the_listener(
         wait_for_port(admin)
         pid = worker_pid(gw)
         wait_for(
-            lambda: [
-                e for e in events(gw, "listening on {listener}") if e.get("worker") == 1
-            ]
+            lambda: [e for e in events(gw, "listening on ") if e.get("worker") == 1]
         )
         sent = [send(port, f"m{n}") for n in range(10)]
         with stopped(gw):
@@ -159,9 +157,7 @@ def test_two_processes_share_the_listener(
             assert len(queued) >= 3
         wait_for(lambda: len(handler.messages) == 13)
         assert sorted(subjects(handler)) == sorted(sent + by_worker)
-        worker_queued = [
-            e for e in events(gw, "queued {message_id}") if e.get("worker") == 1
-        ]
+        worker_queued = [e for e in events(gw, "queued ") if e.get("worker") == 1]
         assert len(worker_queued) >= 3
         accepted = "mdgateway_smtp_messages_accepted_total"
         wait_for(lambda: metric(admin, accepted) == 14, timeout=15)
@@ -170,7 +166,7 @@ def test_two_processes_share_the_listener(
         config.write_text(config.read_text() + "\n# changed\n")
         assert gw.proc is not None
         gw.proc.send_signal(signal.SIGHUP)
-        loaded = "configuration {config_version} loaded"
+        loaded = " loaded from "
         wait_for(lambda: [e for e in events(gw, loaded) if e.get("worker") == 1])
         assert [e for e in events(gw, loaded) if "worker" not in e]
 
@@ -183,7 +179,7 @@ def test_two_processes_share_the_listener(
         assert [r["address"] for r in waiting["recipients"]] == ["later@example.org"]
         assert gw.terminate(60) in (0, -signal.SIGTERM)
         wait_for(lambda: not alive(pid), timeout=30)
-        assert worker_events(gw, "{process} stopped")
+        assert worker_events(gw, " stopped (")
         assert not events(gw, "exited unexpectedly")
 
 
@@ -224,7 +220,7 @@ def test_killed_worker_restarts_and_retired_spool_is_adopted(
         wait_for(lambda: len(handler.messages) == 4)
         assert sorted(subjects(handler)) == sorted(first + second)
         assert not worker_spool.exists()
-        assert not worker_events(gw, "{process} started")
+        assert not worker_events(gw, "started (pid")
         gw.terminate(60)
 
 
@@ -256,7 +252,7 @@ def test_counters_never_decrease_when_a_worker_is_killed(
         restarted = None
         while restarted is None or len(scraped) < 20:
             scraped.append(metric(admin, accepted))
-            if restarted is None and len(worker_events(gw, "{process} started")) > 1:
+            if restarted is None and len(worker_events(gw, "started (pid")) > 1:
                 restarted = worker_pid(gw, after=1)
         assert min(scraped) == 4, scraped
         with stopped(gw):
@@ -310,9 +306,7 @@ def test_worker_exits_when_primary_dies(
     with running_gateway(tmp_path, toml=toml, port=port) as (gw, _):
         pid = worker_pid(gw)
         wait_for(
-            lambda: [
-                e for e in events(gw, "listening on {listener}") if e.get("worker") == 1
-            ]
+            lambda: [e for e in events(gw, "listening on ") if e.get("worker") == 1]
         )
         gw.kill()
         wait_for(lambda: not alive(pid), timeout=30)
@@ -335,9 +329,7 @@ def test_builtin_emulator_is_its_own_process_and_restarted(
 
         def emulator_starts() -> list[dict]:
             return [
-                e
-                for e in events(gw, "{process} started")
-                if e.get("process") == "emulator"
+                e for e in events(gw, "started (pid") if e.get("process") == "emulator"
             ]
 
         (first,) = wait_for(emulator_starts)

@@ -110,8 +110,7 @@ def log_problems(gw: GatewayProcess) -> list[str]:
         if "Traceback" in line or "Unhandled" in line
     ]
     for event in gw.log_events():
-        level = event.get("log_level", {}).get("name")
-        if "log_failure" in event or level in ("error", "critical"):
+        if "traceback" in event or event["level"] in ("error", "critical"):
             problems.append(json.dumps(event)[:500])
     return problems
 

@@ -115,6 +115,17 @@ class SmtpEdgeTests(SynchronousTestCase):
             2.0,
         )
 
+    def test_tls_failures(self) -> None:
+        """
+        Failed TLS handshakes are counted per listener.
+        """
+        m = Metrics()
+        m.tls_failed("smtps")
+        m.tls_failed("smtps")
+        self.assertEqual(
+            value(m, "mdgateway_smtp_tls_failures_total", listener="smtps"), 2.0
+        )
+
     def test_proxy_errors_and_accepted(self) -> None:
         """
         PROXY errors and accepted messages are counted per listener.

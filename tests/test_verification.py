@@ -59,7 +59,9 @@ async def test_verifier_outcomes(smtpd: Callable[..., _Controller]) -> None:
         }
     )
     relay = smtpd(handler)
-    verifier = SmtpRecipientVerifier(reactor, "gw.test", TableResolver({}))
+    verifier = SmtpRecipientVerifier(
+        reactor, "gw.test", TableResolver({}), reactor.getThreadPool()
+    )
     down = closed_port()
     assert (
         await verifier.verify(profile(relay.port), "s@x.example", "bob@example.org")

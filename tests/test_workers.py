@@ -15,7 +15,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.task import Clock
-from twisted.logger import LogLevel, eventAsJSON, globalLogPublisher
+from twisted.logger import LogLevel, capturedLogs, eventAsJSON, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -24,8 +24,10 @@ from mdgateway.ops.metrics import Metrics
 from mdgateway.run.compose import build_gateway
 from mdgateway.run.service import GatewayService
 from mdgateway.run.supervisor import (
+    EXIT_GRACE,
     FIRST_LISTEN_FD,
     METRICS_FD,
+    ChildNotReadyError,
     Frames,
     LogRecords,
     Supervisor,
@@ -293,6 +295,50 @@ class SupervisorTests(SynchronousTestCase):
         self.clock.advance(60)
         self.assertEqual(len(self.reactor.spawned), 2)
 
+    def test_orderly_exit_during_stop_is_not_critical(self) -> None:
+        """
+        Once the gateway is stopping, a child that exits on its own (Ctrl-C
+        reached the whole process group) is logged at info and not
+        restarted.
+        """
+        self.supervisor.start()
+        with capturedLogs() as events:
+            self.supervisor.stopping()
+            self.reactor.spawned[0].end(Failure(ProcessTerminated(signal=2)))
+        self.clock.advance(60)
+        self.assertEqual(len(self.reactor.spawned), 2)
+        self.assertEqual([levels(e) for e in events], ["info"])
+
+    def test_exit_by_sigterm_is_a_warning(self) -> None:
+        """
+        A child stopped by a SIGTERM from outside while the gateway runs is
+        restarted and logged as a warning, not as a crash.
+        """
+        self.supervisor.start()
+        with capturedLogs() as events:
+            self.reactor.spawned[0].end(Failure(ProcessTerminated(signal=15)))
+            self.reactor.spawned[1].end(killed())
+            self.clock.advance(EXIT_GRACE)
+        self.assertEqual([levels(e) for e in events], ["warn", "critical"])
+        self.clock.advance(1.0)
+        self.assertEqual(len(self.reactor.spawned), 4)
+
+    def test_exit_just_before_stop_is_not_critical(self) -> None:
+        """
+        A child that dies a moment before the gateway begins to stop (Ctrl-C
+        reached it first) is reported at info once the stop began, and not
+        restarted.
+        """
+        self.supervisor.start()
+        with capturedLogs() as events:
+            self.reactor.spawned[0].end(Failure(ProcessTerminated(exitCode=1)))
+            self.clock.advance(EXIT_GRACE / 2)
+            self.supervisor.stopping()
+            self.clock.advance(EXIT_GRACE)
+        self.assertEqual([levels(e) for e in events], ["info"])
+        self.clock.advance(60)
+        self.assertEqual(len(self.reactor.spawned), 2)
+
     def test_metrics_snapshots(self) -> None:
         """
         The latest snapshot a running worker pushed is what the supervisor
@@ -354,6 +400,73 @@ def sample(text: str, name: str, labels: str = "") -> float:
         if line.startswith(name + (labels or " ")):
             return float(line.rsplit(" ", 1)[1])
     raise AssertionError(f"{name}{labels} not in metrics")
+
+
+def levels(event: dict[str, Any]) -> str:
+    return str(event["log_level"].name)
+
+
+class ReadinessTests(SynchronousTestCase):
+    """
+    A supervised child that says when it is ready (the Core emulator).
+    """
+
+    def setUp(self) -> None:
+        self.reactor = FakeProcessReactor()
+        self.clock = Clock()
+        self.supervisor = Supervisor(
+            reactor=self.reactor,  # type: ignore[arg-type]
+            clock=self.clock,
+            children=1,
+            command=lambda index, fds: ["emulator"],
+            listen_fds={"core": 9},
+            observer=lambda event: None,
+            environment={},
+            name="emulator",
+            ready_when=lambda event: event.get("emulator_listening") is True,
+        )
+        self.supervisor.start()
+        self.child = self.reactor.spawned[0]
+
+    def say(self, **fields: Any) -> None:
+        record = eventAsJSON({"log_format": "x", "log_level": LogLevel.info, **fields})
+        self.child.protocol.childDataReceived(1, record.encode() + b"\n")
+
+    def test_ready_when_the_child_says_so(self) -> None:
+        """
+        The wait ends when the child logs the event that says it listens,
+        not before.
+        """
+        ready = self.supervisor.wait_ready(30)
+        self.say(other=True)
+        self.assertNoResult(ready)
+        self.say(emulator_listening=True)
+        self.successResultOf(ready)
+        self.clock.advance(60)
+
+    def test_exit_before_ready_fails_without_restart(self) -> None:
+        """
+        A child that exits before it is ready fails the wait with its exit
+        status, is logged as an error (not a crash loop) and not restarted.
+        """
+        ready = self.supervisor.wait_ready(30)
+        with capturedLogs() as events:
+            self.child.end(Failure(ProcessTerminated(exitCode=1)))
+        failure = self.failureResultOf(ready, ChildNotReadyError)
+        self.assertIn("emulator exited (exit 1)", str(failure.value))
+        self.assertEqual([levels(e) for e in events], ["error"])
+        self.clock.advance(60)
+        self.assertEqual(len(self.reactor.spawned), 1)
+
+    def test_not_ready_in_time(self) -> None:
+        """
+        A child that never says it is ready fails the wait after the
+        timeout.
+        """
+        ready = self.supervisor.wait_ready(30)
+        self.clock.advance(30)
+        failure = self.failureResultOf(ready, ChildNotReadyError)
+        self.assertIn("not ready after 30s", str(failure.value))
 
 
 class MergedMetricsTests(SynchronousTestCase):

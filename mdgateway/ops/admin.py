@@ -19,27 +19,45 @@ C{authorization: {credentials_file: ...}}).
 
 from __future__ import annotations
 
-import io
-import json
-import math
 import os
-import re
 import tempfile
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from contextlib import suppress
-from datetime import UTC, datetime
 from typing import IO, Any, TypeVar
-from urllib.parse import parse_qs, unquote, urlsplit
 
-import attrs
-from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.protocols.basic import FileSender
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request, Site
+from twisted.web.server import Request, Site
 
 from mdgateway.ops import adminjson
+from mdgateway.ops.adminhttp import (
+    AUDIT_PARAMETERS,
+    FILENAME_UNSAFE,
+    MAX_BODY,
+    MAX_FORWARD,
+    MESSAGE_PARAMETERS,
+    QUARANTINE_PARAMETERS,
+    REFUSAL_PARAMETERS,
+    STREAMED,
+    AdminSite,
+    ApiCall,
+    ApiResponse,
+    HttpError,
+    Root,
+    Route,
+    Streamed,
+    bad_parameter,
+    bounded_request,
+    client_host,
+    error_response,
+    only_fields,
+    parse_time,
+    resolve,
+    split_path,
+    unauthorized,
+)
 from mdgateway.ops.interfaces import (
     ActionResult,
     IOperations,
@@ -47,443 +65,23 @@ from mdgateway.ops.interfaces import (
     ReloadResult,
 )
 from mdgateway.ops.tokens import DEFAULT_NAME, find_token
-from mdgateway.policy.rules import DIRECTIONS
 from mdgateway.smtp.parse import ParseError, parse_mailbox
 from mdgateway.store.audit import DONE, REFUSED, AuditEntry, AuditFilter
 from mdgateway.store.interfaces import (
-    MAX_ID_LENGTH,
     MAX_PAGE,
     CorruptOriginalError,
     MessageFilter,
-    MessageStatus,
     NotFoundError,
     Page,
     PageRequest,
     QuarantineFilter,
     RefusalFilter,
-    ScanVerdict,
     StoreError,
 )
 
 __all__ = ["MAX_BODY", "AdminAPI", "HttpError", "client_host", "parse_time"]
 
 _T = TypeVar("_T")
-
-#: Largest request body accepted (every body is a small JSON object).
-MAX_BODY = 64 * 1024
-
-#: Most addresses one forward may name.
-MAX_FORWARD = 100
-
-JSON_TYPE = b"application/json; charset=utf-8"
-
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
-_NUMBER = re.compile(r"^\d+(?:\.\d+)?$")
-_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_TRUE = frozenset({"1", "true", "yes", "on"})
-_FALSE = frozenset({"0", "false", "no", "off"})
-_FILENAME_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
-
-
-class HttpError(Exception):
-    """
-    Answer with C{status} and C{{"error": message, "status": status}}.
-
-    @ivar parameter: the query parameter or body field at fault, if any.
-    """
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        parameter: str | None = None,
-        headers: Sequence[tuple[bytes, bytes]] = (),
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.parameter = parameter
-        self.headers = tuple(headers)
-
-
-def _bad(parameter: str, message: str) -> HttpError:
-    return HttpError(400, f"{parameter}: {message}", parameter)
-
-
-@attrs.frozen
-class _Response:
-    """
-    A complete answer: status, body and content type.
-    """
-
-    status: int
-    body: bytes
-    content_type: bytes = JSON_TYPE
-    headers: tuple[tuple[bytes, bytes], ...] = ()
-
-    @classmethod
-    def json(cls, status: int, data: object) -> _Response:
-        body = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-        return cls(status, body.encode("utf-8") + b"\n")
-
-
-def _error(
-    status: int,
-    message: str,
-    parameter: str | None = None,
-    headers: Sequence[tuple[bytes, bytes]] = (),
-) -> _Response:
-    data: dict[str, object] = {"error": message, "status": status}
-    if parameter is not None:
-        data["parameter"] = parameter
-    return attrs.evolve(_Response.json(status, data), headers=tuple(headers))
-
-
-class _Streamed:
-    """
-    The handler wrote and finished the response itself.
-    """
-
-
-_STREAMED = _Streamed()
-
-
-@attrs.define
-class _Call:
-    """
-    One request on its way through a handler.
-
-    @ivar args: the variable path segments, in order.
-    @ivar gone: the client disconnected; nothing may be written.
-    """
-
-    request: Request
-    args: tuple[str, ...]
-    now: float
-    max_body: int
-    gone: bool = False
-    #: The name of the token the request was authorized with.
-    by: str = ""
-
-    @property
-    def origin(self) -> str:
-        """
-        Where the request came from, for the audit and the log.
-        """
-        return client_host(self.request)
-
-    def query(self, allowed: Sequence[str]) -> _Query:
-        return _Query.parse(self.request, allowed, self.now)
-
-    def body(self) -> dict[str, Any]:
-        """
-        The request body as a JSON object; C{{}} when empty.
-        """
-        raw = _read_body(self.request, self.max_body)
-        if not raw.strip():
-            return {}
-        try:
-            data = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            raise HttpError(400, "the body is not valid JSON") from None
-        if not isinstance(data, dict):
-            raise HttpError(400, "the body must be a JSON object")
-        return data
-
-
-def _read_body(request: Request, limit: int) -> bytes:
-    if getattr(request, "body_too_large", False):
-        raise HttpError(413, f"request body larger than {limit} bytes")
-    content = request.content
-    if content is None:
-        return b""
-    content.seek(0)
-    data = content.read(limit + 1)
-    if len(data) > limit:
-        raise HttpError(413, f"request body larger than {limit} bytes")
-    return bytes(data)
-
-
-@attrs.define
-class _Query:
-    """
-    The query string of one request, checked parameter by parameter.
-    """
-
-    values: dict[str, list[str]]
-    now: float
-
-    @classmethod
-    def parse(cls, request: Request, allowed: Sequence[str], now: float) -> _Query:
-        raw = urlsplit(request.uri).query
-        try:
-            text = raw.decode("ascii")
-            values = parse_qs(
-                text, keep_blank_values=True, strict_parsing=False, errors="strict"
-            )
-        except (UnicodeDecodeError, ValueError):
-            raise HttpError(
-                400, "the query string is not percent-encoded UTF-8"
-            ) from None
-        for name in values:
-            if name not in allowed:
-                raise _bad(name, "unknown parameter")
-        # An empty value means "not set", as an HTML form sends it.
-        kept = {k: [v for v in vs if v != ""] for k, vs in values.items()}
-        return cls({k: vs for k, vs in kept.items() if vs}, now)
-
-    def many(self, name: str) -> list[str]:
-        """
-        Every value of C{name}, repeated or comma-separated.
-        """
-        return [
-            part.strip()
-            for value in self.values.get(name, [])
-            for part in value.split(",")
-            if part.strip()
-        ]
-
-    def text(self, name: str) -> str | None:
-        values = self.values.get(name)
-        if not values:
-            return None
-        if len(values) > 1:
-            raise _bad(name, "given more than once")
-        return values[0]
-
-    def time(self, name: str) -> float | None:
-        text = self.text(name)
-        if text is None:
-            return None
-        value = parse_time(text, self.now)
-        if value is None:
-            raise _bad(
-                name,
-                f"not an ISO-8601 time, epoch seconds or a duration ago "
-                f"(30m, 2h, 7d): {text!r}",
-            )
-        return value
-
-    def window(self) -> tuple[float | None, float | None]:
-        since, until = self.time("since"), self.time("until")
-        if since is not None and until is not None and since >= until:
-            raise _bad("until", "must be later than since")
-        return since, until
-
-    def integer(self, name: str, low: int, high: int) -> int | None:
-        text = self.text(name)
-        if text is None:
-            return None
-        if not text.isdigit() or not low <= int(text) <= high:
-            raise _bad(name, f"must be an integer from {low} to {high}: {text!r}")
-        return int(text)
-
-    def boolean(self, name: str) -> bool | None:
-        text = self.text(name)
-        if text is None:
-            return None
-        if text.lower() in _TRUE:
-            return True
-        if text.lower() in _FALSE:
-            return False
-        raise _bad(name, f"must be true or false: {text!r}")
-
-    def direction(self) -> str | None:
-        text = self.text("direction")
-        if text is not None and text.lower() not in DIRECTIONS:
-            raise _bad("direction", f"must be one of {', '.join(DIRECTIONS)}")
-        return text.lower() if text is not None else None
-
-    def statuses(self) -> frozenset[MessageStatus]:
-        out = set()
-        for text in self.many("status"):
-            try:
-                out.add(MessageStatus(text.lower().replace("_", " ")))
-            except ValueError:
-                names = ", ".join(s.value for s in MessageStatus)
-                raise _bad("status", f"unknown status {text!r} ({names})") from None
-        return frozenset(out)
-
-    def verdicts(self) -> frozenset[ScanVerdict]:
-        by_fold = {v.value.casefold(): v for v in ScanVerdict}
-        out = set()
-        for text in self.many("verdict"):
-            verdict = by_fold.get(text.casefold())
-            if verdict is None:
-                names = ", ".join(v.value for v in ScanVerdict)
-                raise _bad("verdict", f"unknown verdict {text!r} ({names})")
-            out.add(verdict)
-        return frozenset(out)
-
-    def page(self) -> PageRequest:
-        limit = self.integer("limit", 1, MAX_PAGE)
-        return PageRequest(
-            limit=50 if limit is None else limit, cursor=self.text("cursor")
-        )
-
-
-_PAGE_PARAMETERS = ("limit", "cursor")
-_MESSAGE_PARAMETERS = (
-    "since",
-    "until",
-    "sender",
-    "recipient",
-    "subject",
-    "status",
-    "rule",
-    "direction",
-    "verdict",
-    "queue_id",
-    "message_id",
-    *_PAGE_PARAMETERS,
-)
-_REFUSAL_PARAMETERS = (
-    "since",
-    "until",
-    "client",
-    "sender",
-    "recipient",
-    "listener",
-    "code",
-    "category",
-    *_PAGE_PARAMETERS,
-)
-_AUDIT_PARAMETERS = (
-    "since",
-    "until",
-    "actor",
-    "action",
-    "target",
-    *_PAGE_PARAMETERS,
-)
-_QUARANTINE_PARAMETERS = (
-    "since",
-    "until",
-    "sender",
-    "recipient",
-    "subject",
-    "reason",
-    "rule",
-    "direction",
-    "pinned",
-    "released",
-    "message_id",
-    *_PAGE_PARAMETERS,
-)
-
-
-def parse_time(text: str, now: float) -> float | None:
-    """
-    A time filter: ISO-8601 (without an offset: UTC), POSIX seconds, or a
-    duration before C{now} (C{90s}, C{30m}, C{2h}, C{7d}); C{None} when it
-    is none of these.
-    """
-    text = text.strip()
-    match = _DURATION.match(text)
-    if match:
-        return now - float(match.group(1)) * _UNITS[match.group(2)]
-    if _NUMBER.match(text):
-        value = float(text)
-        return value if math.isfinite(value) else None
-    try:
-        when = datetime.fromisoformat(text)
-    except ValueError:
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return when.timestamp()
-
-
-async def _resolve(value: Any) -> Any:
-    """
-    The result of an operation that may answer at once (a value) or later
-    (a L{Deferred} or a coroutine).
-    """
-    if isinstance(value, Deferred) or hasattr(value, "__await__"):
-        return await value
-    return value
-
-
-_Handler = Callable[["AdminAPI", _Call], Awaitable[_Response | _Streamed]]
-
-
-@attrs.frozen
-class _Route:
-    method: bytes
-    pattern: tuple[str | None, ...]
-    handler: _Handler
-
-    def match(self, segments: Sequence[str]) -> tuple[str, ...] | None:
-        if len(segments) != len(self.pattern):
-            return None
-        args = []
-        for expected, got in zip(self.pattern, segments, strict=True):
-            if expected is None:
-                if not got or len(got) > MAX_ID_LENGTH:
-                    return None
-                args.append(got)
-            elif expected != got:
-                return None
-        return tuple(args)
-
-
-def _split_path(raw: bytes) -> list[str]:
-    try:
-        text = raw.decode("ascii")
-        segments = [unquote(s, errors="strict") for s in text.split("/")]
-    except (UnicodeDecodeError, ValueError):
-        raise HttpError(404, "no such resource") from None
-    if segments and segments[0] == "":
-        segments = segments[1:]
-    if len(segments) > 1 and segments[-1] == "":
-        segments = segments[:-1]
-    return segments
-
-
-class _Root(Resource):
-    """
-    The whole API as one leaf: every path is routed by L{AdminAPI}.
-    """
-
-    isLeaf = True
-
-    def __init__(self, api: AdminAPI) -> None:
-        super().__init__()
-        self._api = api
-
-    def render(self, request: Request) -> int:
-        ensureDeferred(self._api._serve(request))
-        return NOT_DONE_YET
-
-
-def _bounded_request(limit: int) -> type[Request]:
-    class BoundedRequest(Request):
-        """
-        A request that keeps at most C{limit} bytes of body (in memory) and
-        then only counts, so the handler can refuse it with 413 without a
-        large body ever reaching memory or disk.
-        """
-
-        body_too_large = False
-        _received = 0
-
-        def gotLength(self, length: int | None) -> None:
-            self.content = io.BytesIO()
-            self._received = 0
-            self.body_too_large = length is not None and length > limit
-
-        def handleContentChunk(self, data: bytes) -> None:
-            self._received += len(data)
-            if self._received > limit:
-                if not self.body_too_large:
-                    self.body_too_large = True
-                    self.content = io.BytesIO()
-                return
-            content = self.content
-            if not self.body_too_large and content is not None:
-                content.write(data)
-
-    return BoundedRequest
 
 
 class AdminAPI:
@@ -551,7 +149,7 @@ class AdminAPI:
         The root resource, to serve at C{/} of a L{Site}. Prefer L{site},
         which also bounds request bodies while they arrive.
         """
-        return _Root(self)
+        return Root(self)
 
     def site(self) -> Site:
         """
@@ -559,14 +157,16 @@ class AdminAPI:
         bodies beyond C{max_body} discarded while they arrive, no
         tracebacks in answers.
         """
-        site = Site(self.resource(), requestFactory=_bounded_request(self._max_body))
+        site = AdminSite(
+            self.resource(), requestFactory=bounded_request(self._max_body)
+        )
         site.displayTracebacks = False
         return site
 
     # -- plumbing
 
     async def _serve(self, request: Request) -> None:
-        call = _Call(request, (), self._clock.seconds(), self._max_body)
+        call = ApiCall(request, (), self._clock.seconds(), self._max_body)
 
         def lost(_: object) -> None:
             call.gone = True
@@ -578,25 +178,25 @@ class AdminAPI:
         try:
             response = await self._dispatch(request, call)
         except HttpError as e:
-            response = _error(e.status, e.message, e.parameter, e.headers)
+            response = error_response(e.status, e.message, e.parameter, e.headers)
         except OperationError as e:
-            response = _error(e.status, e.message)
+            response = error_response(e.status, e.message)
         except NotFoundError as e:
-            response = _error(404, str(e) or "not found")
+            response = error_response(404, str(e) or "not found")
         except CorruptOriginalError:
             self._log.failure("Admin API: corrupt quarantined original")
-            response = _error(500, "the stored original is corrupt")
+            response = error_response(500, "the stored original is corrupt")
         except StoreError:
             self._log.failure("Admin API: store failed")
-            response = _error(503, "the store is unavailable")
+            response = error_response(503, "the store is unavailable")
         except Exception:
             self._log.failure(
                 "Admin API: {method} {path} failed",
                 method=request.method,
                 path=request.path,
             )
-            response = _error(500, "internal error")
-        if isinstance(response, _Streamed) or call.gone:
+            response = error_response(500, "internal error")
+        if isinstance(response, Streamed) or call.gone:
             return
         request.setResponseCode(response.status)
         request.setHeader(b"content-type", response.content_type)
@@ -608,8 +208,10 @@ class AdminAPI:
         request.write(response.body)
         request.finish()
 
-    async def _dispatch(self, request: Request, call: _Call) -> _Response | _Streamed:
-        segments = _split_path(request.path)
+    async def _dispatch(
+        self, request: Request, call: ApiCall
+    ) -> ApiResponse | Streamed:
+        segments = split_path(request.path)
         if tuple(segments) not in self._public:
             call.by = self._authenticate(request)
         asked = request.method.upper()
@@ -639,21 +241,23 @@ class AdminAPI:
         """
         header = request.getHeader(b"authorization")
         if header is None:
-            raise _unauthorized("missing bearer token", b'Bearer realm="mdgateway"')
+            raise unauthorized("missing bearer token", b'Bearer realm="mdgateway"')
         scheme, _, credentials = header.strip().partition(b" ")
         if scheme.lower() != b"bearer":
-            raise _unauthorized("not a bearer token", b'Bearer realm="mdgateway"')
+            raise unauthorized("not a bearer token", b'Bearer realm="mdgateway"')
         found = self.token_name(credentials.strip())
         if found is None:
             self._log.warn(
                 "Admin API: invalid token from {client}", client=client_host(request)
             )
-            raise _unauthorized(
+            raise unauthorized(
                 "invalid token", b'Bearer realm="mdgateway", error="invalid_token"'
             )
         return found
 
-    def _logged(self, call: _Call, action: str, target: str, **fields: object) -> None:
+    def _logged(
+        self, call: ApiCall, action: str, target: str, **fields: object
+    ) -> None:
         self._log.info(
             "Admin API: {action} {target} by {by}",
             action=action,
@@ -664,7 +268,7 @@ class AdminAPI:
         )
 
     async def _audited(
-        self, call: _Call, action: str, target: str, result: str, detail: str = ""
+        self, call: ApiCall, action: str, target: str, result: str, detail: str = ""
     ) -> None:
         """
         Record an operator action in the audit; an audit the store cannot
@@ -692,16 +296,16 @@ class AdminAPI:
             return await search
         except ValueError as e:
             # The store validates the opaque cursor before it searches.
-            raise _bad("cursor", str(e)) from None
+            raise bad_parameter("cursor", str(e)) from None
 
     # -- health and metrics
 
-    async def _healthz(self, call: _Call) -> _Response:
-        return _Response.json(200, {"status": "alive"})
+    async def _healthz(self, call: ApiCall) -> ApiResponse:
+        return ApiResponse.json(200, {"status": "alive"})
 
-    async def _readyz(self, call: _Call) -> _Response:
+    async def _readyz(self, call: ApiCall) -> ApiResponse:
         try:
-            readiness = await _resolve(self.operations.readiness())
+            readiness = await resolve(self.operations.readiness())
         except Exception:
             self._log.failure("Admin API: readiness check failed")
             data: dict[str, object] = {
@@ -709,20 +313,25 @@ class AdminAPI:
                 "checks": {},
                 "reasons": ["the readiness check failed"],
             }
-            return _Response.json(503, data)
-        return _Response.json(
+            return ApiResponse.json(503, data)
+        return ApiResponse.json(
             200 if readiness.ready else 503, adminjson.readiness(readiness)
         )
 
-    async def _metrics(self, call: _Call) -> _Response:
+    async def _health(self, call: ApiCall) -> ApiResponse:
+        call.query(())
+        readiness = await resolve(self.operations.readiness())
+        return ApiResponse.json(200, adminjson.health(readiness))
+
+    async def _metrics(self, call: ApiCall) -> ApiResponse:
         accept = call.request.getHeader(b"accept") or b""
         body, content_type = self.operations.metrics.render(accept.decode("latin-1"))
-        return _Response(200, body, content_type.encode("ascii"))
+        return ApiResponse(200, body, content_type.encode("ascii"))
 
     # -- history and refused log
 
-    async def _messages(self, call: _Call) -> _Response:
-        q = call.query(_MESSAGE_PARAMETERS)
+    async def _messages(self, call: ApiCall) -> ApiResponse:
+        q = call.query(MESSAGE_PARAMETERS)
         since, until = q.window()
         filters = MessageFilter(
             since=since,
@@ -739,9 +348,9 @@ class AdminAPI:
         )
         page = q.page()
         result = await self._page(self.operations.store.search_messages(filters, page))
-        return _Response.json(200, adminjson.page(result, adminjson.message_summary))
+        return ApiResponse.json(200, adminjson.page(result, adminjson.message_summary))
 
-    async def _message(self, call: _Call) -> _Response:
+    async def _message(self, call: ApiCall) -> ApiResponse:
         (message_id,) = call.args
         call.query(())
         store = self.operations.store
@@ -753,10 +362,10 @@ class AdminAPI:
             QuarantineFilter(message_id=message_id), PageRequest(limit=MAX_PAGE)
         )
         ids = [item.id for item in items.items]
-        return _Response.json(200, adminjson.message_record(record, ids))
+        return ApiResponse.json(200, adminjson.message_record(record, ids))
 
-    async def _refused(self, call: _Call) -> _Response:
-        q = call.query(_REFUSAL_PARAMETERS)
+    async def _refused(self, call: ApiCall) -> ApiResponse:
+        q = call.query(REFUSAL_PARAMETERS)
         since, until = q.window()
         filters = RefusalFilter(
             since=since,
@@ -770,12 +379,12 @@ class AdminAPI:
         )
         page = q.page()
         result = await self._page(self.operations.store.search_refusals(filters, page))
-        return _Response.json(200, adminjson.page(result, adminjson.refusal))
+        return ApiResponse.json(200, adminjson.page(result, adminjson.refusal))
 
     # -- quarantine
 
-    async def _quarantine(self, call: _Call) -> _Response:
-        q = call.query(_QUARANTINE_PARAMETERS)
+    async def _quarantine(self, call: ApiCall) -> ApiResponse:
+        q = call.query(QUARANTINE_PARAMETERS)
         since, until = q.window()
         filters = QuarantineFilter(
             since=since,
@@ -792,13 +401,13 @@ class AdminAPI:
         )
         page = q.page()
         result = await self._page(self.operations.store.list_quarantine(filters, page))
-        return _Response.json(200, adminjson.page(result, adminjson.quarantine_item))
+        return ApiResponse.json(200, adminjson.page(result, adminjson.quarantine_item))
 
-    async def _item(self, call: _Call) -> _Response:
+    async def _item(self, call: ApiCall) -> ApiResponse:
         (item_id,) = call.args
         call.query(())
         item = await self._get_item(item_id)
-        return _Response.json(200, adminjson.quarantine_item(item))
+        return ApiResponse.json(200, adminjson.quarantine_item(item))
 
     async def _get_item(self, item_id: str) -> Any:
         try:
@@ -806,7 +415,7 @@ class AdminAPI:
         except NotFoundError:
             raise HttpError(404, f"no quarantine item {item_id!r}") from None
 
-    async def _eml(self, call: _Call) -> _Response | _Streamed:
+    async def _eml(self, call: ApiCall) -> ApiResponse | Streamed:
         (item_id,) = call.args
         call.query(())
         fd, path = tempfile.mkstemp(
@@ -826,14 +435,16 @@ class AdminAPI:
                 os.unlink(path)
         with original:
             await self._send_file(call, original, item.id)
-        return _STREAMED
+        return STREAMED
 
-    async def _send_file(self, call: _Call, original: IO[bytes], item_id: str) -> None:
+    async def _send_file(
+        self, call: ApiCall, original: IO[bytes], item_id: str
+    ) -> None:
         request = call.request
         if call.gone:
             return
         size = os.fstat(original.fileno()).st_size
-        name = _FILENAME_UNSAFE.sub("_", item_id) or "original"
+        name = FILENAME_UNSAFE.sub("_", item_id) or "original"
         request.setResponseCode(200)
         request.setHeader(b"content-type", b"message/rfc822")
         request.setHeader(b"content-length", b"%d" % size)
@@ -858,10 +469,10 @@ class AdminAPI:
         if not call.gone:
             request.finish()
 
-    async def _release(self, call: _Call) -> _Response:
+    async def _release(self, call: ApiCall) -> ApiResponse:
         (item_id,) = call.args
         force, key = _action_options(call, call.body(), ())
-        result = await _resolve(
+        result = await resolve(
             self.operations.release(item_id, call.by, force, key, call.origin)
         )
         self._logged(
@@ -871,12 +482,12 @@ class AdminAPI:
             queue_id=result.queue_id,
             replayed=result.replayed,
         )
-        return _Response.json(202, _action(item_id, "release", result))
+        return ApiResponse.json(202, _action(item_id, "release", result))
 
-    async def _rescan(self, call: _Call) -> _Response:
+    async def _rescan(self, call: ApiCall) -> ApiResponse:
         (item_id,) = call.args
         force, key = _action_options(call, call.body(), ())
-        result = await _resolve(
+        result = await resolve(
             self.operations.rescan(item_id, call.by, force, key, call.origin)
         )
         self._logged(
@@ -886,27 +497,27 @@ class AdminAPI:
             queue_id=result.queue_id,
             replayed=result.replayed,
         )
-        return _Response.json(202, _action(item_id, "rescan", result))
+        return ApiResponse.json(202, _action(item_id, "rescan", result))
 
-    async def _forward(self, call: _Call) -> _Response:
+    async def _forward(self, call: ApiCall) -> ApiResponse:
         (item_id,) = call.args
         body = call.body()
         force, key = _action_options(call, body, ("to",))
         to = body.get("to")
         if not isinstance(to, list) or not to:
-            raise _bad("to", "must be a non-empty list of addresses")
+            raise bad_parameter("to", "must be a non-empty list of addresses")
         if len(to) > MAX_FORWARD:
-            raise _bad("to", f"at most {MAX_FORWARD} addresses")
+            raise bad_parameter("to", f"at most {MAX_FORWARD} addresses")
         addresses = []
         for address in to:
             if not isinstance(address, str):
-                raise _bad("to", f"not an address: {address!r}")
+                raise bad_parameter("to", f"not an address: {address!r}")
             try:
                 parse_mailbox(address, utf8=True)
             except ParseError:
-                raise _bad("to", f"not an address: {address!r}") from None
+                raise bad_parameter("to", f"not an address: {address!r}") from None
             addresses.append(address)
-        result = await _resolve(
+        result = await resolve(
             self.operations.forward(
                 item_id, addresses, call.by, force, key, call.origin
             )
@@ -919,17 +530,17 @@ class AdminAPI:
             queue_id=result.queue_id,
             replayed=result.replayed,
         )
-        return _Response.json(
+        return ApiResponse.json(
             202, {**_action(item_id, "forward", result), "to": addresses}
         )
 
-    async def _pin(self, call: _Call) -> _Response:
+    async def _pin(self, call: ApiCall) -> ApiResponse:
         (item_id,) = call.args
         body = call.body()
-        _only_fields(body, ("pinned",))
+        only_fields(body, ("pinned",))
         pinned = body.get("pinned")
         if not isinstance(pinned, bool):
-            raise _bad("pinned", "required, true or false")
+            raise bad_parameter("pinned", "required, true or false")
         store = self.operations.store
         action = "pin" if pinned else "unpin"
         try:
@@ -940,9 +551,9 @@ class AdminAPI:
         await self._audited(call, action, item_id, DONE)
         self._logged(call, "pinned" if pinned else "unpinned", item_id)
         item = await self._get_item(item_id)
-        return _Response.json(200, adminjson.quarantine_item(item))
+        return ApiResponse.json(200, adminjson.quarantine_item(item))
 
-    async def _delete(self, call: _Call) -> _Response:
+    async def _delete(self, call: ApiCall) -> ApiResponse:
         (item_id,) = call.args
         call.body()
         if not await self.operations.store.delete_quarantined(item_id):
@@ -950,31 +561,31 @@ class AdminAPI:
             raise HttpError(404, f"no quarantine item {item_id!r}")
         await self._audited(call, "delete", item_id, DONE)
         self._logged(call, "deleted quarantine item", item_id)
-        return _Response.json(200, {"id": item_id, "deleted": True})
+        return ApiResponse.json(200, {"id": item_id, "deleted": True})
 
     # -- queue and configuration
 
-    async def _queue(self, call: _Call) -> _Response:
+    async def _queue(self, call: ApiCall) -> ApiResponse:
         call.query(())
-        entries = await _resolve(self.operations.queue())
+        entries = await resolve(self.operations.queue())
         items = [adminjson.queue_entry(e) for e in entries]
-        return _Response.json(200, {"items": items, "total": len(items)})
+        return ApiResponse.json(200, {"items": items, "total": len(items)})
 
-    async def _retry(self, call: _Call) -> _Response:
+    async def _retry(self, call: ApiCall) -> ApiResponse:
         (queue_id,) = call.args
         call.body()
         try:
-            await _resolve(self.operations.retry_now(queue_id))
+            await resolve(self.operations.retry_now(queue_id))
         except OperationError as e:
             await self._audited(call, "retry", queue_id, REFUSED, e.message)
             raise
         await self._audited(call, "retry", queue_id, DONE)
         self._logged(call, "retry now of queued message", queue_id)
-        return _Response.json(202, {"queue_id": queue_id, "action": "retry"})
+        return ApiResponse.json(202, {"queue_id": queue_id, "action": "retry"})
 
-    async def _reload(self, call: _Call) -> _Response:
+    async def _reload(self, call: ApiCall) -> ApiResponse:
         call.body()
-        result: ReloadResult = await _resolve(self.operations.reload())
+        result: ReloadResult = await resolve(self.operations.reload())
         restart = "; needs a restart: " + ", ".join(result.restart_required)
         await self._audited(
             call,
@@ -990,7 +601,7 @@ class AdminAPI:
             problems=list(result.problems),
             restart_required=list(result.restart_required),
         )
-        return _Response.json(
+        return ApiResponse.json(
             200 if result.loaded else 422,
             {
                 "loaded": result.loaded,
@@ -1002,8 +613,8 @@ class AdminAPI:
 
     # -- audit
 
-    async def _audit(self, call: _Call) -> _Response:
-        q = call.query(_AUDIT_PARAMETERS)
+    async def _audit(self, call: ApiCall) -> ApiResponse:
+        q = call.query(AUDIT_PARAMETERS)
         since, until = q.window()
         filters = AuditFilter(
             since=since,
@@ -1014,7 +625,7 @@ class AdminAPI:
         )
         page = q.page()
         result = await self._page(self.operations.store.search_audit(filters, page))
-        return _Response.json(200, adminjson.page(result, adminjson.audit_entry))
+        return ApiResponse.json(200, adminjson.page(result, adminjson.audit_entry))
 
 
 #: Longest idempotency key accepted.
@@ -1022,26 +633,26 @@ MAX_KEY = 200
 
 
 def _action_options(
-    call: _Call, body: dict[str, Any], other: Sequence[str]
+    call: ApiCall, body: dict[str, Any], other: Sequence[str]
 ) -> tuple[bool, str | None]:
     """
     The C{force} flag and the idempotency key of a quarantine action: the
     key from the body's C{idempotency_key} or the C{Idempotency-Key}
     header (not both, unless equal).
     """
-    _only_fields(body, ("force", "idempotency_key", *other))
+    only_fields(body, ("force", "idempotency_key", *other))
     force = body.get("force", False)
     if not isinstance(force, bool):
-        raise _bad("force", "must be true or false")
+        raise bad_parameter("force", "must be true or false")
     key = body.get("idempotency_key")
     header = call.request.getHeader(b"idempotency-key")
     if header is not None:
         try:
             from_header = header.decode("ascii").strip()
         except UnicodeDecodeError:
-            raise _bad("idempotency_key", "the header is not ASCII") from None
+            raise bad_parameter("idempotency_key", "the header is not ASCII") from None
         if key is not None and key != from_header:
-            raise _bad("idempotency_key", "the body and the header differ")
+            raise bad_parameter("idempotency_key", "the body and the header differ")
         key = from_header
     if key is not None and (
         not isinstance(key, str)
@@ -1049,7 +660,9 @@ def _action_options(
         or len(key) > MAX_KEY
         or not key.isprintable()
     ):
-        raise _bad("idempotency_key", f"must be 1 to {MAX_KEY} printable characters")
+        raise bad_parameter(
+            "idempotency_key", f"must be 1 to {MAX_KEY} printable characters"
+        )
     return force, key
 
 
@@ -1062,42 +675,24 @@ def _action(item_id: str, action: str, result: ActionResult) -> dict[str, Any]:
     }
 
 
-def client_host(request: Request) -> str:
-    """
-    The client's address, for logs (an IPv6 address in brackets).
-    """
-    address = request.getClientAddress()
-    host = str(getattr(address, "host", None) or address)
-    return f"[{host}]" if ":" in host else host
-
-
-def _unauthorized(message: str, challenge: bytes) -> HttpError:
-    return HttpError(401, message, headers=[(b"www-authenticate", challenge)])
-
-
-def _only_fields(body: dict[str, Any], known: Sequence[str]) -> None:
-    for name in body:
-        if name not in known:
-            raise _bad(name, "unknown field")
-
-
 _ROUTES = (
-    _Route(b"GET", ("healthz",), AdminAPI._healthz),
-    _Route(b"GET", ("readyz",), AdminAPI._readyz),
-    _Route(b"GET", ("metrics",), AdminAPI._metrics),
-    _Route(b"GET", ("api", "messages"), AdminAPI._messages),
-    _Route(b"GET", ("api", "messages", None), AdminAPI._message),
-    _Route(b"GET", ("api", "refused"), AdminAPI._refused),
-    _Route(b"GET", ("api", "quarantine"), AdminAPI._quarantine),
-    _Route(b"GET", ("api", "quarantine", None), AdminAPI._item),
-    _Route(b"DELETE", ("api", "quarantine", None), AdminAPI._delete),
-    _Route(b"GET", ("api", "quarantine", None, "eml"), AdminAPI._eml),
-    _Route(b"POST", ("api", "quarantine", None, "release"), AdminAPI._release),
-    _Route(b"POST", ("api", "quarantine", None, "rescan"), AdminAPI._rescan),
-    _Route(b"POST", ("api", "quarantine", None, "forward"), AdminAPI._forward),
-    _Route(b"POST", ("api", "quarantine", None, "pin"), AdminAPI._pin),
-    _Route(b"GET", ("api", "queue"), AdminAPI._queue),
-    _Route(b"POST", ("api", "queue", None, "retry"), AdminAPI._retry),
-    _Route(b"POST", ("api", "config", "reload"), AdminAPI._reload),
-    _Route(b"GET", ("api", "audit"), AdminAPI._audit),
+    Route(b"GET", ("healthz",), AdminAPI._healthz),
+    Route(b"GET", ("readyz",), AdminAPI._readyz),
+    Route(b"GET", ("metrics",), AdminAPI._metrics),
+    Route(b"GET", ("api", "health"), AdminAPI._health),
+    Route(b"GET", ("api", "messages"), AdminAPI._messages),
+    Route(b"GET", ("api", "messages", None), AdminAPI._message),
+    Route(b"GET", ("api", "refused"), AdminAPI._refused),
+    Route(b"GET", ("api", "quarantine"), AdminAPI._quarantine),
+    Route(b"GET", ("api", "quarantine", None), AdminAPI._item),
+    Route(b"DELETE", ("api", "quarantine", None), AdminAPI._delete),
+    Route(b"GET", ("api", "quarantine", None, "eml"), AdminAPI._eml),
+    Route(b"POST", ("api", "quarantine", None, "release"), AdminAPI._release),
+    Route(b"POST", ("api", "quarantine", None, "rescan"), AdminAPI._rescan),
+    Route(b"POST", ("api", "quarantine", None, "forward"), AdminAPI._forward),
+    Route(b"POST", ("api", "quarantine", None, "pin"), AdminAPI._pin),
+    Route(b"GET", ("api", "queue"), AdminAPI._queue),
+    Route(b"POST", ("api", "queue", None, "retry"), AdminAPI._retry),
+    Route(b"POST", ("api", "config", "reload"), AdminAPI._reload),
+    Route(b"GET", ("api", "audit"), AdminAPI._audit),
 )

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
+from mdgateway.ops.health import summary
 from mdgateway.ops.interfaces import QueueEntry, QueueRecipient, Readiness
 from mdgateway.store.audit import AuditEntry
 from mdgateway.store.interfaces import (
@@ -225,4 +226,13 @@ def readiness(r: Readiness) -> JSON:
     }
     if r.details:
         data["details"] = dict(r.details)
+    if r.dependencies:
+        data["dependencies"] = summary(r.dependencies)
     return data
+
+
+def health(r: Readiness) -> JSON:
+    """
+    Readiness with the shared services in full (C{/api/health}).
+    """
+    return {**readiness(r), "dependencies": dict(r.dependencies)}

@@ -96,6 +96,10 @@ class ReloadResult:
 class Readiness:
     """
     Whether a load balancer should send this instance new connections.
+
+    @ivar checks: what this instance alone can fix, by name; all must pass.
+    @ivar dependencies: the shared services (C{core}, C{relay}, C{store})
+        and their state: reported, never a reason to be unready.
     """
 
     ready: bool
@@ -103,6 +107,8 @@ class Readiness:
     reasons: tuple[str, ...] = ()
     #: What else an operator or a probe may want to see (the outbox).
     details: dict[str, Any] = attrs.field(factory=dict)
+    #: The shared services (Core, relays, store), reported, not judged.
+    dependencies: dict[str, Any] = attrs.field(factory=dict)
 
 
 class IOperations(Interface):
@@ -186,8 +192,8 @@ class IOperations(Interface):
     def status() -> Any:  # noqa: N805
         """
         This instance now: Core servers and relays with their health, each
-        process's spool, readiness and the configuration's version (a
-        L{mdgateway.ops.overview.GatewayStatus}).
+        process's spool, readiness and the configuration's version: a
+        Deferred firing with a L{mdgateway.ops.overview.GatewayStatus}.
         """
 
     def instances(since: float) -> Any:  # noqa: N805
@@ -209,8 +215,8 @@ class IOperations(Interface):
         restart, or every problem that kept it from loading.
         """
 
-    def readiness() -> Readiness:  # noqa: N805
+    def readiness() -> Any:  # noqa: N805
         """
-        Listeners up, spool writable, a healthy server in every Core and
-        relay profile in use, not draining.
+        A L{Readiness} (or a L{Deferred} firing with one): listening, spool
+        writable, not draining; Core, relays and the store as details.
         """

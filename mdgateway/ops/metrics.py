@@ -119,6 +119,8 @@ class _Watched:
         self.workers: Callable[[], float] | None = None
         self.outbox_depth: Callable[[], float] | None = None
         self.outbox_oldest: Callable[[], float] | None = None
+        self.relay_up: Callable[[], Mapping[str, bool]] | None = None
+        self.store_up: Callable[[], bool | None] | None = None
 
     def _families(self) -> tuple[GaugeMetricFamily, ...]:
         return (
@@ -152,6 +154,15 @@ class _Watched:
                 "mdgateway_outbox_oldest_seconds",
                 "Age of the oldest record not yet in the store (0 when none).",
             ),
+            GaugeMetricFamily(
+                "mdgateway_relay_up",
+                "1 while some server of an SMTP relay profile answered lately.",
+                labels=["profile"],
+            ),
+            GaugeMetricFamily(
+                "mdgateway_store_up",
+                "1 while the store (history, quarantine) answers its check.",
+            ),
         )
 
     def describe(self) -> Iterable[Metric]:
@@ -166,6 +177,8 @@ class _Watched:
             workers,
             outbox_depth,
             outbox_oldest,
+            relay_up,
+            store_up,
         ) = self._families()
         value = _call(self.queue_depth, "queue_depth")
         if value is not None:
@@ -198,6 +211,15 @@ class _Watched:
             if found is not None:
                 family.add_metric([], float(found))
                 yield family
+        healthy = _call(self.relay_up, "relay_up")
+        if healthy is not None:
+            for profile, flag in sorted(healthy.items()):
+                relay_up.add_metric([_name(profile)], float(flag))
+            yield relay_up
+        store = _call(self.store_up, "store_up")
+        if store is not None:
+            store_up.add_metric([], float(store))
+            yield store_up
 
 
 def _call(callback: Callable[[], Any] | None, what: str, missing: Any = None) -> Any:
@@ -244,6 +266,12 @@ class Metrics:
             "mdgateway_smtp_tls",
             "TLS handshakes completed (STARTTLS or implicit), by version.",
             ["listener", "version"],
+            registry=r,
+        )
+        self._tls_failures = Counter(
+            "mdgateway_smtp_tls_failures",
+            "TLS handshakes that failed (or TLS errors later), by listener.",
+            ["listener"],
             registry=r,
         )
         self._proxy_errors = Counter(
@@ -342,6 +370,12 @@ class Metrics:
         """
         label = version if version in _TLS_VERSIONS else OTHER
         self._tls.labels(_name(listener), label).inc()
+
+    def tls_failed(self, listener: str) -> None:
+        """
+        A TLS handshake on C{listener} failed (the log says why).
+        """
+        self._tls_failures.labels(_name(listener)).inc()
 
     def proxy_error(self, listener: str) -> None:
         """
@@ -485,6 +519,20 @@ class Metrics:
         """
         self._watched.throttled = callback
 
+    def watch_relay_up(self, callback: Callable[[], Mapping[str, bool]]) -> None:
+        """
+        C{callback()} maps each SMTP relay profile name to whether some
+        server of it answered lately.
+        """
+        self._watched.relay_up = callback
+
+    def watch_store_up(self, callback: Callable[[], bool | None]) -> None:
+        """
+        C{callback()} says whether the store answered its last check
+        (C{None} before the first: no sample).
+        """
+        self._watched.store_up = callback
+
     def watch_workers(self, callback: Callable[[], float]) -> None:
         """
         C{callback()} is the number of worker processes running now.
@@ -603,6 +651,8 @@ _COMBINE: Mapping[str, Callable[[list[float]], float]] = {
     "mdgateway_outbox_oldest_seconds": max,
     "mdgateway_relay_throttled": max,
     "mdgateway_core_servers_up": min,
+    "mdgateway_relay_up": min,
+    "mdgateway_store_up": min,
 }
 
 

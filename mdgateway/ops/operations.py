@@ -74,10 +74,11 @@ class GatewayOperations:
         metrics: Any,
         policy: Callable[[], Any],
         reload: Callable[[], ReloadResult],
-        checks: Callable[[], dict[str, bool]],
+        checks: Callable[[], Any],
         worker_spools: Callable[[], list[tuple[int, str]]] = list,
         overview: GatewayOverview | None = None,
         details: Callable[[], dict[str, Any]] = dict,
+        dependencies: Callable[[], dict[str, Any]] = dict,
     ) -> None:
         self.reactor = reactor
         self.spool = spool
@@ -90,6 +91,7 @@ class GatewayOperations:
         self._details = details
         self._worker_spools = worker_spools
         self._overview = overview
+        self._dependencies = dependencies
 
     # -- the queue -------------------------------------------------------------
 
@@ -358,8 +360,8 @@ class GatewayOperations:
             raise OperationError(503, "no overview of this gateway is available")
         return self._overview
 
-    def status(self) -> GatewayStatus:
-        return self._require_overview().status()
+    def status(self) -> Deferred[GatewayStatus]:
+        return Deferred.fromCoroutine(self._require_overview().status())
 
     def instances(self, since: float) -> Deferred[tuple[InstanceStatus, ...]]:
         overview = self._require_overview()
@@ -375,10 +377,21 @@ class GatewayOperations:
     def reload(self) -> ReloadResult:
         return self._reload()
 
-    def readiness(self) -> Readiness:
+    def readiness(self) -> Deferred[Readiness]:
+        return Deferred.fromCoroutine(self._readiness())
+
+    async def _readiness(self) -> Readiness:
         checks = self._checks()
+        if isinstance(checks, Deferred) or hasattr(checks, "__await__"):
+            checks = await checks
         reasons = tuple(name for name, ok in checks.items() if not ok)
-        return Readiness(not reasons, checks, reasons, self._details())
+        return Readiness(
+            not reasons,
+            checks,
+            reasons,
+            details=self._details(),
+            dependencies=self._dependencies(),
+        )
 
 
 _DONE = {"release": "released", "rescan": "rescanned", "forward": "forwarded"}

@@ -12,7 +12,7 @@ instance records which copies it spooled.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol
 
 import attrs
@@ -150,7 +150,7 @@ class GatewayOverview:
         relay: _Relay,
         spool: _Spool,
         worker_spools: Callable[[], Iterable[SpoolStatus]],
-        readiness: Callable[[], Readiness],
+        readiness: Callable[[], Awaitable[Readiness]],
         restart_keys: tuple[str, ...] = (),
     ) -> None:
         self._config = config
@@ -168,7 +168,7 @@ class GatewayOverview:
         primary = SpoolStatus(0, self._spool.entry_count, self._spool.oldest_age())
         return (primary, *self._worker_spools())
 
-    def status(self) -> GatewayStatus:
+    async def status(self) -> GatewayStatus:
         config = self._config()
         policy = config.policy
         core_in_use = {p.name for p in policy.core_profiles_in_use()}
@@ -205,7 +205,7 @@ class GatewayOverview:
             spools=self.spools(),
             core=core,
             relays=relays,
-            readiness=self._readiness(),
+            readiness=await self._readiness(),
         )
 
     def instances(

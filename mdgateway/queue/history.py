@@ -7,6 +7,8 @@ The store's history is L{mdgateway.queue.report.StoreHistory}.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import attrs
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
@@ -77,8 +79,14 @@ class IHistory(Interface):
 @implementer(IHistory)
 class LogHistory:
     """
-    History as structured log events only.
+    History as structured log events only: one decision line per copy.
+
+    @param config_version: the version of the configuration in force, for
+        the decision line.
     """
+
+    def __init__(self, config_version: Callable[[], str] = str) -> None:
+        self._config_version = config_version
 
     async def received(self, entry: SpoolEntry, rule: Rule, copy_id: str) -> None:
         log.debug("{message_id} processing", message_id=copy_id, rule=rule.name)
@@ -87,12 +95,14 @@ class LogHistory:
         self, entry: SpoolEntry, rule: Rule, copy_id: str, outcome: CopyOutcome
     ) -> None:
         log.info(
-            "{message_id} rule {rule}: {result}, {decision}",
+            "{message_id} rule {rule}: {verdict}, {action}",
             message_id=copy_id,
+            queue_id=entry.queue_id,
             rule=rule.name,
             direction=rule.direction,
-            result=outcome.result,
-            decision=outcome.decision.value,
+            verdict=outcome.result,
+            action=outcome.decision.value,
+            config_version=self._config_version(),
             actions=list(outcome.actions),
             parts=[attrs.asdict(p) for p in outcome.parts],
         )

@@ -446,6 +446,28 @@ class Spool:
                 d.addCallbacks(self._space_result, self._space_failed)
         return self._recovered and not self._closed and self._space_ok
 
+    async def refresh_space(self) -> bool:
+        """
+        L{writable}, from a reading at most C{space_check_interval} old:
+        a reading older than that is taken now and awaited, so a readiness
+        probe never answers from the state of the probe before it.
+        """
+        now = self._clock.seconds()
+        if (
+            self._recovered
+            and not self._closed
+            and not self._space_checking
+            and now - self._space_checked >= self._space_interval
+        ):
+            self._space_checking = True
+            try:
+                space = await self._run(job_free_space, self._ops, self._paths.root)
+            except Exception:
+                self._space_failed(Failure())
+            else:
+                self._space_result(space)
+        return self.writable()
+
     def _space_result(self, space: tuple[int, int | None]) -> None:
         free_bytes, free_inodes = space
         self._space_checking = False

@@ -32,7 +32,14 @@ log = Logger()
 RECIPIENT_OK = Reply.of(250, "2.1.5", "Ok")
 NO_RULE = Reply.of(550, "5.7.1", "No security rule")
 NO_POLICY = Reply.of(550, "5.1.1", "No policy for recipient")
-SCANNER_BUSY = Reply.of(451, "4.3.2", "Scanning service unavailable, try again later")
+SCANNER_BUSY = Reply.of(
+    451, "4.3.2", "Scanning service unavailable: busy, try again later"
+)
+SCANNER_DOWN = Reply.of(
+    451, "4.3.2", "Scanning service unavailable: not reachable, try again later"
+)
+#: The RCPT answer while a rule's Core profile is out, by error condition.
+SCANNER_OUT = {"core_busy": SCANNER_BUSY, "core_unreachable": SCANNER_DOWN}
 
 #: Verification outcomes.
 ACCEPTED = "accepted"
@@ -131,16 +138,19 @@ class RulePolicy:
         self,
         policy: Policy,
         verifier: IRecipientVerifier | None = None,
-        scanning: Callable[[Rule], bool] | None = None,
+        unavailable: Callable[[Rule], str | None] | None = None,
     ) -> None:
         """
-        @param scanning: whether the rule's Core profile can take more work
-            now; when not, new recipients get a 4xx instead of piling up
-            mail that cannot be scanned.
+        @param unavailable: why the rule's Core profile cannot take work
+            now (C{core_unreachable}, C{core_busy}) or C{None}. When the
+            rule's C{on_error} says to retry for that condition, new
+            recipients get C{451 4.3.2} instead of piling up mail that
+            cannot be scanned; a rule that fails or bypasses on it takes
+            them, and processing applies its choice.
         """
         self.policy = policy
         self.verifier = verifier
-        self.scanning = scanning
+        self.unavailable = unavailable
 
     def decide(
         self, info: ConnectionInfo, mail: MailFrom, rcpt: RcptTo
@@ -155,8 +165,9 @@ class RulePolicy:
         if not candidates:
             return RecipientDecision(NO_RULE)
         first = candidates[0]
-        if self.scanning is not None and not self.scanning(first):
-            return RecipientDecision(SCANNER_BUSY)
+        condition = self.unavailable(first) if self.unavailable is not None else None
+        if condition is not None and first.on_error.action_for(condition) == "retry":
+            return RecipientDecision(SCANNER_OUT[condition])
         if not first.recipient_verification or self.verifier is None:
             return RecipientDecision(RECIPIENT_OK, first)
         verifying = tuple(rule for rule in candidates if rule.recipient_verification)

@@ -100,6 +100,7 @@ def received_header(
     queue_id: str,
     recipients: Sequence[str],
     now: float,
+    smtputf8: bool = False,
 ) -> bytes:
     """
     The C{Received:} trace header (RFC 5321 4.4) for a message we accept.
@@ -110,7 +111,7 @@ def received_header(
     helo = info.helo or "unknown"
     client = info.client[0]
     literal = f"IPv6:{client}" if ":" in client else client
-    with_ = info.protocol_name
+    with_ = info.protocol_for(smtputf8)
     tls = ""
     if info.tls_version:
         tls = f" (using {info.tls_version} with cipher {info.tls_cipher})"
@@ -329,7 +330,12 @@ class EnvelopeHandler:
         addresses = [str(rcpt.recipient) for rcpt, _ in recipients]
         writer.write(
             received_header(
-                info, self.hostname, writer.queue_id, addresses, self.clock.seconds()
+                info,
+                self.hostname,
+                writer.queue_id,
+                addresses,
+                self.clock.seconds(),
+                mail.smtputf8,
             )
         )
         return SpoolSink(self, info, mail, recipients, writer)
@@ -411,7 +417,7 @@ class SpoolSink:
             tls_version=info.tls_version,
             tls_cipher=info.tls_cipher,
             authenticated_user=info.authenticated_user,
-            protocol=info.protocol_name,
+            protocol=info.protocol_for(self.mail.smtputf8),
             listener=info.listener,
             config_version=info.config_version,
             extra=self._extra(),

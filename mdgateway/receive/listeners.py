@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory
-from twisted.internet.ssl import CertificateOptions
 
 from mdgateway.config import GatewayConfig, ListenerConfig
 from mdgateway.receive.handler import EnvelopeHandler
@@ -19,7 +18,7 @@ from mdgateway.smtp.serverprotocol import (
     SMTPServerFactory,
     listening_factory,
 )
-from mdgateway.smtp.tls import server_tls_options
+from mdgateway.smtp.tls import ServerTLS, server_tls_options
 
 
 def session_settings(
@@ -68,7 +67,7 @@ def build_listener_factory(
     """
     tls_options = None
     if listener.tls != "none":
-        tls_options = listener_tls_options(config)
+        tls_options = listener_tls_options(listener, config)
     factory = SMTPServerFactory(
         name=listener.name,
         settings=session_settings(listener, config),
@@ -85,16 +84,23 @@ def build_listener_factory(
     return factory, wrapped
 
 
-def listener_tls_options(config: GatewayConfig) -> CertificateOptions | None:
+def listener_tls_options(
+    listener: ListenerConfig, config: GatewayConfig
+) -> ServerTLS | None:
     """
-    The server TLS options of C{config}'s certificate (read from its files
-    now, so a reload picks up a renewed one); C{None} without one.
+    The server TLS of one listener under C{config}: the certificate (read
+    from its files now, so a reload picks up a renewed one) with the
+    listener's cipher policy; C{None} without a certificate or TLS.
     """
     tls = config.tls
-    if not (tls.certificate and tls.key):
+    if listener.tls == "none" or not (tls.certificate and tls.key):
         return None
     return server_tls_options(
-        tls.certificate, tls.key, tls.chain, tls.min_version, tls.ciphers
+        tls.certificate,
+        tls.key,
+        tls.chain,
+        tls.min_version,
+        listener.cipher_policy(tls.ciphers),
     )
 
 

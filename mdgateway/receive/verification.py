@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.threads import deferToThread
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from mdgateway.policy.profiles import RelayServer, SmtpProfile
@@ -42,15 +43,20 @@ class SmtpRecipientVerifier:
     be reached, is L{UNREACHABLE} (the product then accepts the mail).
     """
 
-    def __init__(self, reactor: Any, helo: str, resolver: IMXResolver) -> None:
+    def __init__(
+        self, reactor: Any, helo: str, resolver: IMXResolver, threadpool: ThreadPool
+    ) -> None:
         self.reactor = reactor
         self.helo = helo
         self.resolver = resolver
+        self.threadpool = threadpool
 
     async def _settings(self, profile: SmtpProfile) -> ClientSettings:
         password = None
         if profile.auth_password_file:
-            password = await deferToThread(read_password, profile.auth_password_file)
+            password = await deferToThreadPool(
+                self.reactor, self.threadpool, read_password, profile.auth_password_file
+            )
         return ClientSettings.from_profile(profile, self.helo, password)
 
     def verify(self, profile: SmtpProfile, sender: str, recipient: str) -> Any:

@@ -158,7 +158,7 @@ class Gateway:
         """
         if self.policy_override is not None:
             return self.policy_override
-        return RulePolicy(config.policy, self.verifier, self.runtimes.scanning)
+        return RulePolicy(config.policy, self.verifier, self.runtimes.unavailable)
 
 
 def retry_policy(config: GatewayConfig) -> RetryPolicy:
@@ -203,10 +203,12 @@ def build_gateway(
         min_free_bytes=config.spool.min_free,
     )
     resolver = DNSPythonResolver(reactor, threads.dns)
-    probe = SmtpRecipientVerifier(reactor, config.sender_helo_domain, resolver)
+    probe = SmtpRecipientVerifier(
+        reactor, config.sender_helo_domain, resolver, threads.work
+    )
     verifier = CachingVerifier(probe, reactor)
     store = store_for(config.store.location, reactor, threads.store)
-    runtimes = CoreRuntimes(reactor)
+    runtimes = CoreRuntimes(reactor, threads.work)
     loop_guard = MarkerLoopGuard(
         reactor,
         config.delivery.loop_secret_file,
@@ -257,7 +259,11 @@ def build_gateway(
         ),
         retry=retry_policy(config),
         concurrency=config.delivery.concurrency,
-        history=TeeHistory(history, LogHistory(), MetricsHistory(metrics)),
+        history=TeeHistory(
+            history,
+            LogHistory(lambda: live.current.version),
+            MetricsHistory(metrics),
+        ),
     )
     queue.on_bounce = metrics.bounce
 
@@ -272,7 +278,7 @@ def build_gateway(
         hostname=config.sender_helo_domain,
         spool=spool,
         policy=recipient_policy
-        or RulePolicy(config.policy, verifier, runtimes.scanning),
+        or RulePolicy(config.policy, verifier, runtimes.unavailable),
         clock=reactor,
         checker=_auth_checker(config),
         looped=loop_guard.looped,
@@ -314,5 +320,7 @@ def _session_metrics(metrics: Metrics) -> Callable[[ConnectionInfo, bool], None]
         metrics.session_closed(info.listener)
         if info.tls_version:
             metrics.tls_established(info.listener, info.tls_version)
+        if info.tls_error:
+            metrics.tls_failed(info.listener)
 
     return connection

@@ -9,11 +9,18 @@ upload competed with the SMTP sessions for the interpreter lock; as its own
 process it stands where a real Core stands, beside the gateway, not in it.
 It logs JSON to standard output (the gateway re-publishes each event) and
 exits when its standard input closes (the gateway stopping, or dying).
+
+The gateway binds the emulator's port itself and passes the listening
+socket down (C{--fd}), so a port another program holds stops the gateway's
+start instead of being taken for the emulator, and a restarted emulator
+serves the same socket. Run by hand, it listens on C{--endpoint}.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
+import socket
 import sys
 from functools import partial
 from typing import Any
@@ -51,7 +58,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mdgateway.run.emulator")
     parser.add_argument("--endpoint", required=True, help="a Twisted server endpoint")
     parser.add_argument("--latency", type=float, default=0.0)
+    parser.add_argument(
+        "--fd", type=int, help="serve this inherited listening socket instead"
+    )
     args = parser.parse_args(argv)
+    supervised = args.fd is not None
+    if supervised:
+        # Ctrl-C reaches the whole process group: the gateway stops us.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     from twisted.internet import reactor as default_reactor
 
@@ -66,10 +80,18 @@ def main(argv: list[str] | None = None) -> int:
     status = {"code": 0}
 
     async def listen() -> None:
-        await serverFromString(reactor, with_backlog(args.endpoint)).listen(site)
+        if args.fd is not None:
+            inherited = socket.socket(fileno=args.fd)
+            try:
+                reactor.adoptStreamPort(inherited.fileno(), inherited.family, site)
+            finally:
+                inherited.close()  # adoptStreamPort keeps a duplicate
+        else:
+            await serverFromString(reactor, with_backlog(args.endpoint)).listen(site)
         log.info(
             "MetaDefender Core emulator listening on {endpoint}",
             endpoint=args.endpoint,
+            emulator_listening=True,
         )
 
     def failed(failure: Any) -> None:
@@ -90,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         pool.stop()
 
     # Nothing to reload: SIGHUP is ignored, so it never kills the emulator.
-    run_child(reactor, started, stopping)
+    run_child(reactor, started, stopping, ignore_interrupt=supervised)
     return status["code"]
 
 

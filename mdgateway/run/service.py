@@ -7,35 +7,45 @@ and an orderly drain in the reverse order.
 
 from __future__ import annotations
 
-import errno
 import os
+import socket
 import sys
+from contextlib import suppress
 from functools import partial
 from typing import Any
 
 import attrs
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
-from twisted.internet.endpoints import HostnameEndpoint, serverFromString
-from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger, globalLogPublisher
 from twisted.python.failure import Failure
 
-from mdgateway.config import ConfigError, GatewayConfig, endpoint_address, load_config
+from mdgateway.config import ConfigError, GatewayConfig, ListenerConfig, load_config
 from mdgateway.ops.admin import AdminAPI
 from mdgateway.ops.console import Console, mount
+from mdgateway.ops.health import Dependencies, StoreWatch
 from mdgateway.ops.interfaces import ReloadResult
 from mdgateway.ops.operations import GatewayOperations
 from mdgateway.ops.overview import GatewayOverview, SpoolStatus, snapshot_spools
 from mdgateway.ops.tokens import load_or_create_tokens, load_tokens
 from mdgateway.queue.entry import SpoolInUseError
 from mdgateway.receive.listeners import apply_settings, listener_tls_options
+from mdgateway.run.binding import (
+    AddressInUseError,
+    StartError,
+    exit_after_shutdown,
+    listen_now,
+    listening_socket,
+    retrying,
+)
 from mdgateway.run.compose import Gateway, retry_policy
+from mdgateway.run.notify import SystemdNotifier
 from mdgateway.run.supervisor import (
+    ChildNotReadyError,
     Supervisor,
     stale_worker_spools,
     worker_command,
@@ -76,15 +86,40 @@ class GatewayService(MultiService):
     @param listen: bind the configured listeners (the primary), or adopt the
         sockets the primary passed down (a worker). An embedder that serves
         L{Gateway.smtp_factory} on endpoints of its own passes C{False}.
+    @param exit_on_failure: the process is this gateway (the plugin): a
+        start that fails ends it with status 1; before the reactor runs, at
+        once by C{SystemExit} with one line naming the key at fault.
+    @param notifier: tells systemd when the gateway is ready, reloading
+        and stopping (C{Type=notify}).
     """
 
-    def __init__(self, gateway: Gateway, *, listen: bool = True) -> None:
+    def __init__(
+        self,
+        gateway: Gateway,
+        *,
+        listen: bool = True,
+        exit_on_failure: bool = False,
+        notifier: SystemdNotifier | None = None,
+    ) -> None:
         super().__init__()
         self.gateway = gateway
         self.reactor = gateway.reactor
         self.listen = listen
+        self.exit_on_failure = exit_on_failure
+        self._bound_now = False
+        self.notifier = notifier
+        #: The emulator's listening socket, bound here and served by it.
+        self.emulator_socket: socket.socket | None = None
         self.supervisor: Supervisor | None = None
         self.emulator: Supervisor | None = None
+        self.store_watch = StoreWatch(gateway.store, self.reactor)
+        self.dependencies = Dependencies(
+            policy=gateway.live.policy,
+            core_status=self._core_status,
+            relay_healthy=gateway.relay.healthy,
+            relay_throttled_until=gateway.relay.throttled_until,
+            store=self.store_watch,
+        )
         self.operations = GatewayOperations(
             reactor=self.reactor,
             spool=gateway.spool,
@@ -92,7 +127,7 @@ class GatewayService(MultiService):
             store=gateway.store,
             metrics=gateway.metrics,
             policy=gateway.live.policy,
-            reload=self.reload,
+            reload=self.reload_notified,
             checks=self.checks,
             details=self.details,
             worker_spools=self._worker_spools,
@@ -105,19 +140,33 @@ class GatewayService(MultiService):
                 readiness=lambda: self.operations.readiness(),
                 restart_keys=RESTART_KEYS,
             ),
+            dependencies=self.dependencies.report,
         )
         self._watch_metrics()
         self.admin_port: IListeningPort | None = None
         self.admin_api: AdminAPI | None = None
+        self.admin_site: Any = None
         self.purger = LoopingCall(self._purge)
         self.purger.clock = self.reactor
-        self.ports: list[IListeningPort] = []
+        #: The listening ports by listener name.
+        self.listener_ports: dict[str, IListeningPort] = {}
         self.ready: Deferred[None] = Deferred()
         self.draining = False
 
     @property
     def config(self) -> GatewayConfig:
         return self.gateway.live.current
+
+    @property
+    def ports(self) -> list[IListeningPort]:
+        """
+        The listeners' ports, in configuration order.
+        """
+        return [
+            self.listener_ports[listener.name]
+            for listener in self.config.listeners
+            if listener.name in self.listener_ports
+        ]
 
     # -- readiness and metrics -------------------------------------------------
 
@@ -128,6 +177,13 @@ class GatewayService(MultiService):
         metrics.watch_queue_oldest_seconds(gateway.spool.oldest_age)
         metrics.watch_core_servers_up(gateway.runtimes.servers_up)
         metrics.watch_outbox(lambda: gateway.outbox.depth, gateway.outbox.oldest_age)
+        metrics.watch_relay_up(
+            lambda: {
+                profile.name: gateway.relay.healthy(profile)
+                for profile in self.config.policy.smtp_profiles_in_use()
+            }
+        )
+        metrics.watch_store_up(lambda: self.store_watch.ok)
         metrics.watch_relay_throttled(
             lambda: {
                 name: bool(gateway.relay.throttled_until(profile))
@@ -135,29 +191,25 @@ class GatewayService(MultiService):
             }
         )
 
-    def checks(self) -> dict[str, bool]:
+    def checks(self) -> Deferred[dict[str, bool]]:
         """
-        Readiness: listeners up, spool writable, a healthy server in every
-        Core and relay profile in use, not draining.
+        Readiness: what this instance alone can fix. Core servers, relays
+        and the store are shared by every instance; their state is in
+        L{Dependencies}, not here (see L{mdgateway.ops.health}).
         """
+        return Deferred.fromCoroutine(self._checks())
+
+    async def _checks(self) -> dict[str, bool]:
         gateway = self.gateway
-        policy = self.config.policy
-        core = all(
-            any(s.up for s in gateway.runtimes[p.name].status())
-            for p in policy.core_profiles_in_use()
-            if p.name in gateway.runtimes
-        )
-        relay = all(gateway.relay.healthy(p) for p in policy.smtp_profiles_in_use())
         listening = (
             bool(self.ports) and len(self.ports) == len(self.config.listeners)
             if self.listen
             else gateway.handler.ready
         )
         return {
-            "listening": listening,
-            "spool_writable": gateway.spool.writable(),
-            "core": core,
-            "relay": relay,
+            "listening": listening and gateway.handler.ready,
+            # A fresh reading (at most a second old), not the last probe's.
+            "spool_writable": await gateway.spool.refresh_space(),
             "not_draining": not self.draining,
             "outbox_not_full": not gateway.outbox.full,
         }
@@ -168,6 +220,10 @@ class GatewayService(MultiService):
         the store (depth, limit, oldest age, whether the store answers).
         """
         return {"outbox": attrs.asdict(self.gateway.outbox.status())}
+
+    def _core_status(self, profile: str) -> Any:
+        runtimes = self.gateway.runtimes
+        return runtimes[profile].status() if profile in runtimes else None
 
     async def _purge(self) -> None:
         counts = await self.gateway.store.purge(
@@ -185,11 +241,61 @@ class GatewayService(MultiService):
 
     # -- start -------------------------------------------------------------------
 
+    def privilegedStartService(self) -> None:
+        # twistd calls this before it drops privileges: bind port 25 here.
+        self._bind_now()
+        super().privilegedStartService()
+
     def startService(self) -> None:
+        self._bind_now()
         super().startService()
         self.gateway.threads.start()
         d = Deferred.fromCoroutine(self._start())
         d.addErrback(self._failed_start)
+
+    def _bind_now(self) -> None:
+        """
+        Before the reactor runs (twist, twistd), bind the emulator's port,
+        every listener and the admin API synchronously, so a port that
+        cannot be had stops the start before anything else happens. An
+        address in use is left for L{_start} to wait for.
+        """
+        gateway = self.gateway
+        if (
+            self.reactor.running
+            or not gateway.role.primary
+            or not self.listen
+            or self._bound_now
+        ):
+            return
+        # Once: twistd calls privilegedStartService, then startService.
+        self._bound_now = True
+        try:
+            if self.config.emulator.enabled:
+                with suppress(AddressInUseError):
+                    self.emulator_socket = listening_socket(
+                        self.config.emulator.endpoint, key="emulator.endpoint"
+                    )
+            for index, listener in enumerate(self.config.listeners):
+                with suppress(AddressInUseError):
+                    self._listening(listener, self._listen_once(index, listener))
+            if self.config.admin.endpoint:
+                self._listen_admin(load_or_create_tokens(self.config.admin.token_file))
+        except StartError as e:
+            self._unbind()
+            if self.exit_on_failure:
+                raise SystemExit(f"mdgateway: cannot start: {e}") from None
+            raise
+
+    def _unbind(self) -> None:
+        for port in [*self.ports, self.admin_port]:
+            if port is not None:
+                port.stopListening()
+        self.listener_ports = {}
+        self.admin_port = None
+        if self.emulator_socket is not None:
+            self.emulator_socket.close()
+            self.emulator_socket = None
 
     async def _start(self) -> None:
         gateway = self.gateway
@@ -201,9 +307,8 @@ class GatewayService(MultiService):
         gateway.runtimes.sync(config.policy.core_profiles)
         await gateway.store.open()
         if primary:
-            self.purger.start(3600, now=True).addErrback(
-                lambda f: log.failure("retention job failed", f)
-            )
+            self.store_watch.start()
+        if primary:
             await gateway.spool.acquire()
             await gateway.outbox.open()
             await self._adopt_stale_spools()
@@ -223,9 +328,25 @@ class GatewayService(MultiService):
         if self.listen:
             await self._start_listeners()
         if primary and config.admin.endpoint:
-            await self._start_admin()
+            if self.admin_port is None:
+                await self._start_admin()
+            await self._mount_console()
         if primary and self.listen and config.workers > 1:
             self._start_workers()
+        if primary:
+            self.purger.start(3600, now=True).addErrback(
+                lambda f: log.failure("retention job failed", f)
+            )
+        log.info(
+            "ready: config {config_version}, {listeners} listener(s)",
+            config_version=config.version,
+            listeners=len(self.ports),
+            gateway_ready=True,
+        )
+        if self.notifier is not None:
+            self.notifier.ready(
+                f"ready: config {config.version}, {len(self.ports)} listener(s)"
+            )
         self.ready.callback(None)
 
     async def _adopt_stale_spools(self) -> None:
@@ -245,56 +366,60 @@ class GatewayService(MultiService):
                 # where they are; the next start adopts them.
                 log.warn("not adopted yet: {error}", error=str(e))
 
-    async def _start_listeners(self) -> None:
-        gateway = self.gateway
-        for listener in self.config.listeners:
-            wrapped = gateway.smtp_factory(listener.name)
-            if isinstance(wrapped, ProxyHeaderFactory):
-                wrapped.on_error = partial(gateway.metrics.proxy_error, listener.name)
-            if gateway.role.primary:
-                port = await self._listen(listener.endpoint, wrapped)
-            else:
-                port = adopt_listener(
-                    self.reactor, gateway.role.listen_fds[listener.name], wrapped
-                )
-            self.ports.append(port)
-            host = port.getHost()
-            log.info(
-                "listening on {listener}: {host}:{port} (tls {tls}, proxy {proxy})",
-                listener=listener.name,
-                host=getattr(host, "host", host),
-                port=getattr(host, "port", ""),
-                tls=listener.tls,
-                proxy=listener.proxy_protocol,
-            )
+    def _listener_factory(self, name: str) -> Factory:
+        wrapped = self.gateway.smtp_factory(name)
+        if isinstance(wrapped, ProxyHeaderFactory):
+            wrapped.on_error = partial(self.gateway.metrics.proxy_error, name)
+        # "Starting factory" lines say nothing the listening line does not.
+        wrapped.noisy = False
+        return wrapped
 
-    async def _listen(self, description: str, factory: Factory) -> IListeningPort:
+    def _listening(self, listener: ListenerConfig, port: IListeningPort) -> None:
+        self.listener_ports[listener.name] = port
+        host = port.getHost()
+        log.info(
+            "listening on {listener}: {host}:{port} (tls {tls}, proxy {proxy})",
+            listener=listener.name,
+            host=getattr(host, "host", host),
+            port=getattr(host, "port", ""),
+            tls=listener.tls,
+            proxy=listener.proxy_protocol,
+        )
+
+    def _listen_once(self, index: int, listener: ListenerConfig) -> IListeningPort:
+        return listen_now(
+            self.reactor,
+            listener.endpoint,
+            self._listener_factory(listener.name),
+            key=f"listeners[{index}].endpoint ({listener.name})",
+        )
+
+    async def _start_listeners(self) -> None:
         """
-        Listen on C{description}; while the address is in use, keep trying
+        Open the listeners not bound yet: an address in use is tried again
         for as long as a predecessor may take to drain (after a crash its
         workers still hold the old socket until they have finished).
         """
-        deadline = self.reactor.seconds() + self.config.drain_timeout + 5
-        warned = False
-        while True:
-            try:
-                port: IListeningPort = await serverFromString(
-                    self.reactor, description
-                ).listen(factory)
-                return port
-            except CannotListenError as e:
-                in_use = getattr(e.socketError, "errno", None) == errno.EADDRINUSE
-                if not in_use or self.reactor.seconds() >= deadline:
-                    raise
-                if not warned:
-                    warned = True
-                    log.warn(
-                        "{endpoint} is in use (a predecessor draining?); "
-                        "retrying until {seconds:g}s have passed",
-                        endpoint=description,
-                        seconds=self.config.drain_timeout + 5,
-                    )
-                await deferLater(self.reactor, 0.25, lambda: None)
+        gateway = self.gateway
+        for index, listener in enumerate(self.config.listeners):
+            if listener.name in self.listener_ports:
+                continue
+            if gateway.role.primary:
+                wait = self.config.drain_timeout + 5
+                port = await retrying(
+                    self.reactor,
+                    partial(self._listen_once, index, listener),
+                    wait,
+                    waiting=listener.endpoint,
+                    holder=f" (still, after {wait:g}s)",
+                )
+            else:
+                port = adopt_listener(
+                    self.reactor,
+                    gateway.role.listen_fds[listener.name],
+                    self._listener_factory(listener.name),
+                )
+            self._listening(listener, port)
 
     def _start_workers(self) -> None:
         fds = {
@@ -316,30 +441,51 @@ class GatewayService(MultiService):
         metrics.watch_workers(lambda: supervisor.running)
         self.supervisor.start()
 
+    def _admin_site(self, tokens: dict[str, str]) -> Any:
+        self.admin_api = AdminAPI(self.operations, tokens, self.reactor)
+        self.admin_site = self.admin_api.site()
+        self.admin_site.noisy = False
+        return self.admin_site
+
+    def _listen_admin(self, tokens: dict[str, str]) -> None:
+        self.admin_port = listen_now(
+            self.reactor,
+            self.config.admin.endpoint,
+            self._admin_site(tokens),
+            key="admin.endpoint",
+        )
+        self._admin_listening()
+
     async def _start_admin(self) -> None:
-        settings = self.config.admin
         tokens = await deferToThreadPool(
             self.reactor,
             self.gateway.threads.spool,
             load_or_create_tokens,
-            settings.token_file,
+            self.config.admin.token_file,
         )
-        api = AdminAPI(self.operations, tokens, self.reactor)
-        self.admin_api = api
-        site = api.site()
-        site.noisy = False
+        self._listen_admin(tokens)
+
+    async def _mount_console(self) -> None:
+        """
+        Serve the web console on the admin listener (its templates are read
+        in a thread, so it joins the API once the gateway is starting).
+        """
+        assert self.admin_api is not None and self.admin_site is not None
+        settings = self.config.admin
         console = await Console.create(
             operations=self.operations,
             reactor=self.reactor,
             threadpool=self.gateway.threads.work,
             users_file=settings.users_file,
-            token_name=api.token_name,
+            token_name=self.admin_api.token_name,
             session_lifetime=settings.session_lifetime,
             secure_cookies=settings.tls,
+            instance=self.config.store.instance,
         )
-        site.resource = mount(site.resource, console)
-        endpoint = serverFromString(self.reactor, settings.endpoint)
-        self.admin_port = await endpoint.listen(site)
+        self.admin_site.resource = mount(self.admin_site.resource, console)
+
+    def _admin_listening(self) -> None:
+        settings = self.config.admin
         log.info(
             "admin API listening on {endpoint} (token in {token_file})",
             endpoint=settings.endpoint,
@@ -349,9 +495,19 @@ class GatewayService(MultiService):
     async def _start_emulator(self) -> None:
         """
         Start the built-in Core emulator as a process of its own (kept
-        alive like a worker) and wait until it listens.
+        alive like a worker) on the socket bound for it, and wait until it
+        says it serves.
         """
         settings = self.config.emulator
+        if self.emulator_socket is None:
+            # A predecessor's emulator may take a moment to go.
+            self.emulator_socket = await retrying(
+                self.reactor,
+                partial(listening_socket, settings.endpoint, key="emulator.endpoint"),
+                5.0,
+                waiting=settings.endpoint,
+                holder=" (another program holds it)",
+            )
         command = [
             sys.executable,
             "-m",
@@ -365,51 +521,38 @@ class GatewayService(MultiService):
             reactor=self.reactor,
             clock=self.reactor,
             children=1,
-            command=lambda index, fds: command,
-            listen_fds={},
+            command=lambda index, fds: [*command, "--fd", str(fds["core"])],
+            listen_fds={"core": self.emulator_socket.fileno()},
             observer=globalLogPublisher,
             environment=worker_environment(),
             name="emulator",
+            ready_when=lambda event: event.get("emulator_listening") is True,
         )
         self.emulator.start()
-        await self._wait_listening(settings.endpoint, timeout=30)
-
-    async def _wait_listening(self, description: str, timeout: float) -> None:
-        """
-        Connect to the TCP server endpoint C{description} until it answers.
-        """
-        kind, interface, port = endpoint_address(description)
-        if kind != "TCP":
-            return
-        host = interface or "127.0.0.1"
-        if host in ("0.0.0.0", "::"):
-            host = "127.0.0.1" if host == "0.0.0.0" else "::1"
-        endpoint = HostnameEndpoint(self.reactor, host.encode(), port, timeout=1)
-        deadline = self.reactor.seconds() + timeout
-        while True:
-            try:
-                protocol = await endpoint.connect(Factory.forProtocol(Protocol))
-            except Exception:
-                if self.reactor.seconds() >= deadline:
-                    raise RuntimeError(
-                        f"nothing listens on {description} after {timeout:g}s"
-                    ) from None
-                await deferLater(self.reactor, 0.1, lambda: None)
-            else:
-                transport = getattr(protocol, "transport", None)
-                if transport is not None:
-                    transport.loseConnection()
-                return
+        try:
+            await self.emulator.wait_ready(timeout=30)
+        except ChildNotReadyError as e:
+            raise StartError(
+                f"emulator: the Core emulator did not start: {e}"
+            ) from None
 
     def _failed_start(self, failure: Failure) -> None:
+        self.ready.addErrback(lambda _: None)
+        if self.draining:
+            # Told to stop while still starting (SIGTERM, Ctrl-C): the stop
+            # closed what the start was using; nothing failed.
+            log.info("start abandoned: stopping")
+            self.ready.errback(failure)
+            return
         log.critical(
             "mdgateway failed to start: {error}", error=failure.getErrorMessage()
         )
         self.ready.addErrback(lambda _: None)
         self.ready.errback(failure)
         if self.reactor.running:
-            # Exit non-zero, so a supervisor (systemd, a test) sees it.
-            self.reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
+            if self.exit_on_failure:
+                # Exit non-zero, so a supervisor (systemd, a test) sees it.
+                exit_after_shutdown(self.reactor, 1)
             self.reactor.stop()
 
     # -- stop ----------------------------------------------------------------------
@@ -421,6 +564,11 @@ class GatewayService(MultiService):
         gateway = self.gateway
         config = self.config
         self.draining = True
+        if self.notifier is not None:
+            self.notifier.stopping()
+        for children in (self.supervisor, self.emulator):
+            if children is not None:
+                children.stopping()
         if config.drain_grace and gateway.role.primary and self.listen:
             # Readiness is red now; give the load balancer time to notice
             # before the listener goes away.
@@ -454,10 +602,14 @@ class GatewayService(MultiService):
             self.purger.stop()
         gateway.refusals.stop()
         await gateway.outbox.close(timeout=min(10.0, config.drain_timeout))
+        self.store_watch.stop()
         await gateway.store.close()
         await gateway.runtimes.close()
         if self.emulator is not None:
             await self.emulator.stop(10)
+        if self.emulator_socket is not None:
+            self.emulator_socket.close()
+            self.emulator_socket = None
         await gateway.spool.close()
         gateway.threads.stop()
         await super().stopService()
@@ -506,14 +658,22 @@ class GatewayService(MultiService):
         gateway.queue.retry = retry_policy(kept)
         gateway.history.quarantine_days = kept.store.quarantine_days
         gateway.outbox.limit = kept.store.outbox_limit
-        try:
-            tls_options = listener_tls_options(kept)
-        except Exception as e:  # pyOpenSSL's own errors included
-            log.error("TLS certificate not reloaded: {error}", error=str(e))
-            tls_options = None
+        listeners = {listener.name: listener for listener in kept.listeners}
         for factory in gateway.factories:
             apply_settings(factory, old.listeners, kept)
-            if factory.tls_options is not None and tls_options is not None:
+            listener = listeners.get(factory.name)
+            if factory.tls_options is None or listener is None:
+                continue
+            try:
+                tls_options = listener_tls_options(listener, kept)
+            except Exception as e:  # pyOpenSSL's own errors included
+                log.error(
+                    "TLS certificate not reloaded on {listener}: {error}",
+                    listener=factory.name,
+                    error=str(e),
+                )
+                continue
+            if tls_options is not None:
                 factory.tls_options = tls_options
         self._reload_tokens(kept)
         gateway.live.current = kept
@@ -544,6 +704,19 @@ class GatewayService(MultiService):
         if self.supervisor is None:
             return []
         return snapshot_spools(self.supervisor.snapshots())
+
+    def reload_notified(self) -> ReloadResult:
+        """
+        L{reload}, with systemd told (C{RELOADING=1}, then C{READY=1} and
+        the configuration in force, whether or not the new one loaded).
+        """
+        if self.notifier is not None:
+            self.notifier.reloading()
+        result = self.reload()
+        if self.notifier is not None:
+            state = "loaded" if result.loaded else "refused, the previous one stays"
+            self.notifier.ready(f"ready: config {self.config.version} (reload {state})")
+        return result
 
     def _worker_spools(self) -> list[tuple[int, str]]:
         if not self.gateway.role.primary:

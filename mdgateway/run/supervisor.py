@@ -64,6 +64,10 @@ RESTART_MAX = 30.0
 #: A worker that ran this long before it died restarts without delay
 #: growth: it was not crash-looping.
 STABLE_AFTER = 60.0
+#: Seconds before a child's unexpected exit is reported: Ctrl-C reaches
+#: every process of the group at once, and a child may die of it a moment
+#: before the primary begins its own orderly stop.
+EXIT_GRACE = 0.25
 
 
 def worker_spool(root: str, index: int) -> str:
@@ -242,19 +246,27 @@ def run_child(
     start: Callable[[], object],
     stop: Callable[[], object],
     on_hangup: Callable[[], object] | None = None,
+    *,
+    ignore_interrupt: bool = True,
 ) -> None:
     """
     The life of a process the primary supervises (a worker, the built-in
     Core emulator): JSON log events on standard output, C{start} once the
     reactor runs, C{stop} before it shuts down, which happens on SIGTERM or
     when standard input closes (the primary stopping or gone); SIGHUP runs
-    C{on_hangup}, or is ignored.
+    C{on_hangup}, or is ignored. SIGINT is ignored (unless
+    C{ignore_interrupt} is false: run by hand): Ctrl-C in a terminal
+    reaches the whole process group, and the primary, which gets it too,
+    drains its children in order.
     """
     globalLogBeginner.beginLoggingTo(
-        [jsonFileLogObserver(sys.stdout)], redirectStandardIO=False
+        [jsonFileLogObserver(sys.stdout, recordSeparator="")],
+        redirectStandardIO=False,
     )
 
     def started() -> None:
+        if ignore_interrupt:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         os.set_blocking(0, False)
         reactor.addReader(
             ParentWatch(lambda: reactor.stop() if reactor.running else None)
@@ -317,6 +329,8 @@ class _Worker:
     snapshot: list[dict[str, Any]] = attrs.field(factory=list)
     exited: Deferred[None] | None = None
     restart: Any = None
+    #: It said it is ready (see the supervisor's C{ready_when}).
+    is_ready: bool = False
 
     def metrics_frame(self, frame: bytes) -> None:
         try:
@@ -347,6 +361,8 @@ class Supervisor:
     @param name: what the children are: C{"worker"} (numbered, their events
         marked C{worker: k}) or another process the primary keeps alive,
         such as the built-in Core emulator (events marked C{process: name}).
+    @param ready_when: recognises the log event by which a child says it
+        is ready (L{wait_ready}).
     """
 
     def __init__(
@@ -359,8 +375,11 @@ class Supervisor:
         observer: ILogObserver,
         environment: Mapping[str, str] | None = None,
         name: str = "worker",
+        ready_when: Callable[[dict[str, Any]], bool] | None = None,
     ) -> None:
         self._name = name
+        self._ready_when = ready_when
+        self._ready_waiters: list[Deferred[None]] = []
         self._reactor = reactor
         self._clock = clock
         self._command = command
@@ -391,6 +410,7 @@ class Supervisor:
             passed[name] = FIRST_LISTEN_FD + offset
         argv = list(self._command(worker.index, passed))
         worker.exited = Deferred()
+        worker.is_ready = False
         worker.started_at = self._clock.seconds()
         try:
             worker.transport = self._reactor.spawnProcess(
@@ -429,20 +449,76 @@ class Supervisor:
                 process=self._label(worker),
                 status=status,
             )
+        elif self._ready_waiters and not worker.is_ready:
+            # It never started: the start fails, rather than loop.
+            log.error(
+                "{process} exited before it was ready ({status})",
+                process=self._label(worker),
+                status=status,
+            )
+            self._fail_ready(f"{self._label(worker)} exited ({status})")
         else:
             lived = self._clock.seconds() - worker.started_at
             if lived >= STABLE_AFTER:
                 worker.delay = RESTART_FIRST
-            log.critical(
-                "{process} exited unexpectedly ({status}); restarting in {delay:g}s",
-                process=self._label(worker),
-                status=status,
-                delay=worker.delay,
+            self._clock.callLater(
+                EXIT_GRACE, self._report_exit, worker, status, worker.delay
             )
             worker.restart = self._clock.callLater(worker.delay, self._spawn, worker)
             worker.delay = min(worker.delay * 2, RESTART_MAX)
         if exited is not None:
             exited.callback(None)
+
+    def _report_exit(self, worker: _Worker, status: str, delay: float) -> None:
+        if self._stopping:
+            # The gateway began to stop meanwhile: this was part of it.
+            log.info(
+                "{process} stopped ({status})",
+                process=self._label(worker),
+                status=status,
+            )
+            return
+        # Stopped by a signal from outside, or by itself: not a crash.
+        emit = log.warn if status in _ORDERLY else log.critical
+        emit(
+            "{process} exited unexpectedly ({status}); restarting in {delay:g}s",
+            process=self._label(worker),
+            status=status,
+            delay=delay,
+        )
+
+    def wait_ready(self, timeout: float) -> Deferred[None]:
+        """
+        Fires when every child has logged the event C{ready_when}
+        recognises; fails with L{ChildNotReadyError} when one exits first
+        or C{timeout} seconds pass.
+        """
+        waiter: Deferred[None] = Deferred()
+        if all(w.is_ready for w in self._workers):
+            waiter.callback(None)
+            return waiter
+        self._ready_waiters.append(waiter)
+        timer = self._clock.callLater(
+            timeout, self._fail_ready, f"not ready after {timeout:g}s"
+        )
+
+        def done(result: object) -> object:
+            if timer.active():
+                timer.cancel()
+            return result
+
+        return waiter.addBoth(done)
+
+    def _fail_ready(self, why: str) -> None:
+        waiters, self._ready_waiters = self._ready_waiters, []
+        for waiter in waiters:
+            waiter.errback(ChildNotReadyError(why))
+
+    def _check_ready(self) -> None:
+        if all(w.is_ready for w in self._workers):
+            waiters, self._ready_waiters = self._ready_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
 
     def publish(self, index: int, event: dict[str, Any]) -> None:
         """
@@ -453,6 +529,15 @@ class Supervisor:
         if event.get("log_level") is None:
             event["log_level"] = LogLevel.info
         self._observer(event)
+        worker = self._workers[index - 1] if 0 < index <= len(self._workers) else None
+        if (
+            worker is not None
+            and self._ready_when is not None
+            and not worker.is_ready
+            and self._ready_when(event)
+        ):
+            worker.is_ready = True
+            self._check_ready()
 
     def signal_all(self, name: str) -> None:
         """
@@ -479,17 +564,27 @@ class Supervisor:
             if worker.snapshot:
                 yield worker.snapshot
 
+    def stopping(self) -> None:
+        """
+        The gateway is stopping: a child that exits from now on is not
+        restarted, and its exit is no surprise (Ctrl-C, or SIGTERM to the
+        whole group, may reach it before the primary asks).
+        """
+        self._stopping = True
+        for worker in self._workers:
+            if worker.restart is not None and worker.restart.active():
+                worker.restart.cancel()
+                worker.restart = None
+
     async def stop(self, timeout: float) -> None:
         """
         Ask every worker to drain (by closing its standard input), wait up
         to C{timeout} seconds for them to exit, then kill what is left.
         """
-        self._stopping = True
+        self.stopping()
+        self._fail_ready("the gateway is stopping")
         waits = []
         for worker in self._workers:
-            if worker.restart is not None and worker.restart.active():
-                worker.restart.cancel()
-                worker.restart = None
             if worker.transport is not None and worker.exited is not None:
                 waits.append(worker.exited)
                 worker.transport.closeStdin()
@@ -543,6 +638,18 @@ def worker_environment() -> dict[str, str]:
     paths = [here, *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     return env
+
+
+class ChildNotReadyError(Exception):
+    """
+    A supervised child did not say it was ready (it exited, or took too
+    long).
+    """
+
+
+#: Exit statuses of a child stopped in order (by a signal from outside, or
+#: by its own decision), as L{exit_reason} writes them.
+_ORDERLY = frozenset({"exit 0", "signal SIGTERM", "signal SIGINT"})
 
 
 def exit_reason(reason: Failure) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 
 from mdgateway.run.supervisor import (
@@ -32,6 +33,8 @@ METRICS_EVERY = 2.0
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Ctrl-C reaches the whole process group: the primary drains us.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     parser = argparse.ArgumentParser(prog="python -m mdgateway.run.worker")
     parser.add_argument("--config", required=True)
     parser.add_argument("--index", type=int, required=True)

@@ -22,8 +22,8 @@ from urllib.parse import quote
 
 import treq
 from treq.client import HTTPClient
-from twisted.internet import task, threads
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet import task
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.error import (
     ConnectError,
     ConnectingCancelledError,
@@ -196,7 +196,9 @@ class CoreClient:
         self._poll_backoff = poll_backoff
         self._max_poll_interval = max_poll_interval
         self._max_json_size = max_json_size
-        self._hasher = hasher or (lambda p: threads.deferToThread(sha256_file, p))
+        # Without a hasher of the caller's (a thread pool of its own), the
+        # digest is computed in place: fine for tests and small files.
+        self._hasher = hasher or (lambda p: succeed(sha256_file(p)))
         self._base = server.url.rstrip("/")
 
     # -- ICoreServerClient -------------------------------------------------------

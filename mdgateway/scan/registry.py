@@ -7,11 +7,15 @@ in step with the configuration across reloads.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from typing import Any
 
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
 
 from mdgateway.policy.profiles import CoreProfile
 from mdgateway.policy.rules import Rule
+from mdgateway.scan.client import sha256_file
 from mdgateway.scan.runtime import CoreRuntime
 
 
@@ -24,8 +28,13 @@ class CoreRuntimes:
     own, so a reload does not forget which servers are down.
     """
 
-    def __init__(self, reactor: IReactorTime) -> None:
+    def __init__(self, reactor: Any, threadpool: ThreadPool) -> None:
+        """
+        @param threadpool: where the parts' digests are computed (for Core's
+            hash lookup), off the reactor thread.
+        """
         self._reactor = reactor
+        self._threadpool = threadpool
         self._runtimes: dict[str, CoreRuntime] = {}
 
     def sync(self, profiles: Mapping[str, CoreProfile]) -> None:
@@ -38,7 +47,12 @@ class CoreRuntimes:
                 continue
             if runtime is not None:
                 runtime.close()
-            self._runtimes[name] = CoreRuntime.from_profile(profile, self._reactor)
+            self._runtimes[name] = CoreRuntime.from_profile(
+                profile, self._reactor, hasher=self._hash
+            )
+
+    def _hash(self, path: str) -> Deferred[str]:
+        return deferToThreadPool(self._reactor, self._threadpool, sha256_file, path)
 
     def __getitem__(self, name: str) -> CoreRuntime:
         return self._runtimes[name]
@@ -56,6 +70,20 @@ class CoreRuntimes:
         """
         runtime = self._runtimes.get(rule.core_profile.name)
         return runtime is None or runtime.available()
+
+    def unavailable(self, rule: Rule) -> str | None:
+        """
+        Why the rule's Core profile cannot take work now, as the error
+        condition a rule's C{on_error} names (C{core_unreachable}: no
+        server is up; C{core_busy}: every server that is up is busy), or
+        C{None} when it can.
+        """
+        runtime = self._runtimes.get(rule.core_profile.name)
+        if runtime is None or runtime.available():
+            return None
+        if any(status.up for status in runtime.status()):
+            return "core_busy"
+        return "core_unreachable"
 
     def servers_up(self) -> dict[str, int]:
         """

@@ -17,14 +17,11 @@ import os
 import re
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from OpenSSL import SSL
 from service_identity.exceptions import CertificateError, VerificationError
 from twisted.internet import ssl
-from twisted.internet._sslverify import (  # not re-exported by twisted.internet.ssl
-    IOpenSSLTrustRoot,
-)
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import (
@@ -67,6 +64,10 @@ from mdgateway.smtp.clientmodel import (
     TransactionDone,
     TransactionResult,
 )
+
+if TYPE_CHECKING:
+    # For the annotation only: twisted.internet.ssl does not re-export it.
+    from twisted.internet._sslverify import IOpenSSLTrustRoot
 
 log = Logger()
 

@@ -39,6 +39,8 @@ class ConnectionInfo:
     tls_cipher: str | None = None
     authenticated_user: str | None = None
     config_version: str = ""
+    #: Why TLS failed on this connection (OpenSSL's reason), if it did.
+    tls_error: str | None = None
     #: The handler's own per-connection state, e.g. the policy in force when
     #: the client connected, so a reload never changes a session midway.
     context: Any = None
@@ -48,9 +50,16 @@ class ConnectionInfo:
         """
         The C{with} keyword of RFC 3848 for the Received header.
         """
+        return self.protocol_for(smtputf8=False)
+
+    def protocol_for(self, smtputf8: bool) -> str:
+        """
+        The C{with} keyword for a transaction: RFC 6531's C{UTF8SMTP} family
+        when its MAIL carried C{SMTPUTF8}, else RFC 3848's C{ESMTP} family.
+        """
         if not self.esmtp:
             return "SMTP"
-        name = "ESMTP"
+        name = "UTF8SMTP" if smtputf8 else "ESMTP"
         if self.tls_version:
             name += "S"
         if self.authenticated_user:

@@ -26,9 +26,7 @@ from twisted.internet.interfaces import (
     IReactorTime,
 )
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.ssl import CertificateOptions
 from twisted.logger import Logger
-from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -42,7 +40,7 @@ from mdgateway.smtp.interfaces import (
     RecipientDecision,
 )
 from mdgateway.smtp.parse import MailFrom, RcptTo
-from mdgateway.smtp.proxy import ProxyHeaderError, ProxyHeaderParser
+from mdgateway.smtp.proxyprotocol import ProxyHeaderFactory, peer_address
 from mdgateway.smtp.replies import Reply
 from mdgateway.smtp.server import (
     Action,
@@ -56,7 +54,13 @@ from mdgateway.smtp.server import (
     SessionSettings,
     StartTLS,
 )
-from mdgateway.smtp.tls import CurrentServerTLS, negotiated
+from mdgateway.smtp.tls import (
+    CurrentServerTLS,
+    FailureLogLimit,
+    ServerTLS,
+    handshake_error,
+    negotiated,
+)
 
 log = Logger()
 
@@ -92,12 +96,6 @@ class _Mode(enum.Enum):
     CLOSED = "closed"
 
 
-def _address(address: IAddress) -> tuple[str, int]:
-    host = getattr(address, "host", None)
-    port = getattr(address, "port", 0)
-    return (str(host) if host is not None else "unknown", int(port or 0))
-
-
 @implementer(IHandshakeListener)
 class SMTPServerProtocol(Protocol):
     """
@@ -126,23 +124,26 @@ class SMTPServerProtocol(Protocol):
         self._idle: IDelayedCall | None = None
         self._deadline: IDelayedCall | None = None
         self._counted = False
+        #: A TLS handshake has begun and not completed.
+        self._tls_pending = False
 
     # -- connection life ---------------------------------------------------
 
     def connectionMade(self) -> None:
         assert self.transport is not None
         factory = self.factory
-        client = _address(self.transport.getPeer())
+        client = peer_address(self.transport.getPeer())
         self.info = ConnectionInfo(
             session_id=os.urandom(6).hex(),
             listener=factory.name,
             client=client,
-            server=_address(self.transport.getHost()),
+            server=peer_address(self.transport.getHost()),
             proxied=getattr(self.transport, "proxied", False),
             config_version=factory.config_version,
         )
         if factory.implicit_tls:
             self.session.tls_active = True
+            self._tls_pending = True
         refusal = factory.admit(client[0])
         if refusal is None:
             self._counted = True
@@ -175,6 +176,7 @@ class SMTPServerProtocol(Protocol):
 
     def handshakeCompleted(self) -> None:
         assert self.info is not None and self.transport is not None
+        self._tls_pending = False
         self.info.tls_version, self.info.tls_cipher = negotiated(self.transport)
         log.debug(
             "TLS established: {tls_version} {tls_cipher}",
@@ -191,11 +193,50 @@ class SMTPServerProtocol(Protocol):
         self._idle = self._deadline = None
         self._abort_message()
         if self.info is not None:
+            self._report_tls_failure(reason)
             if self._counted:
                 self.factory.release(self.info.client[0])
                 self.factory.sessions.discard(self)
                 self._counted = False
             self.factory.handler.disconnected(self.info)
+
+    def _report_tls_failure(self, reason: Failure | None) -> None:
+        """
+        Log a handshake that failed (or a TLS error later on): at I{info}
+        with the OpenSSL reason, a few times per client address, as a
+        client that cannot agree on TLS may otherwise send in plaintext or
+        not at all; a connection closed mid-handshake without a TLS error
+        (a port scanner) only at I{debug}.
+        """
+        assert self.info is not None
+        error = handshake_error(reason)
+        if error is None:
+            if self._tls_pending:
+                log.debug(
+                    "TLS handshake not completed on {listener} from {client}",
+                    session_id=self.info.session_id,
+                    listener=self.info.listener,
+                    client=self.info.client[0],
+                )
+            return
+        self.info.tls_error = error
+        held = self.factory.tls_failures.admit(self.info.client[0])
+        fields = {
+            "session_id": self.info.session_id,
+            "listener": self.info.listener,
+            "client": self.info.client[0],
+            "tls_error": error,
+            "during_handshake": self._tls_pending,
+        }
+        if held is None:
+            log.debug("TLS handshake failed from {client}: {tls_error}", **fields)
+            return
+        log.info(
+            "TLS handshake failed on {listener} from {client}: {tls_error}"
+            + (" ({held_back} more from this address not logged)" if held else ""),
+            held_back=held,
+            **fields,
+        )
 
     def _reset_idle(self) -> None:
         if self._idle is not None and self._idle.active():
@@ -486,6 +527,7 @@ class SMTPServerProtocol(Protocol):
         # session (CVE-2011-0411).
         self._buffer = b""
         self.session.tls_started()
+        self._tls_pending = True
         self.transport.startTLS(self.factory.tls_options)
 
     # -- message content ---------------------------------------------------
@@ -623,6 +665,8 @@ class SMTPServerFactory(Factory):
     """
 
     protocol = SMTPServerProtocol  # type: ignore[assignment]
+    #: The gateway logs when a listener opens; Twisted's own lines add nothing.
+    noisy = False
 
     def __init__(
         self,
@@ -632,7 +676,7 @@ class SMTPServerFactory(Factory):
         handler: IEnvelopeHandler,
         clock: IReactorTime,
         limits: ProtocolLimits | None = None,
-        tls_options: CertificateOptions | None = None,
+        tls_options: ServerTLS | None = None,
         config_version: str = "",
     ) -> None:
         self.name = name
@@ -644,6 +688,8 @@ class SMTPServerFactory(Factory):
         self.config_version = config_version
         self.implicit_tls = settings.tls_mode == "implicit"
         self.sessions: set[SMTPServerProtocol] = set()
+        #: How often failed handshakes are logged, per client address.
+        self.tls_failures = FailureLogLimit(clock)
         self._per_client: dict[str, int] = {}
         if settings.tls_mode != "none" and tls_options is None:
             raise ValueError(
@@ -671,157 +717,6 @@ class SMTPServerFactory(Factory):
             self._per_client.pop(client, None)
         else:
             self._per_client[client] = count
-
-
-@implementer(IHandshakeListener)
-class ProxyHeaderProtocol(ProtocolWrapper):
-    """
-    Reads a PROXY v1/v2 header from a trusted proxy before the wrapped
-    protocol sees the connection at all, so its C{connectionMade} (and the
-    banner) happen with the real client's address.
-    """
-
-    factory: ProxyHeaderFactory
-    transport: Any
-
-    def __init__(self, factory: ProxyHeaderFactory, wrapped: Protocol) -> None:
-        super().__init__(factory, wrapped)  # type: ignore[arg-type]
-        self._parser: ProxyHeaderParser | None = ProxyHeaderParser()
-        self._peer: tuple[str, int] | None = None
-        self._host: tuple[str, int] | None = None
-        self._timer: IDelayedCall | None = None
-        self.proxied = False
-
-    def makeConnection(self, transport: Any) -> None:
-        # Do not start the wrapped protocol yet: that waits for the header.
-        self.connected = 1
-        self.transport = transport
-        self.factory.registerProtocol(self)
-        peer = _address(transport.getPeer())
-        if not self.factory.trusts(peer[0]):
-            log.warn(
-                "PROXY listener {listener}: connection from untrusted {peer} dropped",
-                listener=self.factory.listener,
-                peer=peer[0],
-            )
-            self.factory.proxy_error()
-            transport.abortConnection()
-            return
-        self._timer = self.factory.clock.callLater(
-            self.factory.header_timeout, self._no_header
-        )
-
-    def _no_header(self) -> None:
-        self._timer = None
-        self.factory.proxy_error()
-        log.info("PROXY header timed out", listener=self.factory.listener)
-        assert self.transport is not None
-        self.transport.abortConnection()
-
-    def dataReceived(self, data: bytes) -> None:
-        parser = self._parser
-        if parser is None:
-            self.wrappedProtocol.dataReceived(data)
-            return
-        try:
-            result = parser.feed(data)
-        except ProxyHeaderError as e:
-            self.factory.proxy_error()
-            log.warn(
-                "bad PROXY header on {listener}: {error}",
-                listener=self.factory.listener,
-                error=str(e),
-            )
-            self._cancel_timer()
-            self._parser = None
-            assert self.transport is not None
-            self.transport.abortConnection()
-            return
-        if result is None:
-            return
-        addresses, rest = result
-        self._parser = None
-        self._cancel_timer()
-        if addresses.client is not None:
-            self._peer, self._host = addresses.client, addresses.server
-            self.proxied = True
-        ProtocolWrapper.makeConnection(self, self.transport)
-        if rest:
-            self.wrappedProtocol.dataReceived(rest)
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-
-    def handshakeCompleted(self) -> None:
-        listener = IHandshakeListener(self.wrappedProtocol, None)
-        if listener is not None:
-            listener.handshakeCompleted()
-
-    def getPeer(self) -> IAddress:
-        if self._peer is not None:
-            return _IPAddress(*self._peer)
-        return super().getPeer()
-
-    def getHost(self) -> IAddress:
-        if self._host is not None:
-            return _IPAddress(*self._host)
-        return super().getHost()
-
-    def connectionLost(self, reason: Failure | None = None) -> None:
-        self._cancel_timer()
-        if self._parser is None:
-            super().connectionLost(reason)
-        else:
-            self.factory.unregisterProtocol(self)
-
-
-@implementer(IAddress)
-@attrs.frozen
-class _IPAddress:
-    host: str
-    port: int
-    type: str = "TCP"
-
-
-class ProxyHeaderFactory(WrappingFactory):
-    """
-    Wraps a listener's factory with PROXY protocol handling.
-    """
-
-    protocol = ProxyHeaderProtocol
-
-    def __init__(
-        self,
-        wrapped: Factory,
-        *,
-        trusted: Sequence[Network],
-        clock: IReactorTime,
-        listener: str,
-        header_timeout: float = 10.0,
-    ) -> None:
-        super().__init__(wrapped)
-        self.trusted = tuple(trusted)
-        self.clock = clock
-        self.listener = listener
-        self.header_timeout = header_timeout
-        self.proxy_errors = 0
-        #: Called for each connection dropped for a missing, bad or
-        #: untrusted PROXY header (metrics).
-        self.on_error: Callable[[], object] | None = None
-
-    def proxy_error(self) -> None:
-        self.proxy_errors += 1
-        if self.on_error is not None:
-            self.on_error()
-
-    def trusts(self, host: str) -> bool:
-        try:
-            address = ipaddress.ip_address(host)
-        except ValueError:
-            return False
-        return any(address in network for network in self.trusted)
 
 
 def listening_factory(

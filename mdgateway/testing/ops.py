@@ -178,9 +178,9 @@ class FakeOperations:
         await self._known(item_id)
         await self.store.delete_quarantined(item_id)
 
-    def status(self) -> GatewayStatus:
+    def status(self) -> Deferred[GatewayStatus]:
         self.calls.append(("status",))
-        return attrs.evolve(self.gateway_status, readiness=self.ready)
+        return succeed(attrs.evolve(self.gateway_status, readiness=self.ready))
 
     def instances(self, since: float) -> Deferred[tuple[InstanceStatus, ...]]:
         self.calls.append(("instances", since))

@@ -124,6 +124,7 @@ class Console:
         connection (a TLS proxy in front); under TLS they always are.
     @param scratch_dir: where a quarantined original is written while it
         is read (download, headers and parts).
+    @param instance: this instance's name, for the page footer.
     """
 
     log = Logger()
@@ -143,8 +144,10 @@ class Console:
         scratch_dir: str | None = None,
         max_form: int = MAX_FORM,
         clock: IReactorTime | None = None,
+        instance: str = "",
     ) -> None:
         self.operations = operations
+        self.instance = instance
         self.reactor = reactor
         self.clock: IReactorTime = clock or reactor
         self.threadpool = threadpool
@@ -324,10 +327,10 @@ class Console:
         """
         session = call.user
         try:
-            status_now = self.operations.status()
-            version, instance = status_now.config_version, status_now.instance
+            version = self.operations.configuration().version
         except OperationError:
-            version = instance = ""
+            version = ""
+        instance = self.instance
         data = PageData(
             title=title,
             section=section,

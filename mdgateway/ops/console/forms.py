@@ -16,7 +16,7 @@ from typing import Any
 import attrs
 from twisted.web.template import Tag, tags
 
-from mdgateway.ops.admin import parse_time
+from mdgateway.ops.adminhttp import parse_time
 from mdgateway.ops.console.http import Call
 from mdgateway.ops.console.render import href
 from mdgateway.policy.rules import DIRECTIONS

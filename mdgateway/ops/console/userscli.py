@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import os
 import sys
 from typing import Any, TextIO
 
 from mdgateway.config import load_config
+from mdgateway.ops.clisettings import CONFIG_ENV, DEFAULT_CONFIG, config_path
 from mdgateway.ops.console.passwords import (
     UsersFileError,
     read_users,
@@ -24,8 +26,6 @@ from mdgateway.ops.console.passwords import (
     set_password,
 )
 from mdgateway.tomlreader import ConfigError
-
-DEFAULT_CONFIG = "/etc/mdgateway/mdgateway.toml"
 
 
 def add_commands(commands: Any) -> None:
@@ -50,7 +50,9 @@ def add_commands(commands: Any) -> None:
         where.add_argument("--file", help="the users file")
         where.add_argument(
             "--config",
-            help=f"take [admin] users_file from this configuration ({DEFAULT_CONFIG})",
+            dest="users_config",
+            help="take [admin] users_file from this configuration (default: "
+            f"mdgateway's --config, ${CONFIG_ENV}, else {DEFAULT_CONFIG})",
         )
 
 
@@ -61,7 +63,10 @@ class _FailedError(Exception):
 def _users_file(args: argparse.Namespace) -> str:
     if args.file:
         return str(args.file)
-    path = args.config or DEFAULT_CONFIG
+    path, _ = config_path(
+        args.users_config or getattr(args, "config", None),
+        getattr(args, "environ", os.environ),
+    )
     try:
         return load_config(path, check_files=False).admin.users_file
     except ConfigError as e:

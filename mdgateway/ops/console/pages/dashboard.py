@@ -34,7 +34,7 @@ REFRESH = 30
 async def page(console: Console, call: Call) -> Response:
     ops = console.operations
     now = call.now
-    status = ops.status()
+    status = await ops.status()
     hour, day = windows(now)
     store = ops.store
     charts = [
