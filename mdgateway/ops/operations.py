@@ -31,9 +31,10 @@ from mdgateway.ops.interfaces import (
     ReloadResult,
 )
 from mdgateway.ops.overview import GatewayOverview, GatewayStatus, InstanceStatus
+from mdgateway.queue.attempt import GENERATED_RELEASE
 from mdgateway.queue.entry import SpoolEntry
 from mdgateway.queue.envelope import Envelope, Recipient
-from mdgateway.queue.manager import GENERATED_RELEASE, QueueManager, copy_file_into
+from mdgateway.queue.manager import QueueManager, copy_file_into
 from mdgateway.queue.spool import Spool
 from mdgateway.smtp.parse import ParseError, parse_mailbox
 from mdgateway.store.audit import (

@@ -1,11 +1,14 @@
-# -*- test-case-name: tests.test_pipeline -*-
+# -*- test-case-name: tests.test_queue_manager -*-
 """
 The queue manager: every spooled message from 250 to done.
 
-For each entry it processes one copy per security rule, relays what the
-rule delivers, keeps per-recipient state in the spool (so a restart never
-resends to a recipient already delivered), retries with exponential
-backoff, bounces what fails for good, and removes the entry last.
+It carries out what the pure planner (L{mdgateway.queue.planner.plan})
+decides for each entry, one step at a time: attempt the pending recipients
+(L{mdgateway.queue.attempt.CopyRunner}), warn the sender once of a delay,
+expire what waited its lifetime, bounce what failed, wait until the next
+step is due, and remove the entry last. The delivery state is saved beside
+the entry after every step, so a restart never resends to a recipient
+already delivered, nor sends a second bounce.
 """
 
 from __future__ import annotations
@@ -23,75 +26,55 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from mdgateway.message.digest import content_digest
-from mdgateway.message.marker import MarkerCheck, MarkerCount
-from mdgateway.policy.rules import Policy, Rule
-from mdgateway.queue.bounces import IBounceWriter
-from mdgateway.queue.copies import (
-    CopyJob,
-    CopyOutcome,
-    Decision,
-    Delivery,
-    rule_stamp,
+from mdgateway.policy.rules import Policy
+from mdgateway.queue.attempt import (
+    GENERATED_DSN,
+    GENERATED_RELEASE,
+    UNSCANNED,
+    CopyRunner,
+    remove_dir,
 )
+from mdgateway.queue.bounces import IBounceWriter
 from mdgateway.queue.entry import SCRATCH, SpoolEntry
 from mdgateway.queue.envelope import Envelope, Recipient
 from mdgateway.queue.history import IHistory, LogHistory, TeeHistory
 from mdgateway.queue.loopguard import ILoopGuard
+from mdgateway.queue.planner import (
+    Bounce,
+    Deliver,
+    Done,
+    Expire,
+    Retry,
+    RetryPolicy,
+    Warn,
+    attempted,
+    expired,
+    plan,
+    retry_now,
+)
 from mdgateway.queue.processing import CopyProcessor
-from mdgateway.queue.scanned import (
-    keep_outcome,
-    load_outcome,
-    remove_orphans,
-    remove_processed,
-)
+from mdgateway.queue.scanned import remove_orphans, remove_processed
 from mdgateway.queue.spool import Spool
-from mdgateway.relay.delivery import (
-    Outgoing,
-    Relay,
-    RelayRecipient,
-    Status,
-)
-from mdgateway.store.interfaces import MessageStatus, copy_id
+from mdgateway.queue.state import DeliveryState, StateFormatError
+from mdgateway.relay.delivery import Relay
 
 log = Logger()
 
 __all__ = [
+    "GENERATED_DSN",
+    "GENERATED_RELEASE",
+    "UNSCANNED",
     "IHistory",
     "LogHistory",
     "QueueManager",
     "RetryPolicy",
     "TeeHistory",
+    "copy_file_into",
 ]
 
-PENDING = "pending"
-DELIVERED = "delivered"
-FAILED = "failed"
-BLOCKED = "blocked"
-FINAL = frozenset({DELIVERED, FAILED, BLOCKED})
-
-#: C{Envelope.extra["generated"]} of messages the gateway made itself (not
-#: scanned): bounces, and quarantined originals released or forwarded.
-GENERATED_DSN = "dsn"
-GENERATED_RELEASE = "release"
-UNSCANNED = frozenset({GENERATED_DSN, GENERATED_RELEASE})
-
-
-@attrs.frozen
-class RetryPolicy:
-    """
-    When to try again, in the spirit of Postfix: from five minutes, doubling
-    up to an hour, for at most five days.
-    """
-
-    first: float = 300.0
-    maximum: float = 3600.0
-    lifetime: float = 5 * 86400.0
-    #: Send a delay warning to the sender after this long (L{None}: never).
-    delay_warning: float | None = None
-
-    def delay(self, attempts: int) -> float:
-        return float(min(self.first * 2 ** max(attempts - 1, 0), self.maximum))
+#: The most plan steps one visit to an entry carries out before it waits
+#: (a guard: every plan converges in a few steps).
+MAX_STEPS = 16
 
 
 class QueueManager:
@@ -115,19 +98,28 @@ class QueueManager:
         concurrency: int = 16,
     ) -> None:
         self.spool = spool
-        self.policy = policy
-        self.processor = processor
         self.relay = relay
         self.reactor = reactor
         self.threadpool = threadpool
-        self.loop_guard = loop_guard
         self.bounces = bounces
         self.history: IHistory = history or LogHistory()
         self.retry = retry or RetryPolicy()
+        self.runner = CopyRunner(
+            spool=spool,
+            policy=policy,
+            processor=processor,
+            relay=relay,
+            reactor=reactor,
+            threadpool=threadpool,
+            loop_guard=loop_guard,
+            history=self.history,
+        )
         self._semaphore = DeferredSemaphore(concurrency)
         self._scheduled: dict[str, IDelayedCall] = {}
         self._running: dict[str, Deferred[None]] = {}
         self._entries: dict[str, SpoolEntry] = {}
+        #: Entries an operator asked to try now, before their next attempt.
+        self._forced: set[str] = set()
         self._stopping = False
         self.completed = 0
         #: Called for each bounce sent (metrics).
@@ -142,7 +134,7 @@ class QueueManager:
         longer exist (a crash between an entry's removal and theirs); call
         before L{start}.
         """
-        await self._thread(_remove_dir, os.path.join(self.spool.root, SCRATCH))
+        await self._thread(remove_dir, os.path.join(self.spool.root, SCRATCH))
         live = [entry.queue_id for entry in await self.spool.list_entries()]
         removed = await self._thread(remove_orphans, self.spool.root, live)
         if removed:
@@ -153,14 +145,15 @@ class QueueManager:
 
     def start(self, entries: Iterable[SpoolEntry]) -> None:
         """
-        Take over the entries found in the spool at start.
+        Take over the entries found in the spool at start; each waits for
+        its next attempt as its saved state says.
         """
         for entry in entries:
             self.submit(entry)
 
     def submit(self, entry: SpoolEntry, delay: float = 0.0) -> None:
         """
-        Handle C{entry} after C{delay} seconds.
+        Look at C{entry} after C{delay} seconds.
         """
         if self._stopping:
             return
@@ -169,17 +162,20 @@ class QueueManager:
         if old is not None and old.active():
             old.cancel()
         self._scheduled[entry.queue_id] = self.reactor.callLater(
-            delay, self._start, entry
+            max(0.0, delay), self._start, entry
         )
 
     def retry_now(self, queue_id: str) -> bool:
         """
-        Try an entry now instead of at its next attempt time.
+        Try an entry now instead of at its next attempt time (not before a
+        relay's throttling ends).
         """
         entry = self._entries.get(queue_id)
-        if entry is None or queue_id in self._running:
-            return entry is not None
-        self.submit(entry)
+        if entry is None:
+            return False
+        if queue_id not in self._running:  # else it is being tried right now
+            self._forced.add(queue_id)
+            self.submit(entry)
         return True
 
     def next_attempt(self, queue_id: str) -> float | None:
@@ -232,343 +228,108 @@ class QueueManager:
     async def _thread(self, function: Callable[..., Any], *args: Any) -> Any:
         return await deferToThreadPool(self.reactor, self.threadpool, function, *args)
 
-    def _fresh_state(self, envelope: Envelope) -> dict[str, Any]:
-        return {
-            "version": 1,
-            "attempts": 0,
-            "warned": False,
-            "recipients": {r.address: {"status": PENDING} for r in envelope.recipients},
-        }
+    async def load_state(self, entry: SpoolEntry) -> DeliveryState:
+        """
+        The entry's saved delivery state, or a fresh one.
+        """
+        envelope = entry.envelope
+        bounceable = not (
+            envelope.sender == "" or envelope.extra.get("generated") == GENERATED_DSN
+        )
+        data = await self.spool.read_state(entry)
+        if data is not None:
+            try:
+                return DeliveryState.from_json(
+                    data, received_at=envelope.received_at, bounceable=bounceable
+                )
+            except StateFormatError as e:
+                log.error(
+                    "{message_id}: its delivery state cannot be read ({error}); "
+                    "starting afresh",
+                    message_id=entry.queue_id,
+                    error=str(e),
+                )
+        return DeliveryState.fresh(
+            envelope.received_at, (r.address for r in envelope.recipients), bounceable
+        )
 
     async def _handle(self, entry: SpoolEntry) -> None:
-        envelope = entry.envelope
-        state = await self.spool.read_state(entry) or self._fresh_state(envelope)
-        now = self.reactor.seconds()
-        state["attempts"] = int(state.get("attempts", 0)) + 1
-        generated = envelope.extra.get("generated") in UNSCANNED
-        markers = (
-            None if generated else await self._thread(self._check_markers, entry, now)
-        )
-        for rule, recipients in self._copies(entry, state):
-            if rule is None:
-                for r in recipients:
-                    state["recipients"][r.address].update(
-                        status=PENDING,
-                        text="the security rule of this recipient no longer exists",
+        """
+        Carry out the entry's plan, step by step, until it has to wait or
+        is done.
+        """
+        state = await self.load_state(entry)
+        if entry.queue_id in self._forced:
+            self._forced.discard(entry.queue_id)
+            state = retry_now(state)
+        attempted_now = False
+        for _ in range(MAX_STEPS):
+            now = self.reactor.seconds()
+            throttled = self.runner.throttled_until(entry, state)
+            step = plan(state, now, self.retry, throttled)
+            if isinstance(step, Deliver):
+                if attempted_now:
+                    # Backoff is at least the first retry interval; never
+                    # a second attempt in one visit.
+                    step = Retry(now + self.retry.first)
+                else:
+                    attempted_now = True
+                    state = await self.runner.attempt(entry, state)
+                    throttled = self.runner.throttled_until(entry, state)
+                    state = attempted(
+                        state, self.reactor.seconds(), self.retry, throttled
                     )
-                continue
-            await self._copy(entry, state, rule, recipients, generated, markers)
-            await self.spool.write_state(entry, state)
-        await self._conclude(entry, state)
-
-    def _copies(
-        self, entry: SpoolEntry, state: dict[str, Any]
-    ) -> list[tuple[Rule | None, list[Recipient]]]:
-        policy = self.policy()
-        groups: dict[str | None, list[Recipient]] = {}
-        for r in entry.envelope.recipients:
-            if state["recipients"].get(r.address, {}).get("status", PENDING) in FINAL:
-                continue
-            groups.setdefault(r.rule, []).append(r)
-        return [
-            (policy.rule_named(name) if name else None, recipients)
-            for name, recipients in groups.items()
-        ]
-
-    def _check_markers(self, entry: SpoolEntry, now: float) -> MarkerCount:
-        """
-        The markers of a spooled message, checked against its content
-        digest (blocking).
-        """
-        path = str(entry.message_path)
-        digest = _received_digest(entry.envelope)
-        if digest is None:
-            digest = content_digest(path)
-        count = self.loop_guard.check(path, now, digest)
-        for check in count.invalid:
-            log.info(
-                "{message_id}: ignoring a {reason} loop marker for {marker_id}",
-                message_id=entry.queue_id,
-                reason=check.reason,
-                marker_id=check.message_id,
-            )
-        return count
-
-    async def _copy(
-        self,
-        entry: SpoolEntry,
-        state: dict[str, Any],
-        rule: Rule,
-        recipients: list[Recipient],
-        generated: bool,
-        markers: MarkerCount | None,
-    ) -> None:
-        names = list(dict.fromkeys(r.rule or "" for r in entry.envelope.recipients))
-        security_id = copy_id(entry.queue_id, names.index(rule.name) + 1)
-        workdir = os.path.join(self.spool.root, SCRATCH, security_id)
-        await self.history.received(entry, rule, security_id)
-        copies = state.setdefault("copies", {})
-        record = copies.get(security_id)
-        outcome = None
-        if isinstance(record, dict) and isinstance(record.get("outcome"), dict):
-            outcome = await self._thread(
-                load_outcome,
-                record["outcome"],
-                self.spool.root,
-                entry.queue_id,
-                str(entry.message_path),
-            )
-            if outcome is None:
-                log.warn(
-                    "{message_id}: the kept outcome of this copy cannot be used; "
-                    "processing it again",
-                    message_id=security_id,
-                )
-                record = None
-        await self._thread(_fresh_dir, workdir)
-        try:
-            if outcome is None:
-                outcome = await self._process(
-                    entry, rule, recipients, security_id, workdir, generated, markers
-                )
-                outcome, record = await self._keep(entry, state, security_id, outcome)
-            if not (record or {}).get("recorded"):
-                await self.history.copy_processed(entry, rule, security_id, outcome)
-                if outcome.quarantine is not None:
-                    await self.history.quarantine(
-                        entry, rule, security_id, outcome.quarantine
-                    )
-                if record is not None:
-                    record["recorded"] = True
-            await self._act(entry, state, rule, security_id, recipients, outcome)
-            status, text = _copy_status(
-                outcome, [state["recipients"][r.address] for r in recipients]
-            )
-            await self.history.status(entry, security_id, status, text)
-        finally:
-            await self._thread(_remove_dir, workdir)
-
-    async def _process(
-        self,
-        entry: SpoolEntry,
-        rule: Rule,
-        recipients: list[Recipient],
-        security_id: str,
-        workdir: str,
-        generated: bool,
-        markers: MarkerCount | None,
-    ) -> CopyOutcome:
-        """
-        Scan and act on a copy, or relay it once more unscanned when it is
-        ours (generated here, or carrying a marker that allows it).
-        """
-        now = self.reactor.seconds()
-        job = CopyJob(
-            str(entry.message_path),
-            workdir,
-            rule,
-            security_id,
-            entry.envelope.sender,
-            tuple(r.address for r in recipients),
-            partial(self.loop_guard.make, security_id, now),
-        )
-        if generated:
-            return await self.processor.generated(job)
-        relay: MarkerCheck | None = None
-        if markers is not None:
-            relay = markers.relay_once(
-                rule_stamp(rule, ""), now, self.loop_guard.relay_once_max_age()
-            )
-            if markers.processed and relay is None:
+                    await self.runner.save(entry, state)
+                    continue
+            if isinstance(step, Warn):
+                await self._report(entry, state, step.recipients, delayed=True)
+                state = attrs.evolve(state, warned=True)
+            elif isinstance(step, Expire):
+                state = expired(state, step.recipients, now)
+            elif isinstance(step, Bounce):
+                await self._report(entry, state, step.recipients, delayed=False)
+                state = attrs.evolve(state, bounced=True)
+            elif isinstance(step, Retry):
+                await self.runner.save(entry, state)
+                self.submit(entry, step.at - now)
                 log.info(
-                    "{message_id}: processed by this gateway before, but not "
-                    "under a rule at least as strict as {rule} (or too long "
-                    "ago): scanning it again",
-                    message_id=security_id,
-                    rule=rule.name,
+                    "{message_id} deferred for {count} recipient(s); "
+                    "next attempt in {delay:.0f}s",
+                    message_id=entry.queue_id,
+                    count=len(state.pending),
+                    delay=step.at - now,
                 )
-        if relay is not None:
-            return await self.processor.relay_once(job, relay)
-        return await self.processor.process(job)
+                return
+            elif isinstance(step, Done):
+                await self._done(entry, state)
+                return
+            await self.runner.save(entry, state)
+        await self.runner.save(entry, state)
+        self.submit(entry, self.retry.first)
 
-    async def _keep(
-        self,
-        entry: SpoolEntry,
-        state: dict[str, Any],
-        security_id: str,
-        outcome: CopyOutcome,
-    ) -> tuple[CopyOutcome, dict[str, Any] | None]:
-        """
-        Keep a final outcome (one that delivers or blocks) with the entry,
-        durably, before the first delivery attempt: retries then deliver
-        without scanning again.
-
-        @return: the outcome delivering the kept files, and its record in
-            the delivery state (L{None} for an outcome not kept).
-        """
-        if outcome.decision not in (Decision.DELIVER, Decision.BLOCK):
-            return outcome, None
-        kept, data = await self._thread(
-            keep_outcome,
-            outcome,
-            self.spool.root,
-            entry.queue_id,
-            security_id,
-            str(entry.message_path),
-        )
-        record: dict[str, Any] = {"outcome": data, "recorded": False}
-        state["copies"][security_id] = record
-        await self.spool.write_state(entry, state)
-        return kept, record
-
-    async def _act(
-        self,
-        entry: SpoolEntry,
-        state: dict[str, Any],
-        rule: Rule,
-        security_id: str,
-        recipients: list[Recipient],
-        outcome: CopyOutcome,
-    ) -> None:
-        now = self.reactor.seconds()
-        records = state["recipients"]
-        if outcome.decision is Decision.RETRY:
-            for r in recipients:
-                records[r.address].update(
-                    status=PENDING,
-                    code=451,
-                    enhanced="4.3.0",
-                    text=f"scan deferred ({outcome.condition}): {outcome.detail}",
-                    at=now,
-                )
-            return
-        if outcome.decision is Decision.FAIL:
-            for r in recipients:
-                records[r.address].update(
-                    status=FAILED,
-                    code=554,
-                    enhanced="5.7.0",
-                    text=f"message could not be scanned ({outcome.condition})",
-                    at=now,
-                )
-            return
-        main_status = BLOCKED if outcome.decision is Decision.BLOCK else None
-        for delivery in outcome.deliveries:
-            outgoing = self._outgoing(entry, recipients, delivery)
-            outcomes = await self.relay.deliver(rule.relay_profile, outgoing)
-            await self.history.delivered(entry, rule, security_id, delivery, outcomes)
-            if delivery.kind != "message":
-                continue
-            for o in outcomes:
-                status = {
-                    Status.DELIVERED: DELIVERED,
-                    Status.FAILED: FAILED,
-                    Status.DEFERRED: PENDING,
-                }[o.status]
-                records[o.address].update(
-                    status=status,
-                    code=o.code,
-                    enhanced=o.enhanced,
-                    text=o.text,
-                    server=o.server,
-                    queue_id=o.queue_id,
-                    at=now,
-                    result=outcome.result,
-                )
-        if main_status is not None:
-            for r in recipients:
-                records[r.address].update(
-                    status=main_status, text=f"blocked: {outcome.result}", at=now
-                )
-
-    def _outgoing(
-        self, entry: SpoolEntry, recipients: list[Recipient], delivery: Delivery
-    ) -> Outgoing:
-        envelope = entry.envelope
-        params = envelope.mail_parameters
-        return Outgoing(
-            sender=envelope.sender,
-            recipients=tuple(
-                RelayRecipient(
-                    r.address, r.parameters.get("NOTIFY"), r.parameters.get("ORCPT")
-                )
-                for r in recipients
-            ),
-            path=delivery.path,
-            prefix=delivery.prefix,
-            offset=delivery.offset,
-            eight_bit=(params.get("BODY") or "").upper() == "8BITMIME",
-            smtputf8="SMTPUTF8" in params,
-            ret=params.get("RET"),
-            envid=params.get("ENVID"),
-        )
-
-    async def _conclude(self, entry: SpoolEntry, state: dict[str, Any]) -> None:
-        records = state["recipients"]
-        now = self.reactor.seconds()
-        age = now - entry.envelope.received_at
-        pending = [
-            a for a, r in records.items() if r.get("status", PENDING) not in FINAL
-        ]
-        if pending and age >= self.retry.lifetime:
-            for address in pending:
-                last = records[address].get("text", "")
-                records[address].update(
-                    status=FAILED,
-                    code=554,
-                    enhanced="5.4.7",
-                    text=f"delivery time expired; last problem: {last}",
-                    at=now,
-                )
-            pending = []
-        if pending:
-            if (
-                self.retry.delay_warning is not None
-                and not state.get("warned")
-                and age >= self.retry.delay_warning
-            ):
-                await self._bounce(entry, state, delayed=True)
-                state["warned"] = True
-            await self.spool.write_state(entry, state)
-            delay = self.retry.delay(int(state["attempts"]))
-            for rule, _ in self._copies(entry, state):
-                if rule is not None:
-                    until = self.relay.throttled_until(rule.relay_profile)
-                    if until:
-                        delay = max(delay, until - now)
-            self.submit(entry, delay)
+    async def _done(self, entry: SpoolEntry, state: DeliveryState) -> None:
+        if state.failed and not state.bounceable:
             log.info(
-                "{message_id} deferred for {count} recipient(s); "
-                "next attempt in {delay:.0f}s",
+                "{message_id}: failed recipients, but no bounce for a null sender",
                 message_id=entry.queue_id,
-                count=len(pending),
-                delay=delay,
             )
-            return
-        if any(r.get("status") == FAILED for r in records.values()):
-            await self._bounce(entry, state, delayed=False)
         await self.spool.remove(entry)
         await self._thread(remove_processed, self.spool.root, entry.queue_id)
         self._entries.pop(entry.queue_id, None)
         self.completed += 1
 
-    async def _bounce(
-        self, entry: SpoolEntry, state: dict[str, Any], delayed: bool
+    async def _report(
+        self,
+        entry: SpoolEntry,
+        state: DeliveryState,
+        recipients: tuple[str, ...],
+        delayed: bool,
     ) -> None:
+        """
+        Send the sender a delay warning or a bounce about C{recipients}.
+        """
         envelope = entry.envelope
-        if envelope.sender == "" or envelope.extra.get("generated") == GENERATED_DSN:
-            if not delayed:
-                log.info(
-                    "{message_id}: failed recipients, but no bounce for a null sender",
-                    message_id=entry.queue_id,
-                )
-            return
-        wanted = PENDING if delayed else FAILED
-        results = {
-            a: r
-            for a, r in state["recipients"].items()
-            if r.get("status", PENDING) == wanted
-        }
+        results = {a: state.recipients[a].dsn_record() for a in recipients}
         writer = self.spool.open_writer()
         path = os.path.join(self.spool.root, SCRATCH, f"{writer.queue_id}.dsn")
         try:
@@ -611,44 +372,6 @@ class QueueManager:
         self.submit(bounce)
 
 
-def _received_digest(envelope: Envelope) -> bytes | None:
-    """
-    The content digest the SMTP edge computed while the message streamed
-    in (L{mdgateway.receive.handler.CONTENT_DIGEST}), so the file is not
-    read again.
-    """
-    text = envelope.extra.get("content_digest")
-    try:
-        return bytes.fromhex(text) if isinstance(text, str) else None
-    except ValueError:
-        return None
-
-
-def _copy_status(
-    outcome: CopyOutcome, records: list[dict[str, Any]]
-) -> tuple[MessageStatus, str]:
-    """
-    A copy's history status from its outcome and its recipients' states.
-    """
-    statuses = [r.get("status", PENDING) for r in records]
-    if outcome.decision is Decision.RETRY or PENDING in statuses:
-        return MessageStatus.DEFERRED, f"deferred: {outcome.detail or outcome.result}"
-    if outcome.decision is Decision.FAIL:
-        return MessageStatus.FAILED, f"failed: {outcome.condition}"
-    if outcome.decision is Decision.BLOCK:
-        if outcome.quarantine is not None:
-            return MessageStatus.QUARANTINED, f"{outcome.result}, original quarantined"
-        return MessageStatus.BLOCKED, outcome.result
-    delivered = statuses.count(DELIVERED)
-    if delivered == len(statuses):
-        if outcome.result.startswith("Bypassed"):
-            return MessageStatus.BYPASSED, f"delivered unscanned: {outcome.result}"
-        return MessageStatus.DELIVERED, f"delivered: {outcome.result}"
-    if delivered:
-        return MessageStatus.PARTIALLY_DELIVERED, "some recipients bounced"
-    return MessageStatus.BOUNCED, "every recipient bounced"
-
-
 def _dsn_parameters(report: Any) -> dict[str, str | None]:
     params: dict[str, str | None] = {}
     if report.body_8bit:
@@ -671,17 +394,6 @@ async def copy_file_into(writer: Any, path: str) -> None:
                 drained: Deferred[None] = Deferred()
                 writer.on_drained(partial(drained.callback, None))
                 await drained
-
-
-def _fresh_dir(path: str) -> None:
-    _remove_dir(path)
-    os.makedirs(path, mode=0o700)
-
-
-def _remove_dir(path: str) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def _remove_file(path: str) -> None:

@@ -24,7 +24,8 @@ from mdgateway.policy.rules import Policy
 from mdgateway.queue.bounces import DsnWriter
 from mdgateway.queue.history import LogHistory, TeeHistory
 from mdgateway.queue.loopguard import MarkerLoopGuard
-from mdgateway.queue.manager import QueueManager, RetryPolicy
+from mdgateway.queue.manager import QueueManager
+from mdgateway.queue.planner import RetryPolicy
 from mdgateway.queue.processing import CopyProcessor
 from mdgateway.queue.report import MetricsHistory, StoreHistory
 from mdgateway.queue.spool import Spool
