@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_settings -*-
+# -*- test-case-name: tests.test_config -*-
 """
 Typed reading of one TOML table, collecting every problem with its key path.
 

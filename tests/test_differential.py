@@ -31,9 +31,9 @@ from mdgateway.message.decompose import WHOLE_MESSAGE_NAME
 from mdgateway.policy.profiles import CoreProfile, CoreServer, RelayServer, SmtpProfile
 from mdgateway.policy.rules import Rule
 from mdgateway.queue.processing import CopyJob, CopyOutcome, CopyProcessor
+from mdgateway.testing.scan import CORE_URL, FakeScanner
+from mdgateway.testing.threads import SynchronousThreadPool
 from tests.mimegen import messages
-from tests.scanners import CORE_URL, FakeScanner
-from tests.test_spool import SynchronousThreadPool
 
 #: Examples per property (thousands in all, within CI's time budget).
 EXAMPLES = 1500

@@ -2,7 +2,7 @@
 Tests for L{mdgateway.queue.processing}: one message copy is decomposed, scanned
 part by part, acted on, rebuilt and stamped, end to end on real files with a
 real thread pool and the real reactor, against the fake Core of
-L{tests.scanners}.
+L{mdgateway.testing.scan}.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from mdgateway.queue.processing import (
 from mdgateway.scan.errors import Condition, CoreError
 from mdgateway.scan.runtime import CoreRuntime
 from mdgateway.scan.verdict import Outcome, Verdict
-from tests.scanners import (
+from mdgateway.testing.scan import (
     CORE_RULE,
     CORE_URL,
     EICAR,

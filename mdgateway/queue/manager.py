@@ -35,6 +35,7 @@ from mdgateway.queue.attempt import (
     remove_dir,
 )
 from mdgateway.queue.bounces import IBounceWriter
+from mdgateway.queue.copies import ICopyProcessor
 from mdgateway.queue.entry import SCRATCH, SpoolEntry
 from mdgateway.queue.envelope import Envelope, Recipient
 from mdgateway.queue.history import IHistory, LogHistory, TeeHistory
@@ -52,11 +53,10 @@ from mdgateway.queue.planner import (
     plan,
     retry_now,
 )
-from mdgateway.queue.processing import CopyProcessor
 from mdgateway.queue.scanned import remove_orphans, remove_processed
 from mdgateway.queue.spool import Spool
 from mdgateway.queue.state import DeliveryState, StateFormatError
-from mdgateway.relay.delivery import Relay
+from mdgateway.relay.interfaces import IRelay
 
 log = Logger()
 
@@ -87,8 +87,8 @@ class QueueManager:
         *,
         spool: Spool,
         policy: Callable[[], Policy],
-        processor: CopyProcessor,
-        relay: Relay,
+        processor: ICopyProcessor,
+        relay: IRelay,
         reactor: Any,
         threadpool: ThreadPool,
         loop_guard: ILoopGuard,

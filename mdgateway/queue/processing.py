@@ -22,6 +22,7 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
 
 from mdgateway.message.decompose import Decomposition, ScannablePart, decompose
 from mdgateway.message.digest import ContentHasher, content_digest
@@ -39,10 +40,11 @@ from mdgateway.queue.copies import (
     CopyOutcome,
     Decision,
     Delivery,
-    IScanner,
+    ICopyProcessor,
     PartReport,
 )
 from mdgateway.scan.errors import Condition, CoreError
+from mdgateway.scan.interfaces import IScanner
 from mdgateway.scan.verdict import Outcome, Verdict
 
 log = Logger()
@@ -81,6 +83,7 @@ class _Scanned:
     empty: bool = False
 
 
+@implementer(ICopyProcessor)
 class CopyProcessor:
     """
     Processes message copies with the Core runtime of each rule's profile.

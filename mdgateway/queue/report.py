@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_history -*-
+# -*- test-case-name: tests.test_records -*-
 """
 The pipeline's report of what happened to each message copy, kept in the
 store (email history, quarantine) and in the log.

@@ -23,11 +23,13 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
 
 from mdgateway.policy.profiles import RelayServer, SmtpProfile
 from mdgateway.relay import maildir
 from mdgateway.relay.connect import ClientSettings, connect_server
 from mdgateway.relay.hosts import IMXResolver, NullMXError, expand
+from mdgateway.relay.interfaces import IRelay
 from mdgateway.smtp.clientmodel import (
     Envelope,
     MessageBody,
@@ -155,6 +157,7 @@ class _Idle:
     timer: IDelayedCall
 
 
+@implementer(IRelay)
 class Relay:
     """
     Delivers prepared messages through SMTP relay profiles.

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_embedding -*-
 """
 The reactor a gateway process needs, as one interface: the intersection of
 the reactor interfaces its pieces use.

@@ -22,12 +22,13 @@ from twisted.internet.defer import Deferred, DeferredSemaphore, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.web.client import HTTPConnectionPool
+from zope.interface import implementer
 
 from mdgateway.policy.profiles import CoreProfile
 from mdgateway.scan.breaker import CircuitBreaker
 from mdgateway.scan.client import CoreClient, build_http_client
 from mdgateway.scan.errors import Condition, CoreError
-from mdgateway.scan.interfaces import ICoreServerClient
+from mdgateway.scan.interfaces import ICoreServerClient, IScanner
 from mdgateway.scan.verdict import Verdict
 
 _log = Logger()
@@ -102,6 +103,7 @@ class _Server:
         return len(self.slots.waiting)
 
 
+@implementer(IScanner)
 class CoreRuntime:
     """
     Scans files with one L{CoreProfile}.

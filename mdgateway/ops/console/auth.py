@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_console_auth -*-
+# -*- test-case-name: tests.test_console_units -*-
 """
 Who is using the console: logins, sessions and their CSRF tokens, and the
 brake on password guessing.
