@@ -80,7 +80,7 @@ class CopyRunner:
         policy: Callable[[], Policy],
         processor: ICopyProcessor,
         relay: IRelay,
-        reactor: Any,
+        reactor: IReactorTime,
         threadpool: ThreadPool,
         loop_guard: ILoopGuard,
         history: IHistory,
@@ -90,7 +90,7 @@ class CopyRunner:
         self.processor = processor
         self.relay = relay
         self.reactor: IReactorTime = reactor
-        self._threads: IReactorFromThreads = reactor
+        self._threads = IReactorFromThreads(reactor)
         self.threadpool = threadpool
         self.loop_guard = loop_guard
         self.history = history

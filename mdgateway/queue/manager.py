@@ -20,7 +20,7 @@ from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred, DeferredSemaphore
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IReactorFromThreads, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -89,7 +89,7 @@ class QueueManager:
         policy: Callable[[], Policy],
         processor: ICopyProcessor,
         relay: IRelay,
-        reactor: Any,
+        reactor: IReactorTime,
         threadpool: ThreadPool,
         loop_guard: ILoopGuard,
         bounces: IBounceWriter,
@@ -100,6 +100,9 @@ class QueueManager:
         self.spool = spool
         self.relay = relay
         self.reactor = reactor
+        # Adapted now, so a reactor that cannot take work back from threads
+        # fails when the gateway is built, not mid-delivery.
+        self._threads = IReactorFromThreads(reactor)
         self.threadpool = threadpool
         self.bounces = bounces
         self.history: IHistory = history or LogHistory()
@@ -226,7 +229,7 @@ class QueueManager:
     # -- one entry ---------------------------------------------------------------
 
     async def _thread(self, function: Callable[..., Any], *args: Any) -> Any:
-        return await deferToThreadPool(self.reactor, self.threadpool, function, *args)
+        return await deferToThreadPool(self._threads, self.threadpool, function, *args)
 
     async def load_state(self, entry: SpoolEntry) -> DeliveryState:
         """

@@ -19,6 +19,7 @@ from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -94,20 +95,21 @@ class CopyProcessor:
     def __init__(
         self,
         *,
-        reactor: Any,
+        reactor: IReactorTime,
         threadpool: ThreadPool,
         scanner_for: Callable[[str], IScanner],
         hostname: str,
         metrics: Any = None,
     ) -> None:
         self.reactor = reactor
+        self._threads = IReactorFromThreads(reactor)
         self.threadpool = threadpool
         self.scanner_for = scanner_for
         self.hostname = hostname
         self.metrics = metrics
 
     async def _thread(self, function: Callable[..., Any], *args: Any) -> Any:
-        return await deferToThreadPool(self.reactor, self.threadpool, function, *args)
+        return await deferToThreadPool(self._threads, self.threadpool, function, *args)
 
     async def process(self, job: CopyJob) -> CopyOutcome:
         rule = job.rule

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -93,7 +94,7 @@ class StoreHistory:
     def __init__(
         self,
         outbox: Outbox,
-        reactor: Any,
+        reactor: IReactorTime,
         threadpool: ThreadPool,
         *,
         instance: str = "",
@@ -101,6 +102,7 @@ class StoreHistory:
     ) -> None:
         self.outbox = outbox
         self.reactor = reactor
+        self._threads = IReactorFromThreads(reactor)
         self.threadpool = threadpool
         self.instance = instance
         self.quarantine_days = quarantine_days
@@ -108,7 +110,7 @@ class StoreHistory:
     async def received(self, entry: SpoolEntry, rule: Rule, copy_id: str) -> None:
         envelope = entry.envelope
         subject, message_id = await deferToThreadPool(
-            self.reactor, self.threadpool, _summary, str(entry.message_path)
+            self._threads, self.threadpool, _summary, str(entry.message_path)
         )
         message = ReceivedMessage(
             id=copy_id,

@@ -15,11 +15,10 @@ from __future__ import annotations
 import enum
 import re
 from collections.abc import Callable
-from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorFromThreads, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -170,7 +169,7 @@ class Relay:
     def __init__(
         self,
         *,
-        reactor: Any,
+        reactor: IReactorTime,
         helo: str,
         resolver: IMXResolver,
         threadpool: ThreadPool,
@@ -180,6 +179,7 @@ class Relay:
         throttle_base: float = 60.0,
     ) -> None:
         self.reactor = reactor
+        self._threads = IReactorFromThreads(reactor)
         self.helo = helo
         self.resolver = resolver
         self.threadpool = threadpool
@@ -223,7 +223,7 @@ class Relay:
             password = None
             if profile.auth_password_file:
                 password = await deferToThreadPool(
-                    self.reactor,
+                    self._threads,
                     self.threadpool,
                     self.password_reader,
                     profile.auth_password_file,
@@ -283,7 +283,7 @@ class Relay:
     ) -> list[RecipientOutcome]:
         try:
             path = await deferToThreadPool(
-                self.reactor,
+                self._threads,
                 self.threadpool,
                 self.maildir_writer,
                 server.host,

@@ -23,16 +23,18 @@ import signal
 import socket
 import sys
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.protocol import ServerFactory
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from mdgateway.emulator.app import CoreEmulator, EmulatorConfig
 from mdgateway.emulator.server import BACKLOG, build_site
+from mdgateway.run.reactor import global_reactor
 from mdgateway.run.supervisor import run_child
 
 log = Logger()
@@ -67,9 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         # Ctrl-C reaches the whole process group: the gateway stops us.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
-    from twisted.internet import reactor as default_reactor
-
-    reactor: Any = default_reactor
+    reactor = global_reactor()
     pool = ThreadPool(minthreads=0, maxthreads=THREADS, name="mdcore-emulator")
     emulator = CoreEmulator(
         reactor,
@@ -83,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.fd is not None:
             inherited = socket.socket(fileno=args.fd)
             try:
-                reactor.adoptStreamPort(inherited.fileno(), inherited.family, site)
+                reactor.adoptStreamPort(
+                    inherited.fileno(), inherited.family, cast(ServerFactory, site)
+                )
             finally:
                 inherited.close()  # adoptStreamPort keeps a duplicate
         else:

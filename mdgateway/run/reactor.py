@@ -10,6 +10,7 @@ from typing import cast
 
 from twisted.internet.interfaces import (
     IReactorCore,
+    IReactorFDSet,
     IReactorFromThreads,
     IReactorPluggableNameResolver,
     IReactorProcess,
@@ -22,6 +23,7 @@ from twisted.internet.interfaces import (
 
 class IGatewayReactor(
     IReactorCore,
+    IReactorFDSet,
     IReactorTime,
     IReactorTCP,
     IReactorThreads,

@@ -12,13 +12,13 @@ import socket
 import sys
 from contextlib import suppress
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import attrs
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
-from twisted.internet.interfaces import IListeningPort
-from twisted.internet.protocol import Factory
+from twisted.internet.interfaces import IListeningPort, IReactorSocket
+from twisted.internet.protocol import Factory, ServerFactory
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger, globalLogPublisher
@@ -776,7 +776,9 @@ def _keep(new: GatewayConfig, old: GatewayConfig, keys: tuple[str, ...]) -> Any:
     return attrs.evolve(new, **top)
 
 
-def adopt_listener(reactor: Any, fd: int, factory: Factory) -> IListeningPort:
+def adopt_listener(
+    reactor: IReactorSocket, fd: int, factory: Factory
+) -> IListeningPort:
     """
     Serve C{factory} on the listening socket inherited as C{fd} (a worker
     shares the primary's sockets).
@@ -785,8 +787,10 @@ def adopt_listener(reactor: Any, fd: int, factory: Factory) -> IListeningPort:
 
     sock = socket.socket(fileno=fd)
     try:
+        # Every factory we listen with is a server factory (the SMTP one,
+        # or the TLS and PROXY wrappers around it); Factory is its type here.
         port: IListeningPort = reactor.adoptStreamPort(
-            sock.fileno(), sock.family, factory
+            sock.fileno(), sock.family, cast(ServerFactory, factory)
         )
     finally:
         sock.close()  # adoptStreamPort keeps a duplicate

@@ -51,6 +51,7 @@ from zope.interface import implementer
 
 import mdgateway
 from mdgateway.ops.metrics import RetiredCounters
+from mdgateway.run.reactor import IGatewayReactor
 
 log = Logger()
 
@@ -242,7 +243,7 @@ class ParentWatch:
 
 
 def run_child(
-    reactor: Any,
+    reactor: IGatewayReactor,
     start: Callable[[], object],
     stop: Callable[[], object],
     on_hangup: Callable[[], object] | None = None,

@@ -7,9 +7,9 @@ in step with the configuration across reloads.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
@@ -28,12 +28,13 @@ class CoreRuntimes:
     own, so a reload does not forget which servers are down.
     """
 
-    def __init__(self, reactor: Any, threadpool: ThreadPool) -> None:
+    def __init__(self, reactor: IReactorTime, threadpool: ThreadPool) -> None:
         """
         @param threadpool: where the parts' digests are computed (for Core's
             hash lookup), off the reactor thread.
         """
         self._reactor = reactor
+        self._threads = IReactorFromThreads(reactor)
         self._threadpool = threadpool
         self._runtimes: dict[str, CoreRuntime] = {}
 
@@ -52,7 +53,7 @@ class CoreRuntimes:
             )
 
     def _hash(self, path: str) -> Deferred[str]:
-        return deferToThreadPool(self._reactor, self._threadpool, sha256_file, path)
+        return deferToThreadPool(self._threads, self._threadpool, sha256_file, path)
 
     def __getitem__(self, name: str) -> CoreRuntime:
         return self._runtimes[name]

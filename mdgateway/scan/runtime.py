@@ -152,7 +152,7 @@ class CoreRuntime:
     def from_profile(
         cls,
         profile: CoreProfile,
-        reactor: Any,
+        reactor: IReactorTime,
         *,
         connect_timeout: float = 10.0,
         busy_backoff: float = 5.0,
