@@ -577,7 +577,7 @@ class CopyProcessor:
             tag = rule.subject_tag_blocked
         elif sanitized and rule.subject_tag_sanitized:
             tag = rule.subject_tag_sanitized
-        return await self._thread(
+        delivery: Delivery = await self._thread(
             _write_delivery,
             job,
             decomposition,
@@ -587,6 +587,7 @@ class CopyProcessor:
             result,
             sanitized,
         )
+        return delivery
 
     async def _original_copy(self, job: CopyJob, result: str) -> Delivery:
         fields = self.stamp(
@@ -600,7 +601,7 @@ class CopyProcessor:
         )
         # Never to be relayed unscanned should it come back: its stamp's
         # result is not one of a scanned copy.
-        delivery = await self._thread(
+        delivery: Delivery = await self._thread(
             _write_delivery, job, None, {}, fields, None, f"OriginalCopy/{result}"
         )
         return attrs.evolve(delivery, kind="original copy")

@@ -37,7 +37,7 @@ from twisted.internet.task import Cooperator
 from twisted.logger import Logger
 from twisted.python.components import proxyForInterface
 from twisted.python.failure import Failure
-from twisted.web.client import (
+from twisted.web.client import (  # type: ignore[attr-defined]  # public, no __all__
     Agent,
     BrowserLikePolicyForHTTPS,
     HTTPConnectionPool,

@@ -112,6 +112,11 @@ class ClientSession:
     session is ready for another (an C{RSET} goes first) or for L{quit}.
     """
 
+    def _closed(self) -> bool:
+        # A method, not an attribute test: a transition inside a loop over
+        # replies can close the session.
+        return self._state is _State.CLOSED
+
     def __init__(self, config: SessionConfig) -> None:
         self.config = config
         self._parser = ReplyParser()
@@ -241,7 +246,7 @@ class ClientSession:
             return []
         self._parser.feed(data)
         actions: list[Action] = []
-        while self._state is not _State.CLOSED:
+        while not self._closed():
             try:
                 reply = self._parser.next_reply()
             except ReplySyntaxError as e:

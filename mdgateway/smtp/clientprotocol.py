@@ -212,7 +212,8 @@ def load_trust_root(ca_file: str) -> IOpenSSLTrustRoot:
     certificates = [ssl.Certificate.loadPEM(m) for m in _PEM_CERT.findall(pem)]
     if not certificates:
         raise ValueError(f"{ca_file}: no PEM certificate found")
-    return ssl.trustRootFromCertificates(certificates)
+    root: IOpenSSLTrustRoot = ssl.trustRootFromCertificates(certificates)
+    return root
 
 
 def client_tls_creator(

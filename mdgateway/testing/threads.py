@@ -79,7 +79,9 @@ class ManualThreadPool:
     """
 
     def __init__(self) -> None:
-        self.jobs: list[tuple[Any, Callable[..., Any], tuple[Any, ...], dict]] = []
+        self.jobs: list[
+            tuple[Any, Callable[..., Any], tuple[Any, ...], dict[str, Any]]
+        ] = []
 
     def callInThreadWithCallback(
         self,
