@@ -32,7 +32,7 @@ from mdgateway.store.interfaces import (
     MessageStatus,
     PartVerdict,
     ReceivedMessage,
-    RecipientResult,
+    RecipientDelivery,
     ScanVerdict,
     overall_verdict,
 )
@@ -192,7 +192,7 @@ class StoreHistory:
             upstream = o.queue_id or None
             if upstream is None and o.code is not None and 200 <= o.code < 300:
                 upstream = parse_upstream_queue_id(o.text)
-            result = RecipientResult(
+            result = RecipientDelivery(
                 recipient=o.address,
                 status=_DELIVERY[o.status],
                 code=o.code,

@@ -23,7 +23,7 @@ from mdgateway.receive.admission import (
 )
 from mdgateway.relay.connect import ClientSettings, connect_server
 from mdgateway.relay.hosts import IMXResolver, NullMXError, expand
-from mdgateway.smtp.clientmodel import Envelope, SmtpSessionError
+from mdgateway.smtp.clientmodel import ClientEnvelope, SmtpSessionError
 
 log = Logger()
 
@@ -112,7 +112,7 @@ class SmtpRecipientVerifier:
             )
             return None
         try:
-            result = await client.probe(Envelope(sender, [recipient]))
+            result = await client.probe(ClientEnvelope(sender, [recipient]))
             (outcome,) = result.recipients
             try:
                 await client.quit()

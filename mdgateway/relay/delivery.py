@@ -30,9 +30,9 @@ from mdgateway.relay.connect import ClientSettings, connect_server
 from mdgateway.relay.hosts import IMXResolver, NullMXError, expand
 from mdgateway.relay.interfaces import IRelay
 from mdgateway.smtp.clientmodel import (
-    Envelope,
+    ClientEnvelope,
+    ClientRecipient,
     MessageBody,
-    Recipient,
     SmtpSessionError,
     Stage,
     TransactionResult,
@@ -344,9 +344,12 @@ class Relay:
                 return f"{server}: {failure}"
             except OSError as e:
                 return f"{server}: {e}"
-        envelope = Envelope(
+        envelope = ClientEnvelope(
             outgoing.sender,
-            tuple(Recipient(r.address, r.notify, r.orcpt) for r in outgoing.recipients),
+            tuple(
+                ClientRecipient(r.address, r.notify, r.orcpt)
+                for r in outgoing.recipients
+            ),
             eight_bit=outgoing.eight_bit,
             smtputf8=outgoing.smtputf8,
             ret=outgoing.ret,
