@@ -382,11 +382,20 @@ def _weighted(*choices: tuple[int, st.SearchStrategy[str]]) -> st.SearchStrategy
 _QUANTIFIED = st.tuples(
     st.sampled_from(["", ""] + _QUANTIFIERS), st.sampled_from(["", "", "", "?", "+"])
 ).map(lambda q: q[0] + q[1] if q[0] else "")
+#: Quantifiers for groups, mostly repeating ones: repeated alternations and
+#: repetitions are what the check judges.
+_REPEATED = st.sampled_from(["*", "+", "+", "{2}", "{1,3}", "{2,}", "?", "*?", ""])
+#: A few overlapping spellings of the same characters, so alternatives
+#: often share a first character or a prefix (through C{[a]}, C{(?:a)},
+#: C{\x61}, case, or verbose-mode spaces and comments).
+_SAME = ["a", "a", "b", "[a]", "[aa]", "(?:a)", r"\x61", "A", "[ab]", "[^b]", " "]
+_SAME += [" a", "a ", "#c\n", r"\w", r"\d", "1", "."]
 #: Leaves of the grammar: characters, escapes and classes with an optional
 #: quantifier; zero-width items, comments and literal braces without one;
 #: now and then a backreference (which only some expressions define).
 _LEAVES = _weighted(
     (8, st.tuples(st.sampled_from(_LITERALS + _ESCAPES), _QUANTIFIED).map("".join)),
+    (8, st.tuples(st.sampled_from(_SAME), _QUANTIFIED).map("".join)),
     (3, st.tuples(_class(), _QUANTIFIED).map("".join)),
     (1, st.tuples(st.just("."), _QUANTIFIED).map("".join)),
     (2, st.sampled_from(_ZERO_WIDTH + _FAKE_BRACES)),
@@ -403,13 +412,24 @@ def _extend(inner: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
         alternation,
         _QUANTIFIED,
     )
+    # Alternatives that start alike, repeated: where shared prefixes, single
+    # characters and spellings decide between accepted and refused.
+    alike = st.builds(
+        lambda opener, head, tails, quantifier: (
+            f"{opener}{'|'.join(head + tail for tail in tails)}){quantifier}"
+        ),
+        st.sampled_from(_OPENERS),
+        st.one_of(st.sampled_from(_SAME + [r"\1", "(?P=g)"]), inner),
+        st.lists(st.one_of(st.sampled_from(_SAME), sequence), min_size=2, max_size=3),
+        _REPEATED,
+    )
     conditional = st.builds(
         lambda test, yes, no: f"(?({test}){yes}{no})",
         st.sampled_from(["1", "1", "g"]),
         sequence,
         st.one_of(st.just(""), sequence.map("|".__add__)),
     )
-    return _weighted((6, group), (2, sequence), (1, conditional))
+    return _weighted((5, group), (4, alike), (2, sequence), (1, conditional))
 
 
 _PIECES = st.recursive(_LEAVES, _extend, max_leaves=16)
@@ -512,6 +532,30 @@ class OracleTests(SynchronousTestCase):
             self.assertFalse(accepted, f"{source!r} not understood: {e}")
         else:
             self.assertIsInstance(tree, tuple)
+
+    def test_normalisations_decide(self) -> None:
+        """
+        The engine's normalisations the parser follows decide these
+        verdicts; both checks agree on each.
+        """
+        nested = "repeated alternation"
+        cases = {
+            "(ab|ac)+": "accepted",  # shared prefix moved out
+            "a(aa|a)*": "accepted",  # ... leaving a|(empty)
+            "((?:a)a|(?:a)A)*": "accepted",  # plain groups spliced
+            "(a|[ab])*": "accepted",  # single characters as one class
+            "(?:[a]b|ac)+": "accepted",  # [a] is a
+            "(?:a|\\x61b)+": "accepted",  # \x61 is a
+            "(?:.a|.b)*": "accepted",  # . shared
+            "(?x)(?:a| a)*": nested,  # verbose: " a" is a
+            "(?x)(?:a|#c\n a)+": nested,  # verbose comment
+            "(?:a|ab?)+": nested,
+            "(x)(?:\\1a|\\1b)*": "backreferences",  # \1 shared, seen first
+        }
+        for source, expected in cases.items():
+            with self.subTest(source=source):
+                self.assertTrue(verdict(compile_regex, source).startswith(expected))
+                self.assertTrue(verdict(old_compile_regex, source).startswith(expected))
 
     def test_oracle_refuses(self) -> None:
         """

@@ -555,13 +555,12 @@ class _Parser:
         if not items or isinstance(items[-1], (Anchor, Repeat)):
             raise self.refuse("nothing to repeat")
         last = items[-1]
-        mode = (
-            "lazy"
-            if self.accept("?")
-            else "possessive"
-            if self.accept("+")
-            else "greedy"
-        )
+        if self.accept("?"):
+            mode = "lazy"
+        elif self.accept("+"):
+            mode = "possessive"
+        else:
+            mode = "greedy"
         body = last.body if isinstance(last, _Plain) else (last,)
         items[-1] = Repeat(body, low, high, mode)
 
