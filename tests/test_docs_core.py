@@ -135,6 +135,7 @@ def test_emulator_keys() -> None:
         settings.endpoint,
         settings.latency,
     )
+    assert _value(rows["emulator.instant"][0]) is settings.instant is False
 
 
 def test_emulator_options() -> None:
