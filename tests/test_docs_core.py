@@ -99,6 +99,7 @@ _PROFILE_KEYS = (
     "hash_lookup",
     "failure_threshold",
     "retry_after",
+    "submit",
 )
 
 

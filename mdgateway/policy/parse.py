@@ -27,7 +27,12 @@ from mdgateway.policy.patterns import (
     PatternError,
     parse_pattern,
 )
-from mdgateway.policy.profiles import STRATEGIES, CoreProfile, SmtpProfile
+from mdgateway.policy.profiles import (
+    STRATEGIES,
+    SUBMIT_MODES,
+    CoreProfile,
+    SmtpProfile,
+)
 from mdgateway.policy.rules import (
     BLOCKED_ACTIONS,
     DIRECTIONS,
@@ -187,6 +192,9 @@ def parse_core_profile(
             "failure_threshold", defaults.failure_threshold, minimum=1, maximum=100
         ),
         retry_after=section.duration("retry_after", defaults.retry_after, minimum=1.0),
+        submit=section.choice(
+            "submit", SUBMIT_MODES, defaults.submit, what="submit mode"
+        ),
     )
     section.finish()
     return profile
