@@ -100,6 +100,8 @@ _PROFILE_KEYS = (
     "failure_threshold",
     "retry_after",
     "submit",
+    "verdict_cache",
+    "verdict_cache_size",
 )
 
 

@@ -62,6 +62,9 @@ from mdgateway.policy.tenants import TENANT_HEADER, parse_tenant_id
 from mdgateway.smtp.clientmodel import SmtpTimeouts
 from mdgateway.tomlreader import Section
 
+#: The longest C{verdict_cache} of a Core profile, in seconds.
+MAX_VERDICT_CACHE = 3600.0
+
 
 def _path(section: Section, key: str) -> str:
     return f"{section.path}.{key}" if section.path else key
@@ -195,7 +198,18 @@ def parse_core_profile(
         submit=section.choice(
             "submit", SUBMIT_MODES, defaults.submit, what="submit mode"
         ),
+        verdict_cache=section.duration("verdict_cache", defaults.verdict_cache),
+        verdict_cache_size=section.integer(
+            "verdict_cache_size",
+            defaults.verdict_cache_size,
+            minimum=1,
+            maximum=1_000_000,
+        ),
     )
+    if profile.verdict_cache > MAX_VERDICT_CACHE:
+        # A verdict older than this may predate what Core knows now.
+        section.check("verdict_cache", False, "must be at most 1h")
+        profile = attrs.evolve(profile, verdict_cache=defaults.verdict_cache)
     section.finish()
     return profile
 

@@ -44,6 +44,9 @@ class CoreProfile:
     A named MetaDefender Core server profile.
 
     @ivar submit: one of L{SUBMIT_MODES}.
+    @ivar verdict_cache: seconds a definitive verdict is reused for a file
+        with the same SHA-256, name and Core rule (0: no verdict cache).
+    @ivar verdict_cache_size: verdicts the cache holds at most.
     """
 
     name: str
@@ -61,6 +64,8 @@ class CoreProfile:
     #: Seconds a server stays out before it is probed again.
     retry_after: float = 30.0
     submit: str = "auto"
+    verdict_cache: float = 60.0
+    verdict_cache_size: int = 10_000
 
 
 @attrs.frozen

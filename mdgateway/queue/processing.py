@@ -107,6 +107,8 @@ class PartReport:
     dlp_hits: int = 0
     action: str = "allowed"
     error: str = ""
+    #: Where a verdict that is not a new scan came from (L{Verdict.cache}).
+    cache: str = ""
 
 
 @attrs.frozen
@@ -370,6 +372,7 @@ class CopyProcessor:
             core_url=verdict.core_url,
             dlp_hits=len(verdict.dlp.hits) if verdict.dlp is not None else 0,
             action="blocked" if verdict.blocked else "allowed",
+            cache=verdict.cache,
         )
 
     # -- acting --------------------------------------------------------------
