@@ -68,6 +68,8 @@ class PartReport:
     dlp_hits: int = 0
     action: str = "allowed"
     error: str = ""
+    #: Where a verdict that is not a new scan came from (L{Verdict.cache}).
+    cache: str = ""
 
 
 @attrs.frozen

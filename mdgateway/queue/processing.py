@@ -332,6 +332,7 @@ class CopyProcessor:
             core_url=verdict.core_url,
             dlp_hits=len(verdict.dlp.hits) if verdict.dlp is not None else 0,
             action="blocked" if verdict.blocked else "allowed",
+            cache=verdict.cache,
         )
 
     # -- acting --------------------------------------------------------------

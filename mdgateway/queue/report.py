@@ -13,6 +13,7 @@ written to disk fails the step, which the queue manager tries again.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
@@ -23,10 +24,11 @@ from zope.interface import implementer
 
 from mdgateway.message.headers import read_summary
 from mdgateway.policy.rules import Rule
-from mdgateway.queue.copies import CopyOutcome, Decision, Delivery
+from mdgateway.queue.copies import CopyOutcome, Decision, Delivery, PartReport
 from mdgateway.queue.entry import SpoolEntry
 from mdgateway.queue.history import IHistory
 from mdgateway.relay.delivery import RecipientOutcome, Status
+from mdgateway.scan.verdict import FROM_CORE_HASH, FROM_VERDICT_CACHE
 from mdgateway.store.interfaces import (
     DeliveryStatus,
     MessageStatus,
@@ -56,6 +58,28 @@ _DELIVERY = {
 
 #: Results that mean Core's verdict was not acted on as given.
 _NOT_A_VERDICT = ("Failed/", "Bypassed/", "Skipped/")
+
+
+#: How the history words a verdict that is not a new scan, by
+#: L{mdgateway.scan.verdict.Verdict.cache}.
+_REUSED = {
+    FROM_VERDICT_CACHE: "reused from the verdict cache",
+    FROM_CORE_HASH: "from Core's hash lookup",
+}
+
+
+def reused_verdicts(parts: Iterable[PartReport]) -> tuple[str, ...]:
+    """
+    One history line per part whose verdict was not a new scan, e.g.
+    C{verdict of part 2 (a.pdf) reused from the verdict cache (Core
+    data_id ...)}.
+    """
+    return tuple(
+        f"verdict of part {p.part_id} ({p.filename}) {_REUSED.get(p.cache, p.cache)}"
+        + (f" (Core data_id {p.data_id})" if p.data_id else "")
+        for p in parts
+        if p.cache
+    )
 
 
 def copy_verdict(
@@ -162,7 +186,7 @@ class StoreHistory:
             OwedVerdicts(
                 copy_id,
                 parts,
-                tuple(outcome.actions),
+                (*outcome.actions, *reused_verdicts(outcome.parts)),
                 copy_verdict(outcome, parts),
                 self.reactor.seconds(),
                 f"{outcome.result}: {outcome.decision.value}",

@@ -34,6 +34,7 @@ from twisted.python.threadpool import ThreadPool
 
 from mdgateway.emulator.app import CoreEmulator, EmulatorConfig
 from mdgateway.emulator.server import BACKLOG, build_site
+from mdgateway.emulator.tap import warn_instant
 from mdgateway.run.reactor import global_reactor
 from mdgateway.run.supervisor import run_child
 
@@ -61,6 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--endpoint", required=True, help="a Twisted server endpoint")
     parser.add_argument("--latency", type=float, default=0.0)
     parser.add_argument(
+        "--instant",
+        action="store_true",
+        help="a benchmark stand-in: every file clean at once, never read",
+    )
+    parser.add_argument(
         "--fd", type=int, help="serve this inherited listening socket instead"
     )
     args = parser.parse_args(argv)
@@ -73,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     pool = ThreadPool(minthreads=0, maxthreads=THREADS, name="mdcore-emulator")
     emulator = CoreEmulator(
         reactor,
-        EmulatorConfig(latency=args.latency),
+        EmulatorConfig(latency=args.latency, instant=args.instant),
         blocking=partial(deferToThreadPool, reactor, pool),
     )
     site = build_site(emulator, access_log=False, reactor=reactor)
@@ -95,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
             endpoint=args.endpoint,
             emulator_listening=True,
         )
+        if args.instant:
+            warn_instant()
 
     def failed(failure: Any) -> None:
         log.critical(

@@ -516,6 +516,7 @@ class GatewayService(MultiService):
             settings.endpoint,
             "--latency",
             repr(settings.latency),
+            *(["--instant"] if settings.instant else []),
         ]
         self.emulator = Supervisor(
             reactor=self.reactor,
