@@ -44,6 +44,7 @@ from mdgateway.ops.clisettings import (
     URL_ENV,
     admin_target,
 )
+from mdgateway.ops.clispool import add_commands as add_spool_commands
 from mdgateway.ops.console.userscli import add_commands as add_user_commands
 
 __all__ = [
@@ -139,6 +140,7 @@ def _parser() -> _Parser:
     )
 
     add_queue_commands(commands)
+    add_spool_commands(commands)
 
     quarantine = commands.add_parser("quarantine", help="quarantined originals")
     actions = quarantine.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -271,6 +273,7 @@ def main(
             # Local commands find their files themselves (the configuration
             # by --config, $MDGATEWAY_CONFIG or the default).
             args.environ = env
+            args.stderr = err
             code: int = args.local(args, out)
             return code
         target = admin_target(
