@@ -50,6 +50,9 @@ from mdgateway.ops.interfaces import (
     ActionResult,
     IOperations,
     OperationError,
+    QueueAction,
+    QueuedMessage,
+    QueuedPart,
     QueueEntry,
     QueueRecipient,
     Readiness,
@@ -276,7 +279,7 @@ async def start_env(
     store = SqliteStore(":memory:", reactor, threadpool)
     await store.open()
     seeded = await seed(store)
-    ops = ops_class(store)
+    ops = ops_class(store, clock=clock)
     api = AdminAPI(ops, TOKEN, clock, scratch_dir=str(scratch), **kw)
     port = await listen(api.site())
     pool = HTTPConnectionPool(reactor, persistent=False)
@@ -324,8 +327,9 @@ def test_fake_operations_provides_interface(threadpool: ThreadPool) -> None:
 async def test_fake_operations_behaviour(env: Env) -> None:
     """
     The fake releases through the real store (released_by recorded),
-    hands out new queue ids, answers 404 for unknown items and queue
-    entries, fails with a set error, and records every call.
+    hands out new queue ids, answers 404 for unknown items and 409 for
+    queue entries it does not hold, fails with a set error, and records
+    every call.
     """
     ops, item_id = env.ops, env.seeded.item_id
     assert await ops.release(item_id, "tester") == ActionResult("FAKEQ0001")
@@ -337,8 +341,9 @@ async def test_fake_operations_behaviour(env: Env) -> None:
     with pytest.raises(OperationError) as caught:
         await ops.rescan("nope", "tester")
     assert caught.value.status == 404
-    with pytest.raises(OperationError):
-        await ops.retry_now("NOPE")
+    with pytest.raises(OperationError) as caught:
+        await ops.queue_action(QueueAction("retry", "NOPE", "tester"))
+    assert caught.value.status == 409
     ops.error = OperationError(409, "busy")
     with pytest.raises(OperationError) as caught:
         await ops.forward(item_id, ["x@example.org"], "tester")
@@ -348,7 +353,7 @@ async def test_fake_operations_behaviour(env: Env) -> None:
         "rescan",
         "rescan",
         "rescan",
-        "retry_now",
+        "queue_action",
         "forward",
     ]
 
@@ -1010,8 +1015,10 @@ def entry(queue_id: str, at: float) -> QueueEntry:
 @pytest_twisted.ensureDeferred
 async def test_queue(env: Env) -> None:
     """
-    The queue lists the operations' entries oldest first; retry reaches
-    the operations for a known id (202) and is 404 for an unknown one.
+    The queue lists the operations' entries oldest first, each with its
+    instance and hold, and every instance with what it could list; retry
+    reaches the operations for a known id (202) and is 409 for one not in
+    the queue.
     """
     env.ops.entries = [entry("QB", NOW - 100), entry("QA", NOW - 500)]
     code, body = await env.json("GET", "/api/queue")
@@ -1020,11 +1027,108 @@ async def test_queue(env: Env) -> None:
     assert [e["queue_id"] for e in body["items"]] == ["QA", "QB"]
     assert body["items"][0]["recipients"][0]["status"] == "deferred"
     assert body["items"][0]["next_attempt"] == iso(NOW - 500 + 600)
+    assert body["items"][0]["held_by"] is None
+    assert body["instances"] == [
+        {"name": "fake-gw", "this": True, "listed": 2, "total": 2, "problem": None}
+    ]
     code, body = await env.json("POST", "/api/queue/QA/retry")
-    assert (code, body) == (202, {"queue_id": "QA", "action": "retry"})
+    assert code == 202
+    assert (body["queue_id"], body["action"], body["instance"]) == (
+        "QA",
+        "retry",
+        "fake-gw",
+    )
     code, body = await env.json("POST", "/api/queue/QZ/retry")
+    assert code == 409
+    assert ("queue_action", "retry", "QA", "admin", False) in env.ops.calls
+    code, body = await env.json("GET", "/api/queue?instance=elsewhere")
     assert code == 404
-    assert ("retry_now", "QA") in env.ops.calls
+    code, body = await env.json("GET", "/api/queue?colour=red")
+    assert (code, body["parameter"]) == (400, "colour")
+
+
+@pytest_twisted.ensureDeferred
+async def test_queue_tools(env: Env) -> None:
+    """
+    Hold, release the hold, bounce and delete (with a bounce, from the
+    body or the query) reach the operations with the token's name and the
+    instance asked for; a repeated hold says nothing changed; an action on
+    a message no longer queued is 409; bad fields are 400; flush answers
+    per instance. Each is in the audit under the operator's name.
+    """
+    env.ops.entries = [entry("QA", NOW - 500), entry("QB", NOW - 100)]
+    code, body = await env.json("POST", "/api/queue/QA/hold", json={})
+    assert (code, body["action"], body["changed"]) == (200, "hold", True)
+    code, body = await env.json("POST", "/api/queue/QA/hold")
+    assert (code, body["changed"]) == (200, False)
+    code, body = await env.json("GET", "/api/queue")
+    assert body["items"][0]["held_by"] == "admin"
+    assert body["items"][0]["next_attempt"] is None
+    code, body = await env.json("POST", "/api/queue/QA/retry")
+    assert code == 409
+    code, body = await env.json("DELETE", "/api/queue/QA/hold")
+    assert (code, body["action"], body["changed"]) == (200, "release-hold", True)
+    code, body = await env.json(
+        "POST", "/api/queue/QA/bounce", json={"instance": "fake-gw"}
+    )
+    assert (code, body["action"]) == (200, "bounce")
+    code, body = await env.json("POST", "/api/queue/QA/bounce")
+    assert code == 409
+    code, body = await env.json("DELETE", "/api/queue/QB", json={"bounce": True})
+    assert (code, body["action"]) == (200, "delete")
+    assert env.ops.calls[-1] == ("queue_action", "delete", "QB", "admin", True)
+    env.ops.entries = [entry("QC", NOW)]
+    code, body = await env.json("DELETE", "/api/queue/QC?bounce=false")
+    assert code == 200
+    assert env.ops.calls[-1] == ("queue_action", "delete", "QC", "admin", False)
+    for path, bad in (
+        ("/api/queue/QC/hold", {"colour": "red"}),
+        ("/api/queue/QC/hold", {"instance": 5}),
+    ):
+        code, body = await env.json("POST", path, json=bad)
+        assert code == 400, bad
+    code, body = await env.json("DELETE", "/api/queue/QC", json={"bounce": "yes"})
+    assert code == 400
+    code, body = await env.json("POST", "/api/queue/flush", json={})
+    assert (code, body) == (202, {"tried": {"fake-gw": 0}, "problems": {}})
+    code, body = await env.json("GET", "/api/audit?limit=20")
+    got = [(e["actor"], e["action"], e["target"], e["result"]) for e in body["items"]]
+    assert got[::-1][:5] == [
+        ("admin", "hold", "QA", "done"),
+        ("admin", "hold", "QA", "done"),
+        ("admin", "retry", "QA", "refused"),
+        ("admin", "release-hold", "QA", "done"),
+        ("admin", "bounce", "QA", "done"),
+    ]
+    assert ("admin", "delete-queued", "QB", "done") in got
+    assert ("admin", "flush", "all instances", "done") in got
+
+
+@pytest_twisted.ensureDeferred
+async def test_queued_message(env: Env) -> None:
+    """
+    One queued message's content view: its queue facts, header block and
+    parts as the operations give them; 409 for one no longer queued.
+    """
+    env.ops.entries = [entry("QA", NOW)]
+    env.ops.contents["QA"] = QueuedMessage(
+        entry=attrs.evolve(entry("QA", NOW), instance="fake-gw"),
+        client_address="192.0.2.1",
+        client_helo="mx.example.net",
+        headers="Subject: <b>hi</b>\r\n",
+        headers_complete=True,
+        parts=(
+            QueuedPart("1", 0, "text/plain", None, None, "utf-8", "7bit", 5, "hello"),
+        ),
+    )
+    code, body = await env.json("GET", "/api/queue/QA")
+    assert code == 200
+    assert body["headers"] == "Subject: <b>hi</b>\r\n"
+    assert body["parts"][0]["preview"] == "hello"
+    assert (body["client_helo"], body["instance"]) == ("mx.example.net", "fake-gw")
+    code, _ = await env.json("GET", "/api/queue/QZ")
+    assert code == 409
+    assert ("queued_message", "QZ", None) in env.ops.calls
 
 
 @pytest_twisted.ensureDeferred
@@ -1189,7 +1293,7 @@ class BrokenOperations(FakeOperations):
     Operations whose queue view has a bug.
     """
 
-    def queue(self) -> Deferred[list[QueueEntry]]:
+    def cluster_queue(self, instance: str | None = None) -> Deferred[Any]:
         raise RuntimeError("secret internals")
 
 
@@ -1404,7 +1508,7 @@ async def test_named_tokens_name_the_operator(
         code, _ = await env.json(
             "POST", "/api/queue/NOPE/retry", token="alice-token", data=b"{}"
         )
-        assert code == 404
+        assert code == 409
         code, body = await env.json("GET", "/api/audit", token="bob-token")
         assert code == 200
         got = [

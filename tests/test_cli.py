@@ -285,11 +285,11 @@ async def test_queue_empty_and_retry(admin: Env) -> None:
     assert result.out == "the queue is empty\n"
     admin.ops.entries = [entry("QA", NOW - 500)]
     result = await cli(admin, "queue", "retry", "QA")
-    assert (result.code, result.out) == (EXIT_OK, "QA: retrying now\n")
-    assert ("retry_now", "QA") in admin.ops.calls
+    assert (result.code, result.out) == (EXIT_OK, "retry of QA by admin\n")
+    assert ("queue_action", "retry", "QA", "admin", False) in admin.ops.calls
     result = await cli(admin, "queue", "retry", "QZ")
     assert result.code == EXIT_FAILED
-    assert result.err == "mdgateway: no queued message 'QZ' (HTTP 404)\n"
+    assert result.err == "mdgateway: QZ is not in the queue (HTTP 409)\n"
 
 
 @pytest_twisted.ensureDeferred

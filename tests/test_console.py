@@ -650,7 +650,13 @@ async def test_forward_rescan_delete_retry(env: Env) -> None:
     assert (
         await client.post("/console/queue/QUEUED1/retry", {"csrf": csrf})
     ).code == 303
-    assert ("retry_now", "QUEUED1") in env.ops.calls
+    assert (
+        "queue_action",
+        "retry",
+        "QUEUED1",
+        "console:token:admin",
+        False,
+    ) in env.ops.calls
     env.ops.error = OperationError(409, "already released once")
     refused = await client.post(
         f"/console/quarantine/{env.hostile_id}/rescan", {"csrf": csrf}

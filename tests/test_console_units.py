@@ -20,10 +20,10 @@ from twisted.internet.task import Clock
 from twisted.web.template import flattenString
 from zope.interface.verify import verifyClass
 
+from mdgateway.message.view import PREVIEW_LIMIT, inspect_message
 from mdgateway.ops.configview import MASK, configuration_view, mask_url
 from mdgateway.ops.console.auth import LoginLimiter, Sessions, token_checker
 from mdgateway.ops.console.chart import Window, traffic_chart, windows
-from mdgateway.ops.console.original import PREVIEW_LIMIT, inspect_original
 from mdgateway.ops.console.pages.quarantine import infected_parts
 from mdgateway.ops.console.passwords import (
     UsersFileError,
@@ -299,7 +299,7 @@ def test_traffic_chart() -> None:
     assert whole_day.step == 900 and whole_day.until == hour.until
 
 
-def test_inspect_original(tmp_path: Path) -> None:
+def test_inspect_message(tmp_path: Path) -> None:
     """
     The header block comes back as text; each MIME part with its type,
     file name and size; text parts decoded (base64, quoted-printable,
@@ -320,7 +320,7 @@ def test_inspect_original(tmp_path: Path) -> None:
     )
     path = tmp_path / "o.eml"
     path.write_bytes(original)
-    view = inspect_original(str(path))
+    view = inspect_message(str(path))
     assert view.headers.startswith("From: a@example.net\r\nSubject: =?utf-8?q?")
     assert view.headers_complete and view.unreliable is None
     root, qp, b64, big, exe = view.parts

@@ -15,19 +15,25 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from mdgateway.queue.planner import (
+    CANCELLED_STATUS,
     EXPIRED_STATUS,
     Bounce,
     Deliver,
     Done,
     Expire,
+    Hold,
+    NotApplicableError,
     Plan,
     Retry,
     RetryPolicy,
     Warn,
     attempted,
+    cancelled,
     expired,
+    held,
     plan,
     retry_now,
+    unheld,
 )
 from mdgateway.queue.state import (
     DeliveryState,
@@ -189,6 +195,143 @@ class PlanTests(SynchronousTestCase):
             plan(retry_now(state), T0 + 1, POLICY, throttled_until=T0 + 60),
             Retry(T0 + 60),
         )
+
+
+class OperatorTests(SynchronousTestCase):
+    """
+    What an operator's hold, release, delete and bounce make of a state,
+    and what the planner then decides.
+    """
+
+    def test_a_held_message_waits_for_its_release(self) -> None:
+        """
+        A held message is never attempted, warned about or expired, however
+        long it waits and even when an operator asks for a retry: the
+        plan is L{Hold}, naming who held it.
+        """
+        policy = attrs.evolve(POLICY, delay_warning=3600)
+        state = held(fresh(), "alice", T0 + 10)
+        self.assertEqual((state.held_by, state.held_at), ("alice", T0 + 10))
+        for now in (T0 + 10, T0 + 7200, T0 + 10 * 86400):
+            self.assertEqual(plan(state, now, policy), Hold("alice"))
+        self.assertEqual(plan(retry_now(state), T0 + 20, policy), Hold("alice"))
+
+    def test_holding_twice_keeps_the_first(self) -> None:
+        """
+        Holding a held message changes nothing (the first operator and
+        time stay): the action is idempotent.
+        """
+        state = held(fresh(), "alice", T0 + 10)
+        self.assertIs(held(state, "bob", T0 + 20), state)
+
+    def test_nothing_pending_cannot_be_held(self) -> None:
+        """
+        A message with nothing left to deliver (it is about to bounce or
+        leave) cannot be held.
+        """
+        state = fresh().update("a@x.test", status=FAILED)
+        with self.assertRaises(NotApplicableError):
+            held(state, "alice", T0)
+        # Its plan goes on as before.
+        self.assertEqual(plan(state, T0, POLICY), Bounce(("a@x.test",)))
+
+    def test_release_attempts_at_once(self) -> None:
+        """
+        Releasing a hold makes the message due at once, even if its next
+        attempt was later; releasing a message not held changes nothing.
+        """
+        state = held(attempted(fresh(), T0, POLICY), "alice", T0 + 5)
+        released = unheld(state, T0 + 60)
+        self.assertFalse(released.held)
+        self.assertEqual(plan(released, T0 + 60, POLICY), Deliver(("a@x.test",)))
+        self.assertIs(unheld(released, T0 + 70), released)
+
+    def test_time_on_hold_does_not_count(self) -> None:
+        """
+        The lifetime and the delay warning run later by as long as the
+        message was held: held for a day, a message five days old is not
+        expired, and expires a day after its usual time.
+        """
+        policy = attrs.evolve(POLICY, delay_warning=3600)
+        state = attrs.evolve(fresh(), warned=False)
+        state = held(state, "alice", T0 + 60)
+        state = unheld(state, T0 + 60 + 86400)
+        self.assertEqual(state.held_for, 86400)
+        state = attempted(state, T0 + 86400 + 120, policy)
+        # The warning is due an hour (of time not on hold) after reception.
+        self.assertEqual(
+            plan(state, T0 + 86400 + 130, policy), Retry(T0 + 86400 + 120 + 300)
+        )
+        self.assertEqual(plan(state, T0 + 86400 + 3600, policy), Warn(("a@x.test",)))
+        state = attrs.evolve(state, warned=True, next_attempt_at=T0 + 10**7)
+        self.assertEqual(
+            plan(state, T0 + 5 * 86400 + 1, policy),
+            Retry(T0 + 6 * 86400),
+        )
+        self.assertEqual(plan(state, T0 + 6 * 86400, policy), Expire(("a@x.test",)))
+
+    def test_hold_survives_json(self) -> None:
+        """
+        The hold (who, since when) and the time spent on earlier holds are
+        in the saved state, so a restart keeps the message held.
+        """
+        state = attrs.evolve(held(fresh(), "alice", T0 + 1), held_for=30.0)
+        back = DeliveryState.from_json(
+            json.loads(json.dumps(state.to_json())), received_at=0, bounceable=True
+        )
+        self.assertEqual(back, state)
+        self.assertEqual(plan(back, T0 + 2, POLICY), Hold("alice"))
+        # A state never held has no hold fields at all.
+        self.assertNotIn("held_by", fresh().to_json())
+
+    def test_bounce_now(self) -> None:
+        """
+        Bouncing fails every pending recipient with 5.0.0 and the reason,
+        ends a hold, and leaves the delivered ones alone; the sender then
+        gets one bounce naming exactly those, and the entry is done.
+        """
+        state = held(
+            fresh("a@x.test", "b@x.test").update("a@x.test", status=DELIVERED),
+            "alice",
+            T0,
+        )
+        bounced = cancelled(state, T0 + 5, "returned by the administrator", True)
+        record = bounced.recipients["b@x.test"]
+        self.assertEqual(
+            (record.status, record.enhanced, record.text, record.at),
+            (FAILED, CANCELLED_STATUS, "returned by the administrator", T0 + 5),
+        )
+        self.assertEqual(bounced.recipients["a@x.test"].status, DELIVERED)
+        self.assertFalse(bounced.held)
+        self.assertEqual(plan(bounced, T0 + 5, POLICY), Bounce(("b@x.test",)))
+        self.assertEqual(
+            plan(attrs.evolve(bounced, bounced=True), T0 + 5, POLICY), Done()
+        )
+
+    def test_nothing_pending_cannot_be_bounced(self) -> None:
+        """
+        With nothing pending there is nothing to bounce: refused.
+        """
+        state = fresh().update("a@x.test", status=DELIVERED)
+        with self.assertRaises(NotApplicableError):
+            cancelled(state, T0, "returned", True)
+
+    def test_silent_delete(self) -> None:
+        """
+        A silent delete fails what is pending and reports nothing, not even
+        an earlier failure: the next step is L{Done}, whatever was pending
+        or held.
+        """
+        state = held(
+            fresh("a@x.test", "b@x.test").update("a@x.test", status=FAILED),
+            "alice",
+            T0,
+        )
+        deleted = cancelled(state, T0 + 1, "deleted by the administrator", False)
+        self.assertEqual(deleted.pending, [])
+        self.assertEqual(plan(deleted, T0 + 1, POLICY), Done())
+        done = fresh().update("a@x.test", status=DELIVERED)
+        self.assertEqual(plan(cancelled(done, T0, "x", False), T0, POLICY), Done())
 
 
 class StateJsonTests(SynchronousTestCase):

@@ -22,6 +22,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from mdgateway.config import load_config
 from mdgateway.ops.metrics import Metrics
 from mdgateway.run.compose import build_gateway
+from mdgateway.run.control import Answers, WorkerUnavailableError
 from mdgateway.run.service import GatewayService
 from mdgateway.run.supervisor import (
     EXIT_GRACE,
@@ -147,6 +148,10 @@ class FakeProcess:
     child_fds: dict[int, Any]
     signals: list[str] = attrs.field(factory=list)
     stdin_closed: bool = False
+    written: list[bytes] = attrs.field(factory=list)
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
 
     def signalProcess(self, name: str) -> None:
         self.signals.append(name)
@@ -393,6 +398,146 @@ class SupervisorTests(SynchronousTestCase):
         )
         text = primary.render()[0].decode()
         self.assertEqual(sample(text, accepted, '{listener="smtp"}'), 7.0)
+
+
+class ControlTests(SynchronousTestCase):
+    """
+    Requests from the primary to a worker on its standard input, answered
+    on the metrics pipe, with the supervisor's end and the worker's end
+    (L{Answers}) wired to each other through the frames they write.
+    """
+
+    def setUp(self) -> None:
+        self.reactor = FakeProcessReactor()
+        self.clock = Clock()
+        self.supervisor = Supervisor(
+            reactor=self.reactor,  # type: ignore[arg-type]
+            clock=self.clock,
+            children=2,
+            command=lambda index, fds: ["worker", str(index)],
+            listen_fds={},
+            observer=lambda event: None,
+            environment={},
+        )
+        self.supervisor.start()
+        self.asked: list[dict[str, Any]] = []
+        self.pending: dict[int, Deferred[dict[str, Any]]] = {}
+
+    def worker_end(self, process: FakeProcess) -> Answers:
+        """
+        A worker's L{Answers} that writes to C{process}'s metrics pipe.
+        """
+
+        async def handler(request: dict[str, Any]) -> dict[str, Any]:
+            self.asked.append(request)
+            if request.get("fail"):
+                raise ValueError("no such thing")
+            if request.get("wait"):
+                waiter: Deferred[dict[str, Any]] = Deferred()
+                self.pending[len(self.asked)] = waiter
+                return await waiter
+            return {"echo": request}
+
+        return Answers(
+            handler,
+            lambda frame: process.protocol.childDataReceived(METRICS_FD, frame),
+        )
+
+    def deliver(self, process: FakeProcess, answers: Answers) -> None:
+        """
+        Pass what the primary wrote to the worker's standard input, split
+        at every 5 bytes.
+        """
+        data = b"".join(process.written)
+        process.written.clear()
+        for i in range(0, len(data), 5):
+            answers.feed(data[i : i + 5])
+
+    def test_ask_reaches_the_right_worker_and_answers(self) -> None:
+        """
+        A request to worker 2 is written to its standard input only; its
+        answer, among metric snapshots on the same pipe, fires the request
+        and leaves the snapshots as they are.
+        """
+        first, second = self.reactor.spawned
+        answers = self.worker_end(second)
+        second.protocol.childDataReceived(METRICS_FD, Frames.encode(b"[7]"))
+        d = self.supervisor.ask(2, {"queue": {"action": "flush"}})
+        self.assertEqual(first.written, [])
+        self.deliver(second, answers)
+        self.assertEqual(
+            self.successResultOf(d), {"echo": {"queue": {"action": "flush"}}}
+        )
+        self.assertEqual(list(self.supervisor.snapshots()), [[7]])
+
+    def test_answers_in_any_order(self) -> None:
+        """
+        Two requests in flight are each answered with their own result,
+        whichever finishes first.
+        """
+        process = self.reactor.spawned[0]
+        answers = self.worker_end(process)
+        slow = self.supervisor.ask(1, {"wait": True, "n": 1})
+        fast = self.supervisor.ask(1, {"n": 2})
+        self.deliver(process, answers)
+        self.assertEqual(self.successResultOf(fast), {"echo": {"n": 2}})
+        self.assertNoResult(slow)
+        self.pending[1].callback({"late": True})
+        self.assertEqual(self.successResultOf(slow), {"late": True})
+
+    def test_a_failing_request_fails_with_its_reason(self) -> None:
+        """
+        A request the worker's handler fails is answered with the reason,
+        and fails in the primary; frames that are not requests are ignored.
+        """
+        process = self.reactor.spawned[0]
+        answers = self.worker_end(process)
+        answers.feed(Frames.encode(b"{not json") + Frames.encode(b'{"ask": "x"}'))
+        d = self.supervisor.ask(1, {"fail": True})
+        self.deliver(process, answers)
+        failure = self.failureResultOf(d, WorkerUnavailableError)
+        self.assertIn("no such thing", str(failure.value))
+        self.assertEqual(self.asked, [{"fail": True}])
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+
+    def test_not_running_fails_at_once(self) -> None:
+        """
+        A worker that is not running (waiting for its restart) is not
+        waited for.
+        """
+        self.reactor.spawned[0].end(killed())
+        failure = self.failureResultOf(
+            self.supervisor.ask(1, {}), WorkerUnavailableError
+        )
+        self.assertIn("worker 1 is not running", str(failure.value))
+        with self.assertRaises(ValueError):
+            self.supervisor.ask(3, {})
+
+    def test_exit_before_the_answer(self) -> None:
+        """
+        A worker that exits before it answers fails its requests at once,
+        saying the outcome is unknown; its successor's answers do not
+        resolve them.
+        """
+        process = self.reactor.spawned[0]
+        d = self.supervisor.ask(1, {"n": 1})
+        process.end(killed())
+        failure = self.failureResultOf(d, WorkerUnavailableError)
+        self.assertIn("may or may not have been done", str(failure.value))
+
+    def test_deadline(self) -> None:
+        """
+        A request not answered in time fails, saying it may still be done;
+        an answer after that is ignored.
+        """
+        process = self.reactor.spawned[0]
+        answers = self.worker_end(process)
+        d = self.supervisor.ask(1, {"wait": True}, timeout=5)
+        self.deliver(process, answers)
+        self.clock.advance(5)
+        failure = self.failureResultOf(d, WorkerUnavailableError)
+        self.assertIn("did not answer within 5s", str(failure.value))
+        self.pending[1].callback({"late": True})
 
 
 def sample(text: str, name: str, labels: str = "") -> float:

@@ -1,7 +1,8 @@
 # -*- test-case-name: tests.test_admin -*-
 """
-The admin HTTP API: history, refused log, quarantine, queue, reload, health
-and metrics, as JSON over C{twisted.web}.
+The admin HTTP API: history, refused log, quarantine, queue (in
+L{mdgateway.ops.adminqueue}), reload, health and metrics, as JSON over
+C{twisted.web}.
 
 One leaf resource routes every request to an C{async def} handler through
 an explicit route table. A handler returns the answer and one place writes
@@ -31,7 +32,7 @@ from twisted.protocols.basic import FileSender
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from mdgateway.ops import adminjson
+from mdgateway.ops import adminjson, adminqueue
 from mdgateway.ops.adminhttp import (
     AUDIT_PARAMETERS,
     FILENAME_UNSAFE,
@@ -255,9 +256,7 @@ class AdminAPI:
             )
         return found
 
-    def _logged(
-        self, call: ApiCall, action: str, target: str, **fields: object
-    ) -> None:
+    def logged(self, call: ApiCall, action: str, target: str, **fields: object) -> None:
         self._log.info(
             "Admin API: {action} {target} by {by}",
             action=action,
@@ -475,7 +474,7 @@ class AdminAPI:
         result = await resolve(
             self.operations.release(item_id, call.by, force, key, call.origin)
         )
-        self._logged(
+        self.logged(
             call,
             "released quarantine item",
             item_id,
@@ -490,7 +489,7 @@ class AdminAPI:
         result = await resolve(
             self.operations.rescan(item_id, call.by, force, key, call.origin)
         )
-        self._logged(
+        self.logged(
             call,
             "rescanning quarantine item",
             item_id,
@@ -522,7 +521,7 @@ class AdminAPI:
                 item_id, addresses, call.by, force, key, call.origin
             )
         )
-        self._logged(
+        self.logged(
             call,
             "forwarded quarantine item",
             item_id,
@@ -549,7 +548,7 @@ class AdminAPI:
             await self._audited(call, action, item_id, REFUSED, "no such item")
             raise HttpError(404, f"no quarantine item {item_id!r}") from None
         await self._audited(call, action, item_id, DONE)
-        self._logged(call, "pinned" if pinned else "unpinned", item_id)
+        self.logged(call, "pinned" if pinned else "unpinned", item_id)
         item = await self._get_item(item_id)
         return ApiResponse.json(200, adminjson.quarantine_item(item))
 
@@ -560,28 +559,10 @@ class AdminAPI:
             await self._audited(call, "delete", item_id, REFUSED, "no such item")
             raise HttpError(404, f"no quarantine item {item_id!r}")
         await self._audited(call, "delete", item_id, DONE)
-        self._logged(call, "deleted quarantine item", item_id)
+        self.logged(call, "deleted quarantine item", item_id)
         return ApiResponse.json(200, {"id": item_id, "deleted": True})
 
-    # -- queue and configuration
-
-    async def _queue(self, call: ApiCall) -> ApiResponse:
-        call.query(())
-        entries = await resolve(self.operations.queue())
-        items = [adminjson.queue_entry(e) for e in entries]
-        return ApiResponse.json(200, {"items": items, "total": len(items)})
-
-    async def _retry(self, call: ApiCall) -> ApiResponse:
-        (queue_id,) = call.args
-        call.body()
-        try:
-            await resolve(self.operations.retry_now(queue_id))
-        except OperationError as e:
-            await self._audited(call, "retry", queue_id, REFUSED, e.message)
-            raise
-        await self._audited(call, "retry", queue_id, DONE)
-        self._logged(call, "retry now of queued message", queue_id)
-        return ApiResponse.json(202, {"queue_id": queue_id, "action": "retry"})
+    # -- configuration (the queue's endpoints are in adminqueue)
 
     async def _reload(self, call: ApiCall) -> ApiResponse:
         call.body()
@@ -594,7 +575,7 @@ class AdminAPI:
             DONE if result.loaded else REFUSED,
             "; ".join(result.problems) + (restart if result.restart_required else ""),
         )
-        self._logged(
+        self.logged(
             call,
             "configuration reload",
             "loaded" if result.loaded else "refused",
@@ -691,8 +672,14 @@ _ROUTES = (
     Route(b"POST", ("api", "quarantine", None, "rescan"), AdminAPI._rescan),
     Route(b"POST", ("api", "quarantine", None, "forward"), AdminAPI._forward),
     Route(b"POST", ("api", "quarantine", None, "pin"), AdminAPI._pin),
-    Route(b"GET", ("api", "queue"), AdminAPI._queue),
-    Route(b"POST", ("api", "queue", None, "retry"), AdminAPI._retry),
+    Route(b"GET", ("api", "queue"), adminqueue.listing),
+    Route(b"POST", ("api", "queue", "flush"), adminqueue.flush),
+    Route(b"GET", ("api", "queue", None), adminqueue.show),
+    Route(b"DELETE", ("api", "queue", None), adminqueue.delete),
+    Route(b"POST", ("api", "queue", None, "hold"), adminqueue.hold),
+    Route(b"DELETE", ("api", "queue", None, "hold"), adminqueue.release_hold),
+    Route(b"POST", ("api", "queue", None, "bounce"), adminqueue.bounce),
+    Route(b"POST", ("api", "queue", None, "retry"), adminqueue.retry),
     Route(b"POST", ("api", "config", "reload"), AdminAPI._reload),
     Route(b"GET", ("api", "audit"), AdminAPI._audit),
 )

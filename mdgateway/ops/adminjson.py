@@ -15,7 +15,14 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from mdgateway.ops.health import summary
-from mdgateway.ops.interfaces import QueueEntry, QueueRecipient, Readiness
+from mdgateway.ops.interfaces import (
+    QueueActionResult,
+    QueuedMessage,
+    QueueEntry,
+    QueueListing,
+    QueueRecipient,
+    Readiness,
+)
 from mdgateway.store.audit import AuditEntry
 from mdgateway.store.interfaces import (
     MessageRecord,
@@ -195,6 +202,74 @@ def queue_entry(e: QueueEntry) -> JSON:
         "last_error": e.last_error,
         "generated": e.generated,
         "worker": e.worker,
+        "process": e.worker,
+        "instance": e.instance,
+        "held_by": e.held_by,
+        "held_at": iso(e.held_at),
+    }
+
+
+def queue_listing(listing: QueueListing) -> JSON:
+    """
+    The queue of every instance asked, with what each could tell.
+    """
+    return {
+        "items": [queue_entry(e) for e in listing.entries],
+        "total": len(listing.entries),
+        "instances": [
+            {
+                "name": i.name,
+                "this": i.this,
+                "listed": i.listed,
+                "total": i.total,
+                "problem": i.problem,
+            }
+            for i in listing.instances
+        ],
+    }
+
+
+def queued_message(m: QueuedMessage) -> JSON:
+    """
+    The content view of one queued message.
+    """
+    return {
+        **queue_entry(m.entry),
+        "client_address": m.client_address,
+        "client_helo": m.client_helo,
+        "headers": m.headers,
+        "headers_complete": m.headers_complete,
+        "parts": [
+            {
+                "part_id": p.part_id,
+                "depth": p.depth,
+                "content_type": p.content_type,
+                "filename": p.filename,
+                "disposition": p.disposition,
+                "charset": p.charset,
+                "transfer_encoding": p.transfer_encoding,
+                "size": p.size,
+                "preview": p.preview,
+                "truncated": p.truncated,
+            }
+            for p in m.parts
+        ],
+        "unreliable": m.unreliable,
+    }
+
+
+def queue_action(r: QueueActionResult) -> JSON:
+    """
+    What one queue action did.
+    """
+    return {
+        "queue_id": r.queue_id,
+        "action": r.action,
+        "instance": r.instance,
+        "process": r.process,
+        "changed": r.changed,
+        "later": r.later,
+        "detail": r.detail,
     }
 
 

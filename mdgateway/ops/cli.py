@@ -33,6 +33,7 @@ from mdgateway.ops.cliclient import (
     CliError,
 )
 from mdgateway.ops.cliformat import human_size, local_time, table
+from mdgateway.ops.cliqueue import add_commands as add_queue_commands
 from mdgateway.ops.clisettings import (
     CONFIG_ENV,
     DEFAULT_CONFIG,
@@ -43,6 +44,7 @@ from mdgateway.ops.clisettings import (
     URL_ENV,
     admin_target,
 )
+from mdgateway.ops.clispool import add_commands as add_spool_commands
 from mdgateway.ops.console.userscli import add_commands as add_user_commands
 
 __all__ = [
@@ -137,15 +139,8 @@ def _parser() -> _Parser:
         run=clicommands.reload
     )
 
-    queue = commands.add_parser("queue", help="the spool").add_subparsers(
-        dest="action", metavar="ACTION", required=True
-    )
-    queue.add_parser("list", help="list queued messages").set_defaults(
-        run=clicommands.queue_list
-    )
-    retry = queue.add_parser("retry", help="try a queued message now")
-    retry.add_argument("id")
-    retry.set_defaults(run=clicommands.queue_retry)
+    add_queue_commands(commands)
+    add_spool_commands(commands)
 
     quarantine = commands.add_parser("quarantine", help="quarantined originals")
     actions = quarantine.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -278,6 +273,7 @@ def main(
             # Local commands find their files themselves (the configuration
             # by --config, $MDGATEWAY_CONFIG or the default).
             args.environ = env
+            args.stderr = err
             code: int = args.local(args, out)
             return code
         target = admin_target(

@@ -93,59 +93,6 @@ def config_summary(config: GatewayConfig) -> dict[str, Any]:
     }
 
 
-def queue_list(client: AdminClient, args: argparse.Namespace, out: TextIO) -> int:
-    data = client.call("GET", "/api/queue")
-    if args.json:
-        print_json(data, out)
-        return EXIT_OK
-    if not data["items"]:
-        out.write("the queue is empty\n")
-        return EXIT_OK
-    headings: tuple[str, ...] = (
-        "QUEUE ID",
-        "RECEIVED",
-        "SENDER",
-        "RCPTS",
-        "SIZE",
-        "TRIES",
-        "NEXT TRY",
-        "LAST ERROR",
-    )
-    widths: tuple[int, ...] = (24, 19, 32, 5, 7, 5, 19, 50)
-    rows: list[tuple[Any, ...]] = [
-        (
-            e["queue_id"],
-            local_time(e["received_at"]),
-            e["sender"] or "<>",
-            len(e["recipients"]),
-            human_size(e["size"]),
-            e["attempts"],
-            local_time(e["next_attempt"]),
-            e["last_error"] or "-",
-        )
-        for e in data["items"]
-    ]
-    if any(e.get("worker") for e in data["items"]):
-        # Several processes ([processes] workers): say whose spool.
-        headings, widths = ("PROC", *headings), (4, *widths)
-        rows = [
-            (e.get("worker", 0), *row)
-            for e, row in zip(data["items"], rows, strict=True)
-        ]
-    out.write(table(headings, rows, widths) + "\n")
-    out.write(f"{len(rows)} queued\n")
-    return EXIT_OK
-
-
-def queue_retry(client: AdminClient, args: argparse.Namespace, out: TextIO) -> int:
-    data = client.call("POST", f"/api/queue/{quote(args.id)}/retry")
-    if args.json:
-        print_json(data, out)
-    else:
-        out.write(f"{args.id}: retrying now\n")
-    return EXIT_OK
-
-
 def quarantine_list(client: AdminClient, args: argparse.Namespace, out: TextIO) -> int:
     query = {
         **times(args),

@@ -41,6 +41,8 @@ class QueueEntry:
 
     @ivar worker: the process whose spool holds it (0: the primary; see
         L{mdgateway.run.supervisor}).
+    @ivar instance: the instance whose spool holds it (C{[store] instance}).
+    @ivar held_by: the operator who put it on hold, if it is on hold.
     """
 
     queue_id: str
@@ -53,6 +55,134 @@ class QueueEntry:
     last_error: str
     generated: str | None = None
     worker: int = 0
+    instance: str = ""
+    held_by: str | None = None
+    held_at: float | None = None
+
+
+#: The queue actions an operator can take on one message (see
+#: L{mdgateway.queue.tools}); C{flush} takes the whole queue.
+QUEUE_ACTIONS = ("hold", "release-hold", "delete", "bounce", "retry")
+
+
+@attrs.frozen
+class QueueAction:
+    """
+    An operator's action on one queued message.
+
+    @ivar action: one of L{QUEUE_ACTIONS}.
+    @ivar by: the operator's name (a token's name, or C{console:NAME}).
+    @ivar instance: the instance whose spool holds it; L{None}: wherever
+        it is (this instance's processes first, then where the shared
+        history says it was received).
+    @ivar bounce: for a delete, send the sender a bounce.
+    @ivar origin: where the request came from, for the audit.
+    """
+
+    action: str
+    queue_id: str
+    by: str
+    instance: str | None = None
+    bounce: bool = False
+    origin: str = ""
+
+
+@attrs.frozen
+class QueueActionResult:
+    """
+    What a queue action did.
+
+    @ivar changed: C{False} when it was so already (a second hold).
+    @ivar later: the message is being attempted; the action applies when
+        that attempt ends.
+    @ivar process: the process whose spool holds it (0: the primary).
+    """
+
+    queue_id: str
+    action: str
+    instance: str
+    process: int
+    changed: bool
+    detail: str
+    later: bool = False
+
+
+@attrs.frozen
+class FlushResult:
+    """
+    What a flush did: per instance, how many messages are tried now (or
+    why that instance could not be asked).
+    """
+
+    tried: dict[str, int]
+    problems: dict[str, str] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class InstanceQueue:
+    """
+    One instance's part of a cluster-wide queue listing.
+
+    @ivar listed: its entries in the listing (at most a bounded number for
+        another instance); C{total}: its entries in all.
+    @ivar problem: why it could not be listed (not running, no answer).
+    """
+
+    name: str
+    this: bool
+    listed: int = 0
+    total: int = 0
+    problem: str | None = None
+
+
+@attrs.frozen
+class QueueListing:
+    """
+    The queue of every instance (or of the one asked for), oldest first.
+    """
+
+    entries: tuple[QueueEntry, ...]
+    instances: tuple[InstanceQueue, ...]
+
+
+@attrs.frozen
+class QueuedPart:
+    """
+    One MIME entity of a queued message (see
+    L{mdgateway.message.view.MessagePart}).
+    """
+
+    part_id: str
+    depth: int
+    content_type: str
+    filename: str | None
+    disposition: str | None
+    charset: str | None
+    transfer_encoding: str
+    size: int
+    preview: str | None = None
+    truncated: bool = False
+
+
+@attrs.frozen
+class QueuedMessage:
+    """
+    A queued message opened for an operator's eyes (as C{postcat} shows
+    one): its queue facts, its header block as sent and its MIME
+    structure, each text part's start as text. Never rendered: a console
+    shows it as escaped text.
+
+    @ivar unreliable: why the MIME structure cannot be trusted (then no
+        parts are listed), if it cannot.
+    """
+
+    entry: QueueEntry
+    client_address: str
+    client_helo: str
+    headers: str
+    headers_complete: bool
+    parts: tuple[QueuedPart, ...]
+    unreliable: str | None = None
 
 
 @attrs.frozen
@@ -121,12 +251,43 @@ class IOperations(Interface):
 
     def queue() -> Any:  # noqa: N805
         """
-        @return: a Deferred firing with a list of L{QueueEntry}, oldest first.
+        This instance's queue (every process's spool): a Deferred firing
+        with a list of L{QueueEntry}, oldest first.
         """
 
-    def retry_now(queue_id: str) -> Any:  # noqa: N805
+    def cluster_queue(instance: str | None = None) -> Any:  # noqa: N805
         """
-        Try a queued message now. @raise OperationError: 404 unknown id.
+        The queue of every instance of the cluster, each entry naming its
+        instance (or of C{instance} alone): a Deferred firing with a
+        L{QueueListing}.
+        """
+
+    def queue_action(action: QueueAction) -> Any:  # noqa: N805
+        """
+        Hold, release the hold of, delete, bounce or retry one queued
+        message, in whichever process of whichever instance holds it; a
+        Deferred firing with a L{QueueActionResult}. Every attempt is in
+        the audit under C{action.by}.
+
+        @raise OperationError: 409 when the action does not apply (the
+            message is gone, nothing is left to bounce, it is on hold for a
+            retry); 503 when the process or instance holding it cannot be
+            asked; 400 for an unknown action.
+        """
+
+    def flush(  # noqa: N805
+        by: str, instance: str | None = None, origin: str = ""
+    ) -> Any:
+        """
+        Try every queued message now (not those on hold), on every
+        instance (or on C{instance}); a Deferred firing with a
+        L{FlushResult}. Audited under C{by}.
+        """
+
+    def queued_message(queue_id: str, instance: str | None = None) -> Any:  # noqa: N805
+        """
+        A queued message's content view: a Deferred firing with a
+        L{QueuedMessage}. @raise OperationError: 409 when it is gone.
         """
 
     def release(  # noqa: N805

@@ -18,22 +18,28 @@ import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from mdgateway.message.headers import format_field
+from mdgateway.ops.cluster import ClusterLink
 from mdgateway.ops.configview import ConfigurationView
 from mdgateway.ops.interfaces import (
     ActionResult,
+    FlushResult,
     IOperations,
     OperationError,
+    QueueAction,
+    QueueActionResult,
+    QueuedMessage,
     QueueEntry,
-    QueueRecipient,
+    QueueListing,
     Readiness,
     ReloadResult,
 )
 from mdgateway.ops.overview import GatewayOverview, GatewayStatus, InstanceStatus
+from mdgateway.ops.queueops import AskWorker, QueueOperations
 from mdgateway.queue.attempt import GENERATED_RELEASE
-from mdgateway.queue.entry import SpoolEntry
 from mdgateway.queue.envelope import Envelope, Recipient
 from mdgateway.queue.manager import QueueManager, copy_file_into
 from mdgateway.queue.spool import Spool
@@ -64,6 +70,10 @@ class GatewayOperations:
 
     @param policy: the configuration's policy now in force.
     @param checks: readiness checks by name.
+    @param instance: this instance's name (C{[store] instance}).
+    @param ask_worker: sends a request to a worker process (see
+        L{mdgateway.ops.queueops}).
+    @param cluster: the way to the other instances of a cluster.
     """
 
     def __init__(
@@ -81,6 +91,10 @@ class GatewayOperations:
         overview: GatewayOverview | None = None,
         details: Callable[[], dict[str, Any]] = dict,
         dependencies: Callable[[], dict[str, Any]] = dict,
+        threadpool: ThreadPool | None = None,
+        instance: Callable[[], str] = str,
+        ask_worker: AskWorker | None = None,
+        cluster: ClusterLink | None = None,
     ) -> None:
         self.reactor = reactor
         self.spool = spool
@@ -94,36 +108,39 @@ class GatewayOperations:
         self._worker_spools = worker_spools
         self._overview = overview
         self._dependencies = dependencies
+        #: The queue tools, across processes and instances.
+        self.queue_tools = QueueOperations(
+            reactor=reactor,
+            threadpool=threadpool or pipeline.threadpool,
+            spool=spool,
+            manager=pipeline,
+            store=store,
+            instance=instance,
+            worker_spools=worker_spools,
+            ask_worker=ask_worker,
+            cluster=cluster,
+        )
 
-    # -- the queue -------------------------------------------------------------
+    # -- the queue (see mdgateway.ops.queueops) ------------------------------------
 
     def queue(self) -> Deferred[list[QueueEntry]]:
-        return Deferred.fromCoroutine(self._queue())
+        return Deferred.fromCoroutine(self.queue_tools.local())
 
-    async def _queue(self) -> list[QueueEntry]:
-        out = []
-        for entry in await self.spool.list_entries():
-            state = await self.spool.read_state(entry) or {}
-            out.append(
-                _queue_entry(entry, state, self.pipeline.next_attempt(entry.queue_id))
-            )
-        # With [processes] workers, each worker's spool is read (never
-        # changed) from here; its own process schedules its retries.
-        for worker, root in self._worker_spools():
-            for entry, held in await self.spool.list_root(root):
-                out.append(_queue_entry(entry, held or {}, None, worker))
-        out.sort(key=lambda e: e.received_at)
-        return out
+    def cluster_queue(self, instance: str | None = None) -> Deferred[QueueListing]:
+        return Deferred.fromCoroutine(self.queue_tools.listing(instance))
 
-    def retry_now(self, queue_id: str) -> Deferred[None]:
-        if not self.pipeline.retry_now(queue_id):
-            raise OperationError(
-                404,
-                f"no queued message {queue_id} in this process's spool "
-                "(a worker process retries its own messages)",
-            )
-        log.info("retry now requested for {message_id}", message_id=queue_id)
-        return Deferred.fromCoroutine(nothing())
+    def queue_action(self, action: QueueAction) -> Deferred[QueueActionResult]:
+        return Deferred.fromCoroutine(self.queue_tools.action(action))
+
+    def flush(
+        self, by: str, instance: str | None = None, origin: str = ""
+    ) -> Deferred[FlushResult]:
+        return Deferred.fromCoroutine(self.queue_tools.flush(by, instance, origin))
+
+    def queued_message(
+        self, queue_id: str, instance: str | None = None
+    ) -> Deferred[QueuedMessage]:
+        return Deferred.fromCoroutine(self.queue_tools.content(queue_id, instance))
 
     # -- quarantine ------------------------------------------------------------
 
@@ -449,50 +466,3 @@ def needs_force(item: QuarantineItem) -> bool:
     sends that content to people.
     """
     return item.reason == "blocked" or item.message.verdict is ScanVerdict.BLOCKED
-
-
-def _reply(record: dict[str, Any]) -> str:
-    if not record.get("code"):
-        return str(record.get("text", ""))
-    parts = (record.get("code"), record.get("enhanced", ""), record.get("text", ""))
-    return " ".join(str(p) for p in parts if p)
-
-
-def _queue_entry(
-    entry: SpoolEntry,
-    state: dict[str, Any],
-    next_attempt: float | None,
-    worker: int = 0,
-) -> QueueEntry:
-    """
-    The queue view of one spooled message and its delivery state.
-    """
-    records = state.get("recipients", {})
-    recipients = tuple(
-        QueueRecipient(
-            r.address,
-            records.get(r.address, {}).get("status", "pending"),
-            r.rule,
-            _reply(records.get(r.address, {})),
-        )
-        for r in entry.envelope.recipients
-    )
-    errors = [
-        q.last_reply for q in recipients if q.status == "pending" and q.last_reply
-    ]
-    return QueueEntry(
-        queue_id=entry.queue_id,
-        received_at=entry.envelope.received_at,
-        sender=entry.envelope.sender,
-        size=entry.size,
-        recipients=recipients,
-        attempts=int(state.get("attempts", 0)),
-        next_attempt=next_attempt,
-        last_error=errors[-1] if errors else "",
-        generated=entry.envelope.extra.get("generated"),
-        worker=worker,
-    )
-
-
-async def nothing() -> None:
-    return None

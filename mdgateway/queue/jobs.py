@@ -397,6 +397,26 @@ def job_list_root(
     return out
 
 
+def job_read_entry(
+    ops: IFileOps, paths: SpoolPaths, queue_id: str
+) -> tuple[SpoolEntry, dict[str, Any] | None] | None:
+    """
+    One complete entry of the root C{paths} and its delivery state, or
+    L{None} when it is not there (any more). Reads only.
+
+    @raise EnvelopeFormatError: its envelope cannot be read.
+    """
+    if not is_queue_id(queue_id):
+        return None
+    try:
+        entry = _read_entry(ops, paths, queue_id)
+    except FileNotFoundError:
+        return None
+    data = job_read_state(ops, entry.state_path)
+    state = None if data is None else decode_state(data)
+    return entry, state if isinstance(state, dict) else None
+
+
 def decode_state(data: bytes) -> Any:
     """
     A delivery state file's JSON, or the exception that kept it from being

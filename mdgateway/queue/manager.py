@@ -6,9 +6,15 @@ It carries out what the pure planner (L{mdgateway.queue.planner.plan})
 decides for each entry, one step at a time: attempt the pending recipients
 (L{mdgateway.queue.attempt.CopyRunner}), warn the sender once of a delay,
 expire what waited its lifetime, bounce what failed, wait until the next
-step is due, and remove the entry last. The delivery state is saved beside
-the entry after every step, so a restart never resends to a recipient
-already delivered, nor sends a second bounce.
+step is due (or until an operator releases a hold), and remove the entry
+last. The delivery state is saved beside the entry after every step, so a
+restart never resends to a recipient already delivered, nor sends a second
+bounce.
+
+An operator's change to an entry (L{QueueManager.change}: hold, release,
+delete, bounce) is applied only where the entry's own visit would save its
+state, so it never races an attempt: at once when the entry is waiting,
+or after the step in progress when it is being attempted.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from functools import partial
 from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred, DeferredSemaphore
+from twisted.internet.defer import Deferred, DeferredSemaphore, fail
 from twisted.internet.interfaces import IDelayedCall, IReactorFromThreads, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -45,6 +51,7 @@ from mdgateway.queue.planner import (
     Deliver,
     Done,
     Expire,
+    Hold,
     Retry,
     RetryPolicy,
     Warn,
@@ -62,6 +69,8 @@ log = Logger()
 
 __all__ = [
     "GENERATED_DSN",
+    "Change",
+    "EntryGoneError",
     "GENERATED_RELEASE",
     "UNSCANNED",
     "IHistory",
@@ -75,6 +84,18 @@ __all__ = [
 #: The most plan steps one visit to an entry carries out before it waits
 #: (a guard: every plan converges in a few steps).
 MAX_STEPS = 16
+
+#: An operator's change to a delivery state, given the time (see
+#: L{mdgateway.queue.planner.held} and the like); it raises
+#: L{NotApplicableError} when it does not apply.
+Change = Callable[[DeliveryState, float], DeliveryState]
+
+
+class EntryGoneError(LookupError):
+    """
+    The entry is not (or no longer) in this queue manager's hands: it was
+    delivered, bounced or deleted meanwhile, or never queued here.
+    """
 
 
 class QueueManager:
@@ -123,6 +144,10 @@ class QueueManager:
         self._entries: dict[str, SpoolEntry] = {}
         #: Entries an operator asked to try now, before their next attempt.
         self._forced: set[str] = set()
+        #: Operators' changes waiting for the entry's next safe point.
+        self._changes: dict[str, list[tuple[Change, Deferred[DeliveryState]]]] = {}
+        #: Entries on hold, and by whom (as their last visit found them).
+        self._held: dict[str, str] = {}
         self._stopping = False
         self.completed = 0
         #: Called for each bounce sent (metrics).
@@ -181,30 +206,159 @@ class QueueManager:
             self.submit(entry)
         return True
 
+    def flush(self) -> int:
+        """
+        Try every entry now (C{postqueue -f}): all but those on hold and
+        those being tried right now; how many that is.
+        """
+        due = [
+            queue_id
+            for queue_id in self._entries
+            if queue_id not in self._running and queue_id not in self._held
+        ]
+        for queue_id in due:
+            self.retry_now(queue_id)
+        return len(due)
+
     def next_attempt(self, queue_id: str) -> float | None:
         call = self._scheduled.get(queue_id)
         return call.getTime() if call is not None and call.active() else None
+
+    def entry(self, queue_id: str) -> SpoolEntry | None:
+        """
+        The entry if it is in this manager's hands.
+        """
+        return self._entries.get(queue_id)
+
+    def attempting(self, queue_id: str) -> bool:
+        """
+        Whether the entry is being visited (attempted) right now.
+        """
+        return queue_id in self._running
+
+    def held_by(self, queue_id: str) -> str | None:
+        """
+        Who holds the entry, as its last visit found it.
+        """
+        return self._held.get(queue_id)
+
+    def change(self, queue_id: str, change: Change) -> Deferred[DeliveryState]:
+        """
+        Apply an operator's C{change} to the entry's delivery state at its
+        next safe point, save it, and carry on with its plan: at once when
+        the entry is waiting (without waiting for a delivery slot, unless
+        the change makes it due), after the step in progress when it is
+        being attempted.
+
+        @return: fires with the state saved, or fails with
+            L{EntryGoneError} (the entry is not here, or left before the
+            change could apply) or the change's L{NotApplicableError}.
+        """
+        entry = self._entries.get(queue_id)
+        if entry is None or self._stopping:
+            return fail(EntryGoneError(queue_id))
+        waiter: Deferred[DeliveryState] = Deferred()
+        self._changes.setdefault(queue_id, []).append((change, waiter))
+        if queue_id not in self._running:
+            self._visit(entry, False)
+        return waiter
+
+    def _unschedule(self, queue_id: str) -> None:
+        call = self._scheduled.pop(queue_id, None)
+        if call is not None and call.active():
+            call.cancel()
 
     def _start(self, entry: SpoolEntry) -> None:
         self._scheduled.pop(entry.queue_id, None)
         if entry.queue_id in self._running or self._stopping:
             return
-        d = self._semaphore.run(lambda: Deferred.fromCoroutine(self._handle(entry)))
-        self._running[entry.queue_id] = d
+        self._visit(entry, True)
 
-        def done(result: object) -> None:
-            self._running.pop(entry.queue_id, None)
+    def _visit(self, entry: SpoolEntry, may_attempt: bool) -> None:
+        """
+        Carry out the entry's plan now: through a delivery slot when it
+        may attempt, at once when it only applies changes (and then hands
+        an attempt that became due to a visit of its own).
+        """
+        queue_id = entry.queue_id
+        running: Deferred[None] = Deferred()
+        self._running[queue_id] = running
+        if may_attempt:
+            d = self._semaphore.run(lambda: Deferred.fromCoroutine(self._handle(entry)))
+        else:
+            d = Deferred.fromCoroutine(self._handle(entry, may_attempt=False))
 
         def failed(failure: Failure) -> None:
             log.failure(
                 "message {message_id}: unexpected error; will retry",
                 failure,
-                message_id=entry.queue_id,
+                message_id=queue_id,
             )
             self.submit(entry, self.retry.first)
 
+        def ended(result: object) -> None:
+            if self._running.get(queue_id) is running:
+                del self._running[queue_id]
+            running.callback(None)
+            self._visit_ended(entry)
+
         d.addErrback(failed)
-        d.addBoth(done)
+        d.addBoth(ended)
+
+    def _visit_ended(self, entry: SpoolEntry) -> None:
+        """
+        A visit ended: changes that came in after its last safe point get
+        a visit of their own, or fail if the entry is gone.
+        """
+        queue_id = entry.queue_id
+        if not self._changes.get(queue_id):
+            self._changes.pop(queue_id, None)
+            return
+        if queue_id in self._entries and not self._stopping:
+            if queue_id not in self._running:
+                self._visit(entry, False)
+            return
+        for _, waiter in self._changes.pop(queue_id):
+            waiter.errback(EntryGoneError(queue_id))
+
+    async def _apply_changes(
+        self, entry: SpoolEntry, state: DeliveryState
+    ) -> DeliveryState:
+        """
+        Apply the operators' changes waiting for this entry, save the
+        state, and tell each what became of it.
+        """
+        waiting = self._changes.pop(entry.queue_id, [])
+        if not waiting:
+            return state
+        now = self.reactor.seconds()
+        applied: list[Deferred[DeliveryState]] = []
+        refused: list[tuple[Deferred[DeliveryState], Exception]] = []
+        for change, waiter in waiting:
+            try:
+                state = change(state, now)
+            except Exception as e:  # NotApplicableError, or a bug: told
+                refused.append((waiter, e))
+            else:
+                applied.append(waiter)
+        if state.held_by is not None:
+            self._held[entry.queue_id] = state.held_by
+            self._unschedule(entry.queue_id)
+        else:
+            self._held.pop(entry.queue_id, None)
+        try:
+            if applied:
+                await self.runner.save(entry, state)
+        except Exception as e:
+            for waiter in applied:
+                waiter.errback(e)
+            raise
+        finally:
+            for waiter, error in refused:
+                waiter.errback(error)
+        for waiter in applied:
+            waiter.callback(state)
+        return state
 
     async def stop(self) -> None:
         """
@@ -215,6 +369,11 @@ class QueueManager:
             if call.active():
                 call.cancel()
         self._scheduled.clear()
+        for queue_id, waiting in list(self._changes.items()):
+            if queue_id not in self._running:
+                del self._changes[queue_id]
+                for _, waiter in waiting:
+                    waiter.errback(EntryGoneError(queue_id))
         for d in list(self._running.values()):
             try:
                 await d
@@ -256,10 +415,13 @@ class QueueManager:
             envelope.received_at, (r.address for r in envelope.recipients), bounceable
         )
 
-    async def _handle(self, entry: SpoolEntry) -> None:
+    async def _handle(self, entry: SpoolEntry, may_attempt: bool = True) -> None:
         """
         Carry out the entry's plan, step by step, until it has to wait or
-        is done.
+        is done; operators' changes apply before each step.
+
+        @param may_attempt: false for a visit that only applies changes:
+            an attempt that falls due is left to a visit of its own.
         """
         state = await self.load_state(entry)
         if entry.queue_id in self._forced:
@@ -267,10 +429,16 @@ class QueueManager:
             state = retry_now(state)
         attempted_now = False
         for _ in range(MAX_STEPS):
+            state = await self._apply_changes(entry, state)
             now = self.reactor.seconds()
             throttled = self.runner.throttled_until(entry, state)
             step = plan(state, now, self.retry, throttled)
+            if not isinstance(step, Hold):
+                self._held.pop(entry.queue_id, None)
             if isinstance(step, Deliver):
+                if not may_attempt:
+                    self.submit(entry)
+                    return
                 if attempted_now:
                     # Backoff is at least the first retry interval; never
                     # a second attempt in one visit.
@@ -302,6 +470,18 @@ class QueueManager:
                     count=len(state.pending),
                     delay=step.at - now,
                 )
+                return
+            elif isinstance(step, Hold):
+                await self.runner.save(entry, state)
+                self._unschedule(entry.queue_id)
+                if self._held.get(entry.queue_id) != step.by:
+                    log.info(
+                        "{message_id} is on hold (by {by}): nothing is attempted "
+                        "until the hold is released",
+                        message_id=entry.queue_id,
+                        by=step.by,
+                    )
+                self._held[entry.queue_id] = step.by
                 return
             elif isinstance(step, Done):
                 await self._done(entry, state)

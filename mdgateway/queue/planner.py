@@ -7,8 +7,10 @@ The manager only carries plans out: it asks L{plan}, does what the plan
 says (attempt, warn, expire, bounce, wait), records the result in the
 state, and asks again. Every timing rule of the queue (lifetime expiry
 with 5.4.7, the one delay warning, exponential backoff, a relay's
-throttling, partial delivery) lives here, where a test can drive it with
-nothing but numbers.
+throttling, partial delivery, an operator's hold) lives here, where a test
+can drive it with nothing but numbers. So do the changes an operator makes
+to a state (L{held}, L{unheld}, L{cancelled}): a hold is part of the saved
+state, so it survives a restart.
 """
 
 from __future__ import annotations
@@ -92,10 +94,31 @@ class Done:
     """
 
 
-Plan = Deliver | Retry | Warn | Expire | Bounce | Done
+@attrs.frozen
+class Hold:
+    """
+    An operator put the message on hold: nothing is due until the hold is
+    released (no attempt, no warning, no expiry; the time on hold does not
+    count against the lifetime).
+    """
+
+    by: str
+
+
+Plan = Deliver | Retry | Warn | Expire | Bounce | Done | Hold
 
 #: The enhanced status of a recipient whose lifetime ran out (RFC 3463).
 EXPIRED_STATUS = "5.4.7"
+#: The enhanced status of a recipient an operator deleted or bounced
+#: (RFC 3463 has no code of its own for it: "other undefined status").
+CANCELLED_STATUS = "5.0.0"
+
+
+class NotApplicableError(ValueError):
+    """
+    An operator's change does not apply to the message as it stands now
+    (its message says why); the state is unchanged.
+    """
 
 
 def plan(
@@ -111,7 +134,12 @@ def plan(
         (Office 365's 4.7.500-range replies): no attempt before.
     """
     pending = tuple(state.pending)
-    age = now - state.received_at
+    if pending and state.held_by is not None:
+        return Hold(state.held_by)
+    # Time on hold is not counted: the lifetime runs from reception, later
+    # by as long as the message was held.
+    start = state.received_at + state.held_for
+    age = now - start
     if pending:
         if age >= policy.lifetime:
             return Expire(pending)
@@ -121,7 +149,7 @@ def plan(
         due_at = max(state.next_attempt_at or now, throttled_until or now)
         if now >= due_at:
             return Deliver(pending)
-        wake = [due_at, state.received_at + policy.lifetime]
+        wake = [due_at, start + policy.lifetime]
         if warn_at is not None:
             wake.append(warn_at)
         return Retry(min(wake))
@@ -134,7 +162,7 @@ def plan(
 def _warning_due_at(state: DeliveryState, policy: RetryPolicy) -> float | None:
     if policy.delay_warning is None or state.warned or not state.bounceable:
         return None
-    return state.received_at + policy.delay_warning
+    return state.received_at + state.held_for + policy.delay_warning
 
 
 def attempted(
@@ -181,3 +209,68 @@ def retry_now(state: DeliveryState) -> DeliveryState:
     The state after an operator asked for an attempt now.
     """
     return attrs.evolve(state, next_attempt_at=None)
+
+
+# -- an operator's changes (see L{mdgateway.queue.tools}) ------------------------
+
+
+def held(state: DeliveryState, by: str, now: float) -> DeliveryState:
+    """
+    The state after an operator put the message on hold; a message held
+    already stays held by whoever held it first.
+
+    @raise NotApplicableError: nothing is left to deliver.
+    """
+    if state.held_by is not None:
+        return state
+    if not state.pending:
+        raise NotApplicableError("nothing is left to deliver: it is about to leave")
+    return attrs.evolve(state, held_by=by, held_at=now)
+
+
+def unheld(state: DeliveryState, now: float) -> DeliveryState:
+    """
+    The state after an operator released a hold: attempted at once, and
+    the time it spent on hold added to L{DeliveryState.held_for}. A message
+    not held is unchanged.
+    """
+    if state.held_by is None:
+        return state
+    spent = max(0.0, now - state.held_at) if state.held_at is not None else 0.0
+    return attrs.evolve(
+        state,
+        held_by=None,
+        held_at=None,
+        held_for=state.held_for + spent,
+        next_attempt_at=None,
+    )
+
+
+def cancelled(
+    state: DeliveryState, now: float, why: str, report: bool
+) -> DeliveryState:
+    """
+    The state after an operator deleted the message or bounced it: every
+    pending recipient failed with C{5.0.0} and C{why}, the hold (if any)
+    gone. With C{report} the sender gets a bounce as for any failure (the
+    planner's L{Bounce}); without, nothing is reported, not even earlier
+    failures (a silent delete), and the planner's next step is L{Done}.
+
+    @raise NotApplicableError: with C{report}, when nothing is pending (there
+        is nothing left to bounce).
+    """
+    pending = state.pending
+    if report and not pending:
+        raise NotApplicableError("nothing is left to deliver, so nothing to bounce")
+    state = state.update_all(
+        pending,
+        status=RecipientStatus.FAILED,
+        code=None,
+        enhanced=CANCELLED_STATUS,
+        text=why,
+        at=now,
+    )
+    state = unheld(state, now)
+    if not report:
+        state = attrs.evolve(state, bounced=True)
+    return state

@@ -142,6 +142,11 @@ class DeliveryState:
     @ivar bounced: whether the report about the failed recipients went out.
     @ivar copies: per security-rule copy, what processing left for the
         deliveries still to come (verdicts, the rebuilt message).
+    @ivar held_by: the operator who put the message on hold (nothing is
+        attempted while it is set), or L{None}.
+    @ivar held_at: when the hold began.
+    @ivar held_for: seconds spent on hold by earlier holds, which do not
+        count against the lifetime or the delay warning.
     """
 
     received_at: float
@@ -152,6 +157,9 @@ class DeliveryState:
     warned: bool = False
     bounced: bool = False
     copies: Mapping[str, Any] = attrs.field(factory=dict, converter=_frozen_copies)
+    held_by: str | None = None
+    held_at: float | None = None
+    held_for: float = 0.0
 
     @classmethod
     def fresh(
@@ -179,6 +187,10 @@ class DeliveryState:
     def failed(self) -> list[str]:
         return self.with_status(RecipientStatus.FAILED)
 
+    @property
+    def held(self) -> bool:
+        return self.held_by is not None
+
     # -- changes ---------------------------------------------------------------------
 
     def update(self, address: str, **changes: Any) -> DeliveryState:
@@ -198,7 +210,7 @@ class DeliveryState:
     # -- JSON ------------------------------------------------------------------------
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "version": STATE_VERSION,
             "received_at": self.received_at,
             "bounceable": self.bounceable,
@@ -209,6 +221,14 @@ class DeliveryState:
             "recipients": {a: r.to_json() for a, r in self.recipients.items()},
             "copies": dict(self.copies),
         }
+        # Written only when set: a version without holds reads the rest
+        # (it loses the hold, never the delivery state).
+        if self.held_by is not None:
+            data["held_by"] = self.held_by
+            data["held_at"] = self.held_at
+        if self.held_for:
+            data["held_for"] = self.held_for
+        return data
 
     @classmethod
     def from_json(
@@ -242,4 +262,7 @@ class DeliveryState:
             warned=data.get("warned") is True,
             bounced=data.get("bounced") is True,
             copies=copies if isinstance(copies, Mapping) else {},
+            held_by=_optional_str(data.get("held_by")),
+            held_at=_optional_float(data.get("held_at")),
+            held_for=max(0.0, _optional_float(data.get("held_for")) or 0.0),
         )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import Any
 
 import attrs
 from twisted.cred.checkers import FilePasswordDB
@@ -19,6 +20,7 @@ from twisted.internet.protocol import Factory
 from twisted.python.threadpool import ThreadPool
 
 from mdgateway.config import GatewayConfig
+from mdgateway.ops.cluster import ClusterLink
 from mdgateway.ops.metrics import Metrics
 from mdgateway.policy.rules import Policy
 from mdgateway.queue.bounces import DsnWriter
@@ -42,6 +44,7 @@ from mdgateway.scan.registry import CoreRuntimes
 from mdgateway.smtp.interfaces import ConnectionInfo
 from mdgateway.smtp.serverprotocol import SMTPServerFactory
 from mdgateway.store import store_for
+from mdgateway.store.board import ICommandBoard
 from mdgateway.store.interfaces import IStore
 from mdgateway.store.outbox import Outbox
 
@@ -325,3 +328,20 @@ def _session_metrics(metrics: Metrics) -> Callable[[ConnectionInfo, bool], None]
             metrics.tls_failed(info.listener)
 
     return connection
+
+
+def cluster_link(service: Any) -> ClusterLink | None:
+    """
+    The primary's link to the other instances of its cluster, through the
+    shared store's notice board (L{mdgateway.ops.cluster}); L{None} for a
+    worker, or a store that has no board (an embedder's own).
+    """
+    gateway = service.gateway
+    if not gateway.role.primary or not ICommandBoard.providedBy(gateway.store):
+        return None
+    return ClusterLink(
+        board=gateway.store,
+        clock=gateway.reactor,
+        instance=gateway.live.current.store.instance,
+        serve=lambda request: service.operations.queue_tools.serve(request),
+    )

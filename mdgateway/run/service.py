@@ -16,7 +16,13 @@ from typing import Any, cast
 
 import attrs
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
+from twisted.internet.defer import (
+    Deferred,
+    DeferredList,
+    fail,
+    maybeDeferred,
+    succeed,
+)
 from twisted.internet.interfaces import IListeningPort, IReactorSocket
 from twisted.internet.protocol import Factory, ServerFactory
 from twisted.internet.task import LoopingCall, deferLater
@@ -28,7 +34,7 @@ from mdgateway.config import ConfigError, GatewayConfig, ListenerConfig, load_co
 from mdgateway.ops.admin import AdminAPI
 from mdgateway.ops.console import Console, mount
 from mdgateway.ops.health import Dependencies, StoreWatch
-from mdgateway.ops.interfaces import ReloadResult
+from mdgateway.ops.interfaces import OperationError, ReloadResult
 from mdgateway.ops.operations import GatewayOperations
 from mdgateway.ops.overview import GatewayOverview, SpoolStatus, snapshot_spools
 from mdgateway.ops.tokens import load_or_create_tokens, load_tokens
@@ -42,8 +48,9 @@ from mdgateway.run.binding import (
     listening_socket,
     retrying,
 )
-from mdgateway.run.compose import Gateway, retry_policy
+from mdgateway.run.compose import Gateway, cluster_link, retry_policy
 from mdgateway.run.notify import SystemdNotifier
+from mdgateway.run.reloadkeys import RESTART_KEYS, changed_keys, keep, needs_restart
 from mdgateway.run.supervisor import (
     ChildNotReadyError,
     Supervisor,
@@ -55,28 +62,6 @@ from mdgateway.run.supervisor import (
 from mdgateway.smtp.serverprotocol import ProxyHeaderFactory
 
 log = Logger()
-
-#: The settings a reload leaves as they are until a restart (dotted keys
-#: of the configuration); everything else a reload applies at once.
-RESTART_KEYS = (
-    "listeners",
-    "spool.directory",
-    "spool.threads",
-    "spool.min_free",
-    "store.location",
-    "store.instance",
-    "admin.endpoint",
-    "admin.tls",
-    "delivery.concurrency",
-    "delivery.loop_secret_file",
-    "emulator",
-    "workers",
-    "umask",
-)
-
-#: The sections whose settings are compared one by one for the reload
-#: answer; other top-level keys count as one setting each.
-_SECTIONS = ("tls", "limits", "spool", "delivery", "store", "admin")
 
 
 class GatewayService(MultiService):
@@ -113,6 +98,8 @@ class GatewayService(MultiService):
         self.supervisor: Supervisor | None = None
         self.emulator: Supervisor | None = None
         self.store_watch = StoreWatch(gateway.store, self.reactor)
+        #: The way to the other instances of a cluster (the primary's).
+        self.cluster = cluster_link(self)
         self.dependencies = Dependencies(
             policy=gateway.live.policy,
             core_status=self._core_status,
@@ -131,6 +118,10 @@ class GatewayService(MultiService):
             checks=self.checks,
             details=self.details,
             worker_spools=self._worker_spools,
+            threadpool=gateway.threads.spool,
+            instance=lambda: self.config.store.instance,
+            ask_worker=self._ask_worker,
+            cluster=self.cluster,
             overview=GatewayOverview(
                 config=lambda: gateway.live.current,
                 runtimes=gateway.runtimes.items,
@@ -324,6 +315,8 @@ class GatewayService(MultiService):
         )
         await gateway.queue.clear_scratch()
         gateway.queue.start(entries)
+        if primary and self.cluster is not None:
+            await self.cluster.start()
         gateway.handler.ready = True
         if self.listen:
             await self._start_listeners()
@@ -595,6 +588,8 @@ class GatewayService(MultiService):
         for factory in gateway.factories:
             for session in list(factory.sessions):
                 session.abort()
+        if self.cluster is not None:
+            await self.cluster.stop()
         await gateway.queue.stop()
         await workers_stopped
         if self.admin_port is not None:
@@ -637,15 +632,15 @@ class GatewayService(MultiService):
                 log.error("configuration reload refused: {problem}", problem=problem)
             return ReloadResult(False, tuple(e.problems))
         changed = changed_keys(old, new)
-        restart = tuple(k for k in changed if _needs_restart(k))
-        applied = tuple(k for k in changed if not _needs_restart(k))
+        restart = tuple(k for k in changed if needs_restart(k))
+        applied = tuple(k for k in changed if not needs_restart(k))
         if restart:
             log.warn(
                 "configuration reload: {keys} changed, but take effect only "
                 "after a restart",
                 keys=", ".join(restart),
             )
-        kept = _keep(new, old, RESTART_KEYS)
+        kept = keep(new, old, RESTART_KEYS)
         gateway = self.gateway
         gateway.runtimes.sync(kept.policy.core_profiles)
         if self.supervisor is not None:
@@ -719,62 +714,16 @@ class GatewayService(MultiService):
             self.notifier.ready(f"ready: config {self.config.version} (reload {state})")
         return result
 
+    def _ask_worker(self, index: int, request: dict[str, Any]) -> Deferred[Any]:
+        if self.supervisor is None:
+            return fail(OperationError(503, f"worker {index} is not running"))
+        return self.supervisor.ask(index, request)
+
     def _worker_spools(self) -> list[tuple[int, str]]:
         if not self.gateway.role.primary:
             return []
         root = self.config.spool.directory
         return [(k, worker_spool(root, k)) for k in range(1, self.config.workers)]
-
-
-def _get(config: Any, key: str) -> Any:
-    value = config
-    for part in key.split("."):
-        value = getattr(value, part)
-    return value
-
-
-def _needs_restart(key: str) -> bool:
-    return any(key == r or key.startswith(r + ".") for r in RESTART_KEYS)
-
-
-def changed_keys(old: GatewayConfig, new: GatewayConfig) -> list[str]:
-    """
-    The settings (dotted keys) that differ between two configurations.
-    """
-    changed: list[str] = []
-    for field in attrs.fields(GatewayConfig):
-        name = field.name
-        if name in ("version", "path") or not field.eq:
-            # Where it came from, and what only describes it (the document
-            # as loaded), are not settings.
-            continue
-        before, after = getattr(old, name), getattr(new, name)
-        if before == after:
-            continue
-        if name in _SECTIONS:
-            changed.extend(
-                f"{name}.{inner.name}"
-                for inner in attrs.fields(type(before))
-                if getattr(before, inner.name) != getattr(after, inner.name)
-            )
-        else:
-            changed.append(name)
-    return changed
-
-
-def _keep(new: GatewayConfig, old: GatewayConfig, keys: tuple[str, ...]) -> Any:
-    """
-    C{new} with the settings named by C{keys} as they are in C{old}.
-    """
-    top: dict[str, Any] = {}
-    for key in keys:
-        section, _, inner = key.partition(".")
-        if not inner:
-            top[section] = getattr(old, section)
-            continue
-        current = top.get(section, getattr(new, section))
-        top[section] = attrs.evolve(current, **{inner: _get(old, key)})
-    return attrs.evolve(new, **top)
 
 
 def adopt_listener(

@@ -19,7 +19,9 @@ A worker's pipes to the primary: its standard input (closed by the
 primary, or at the primary's death: the worker drains and exits), its
 standard output (its JSON log, re-published by the primary with a
 C{worker} field) and descriptor 3 (its metrics, pushed every few seconds
-and merged into the primary's C{/metrics}).
+and merged into the primary's C{/metrics}). The primary also sends requests
+on the worker's standard input, answered on descriptor 3 (L{Supervisor.ask};
+see L{mdgateway.run.control}).
 """
 
 from __future__ import annotations
@@ -51,7 +53,10 @@ from zope.interface import implementer
 
 import mdgateway
 from mdgateway.ops.metrics import RetiredCounters
+from mdgateway.run.control import Asks, Frames
 from mdgateway.run.reactor import IGatewayReactor
+
+__all__ = ["Frames", "Supervisor", "WorkerRole", "run_child"]
 
 log = Logger()
 
@@ -174,52 +179,20 @@ def _event(record: bytes) -> dict[str, Any] | None:
     return {"log_format": "{line}", "line": text, "log_level": None}
 
 
-class Frames:
-    """
-    Length-prefixed frames (C{<decimal length> LF <payload>}) of a worker's
-    metrics pipe; a malformed prefix drops the stream rather than guess.
-    """
-
-    def __init__(self, limit: int = 16 * 1024 * 1024) -> None:
-        self._buffer = b""
-        self._limit = limit
-        self.broken = False
-
-    @staticmethod
-    def encode(payload: bytes) -> bytes:
-        return b"%d\n" % len(payload) + payload
-
-    def feed(self, data: bytes) -> list[bytes]:
-        if self.broken:
-            return []
-        self._buffer += data
-        frames: list[bytes] = []
-        while True:
-            head, sep, rest = self._buffer.partition(b"\n")
-            if not sep:
-                if len(head) > 20:
-                    self.broken = True
-                return frames
-            if not head.isdigit() or int(head) > self._limit:
-                self.broken = True
-                return frames
-            size = int(head)
-            if len(rest) < size:
-                return frames
-            frames.append(rest[:size])
-            self._buffer = rest[size:]
-
-
 @implementer(IReadDescriptor)
 class ParentWatch:
     """
-    Reads a child's standard input only to notice its end: the primary
-    closed it (orderly stop) or died. Set descriptor 0 non-blocking and
-    add it as a reader.
+    Reads a child's standard input to notice its end (the primary closed
+    it, for an orderly stop, or died) and to pass on what the primary
+    sends (C{on_data}: requests; without it, ignored). Set descriptor 0
+    non-blocking and add it as a reader.
     """
 
-    def __init__(self, on_closed: Any) -> None:
+    def __init__(
+        self, on_closed: Any, on_data: Callable[[bytes], object] | None = None
+    ) -> None:
         self._on_closed = on_closed
+        self._on_data = on_data
 
     def fileno(self) -> int:
         return 0
@@ -233,6 +206,8 @@ class ParentWatch:
             data = b""
         if not data:
             return CONNECTION_DONE
+        if self._on_data is not None:
+            self._on_data(data)
         return None
 
     def connectionLost(self, reason: Any) -> None:
@@ -249,6 +224,7 @@ def run_child(
     on_hangup: Callable[[], object] | None = None,
     *,
     ignore_interrupt: bool = True,
+    on_input: Callable[[bytes], object] | None = None,
 ) -> None:
     """
     The life of a process the primary supervises (a worker, the built-in
@@ -258,7 +234,8 @@ def run_child(
     C{on_hangup}, or is ignored. SIGINT is ignored (unless
     C{ignore_interrupt} is false: run by hand): Ctrl-C in a terminal
     reaches the whole process group, and the primary, which gets it too,
-    drains its children in order.
+    drains its children in order. What the primary writes on standard
+    input goes to C{on_input}.
     """
     globalLogBeginner.beginLoggingTo(
         [jsonFileLogObserver(sys.stdout, recordSeparator="")],
@@ -270,7 +247,7 @@ def run_child(
             signal.signal(signal.SIGINT, signal.SIG_IGN)
         os.set_blocking(0, False)
         reactor.addReader(
-            ParentWatch(lambda: reactor.stop() if reactor.running else None)
+            ParentWatch(lambda: reactor.stop() if reactor.running else None, on_input)
         )
         start()
 
@@ -332,6 +309,8 @@ class _Worker:
     restart: Any = None
     #: It said it is ready (see the supervisor's C{ready_when}).
     is_ready: bool = False
+    #: The requests sent to it and not answered yet.
+    asks: Asks | None = None
 
     def metrics_frame(self, frame: bytes) -> None:
         try:
@@ -340,9 +319,13 @@ class _Worker:
             return
         if isinstance(families, list):
             self.snapshot = families
+        elif isinstance(families, dict) and self.asks is not None:
+            self.asks.answered(families)
 
     def ended(self, reason: Failure) -> None:
         self.transport = None
+        if self.asks is not None:
+            self.asks.ended()
         # Its counters live on in the totals; its successor starts at 0.
         self.supervisor.retired.add(self.snapshot)
         self.snapshot = []
@@ -388,6 +371,8 @@ class Supervisor:
         self._observer = observer
         self._env = dict(environment if environment is not None else os.environ)
         self._workers = [_Worker(self, index) for index in range(1, children + 1)]
+        for worker in self._workers:
+            worker.asks = Asks(clock, self._label(worker))
         self._stopping = False
         #: The counters of workers that ended (see L{snapshots}).
         self.retired = RetiredCounters()
@@ -539,6 +524,20 @@ class Supervisor:
         ):
             worker.is_ready = True
             self._check_ready()
+
+    def ask(
+        self, index: int, request: dict[str, Any], timeout: float = 30.0
+    ) -> Deferred[dict[str, Any]]:
+        """
+        Send child C{index} a request; fires with its answer, or fails with
+        L{mdgateway.run.control.WorkerUnavailableError}.
+        """
+        if not 0 < index <= len(self._workers):
+            raise ValueError(f"there is no {self._name} {index}")
+        worker = self._workers[index - 1]
+        assert worker.asks is not None
+        write = worker.transport.write if worker.transport is not None else None
+        return worker.asks.ask(write, request, timeout)
 
     def signal_all(self, name: str) -> None:
         """

@@ -6,9 +6,10 @@ C{[processes] workers} above 1. The primary starts it; operators never do.
 It runs the same L{GatewayService} as the primary, on its own spool root,
 serving the listening sockets it inherited. It logs JSON to standard
 output (the primary re-publishes each event), pushes its metrics on
-descriptor 3 every few seconds, reloads on C{SIGHUP}, and drains and exits
-on C{SIGTERM} or when its standard input closes (the primary stopping, or
-dying).
+descriptor 3 every few seconds, answers the primary's requests (the queue
+tools, for the messages of its own spool) read from standard input on
+descriptor 3 too, reloads on C{SIGHUP}, and drains and exits on C{SIGTERM}
+or when its standard input closes (the primary stopping, or dying).
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ import json
 import os
 import signal
 import sys
+from typing import Any, BinaryIO
 
+from mdgateway.queue.tools import QueueTools, ToolRequest
+from mdgateway.run.control import Answers
 from mdgateway.run.supervisor import (
     METRICS_FD,
     Frames,
@@ -68,17 +72,44 @@ def main(argv: list[str] | None = None) -> int:
     def push_metrics() -> None:
         try:
             frame = json.dumps(gateway.metrics.snapshot()).encode()
-            metrics_out.write(Frames.encode(frame))
+            write_all(metrics_out, Frames.encode(frame))
         except (OSError, ValueError):
             return
         reactor.callLater(METRICS_EVERY, push_metrics)
+
+    tools = QueueTools(gateway.queue, reactor)
+
+    async def answer(request: dict[str, Any]) -> dict[str, Any]:
+        result = await tools.run(ToolRequest.from_json(request.get("queue")))
+        return result.to_json()
+
+    answers = Answers(answer, lambda frame: write_all(metrics_out, frame))
 
     def started() -> None:
         service.startService()
         service.ready.addCallback(lambda _: push_metrics())
 
-    run_child(reactor, started, service.stopService, on_hangup=service.reload)
+    run_child(
+        reactor,
+        started,
+        service.stopService,
+        on_hangup=service.reload,
+        on_input=answers.feed,
+    )
     return status["code"]
+
+
+def write_all(out: BinaryIO, data: bytes) -> None:
+    """
+    Write every byte of C{data} to the unbuffered C{out} (a pipe may take
+    part of a large frame at a time).
+    """
+    view = memoryview(data)
+    while view:
+        written = out.write(view)
+        if not written:
+            raise OSError("the pipe to the primary took nothing")
+        view = view[written:]
 
 
 if __name__ == "__main__":

@@ -24,6 +24,9 @@ Version 2 adds C{record_key} to C{message_events} and C{refusals} (the key
 of the outbox record that wrote the row, see L{mdgateway.store.owed}),
 C{category} and C{repeats} to C{refusals}, and the C{audit} table.
 
+Version 3 adds the cluster's notice board, C{cluster_members} and
+C{cluster_commands} (see L{mdgateway.store.board}).
+
 Columns ending in C{_key} hold the case-folded text that substring
 searches run on (C{record_key} excepted). Times are POSIX seconds in floating point.
 """
@@ -229,10 +232,38 @@ _V2 = (
     """,
 )
 
+_V3 = (
+    """
+    CREATE TABLE IF NOT EXISTS cluster_members (
+        name TEXT PRIMARY KEY,
+        started_at {float} NOT NULL,
+        seen_at {float} NOT NULL,
+        stopped_at {float}
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS cluster_commands (
+        id {serial_pk},
+        instance TEXT NOT NULL,
+        sender TEXT NOT NULL,
+        request TEXT NOT NULL,
+        posted_at {float} NOT NULL,
+        state TEXT NOT NULL,
+        answer TEXT,
+        answered_at {float}
+    )
+    """,
+    "CREATE INDEX IF NOT EXISTS cluster_commands_waiting "
+    "ON cluster_commands (instance, state, id)",
+    "CREATE INDEX IF NOT EXISTS cluster_commands_posted "
+    "ON cluster_commands (posted_at)",
+)
+
 #: Every migration, in order. Append; never edit a released one.
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema", _V1),
     Migration(2, "outbox keys, refusal categories, audit, honest verdicts", _V2),
+    Migration(3, "the cluster's notice board", _V3),
 )
 
 #: The version this code writes and reads.

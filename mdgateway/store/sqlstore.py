@@ -42,6 +42,23 @@ from mdgateway.store.applyjobs import (
     job_search_audit,
 )
 from mdgateway.store.audit import AuditEntry, AuditFilter
+from mdgateway.store.board import (
+    TAKE_LIMIT,
+    Command,
+    ICommandBoard,
+    Member,
+    job_answer_command,
+    job_get_command,
+    job_heartbeat,
+    job_join,
+    job_leave,
+    job_members,
+    job_pending_for,
+    job_post_command,
+    job_purge_commands,
+    job_take_commands,
+    job_withdraw_command,
+)
 from mdgateway.store.counts import job_count_by_verdict, job_instance_activity
 from mdgateway.store.dialect import Dialect, Tx
 from mdgateway.store.interfaces import (
@@ -110,7 +127,7 @@ WRITE_BATCH = 200
 # The store
 
 
-@implementer(IStore)
+@implementer(IStore, ICommandBoard)
 class SqlStore(abc.ABC):
     """
     L{IStore} over a SQL database; a backend subclass supplies
@@ -568,6 +585,47 @@ class SqlStore(abc.ABC):
         if page.cursor is not None:
             decode_cursor(page.cursor, "a", int)
         return await self._call(False, job_search_audit, filters or AuditFilter(), page)
+
+    # The cluster's notice board (see mdgateway.store.board)
+
+    async def join(self, instance: str, at: float) -> None:
+        await self._call(True, job_join, instance, at, durable=True)
+
+    async def heartbeat(self, instance: str, at: float) -> None:
+        await self._call(True, job_heartbeat, instance, at, durable=True)
+
+    async def leave(self, instance: str, at: float) -> None:
+        await self._call(True, job_leave, instance, at, durable=True)
+
+    async def members(self) -> tuple[Member, ...]:
+        return await self._call(False, job_members)
+
+    async def post_command(
+        self, instance: str, sender: str, request: str, at: float
+    ) -> int:
+        return await self._call(
+            True, job_post_command, instance, sender, request, at, durable=True
+        )
+
+    async def take_commands(
+        self, instance: str, limit: int = TAKE_LIMIT
+    ) -> tuple[Command, ...]:
+        # Looked at several times a second: a read, unless there is work.
+        if not await self._call(False, job_pending_for, instance):
+            return ()
+        return await self._call(True, job_take_commands, instance, limit, durable=True)
+
+    async def answer_command(self, command_id: int, answer: str, at: float) -> None:
+        await self._call(True, job_answer_command, command_id, answer, at, durable=True)
+
+    async def get_command(self, command_id: int) -> Command:
+        return await self._call(False, job_get_command, command_id)
+
+    async def withdraw_command(self, command_id: int) -> bool:
+        return await self._call(True, job_withdraw_command, command_id, durable=True)
+
+    async def purge_commands(self, before: float) -> int:
+        return await self._call(True, job_purge_commands, before, durable=True)
 
     # Retention
 

@@ -20,6 +20,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.protocols.basic import FileSender
 from twisted.web.template import Tag, tags
 
+from mdgateway.message.view import MessageView, inspect_message
 from mdgateway.ops.console.forms import (
     QUARANTINE_FIELDS,
     pager,
@@ -33,7 +34,6 @@ from mdgateway.ops.console.http import (
     ConsoleError,
     Response,
 )
-from mdgateway.ops.console.original import OriginalView, inspect_original
 from mdgateway.ops.console.pages.history import paged, recipients_text
 from mdgateway.ops.console.render import (
     button,
@@ -116,13 +116,13 @@ async def examine(console: Console, item_id: str) -> Examined:
     return Examined(item, parts, infected_parts(parts), needs_force(item))
 
 
-async def _read_original(console: Console, item_id: str) -> OriginalView:
+async def _read_original(console: Console, item_id: str) -> MessageView:
     fd, path = tempfile.mkstemp(prefix="mdgateway-console-", dir=console.scratch_dir)
     os.close(fd)
     try:
         await console.operations.store.read_quarantined(item_id, path)
         return await deferToThreadPool(
-            console.reactor, console.threadpool, inspect_original, path
+            console.reactor, console.threadpool, inspect_message, path
         )
     finally:
         with suppress(OSError):
@@ -234,7 +234,12 @@ async def listing(console: Console, call: Call) -> Response:
 # One item
 
 
-def _headers_and_parts(view: OriginalView) -> list[Any]:
+def headers_and_parts(view: MessageView, scanned: bool = True) -> list[Any]:
+    """
+    A message's header block and MIME parts, as escaped text (never
+    rendered); C{scanned}: the message went through Core (a quarantined
+    original has, a queued message may not have yet).
+    """
     headers = tags.section(
         tags.h2("Headers"),
         tags.pre(view.headers, class_="headers", id="headers"),
@@ -243,9 +248,13 @@ def _headers_and_parts(view: OriginalView) -> list[Any]:
         else tags.p("(the header block is longer; cut here)", class_="empty"),
     )
     if view.unreliable:
+        then = (
+            "the message was scanned as one file. Download it to look closer."
+            if scanned
+            else "it is scanned as one file."
+        )
         parts: Tag = tags.p(
-            f"The MIME structure cannot be trusted ({view.unreliable}); the "
-            "message was scanned as one file. Download it to look closer.",
+            f"The MIME structure cannot be trusted ({view.unreliable}); {then}",
             class_="empty",
         )
     else:
@@ -389,7 +398,7 @@ async def item(console: Console, call: Call) -> Response:
             class_="forward",
         ),
     )
-    content = [_item_facts(e), actions, *_headers_and_parts(view), _verdicts(e)]
+    content = [_item_facts(e), actions, *headers_and_parts(view), _verdicts(e)]
     return await console.page(call, f"Quarantined {item_id}", "quarantine", content)
 
 

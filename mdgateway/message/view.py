@@ -1,12 +1,14 @@
 # -*- test-case-name: tests.test_console_units -*-
 """
-A quarantined original opened for an operator's eyes: its header block as
-it was sent and its MIME parts, each with a text preview when it is text.
+A message opened for an operator's eyes (a quarantined original, a queued
+message): its header block as it was sent and its MIME parts, each with a
+text preview when it is text.
 
 Nothing here interprets the content beyond decoding it to characters: the
 console shows headers and text parts as escaped text, never as HTML, and
-offers the whole original only as a download. Reading is bounded (header
-block and each preview), and blocking: run it in a thread pool.
+offers the whole message only as a download. Reading is bounded (header
+block, each preview, all previews together), and blocking: run it in a
+thread pool.
 """
 
 from __future__ import annotations
@@ -28,12 +30,14 @@ HEADER_LIMIT = 64 * 1024
 PREVIEW_LIMIT = 32 * 1024
 #: Most parts listed.
 MAX_PARTS = 500
+#: Most encoded bytes read for all previews of one message together.
+PREVIEW_BUDGET = 256 * 1024
 
 
 @attrs.frozen
-class OriginalPart:
+class MessagePart:
     """
-    One MIME entity of the original.
+    One MIME entity of the message.
 
     @ivar size: encoded bytes of its body.
     @ivar preview: the start of its decoded text, for a text leaf that is
@@ -54,9 +58,9 @@ class OriginalPart:
 
 
 @attrs.frozen
-class OriginalView:
+class MessageView:
     """
-    What the quarantine page shows of an original.
+    What an operator is shown of a message.
 
     @ivar headers: the top-level header block, decoded leniently (bytes
         that are not UTF-8 appear as replacement characters).
@@ -67,7 +71,7 @@ class OriginalView:
     size: int
     headers: str
     headers_complete: bool
-    parts: tuple[OriginalPart, ...]
+    parts: tuple[MessagePart, ...]
     unreliable: str | None = None
 
 
@@ -89,16 +93,22 @@ def _decode_body(data: bytes, encoding: str, charset: str | None) -> str:
     return data.decode(name, errors="replace")
 
 
-def _part(file: BinaryIO, entity: Entity) -> OriginalPart:
+def _part(file: BinaryIO, entity: Entity, budget: int) -> MessagePart:
     size = max(0, entity.end - entity.body_start)
     preview = None
     truncated = False
-    if entity.is_leaf and entity.content_type.startswith("text/") and not entity.signed:
+    if (
+        entity.is_leaf
+        and entity.content_type.startswith("text/")
+        and not entity.signed
+        and budget > 0
+    ):
+        limit = min(PREVIEW_LIMIT, budget)
         file.seek(entity.body_start)
-        data = file.read(min(size, PREVIEW_LIMIT))
-        truncated = size > PREVIEW_LIMIT
+        data = file.read(min(size, limit))
+        truncated = size > limit
         preview = _decode_body(data, entity.transfer_encoding, entity.charset)
-    return OriginalPart(
+    return MessagePart(
         part_id=entity.part_id,
         depth=entity.depth,
         content_type=entity.content_type,
@@ -112,28 +122,35 @@ def _part(file: BinaryIO, entity: Entity) -> OriginalPart:
     )
 
 
-def inspect_original(path: str) -> OriginalView:
+def inspect_message(path: str, preview_budget: int = PREVIEW_BUDGET) -> MessageView:
     """
-    Read the original at C{path} (blocking).
+    Read the message at C{path} (blocking).
+
+    @param preview_budget: encoded bytes read for all text previews
+        together; the parts after it has run out get none.
     """
     with open(path, "rb") as file:
         block, complete = read_header_block(file, HEADER_LIMIT)
         headers = block.decode("utf-8", errors="replace")
         structure = parse_structure(file)
         if structure.unreliable:
-            return OriginalView(
+            return MessageView(
                 size=structure.size,
                 headers=headers,
                 headers_complete=complete,
                 parts=(),
                 unreliable=structure.detail or str(structure.defect),
             )
-        parts: list[OriginalPart] = []
+        parts: list[MessagePart] = []
+        budget = preview_budget
         for entity in structure.walk():
             if len(parts) >= MAX_PARTS:
                 break
-            parts.append(_part(file, entity))
-        return OriginalView(
+            part = _part(file, entity, budget)
+            if part.preview is not None:
+                budget -= min(part.size, PREVIEW_LIMIT)
+            parts.append(part)
+        return MessageView(
             size=structure.size,
             headers=headers,
             headers_complete=complete,
