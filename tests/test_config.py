@@ -93,6 +93,31 @@ class ValidationTests(SynchronousTestCase):
         """
         self.assertEqual(problems(MINIMAL), [])
 
+    def test_lanes(self) -> None:
+        """
+        The big-message lane reads sizes with units, defaults to 4 MiB and
+        two at a time, and a bad value names its key.
+        """
+        config = parse_config(tomllib.loads(MINIMAL), base=ETC)
+        self.assertEqual(
+            (config.delivery.big_message, config.delivery.big_concurrency),
+            (4 << 20, 2),
+        )
+        config = parse_config(
+            tomllib.loads(
+                MINIMAL + '[delivery]\nbig_message = "10MiB"\nbig_concurrency = 3\n'
+            ),
+            base=ETC,
+        )
+        self.assertEqual(
+            (config.delivery.big_message, config.delivery.big_concurrency),
+            (10 << 20, 3),
+        )
+        lines = problems(MINIMAL + "[delivery]\nbig_concurrency = 0\n")
+        self.assertTrue(
+            any(line.startswith("delivery.big_concurrency:") for line in lines), lines
+        )
+
     def test_unknown_tls_mode(self) -> None:
         """
         A misspelt TLS mode names the key and the allowed modes.

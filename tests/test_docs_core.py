@@ -23,7 +23,7 @@ from mdgateway.emulator.config import DEFAULT_SANITIZE_TYPES
 from mdgateway.emulator.tap import Options
 from mdgateway.scan.client import CoreClient
 from mdgateway.scan.runtime import MAX_RETRY_AFTER, CoreRuntime
-from mdgateway.tomlreader import parse_duration
+from mdgateway.tomlreader import parse_duration, parse_size
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
@@ -83,6 +83,8 @@ def _value(cell: str) -> Any:
         return int(cell)
     if re.fullmatch(r"-?\d+\.\d+", cell):
         return float(cell)
+    if re.fullmatch(r"\d+[KMG]iB", cell):
+        return parse_size(cell)
     duration = parse_duration(cell)
     if duration is not None and re.search(r"[a-z]$", cell):
         return duration
@@ -102,6 +104,8 @@ _PROFILE_KEYS = (
     "submit",
     "verdict_cache",
     "verdict_cache_size",
+    "big_part",
+    "big_concurrency",
 )
 
 
