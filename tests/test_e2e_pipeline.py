@@ -120,12 +120,16 @@ def headers_of(received: Received) -> email.message.Message:
     return email.message_from_bytes(received.content, policy=email.policy.compat32)
 
 
-def message(subject: str, attachment: tuple[bytes, str] | None = None) -> EmailMessage:
+def message(
+    subject: str,
+    attachment: tuple[bytes, str] | None = None,
+    body: str = "Hello, Bob.\n",
+) -> EmailMessage:
     m = EmailMessage()
     m["From"] = "alice@example.com"
     m["To"] = "bob@example.org"
     m["Subject"] = subject
-    m.set_content("Hello, Bob.\n")
+    m.set_content(body)
     if attachment is not None:
         data, name = attachment
         m.add_attachment(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import email
 import email.policy
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -47,10 +48,12 @@ pytestmark = pytest.mark.timeout(120)
 class UploadCounter:
     """
     A TCP relay in front of the Core emulator that counts the uploads
-    (C{POST /file} requests) passing through it, on the wire.
+    (C{POST /file} and C{POST /file/sync} requests) passing through it,
+    on the wire.
     """
 
-    _REQUEST = b"POST /file HTTP/1.1\r\n"
+    _REQUESTS = (b"POST /file HTTP/1.1\r\n", b"POST /file/sync HTTP/1.1\r\n")
+    _LONGEST = max(len(r) for r in _REQUESTS)
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
@@ -82,8 +85,15 @@ class UploadCounter:
                 if count:
                     seen = tail + data
                     with self._lock:
-                        self.uploads += seen.count(self._REQUEST)
-                    tail = seen[-(len(self._REQUEST) - 1) :]
+                        # A request line ending inside the old tail was
+                        # counted with the previous chunk.
+                        self.uploads += sum(
+                            1
+                            for r in self._REQUESTS
+                            for m in re.finditer(re.escape(r), seen)
+                            if m.end() > len(tail)
+                        )
+                    tail = seen[-(self._LONGEST - 1) :]
                 sink.sendall(data)
         except OSError:
             pass
