@@ -360,15 +360,26 @@ def parse_config(
 
 def _workers(section: Section) -> int:
     """
-    C{[processes] workers}: a count, or C{"auto"} for one per CPU.
+    C{[processes] workers}: a count, or C{"auto"} for one per usable CPU.
     """
     if isinstance(section.data.get("workers"), str):
         value = section.string("workers")
         section.check(
             "workers", value == "auto", f"expected a count or 'auto', got {value!r}"
         )
-        return max(1, min(64, os.cpu_count() or 1))
+        return max(1, min(64, usable_cpus()))
     return section.integer("workers", 1, minimum=1, maximum=64)
+
+
+def usable_cpus() -> int:
+    """
+    The CPUs this process may run on (its affinity, which a container or
+    C{taskset} narrows), else every CPU of the host.
+    """
+    affinity = getattr(os, "sched_getaffinity", None)
+    if affinity is not None:
+        return len(affinity(0))
+    return os.cpu_count() or 1
 
 
 def _umask(section: Section) -> int:

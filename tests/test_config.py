@@ -4,6 +4,7 @@ Tests for loading and validating the gateway configuration file.
 
 from __future__ import annotations
 
+import os
 import tomllib
 from pathlib import Path
 
@@ -359,15 +360,18 @@ class ProcessesTests(SynchronousTestCase):
 
     def test_workers(self) -> None:
         """
-        One process by default; a count; C{"auto"} is one per CPU (at
-        least one); anything else is refused naming the key.
+        One process by default; a count; C{"auto"} is one per CPU this
+        process may run on (its affinity); anything else is refused naming
+        the key.
         """
         base = tomllib.loads(MINIMAL)
         self.assertEqual(parse_config(base, base=ETC).workers, 1)
         three = {**base, "processes": {"workers": 3}}
         self.assertEqual(parse_config(three, base=ETC).workers, 3)
         auto = {**base, "processes": {"workers": "auto"}}
-        self.assertGreaterEqual(parse_config(auto, base=ETC).workers, 1)
+        self.assertEqual(
+            parse_config(auto, base=ETC).workers, min(64, len(os.sched_getaffinity(0)))
+        )
         for bad, message in (
             ("0", "processes.workers: must be at least 1"),
             ("65", "processes.workers: must be at most 64"),

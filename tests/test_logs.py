@@ -191,3 +191,24 @@ class InstallTests(SynchronousTestCase):
         logs.json_lines_observer(out)(emitted(message_id="F", count=0))
         (line,) = out.getvalue().splitlines()
         self.assertEqual(json.loads(line)["message_id"], "F")
+
+
+class NoiseTests(SynchronousTestCase):
+    """
+    What the gateway's observers leave out.
+    """
+
+    def test_factory_chatter_dropped(self) -> None:
+        """
+        Twisted's "Starting factory"/"Stopping factory" events (one pair
+        per new connection to Core or a relay) are not written; other
+        events of the same level are.
+        """
+        out = io.StringIO()
+        observer = logs.json_lines_observer(out)
+        for verb in ("Starting", "Stopping"):
+            chatter = dict(emitted(), log_format=verb + " factory {factory!r}")
+            observer(chatter)
+        observer(emitted(message_id="G", count=1))
+        (line,) = out.getvalue().splitlines()
+        self.assertEqual(json.loads(line)["message_id"], "G")
