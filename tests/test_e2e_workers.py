@@ -208,6 +208,9 @@ def test_killed_worker_restarts_and_retired_spool_is_adopted(
         assert events(gw, "exited unexpectedly")
         wait_for(lambda: len(handler.messages) == 2)
         assert sorted(subjects(handler)) == sorted(first)
+        # Delivered, then recorded, then removed: wait for the removal so
+        # the count below sees only the second pair.
+        wait_for(lambda: not list((worker_spool / "queue").glob("*.json")))
         with stopped(gw):
             second = [send(port, f"a{n}") for n in range(2)]
             os.kill(new_pid, signal.SIGKILL)
