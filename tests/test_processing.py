@@ -29,27 +29,22 @@ from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
+from mdgateway.emulator.detect import EICAR
 from mdgateway.message.decompose import WHOLE_MESSAGE_NAME, ScannablePart, decompose
 from mdgateway.message.digest import ContentHasher
 from mdgateway.message.marker import Stamp
 from mdgateway.message.structure import Structure, parse_structure
 from mdgateway.policy.profiles import CoreProfile, CoreServer, RelayServer, SmtpProfile
 from mdgateway.policy.rules import ERROR_ACTIONS, ErrorHandling, Rule
-from mdgateway.queue.processing import (
-    CopyJob,
-    CopyOutcome,
-    CopyProcessor,
-    Decision,
-    Delivery,
-    IScanner,
-)
+from mdgateway.queue.copies import CopyJob, CopyOutcome, Decision, Delivery
+from mdgateway.queue.processing import CopyProcessor
 from mdgateway.scan.errors import Condition, CoreError
+from mdgateway.scan.interfaces import IScanner
 from mdgateway.scan.runtime import CoreRuntime
 from mdgateway.scan.verdict import Outcome, Verdict
 from mdgateway.testing.scan import (
     CORE_RULE,
     CORE_URL,
-    EICAR,
     FakeScanner,
     converted_content,
 )
