@@ -77,7 +77,10 @@ relay_profile = "downstream"
     return toml, core_port
 
 
-def wait_for(predicate: Callable[[], T], timeout: float = 30.0) -> T:
+def wait_for(predicate: Callable[[], T | None], timeout: float = 30.0) -> T:
+    """
+    Poll C{predicate} until it returns a true value, and return that value.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
