@@ -56,7 +56,7 @@ def python_payloads(data: bytes) -> dict[bytes, str]:
         for part in email.message_from_bytes(data, policy=policy).walk():
             if not part.is_multipart():
                 payload = part.get_payload(decode=True)
-                if payload:
+                if isinstance(payload, bytes) and payload:
                     found.setdefault(payload, name)
     return found
 
