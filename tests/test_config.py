@@ -10,7 +10,8 @@ from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from mdgateway.config import ConfigError, endpoint_address, load_config, parse_config
+from mdgateway.config import ConfigError, load_config, parse_config
+from mdgateway.endpoints import endpoint_address
 from mdgateway.tomlreader import parse_duration, parse_size
 
 ETC = Path(__file__).resolve().parent.parent / "etc"

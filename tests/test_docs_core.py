@@ -160,9 +160,14 @@ def test_emulator_options() -> None:
         elif len(defaults) != len(options):
             defaults = defaults[:1] * len(options)
         documented.update(zip(options, defaults, strict=True))
-    options = Options()
-    parameters = {p[0]: p[2] for p in options.optParameters}
-    flags = {f[0] for f in options.optFlags}
+    parameters: dict[str, object] = {}
+    for row in Options.optParameters:
+        assert isinstance(row, list), row
+        parameters[row[0]] = row[2]
+    flags = set()
+    for row in Options.optFlags:
+        assert isinstance(row, list), row
+        flags.add(row[0])
     assert set(documented) == set(parameters) | flags
     for name in flags:
         assert documented[name] == "off", name

@@ -20,6 +20,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,6 +29,7 @@ from tests.downstream import RecordingHandler, _Controller
 from tests.gatewayproc import (
     ETC,
     REPO,
+    GatewayProcess,
     environment,
     free_port,
     running_gateway,
@@ -151,10 +153,10 @@ def counted_toml(
     )
 
 
-def deferrals(gw: object, queue_id: str) -> int:
+def deferrals(gw: GatewayProcess, queue_id: str) -> int:
     return sum(
         1
-        for e in gw.log_events()  # type: ignore[attr-defined]
+        for e in gw.log_events()
         if e.get("message_id") == queue_id
         and e["msg"].startswith(f"{queue_id} deferred")
     )
@@ -314,7 +316,7 @@ def test_empty_parts_pass_default_configuration(
         wait_for(lambda: not list((tmp_path / "spool" / "queue").glob("*")))
         token = (tmp_path / "admin.token").read_text().strip()
 
-        def finished() -> list[dict]:
+        def finished() -> list[dict[str, Any]]:
             _, body = call(admin, "/api/messages", token=token)
             items = json.loads(body)["items"]
             done = [i for i in items if i["finished_at"]]

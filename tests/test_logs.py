@@ -9,6 +9,7 @@ import io
 import json
 from typing import Any
 
+from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import (
     Logger,
     LogLevel,
@@ -27,8 +28,8 @@ def emitted(**fields: Any) -> dict[str, Any]:
     """
     The event a Logger emits for C{log.info(format, **fields)}.
     """
-    events: list[dict[str, Any]] = []
-    log = Logger(namespace="mdgateway.test", observer=events.append)
+    events = EventLoggingObserver()
+    log = Logger(namespace="mdgateway.test", observer=events)
     log.info("queued {message_id} for {count} recipient(s)", **fields)
     return events[0]
 
@@ -61,8 +62,8 @@ class JSONLinesTests(SynchronousTestCase):
         """
         A logged failure adds C{error} (type and message) and C{traceback}.
         """
-        events: list[dict[str, Any]] = []
-        log = Logger(namespace="x", observer=events.append)
+        events = EventLoggingObserver()
+        log = Logger(namespace="x", observer=events)
         try:
             raise ValueError("bad thing")
         except ValueError:

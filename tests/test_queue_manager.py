@@ -23,7 +23,7 @@ from mdgateway.queue.envelope import Envelope, Recipient
 from mdgateway.queue.manager import QueueManager
 from mdgateway.queue.planner import RetryPolicy
 from mdgateway.queue.spool import Spool
-from mdgateway.queue.state import RecipientStatus
+from mdgateway.queue.state import DeliveryState, RecipientStatus
 from mdgateway.relay.delivery import Status
 from mdgateway.testing.queue import (
     FakeLoopGuard,
@@ -86,8 +86,11 @@ class Harness:
         A new spool and manager over the same folder (a restart).
         """
         self.spool = Spool(
-            str(self.root / "spool"), self.clock, self.pool, min_free_bytes=0
-        )  # type: ignore[arg-type]
+            str(self.root / "spool"),
+            self.clock,
+            self.pool,  # type: ignore[arg-type]  # a duck-typed ThreadPool
+            min_free_bytes=0,
+        )
         self.test.successResultOf(self.spool.acquire())
         self.recovered = self.test.successResultOf(self.spool.recover())
         self.manager = QueueManager(
@@ -130,7 +133,7 @@ class Harness:
     def entries(self) -> list[SpoolEntry]:
         return self.test.successResultOf(self.spool.list_entries())
 
-    def state(self, entry: SpoolEntry):  # type: ignore[no-untyped-def]
+    def state(self, entry: SpoolEntry) -> DeliveryState:
         return self.test.successResultOf(self.manager.load_state(entry))
 
     def reports(self) -> list[SpoolEntry]:
