@@ -4,6 +4,7 @@ against the Core emulator, at zero emulator latency and at 500 ms per file.
 
     python3 benchmarks/core_client.py [--seconds 10] [--concurrency 200]
         [--poll-interval 0.05] [--latencies 0,0.5] [--in-process]
+        [--instant] [--profile out.pstats] [--submit auto|sync|poll]
 
 The emulator runs as a subprocess (C{python -m twisted mdcore-emulator}) so
 client and server do not share one CPU, unless C{--in-process}. Each
@@ -11,11 +12,18 @@ scenario keeps C{--concurrency} scans in flight for C{--seconds} and prints
 files per second; with latency the ceiling is about concurrency / (time per
 file), far above 1 / latency, which is what a client doing one file at a
 time would get. Nothing here is a test: the machine is shared and noisy.
+
+With C{--instant} the emulator is the instant stand-in (every file clean at
+once, never read), so what is left is the client's own cost: the figure
+"client CPU ms/file" is this process's CPU time per scanned file (the
+emulator runs in another process). C{--profile} writes a cProfile of the
+client's process to a file (C{python3 -m pstats FILE} reads it).
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import os
 import socket
 import subprocess
@@ -40,6 +48,8 @@ from mdgateway.emulator.app import (  # noqa: E402
 from mdgateway.policy.profiles import CoreProfile, CoreServer  # noqa: E402
 from mdgateway.scan.errors import CoreError  # noqa: E402
 from mdgateway.scan.runtime import CoreRuntime  # noqa: E402
+
+profiler = cProfile.Profile()
 
 
 def free_port() -> int:
@@ -70,13 +80,11 @@ def make_files(directory: Path, count: int = 40) -> list[tuple[str, str]]:
 
 
 async def start_emulator(
-    reactor: Any, latency: float, in_process: bool, workdir: Path
+    reactor: Any, latency: float, in_process: bool, workdir: Path, instant: bool
 ) -> tuple[str, Any]:
     if in_process:
-        server = EmulatorServer(
-            reactor,
-            CoreEmulator(reactor, EmulatorConfig(latency=latency, queue_size=100000)),
-        )
+        config = EmulatorConfig(latency=latency, queue_size=100000, instant=instant)
+        server = EmulatorServer(reactor, CoreEmulator(reactor, config))
         server.start()
         return server.url, server
     port = free_port()
@@ -95,6 +103,7 @@ async def start_emulator(
             "--quiet",
             "--workdir",
             str(workdir),
+            *(["--instant"] if instant else []),
         ],
         env=dict(os.environ, PYTHONPATH=str(REPO)),
         stdout=subprocess.DEVNULL,
@@ -125,13 +134,16 @@ async def scenario(reactor: Any, args: argparse.Namespace, latency: float) -> No
         files = make_files(Path(tmp))
         workdir = Path(tmp) / "emulator"
         workdir.mkdir()
-        url, handle = await start_emulator(reactor, latency, args.in_process, workdir)
+        url, handle = await start_emulator(
+            reactor, latency, args.in_process, workdir, args.instant
+        )
         profile = CoreProfile(
             name="bench",
             servers=(CoreServer(url),),
             poll_interval=args.poll_interval,
             concurrency=args.concurrency,
             scan_timeout=60,
+            submit=args.submit,
         )
         runtime = CoreRuntime.from_profile(profile, reactor)
         done = 0
@@ -157,9 +169,15 @@ async def scenario(reactor: Any, args: argparse.Namespace, latency: float) -> No
                 latencies.append(reactor.seconds() - began)
 
         started = time.monotonic()
+        cpu = time.process_time()
+        if args.profile:
+            profiler.enable()
         await defer.gatherResults(
             [defer.Deferred.fromCoroutine(worker(i)) for i in range(args.concurrency)]
         )
+        if args.profile:
+            profiler.disable()
+        cpu = time.process_time() - cpu
         elapsed = time.monotonic() - started
         await runtime.close()
         await stop_emulator(handle)
@@ -174,7 +192,8 @@ async def scenario(reactor: Any, args: argparse.Namespace, latency: float) -> No
     print(
         f"latency {latency * 1000:4.0f} ms  concurrency {args.concurrency:4d}  "
         f"{done:6d} files in {elapsed:5.1f} s = {rate:7.1f} files/s  "
-        f"(median {median * 1000:5.0f} ms per file, errors {errors}{bound})"
+        f"(median {median * 1000:5.0f} ms per file, errors {errors}{bound}); "
+        f"client CPU {1000 * cpu / max(1, done):.2f} ms/file"
     )
 
 
@@ -186,6 +205,9 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
     )
     for latency in args.latencies:
         await scenario(reactor, args, latency)
+    if args.profile:
+        profiler.dump_stats(args.profile)
+        print(f"profile written to {args.profile}")
 
 
 def parse() -> argparse.Namespace:
@@ -199,6 +221,18 @@ def parse() -> argparse.Namespace:
         default=[0.0, 0.5],
     )
     parser.add_argument("--in-process", action="store_true")
+    parser.add_argument(
+        "--instant",
+        action="store_true",
+        help="the emulator answers at once without scanning (measures the client)",
+    )
+    parser.add_argument("--profile", help="write a cProfile of the client here")
+    parser.add_argument(
+        "--submit",
+        choices=("auto", "sync", "poll"),
+        default="auto",
+        help="the Core profile's submit mode",
+    )
     return parser.parse_args()
 
 

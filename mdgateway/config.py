@@ -158,6 +158,8 @@ class EmulatorSettings:
     enabled: bool = False
     endpoint: str = "tcp:8008:interface=127.0.0.1"
     latency: float = 0.0
+    #: A benchmark stand-in: every file clean at once, never read.
+    instant: bool = False
 
 
 @attrs.frozen
@@ -314,6 +316,7 @@ def parse_config(
         enabled=emulator_section.boolean("enabled", False),
         endpoint=emulator_section.string("endpoint", "tcp:8008:interface=127.0.0.1"),
         latency=emulator_section.duration("latency", 0.0),
+        instant=emulator_section.boolean("instant", False),
     )
     _endpoint(emulator_section, "endpoint", emulator.endpoint, TCP_KINDS, False)
     emulator_section.finish()

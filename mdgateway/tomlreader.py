@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_settings -*-
+# -*- test-case-name: tests.test_config -*-
 """
 Typed reading of one TOML table, collecting every problem with its key path.
 
@@ -165,7 +165,8 @@ class Section:
                 self.problems.add(self._key(key), f"not a size: {value!r}")
                 return default
             value = parsed
-        return self._bounded(key, value, default, minimum, None)
+        bounded: int = self._bounded(key, value, default, minimum, None)
+        return bounded
 
     def duration(self, key: str, default: float, minimum: float = 0.0) -> float:
         """

@@ -69,7 +69,7 @@ from mdgateway.store import (
     MessageStatus,
     PartVerdict,
     ReceivedMessage,
-    RecipientResult,
+    RecipientDelivery,
     Refusal,
     ScanVerdict,
     SqliteStore,
@@ -150,7 +150,7 @@ async def seed(store: SqliteStore) -> Seeded:
     )
     await store.record_delivery(
         "Q1.1",
-        RecipientResult(
+        RecipientDelivery(
             "bob@example.org",
             DeliveryStatus.DELIVERED,
             250,

@@ -7,10 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
-from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from mdgateway.config import parse_config
@@ -26,6 +24,7 @@ from mdgateway.receive.admission import (
 from mdgateway.receive.handler import IRecipientPolicy
 from mdgateway.smtp.interfaces import ConnectionInfo
 from mdgateway.smtp.parse import parse_mail_from, parse_rcpt_to
+from mdgateway.testing.receive import ScriptedVerifier
 
 BASE = """
 sender_helo_domain = "gw.test"
@@ -58,29 +57,6 @@ def decide(policy: RulePolicy, sender: str, rcpt: str, client: str = "192.0.2.1"
     mail = parse_mail_from(f"FROM:<{sender}>")
     result = policy.decide(info(client), mail, parse_rcpt_to(f"TO:<{rcpt}>", False))
     return result
-
-
-@implementer(IRecipientVerifier)
-class ScriptedVerifier:
-    """
-    A verifier answering from a table keyed by (profile name, recipient),
-    recording every probe; unanswered probes stay pending in C{pending}.
-    """
-
-    def __init__(self, answers: dict[tuple[str, str], str] | None = None) -> None:
-        self.answers = answers
-        self.probes: list[tuple[str, str]] = []
-        self.pending: list[Deferred[str]] = []
-
-    def verify(
-        self, profile: SmtpProfile, sender: str, recipient: str
-    ) -> Deferred[str]:
-        self.probes.append((profile.name, recipient))
-        if self.answers is None:
-            d: Deferred[str] = Deferred()
-            self.pending.append(d)
-            return d
-        return succeed(self.answers[(profile.name, recipient)])
 
 
 class RulePolicyTests(SynchronousTestCase):

@@ -277,6 +277,19 @@ recipients = 0
             lines,
         )
 
+    def test_emulator_instant(self) -> None:
+        """
+        C{[emulator] instant} is off unless set; it must be a boolean.
+        """
+        self.assertFalse(
+            parse_config(tomllib.loads(MINIMAL), base=ETC).emulator.instant
+        )
+        text = MINIMAL + "[emulator]\nenabled = true\ninstant = true\n"
+        self.assertTrue(parse_config(tomllib.loads(text), base=ETC).emulator.instant)
+        lines = problems(MINIMAL + '[emulator]\ninstant = "yes"\n')
+        self.assertEqual(len(lines), 1, lines)
+        self.assertTrue(lines[0].startswith("emulator.instant"), lines)
+
     def test_auth_needs_tls_and_users(self) -> None:
         """
         AUTH on a listener needs TLS and a users file.

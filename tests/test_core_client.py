@@ -244,7 +244,7 @@ async def test_waits_for_processing_not_scan(tmp_path: Path) -> None:
     The client keeps polling after C{scan_results} reaches 100 until
     C{process_info} does, so it sees the Deep CDR outcome.
     """
-    rig = Rig(tmp_path, EmulatorConfig(latency=0.05))
+    rig = Rig(tmp_path, EmulatorConfig(latency=0.05), submit="poll")
     try:
         path = rig.file("a.docx", docx())
         verdict = await rig.client.scan(path, "a.docx")
@@ -429,7 +429,9 @@ async def test_access_denied_logged(tmp_path: Path) -> None:
     """
     observer = EventLoggingObserver()
     globalLogPublisher.addObserver(observer)
-    rig = Rig(tmp_path, EmulatorConfig(apikey="right"), apikey="wrong-key-123")
+    rig = Rig(
+        tmp_path, EmulatorConfig(apikey="right"), apikey="wrong-key-123", submit="poll"
+    )
     try:
         error = await expect_error(rig.client.scan(rig.file("a.txt", b"hi"), "a.txt"))
         assert (error.condition, error.status) == (Condition.ACCESS_DENIED, 400)
@@ -466,7 +468,7 @@ async def test_scan_timeout(tmp_path: Path) -> None:
     A scan not complete within the profile's C{scan_timeout} is
     I{scan timeout}, and the client asks Core to cancel it.
     """
-    rig = Rig(tmp_path, EmulatorConfig(latency=30), scan_timeout=0.2)
+    rig = Rig(tmp_path, EmulatorConfig(latency=30), scan_timeout=0.2, submit="poll")
     try:
         error = await expect_error(rig.client.scan(rig.file("a.txt", b"hi"), "a.txt"))
         assert error.condition is Condition.SCAN_TIMEOUT
@@ -483,7 +485,7 @@ async def test_stalled_body(tmp_path: Path) -> None:
     A response body that stops arriving hits the body timeout (treq's own
     timeout ends at the headers) and is I{unreachable}.
     """
-    rig = Rig(tmp_path, client_options={"body_timeout": 0.2})
+    rig = Rig(tmp_path, client_options={"body_timeout": 0.2}, submit="poll")
     try:
         rig.emulator.stall_next(1)
         error = await expect_error(rig.client.scan(rig.file("a.txt", b"hi"), "a.txt"))
@@ -520,7 +522,7 @@ async def test_lost_data_id_resubmits(tmp_path: Path, status: int) -> None:
     When Core forgets the data_id (404, or 200 C{{"<id>": "Not Found"}}),
     the file is submitted again and the scan succeeds.
     """
-    rig = Rig(tmp_path, EmulatorConfig(not_found_status=status))
+    rig = Rig(tmp_path, EmulatorConfig(not_found_status=status), submit="poll")
     try:
         rig.emulator.forget_next(1)
         verdict = await rig.client.scan(rig.file("a.txt", b"hi"), "a.txt")
@@ -537,7 +539,7 @@ async def test_resubmissions_bounded(tmp_path: Path) -> None:
     Resubmissions stop after C{max_resubmissions}: then the server counts
     as not working (I{unreachable}, its fault).
     """
-    rig = Rig(tmp_path, client_options={"max_resubmissions": 1})
+    rig = Rig(tmp_path, client_options={"max_resubmissions": 1}, submit="poll")
     try:
         rig.emulator.forget_next(10)
         error = await expect_error(rig.client.scan(rig.file("a.txt", b"hi"), "a.txt"))

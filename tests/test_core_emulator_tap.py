@@ -73,6 +73,10 @@ class TapTests(SynchronousTestCase):
             (True, 200, False),
         )
         self.assertEqual(config.retention, 30.0)
+        self.assertFalse(config.instant)
+        options = Options()
+        options.parseOptions(["--instant"])
+        self.assertTrue(options.config().instant)
 
     def test_fidelity_knobs(self) -> None:
         """

@@ -138,6 +138,38 @@ async def _polled(v: Verdict, e: CoreEmulator, r: CoreRuntime, t: Path) -> None:
     assert e.counters["poll"] >= 3
 
 
+async def _one_request(v: Verdict, e: CoreEmulator, r: CoreRuntime, t: Path) -> None:
+    # The version, asked once per server, then one request for the file.
+    assert (e.counters["version"], e.counters["sync"]) == (1, 1)
+    assert e.counters["requests"] == 2
+    assert e.counters["poll"] == 0
+
+
+async def _polled_after_408(
+    v: Verdict, e: CoreEmulator, r: CoreRuntime, t: Path
+) -> None:
+    assert (e.counters["sync"], e.counters["submit"]) == (1, 1)
+    assert e.counters["poll"] >= 1
+
+
+async def _not_synchronous(
+    v: Verdict, e: CoreEmulator, r: CoreRuntime, t: Path
+) -> None:
+    assert e.counters["version"] == 1
+    assert e.counters["sync"] == e.counters["no_sync"] == 0
+    assert e.counters["poll"] >= 1
+
+
+async def _sync_refused(v: Verdict, e: CoreEmulator, r: CoreRuntime, t: Path) -> None:
+    # Tried once, then never again: the next file goes to POST /file.
+    assert e.counters["no_sync"] == 1
+    path = t / "again"
+    path.write_bytes(b"again")
+    assert (await r.scan(str(path), "again.txt")).allowed
+    assert e.counters["no_sync"] == 1
+    assert e.counters["submit"] == 2
+
+
 async def _counted(e: CoreError, em: CoreEmulator, r: CoreRuntime, t: Path) -> None:
     (status,) = r.status()
     assert status.failures == 1 and not status.busy
@@ -151,7 +183,35 @@ async def _not_counted(e: CoreError, em: CoreEmulator, r: CoreRuntime, t: Path) 
 BIG = b"x" * (4 << 20)
 
 CASES = [
-    Case("clean", b"hello", result="Allowed", check=_polled, config={"latency": 0.3}),
+    Case(
+        "clean, polled",
+        b"hello",
+        result="Allowed",
+        check=_polled,
+        config={"latency": 0.3},
+        profile={"submit": "poll"},
+    ),
+    Case(
+        "clean, synchronous",
+        b"hello",
+        result="Allowed",
+        check=_one_request,
+        config={"latency": 0.3},
+    ),
+    Case(
+        "408, then polled",
+        b"hello",
+        result="Allowed",
+        check=_polled_after_408,
+        config={"latency": 0.5, "sync_timeout": 0.1},
+    ),
+    Case(
+        "no /file/sync despite the version",
+        b"hello",
+        result="Allowed",
+        check=_sync_refused,
+        config={"shape": attrs.evolve(SHAPES["v4"], sync=False)},
+    ),
     Case("infected", EICAR, "eicar.com", result="Blocked", reason="Infected"),
     Case(
         "zip with EICAR",
@@ -217,6 +277,7 @@ CASES = [
         b"hello",
         config={"shape": SHAPES["early-v4"], "latency": 0.2},
         result="Allowed",
+        check=_not_synchronous,
     ),
     Case(
         "v5 shapes",
@@ -259,6 +320,7 @@ CASES = [
         knobs=lambda e: e.forget_next(1),
         result="Allowed",
         check=_resubmitted,
+        profile={"submit": "poll"},
     ),
     Case(
         "200 not-found form",
@@ -267,6 +329,7 @@ CASES = [
         knobs=lambda e: e.forget_next(1),
         result="Allowed",
         check=_resubmitted,
+        profile={"submit": "poll"},
     ),
     Case(
         "id never found",
@@ -274,6 +337,15 @@ CASES = [
         knobs=lambda e: e.forget_next(10),
         condition=Condition.UNREACHABLE,
         check=_three_uploads,
+        profile={"submit": "poll"},
+    ),
+    Case(
+        "id lost after a 408",
+        b"x",
+        config={"latency": 0.5, "sync_timeout": 0.1},
+        knobs=lambda e: e.forget_next(1),
+        result="Allowed",
+        check=_resubmitted,
     ),
     Case(
         "hang",
@@ -296,14 +368,23 @@ CASES = [
         knobs=lambda e: e.stall_next(1),
         condition=Condition.UNREACHABLE,
         client={"body_timeout": 0.5},
+        profile={"submit": "poll"},
     ),
     Case(
         "slower than scan_timeout",
         b"x",
         config={"latency": 30.0},
-        profile={"scan_timeout": 1.0},
+        profile={"scan_timeout": 1.0, "submit": "poll"},
         condition=Condition.SCAN_TIMEOUT,
         check=_cancelled,
+    ),
+    Case(
+        "slower than scan_timeout, synchronous",
+        b"x",
+        config={"latency": 30.0},
+        profile={"scan_timeout": 1.0},
+        condition=Condition.SCAN_TIMEOUT,
+        check=_counted,
     ),
 ]
 

@@ -61,6 +61,8 @@ class Setup:
             concurrency=concurrency,
             failure_threshold=threshold,
             retry_after=retry_after,
+            # Server logic only: the fake files have no content to hash.
+            verdict_cache=0.0,
         )
         self.fakes = [FakeCoreServerClient(s) for s in profile.servers]
         self.runtime = CoreRuntime(
@@ -724,6 +726,7 @@ async def test_round_robin_spreads(tmp_path: Path) -> None:
         servers=tuple(CoreServer(s.url) for s in servers),
         strategy="round_robin",
         poll_interval=0.01,
+        verdict_cache=0.0,  # the same file, scanned six times
     )
     runtime = CoreRuntime.from_profile(profile, reactor)
     try:

@@ -17,23 +17,20 @@ from __future__ import annotations
 import email
 import email.policy
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import fast_mail_parser
 from hypothesis import HealthCheck, given, settings
 from twisted.internet.defer import Deferred
-from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from mdgateway.message.decompose import WHOLE_MESSAGE_NAME
 from mdgateway.policy.profiles import CoreProfile, CoreServer, RelayServer, SmtpProfile
 from mdgateway.policy.rules import Rule
 from mdgateway.queue.processing import CopyJob, CopyOutcome, CopyProcessor
+from mdgateway.testing.scan import CORE_URL, FakeScanner
+from mdgateway.testing.threads import SynchronousThreadPool, ThreadsClock
 from tests.mimegen import messages
-from tests.scanners import CORE_URL, FakeScanner
-from tests.test_spool import SynchronousThreadPool
 
 #: Examples per property (thousands in all, within CI's time budget).
 EXAMPLES = 1500
@@ -43,16 +40,6 @@ RULE = Rule(
     CoreProfile("core", (CoreServer(CORE_URL),)),
     SmtpProfile("relay", (RelayServer("smtp", "127.0.0.1", 2525),)),
 )
-
-
-class ImmediateReactor(Clock):
-    """
-    A clock whose C{callFromThread} runs at once: with a synchronous thread
-    pool, processing a copy completes within the call.
-    """
-
-    def callFromThread(self, f: Callable[..., Any], *args: Any, **kw: Any) -> None:  # noqa: N802
-        f(*args, **kw)
 
 
 def python_payloads(data: bytes) -> dict[bytes, str]:
@@ -110,7 +97,7 @@ def process(data: bytes) -> tuple[CopyOutcome, list[bytes], list[str]]:
     """
     scanner = FakeScanner(sanitize_suffixes=())
     processor = CopyProcessor(
-        reactor=ImmediateReactor(),
+        reactor=ThreadsClock(),
         threadpool=SynchronousThreadPool(),  # type: ignore[arg-type]
         scanner_for=lambda name: scanner,
         hostname="gw.test",

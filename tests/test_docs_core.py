@@ -99,6 +99,9 @@ _PROFILE_KEYS = (
     "hash_lookup",
     "failure_threshold",
     "retry_after",
+    "submit",
+    "verdict_cache",
+    "verdict_cache_size",
 )
 
 
@@ -135,6 +138,7 @@ def test_emulator_keys() -> None:
         settings.endpoint,
         settings.latency,
     )
+    assert _value(rows["emulator.instant"][0]) is settings.instant is False
 
 
 def test_emulator_options() -> None:

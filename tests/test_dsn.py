@@ -29,7 +29,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from mdgateway.message.dsn import (
     DsnMessage,
     DsnSuppressedError,
-    RecipientResult,
+    RecipientReport,
     SuppressReason,
     address_field,
     envelope_id_field,
@@ -73,7 +73,7 @@ def make_envelope(**kw: Any) -> Envelope:
     return Envelope(**values)
 
 
-def failed(address: str = "bob@example.org", **kw: Any) -> RecipientResult:
+def failed(address: str = "bob@example.org", **kw: Any) -> RecipientReport:
     values: dict[str, Any] = {
         "action": "failed",
         "status": "5.1.1",
@@ -82,10 +82,10 @@ def failed(address: str = "bob@example.org", **kw: Any) -> RecipientResult:
         "last_attempt": NOW - 50,
     }
     values.update(kw)
-    return RecipientResult(address, **values)
+    return RecipientReport(address, **values)
 
 
-def delayed(address: str = "carol@example.org", **kw: Any) -> RecipientResult:
+def delayed(address: str = "carol@example.org", **kw: Any) -> RecipientReport:
     values: dict[str, Any] = {
         "action": "delayed",
         "status": "4.4.1",
@@ -95,7 +95,7 @@ def delayed(address: str = "carol@example.org", **kw: Any) -> RecipientResult:
         "will_retry_until": ARRIVED + 5 * 86400,
     }
     values.update(kw)
-    return RecipientResult(address, **values)
+    return RecipientReport(address, **values)
 
 
 def parse(path: str) -> EmailMessage:
@@ -355,7 +355,7 @@ class StatusFieldTests(DsnMixin, SynchronousTestCase):
         Optional fields absent from the result are absent from the block;
         Will-Retry-Until is only for delays.
         """
-        result = RecipientResult(
+        result = RecipientReport(
             "carol@example.org", "failed", "4.4.7", will_retry_until=NOW + 10
         )
         _, message, _ = self.write(results=[result])
@@ -774,8 +774,8 @@ class NotifyTests(DsnMixin, SynchronousTestCase):
             ]
         )
         results = [
-            RecipientResult("a@example.org", "delivered", "2.0.0", remote_mta="mx"),
-            RecipientResult("b@example.org", "relayed", "2.0.0"),
+            RecipientReport("a@example.org", "delivered", "2.0.0", remote_mta="mx"),
+            RecipientReport("b@example.org", "relayed", "2.0.0"),
         ]
         report, message, _ = self.write(envelope, results)
         self.assertEqual(report.kind, "success")
@@ -963,8 +963,8 @@ class ErrorTests(DsnMixin, SynchronousTestCase):
             ("relayed", "5.0.0"),
         ]
         for action, status in bad:
-            self.assertRaises(ValueError, RecipientResult, "a@b", action, status)
-        RecipientResult("a@b", "failed", "4.4.7")
+            self.assertRaises(ValueError, RecipientReport, "a@b", action, status)
+        RecipientReport("a@b", "failed", "4.4.7")
 
     def test_bad_reporting_mta(self) -> None:
         """

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import smtplib
+import socket
 import subprocess
 import threading
 import time
@@ -139,7 +140,9 @@ class Cluster:
             stderr=subprocess.STDOUT,
         )
         wait_for_port(self.front, proc=self.haproxy)
-        time.sleep(1.0)  # first health checks
+        # HAProxy accepts before its first health checks have found a
+        # server; wait until a connection through it is greeted.
+        wait_for(lambda: greeted(self.front))
 
     def api(
         self, name: str, path: str, method: str = "GET", body: dict | None = None
@@ -265,7 +268,7 @@ def test_cluster(cluster: tuple[Cluster, RecordingHandler]) -> None:
 
     worker = threading.Thread(target=load)
     worker.start()
-    time.sleep(0.5)
+    wait_for(lambda: len(sent) >= 3)  # the load is flowing through both
     gw1 = c.nodes["gw1"][0]
     gw1.terminate(timeout=60)
     worker.join(120)
@@ -291,3 +294,14 @@ def test_cluster(cluster: tuple[Cluster, RecordingHandler]) -> None:
         and len(line) == len(b"Subject: cluster 100")
     ]
     assert len(subjects) == len(set(subjects)), "a message was delivered twice"
+
+
+def greeted(port: int) -> bool:
+    """
+    Whether a connection to C{port} gets an SMTP greeting.
+    """
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+            return s.recv(512).startswith(b"220")
+    except OSError:
+        return False

@@ -20,7 +20,7 @@ import pytest
 from mdgateway.config import load_config
 from tests.coresamples import docx
 from tests.downstream import Received, RecordingHandler, _Controller
-from tests.gatewayproc import ETC, free_port, running_gateway
+from tests.gatewayproc import ETC, GatewayProcess, free_port, running_gateway
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -155,6 +155,8 @@ def test_clean_message_delivered_unchanged(
     with running_gateway(tmp_path, toml=toml, port=port):
         queue_id = send(port, raw)
         (got,) = wait_for(lambda: handler.messages)
+        # The entry goes just after the relay's 250 (its last step).
+        wait_for(lambda: not list((tmp_path / "spool" / "queue").glob("*")))
     assert got.mail_from == "alice@example.com"
     assert got.rcpt_tos == ["bob@example.org"]
     head, _, rest = got.content.partition(b"Received: from ")
@@ -167,7 +169,6 @@ def test_clean_message_delivered_unchanged(
     assert parsed["X-Metadefender-Core-Rule"] == "Automatic"
     assert parsed["X-Scanned-By"] == "mdgateway"
     assert parsed["X-MD-Email-Security-Id"].startswith(f"{queue_id}.1; t=")
-    assert not list((tmp_path / "spool" / "queue").glob("*"))
 
 
 @pytest.mark.parametrize("action", ["strip", "block", "deliver"])
@@ -186,8 +187,11 @@ def test_eicar(tmp_path: Path, smtpd: Callable[..., _Controller], action: str) -
     with running_gateway(tmp_path, toml=toml, port=port) as (gw, _):
         send(port, message("eicar", (EICAR, "eicar.com")))
         if action == "block":
+            # The decision line is logged when the copy is decided, and the
+            # entry goes only after everything it owed was done: after both,
+            # nothing more can be relayed.
+            wait_for(lambda: [e for e in gw.log_events() if "verdict" in e])
             wait_for(lambda: not list((tmp_path / "spool" / "queue").glob("*.eml")))
-            time.sleep(0.5)
             assert handler.messages == []
             # One decision line per copy: queue id, rule, verdict, action and
             # the version of the configuration it was decided under.
@@ -257,11 +261,13 @@ def test_core_down_retry_then_bypass_and_fail(
             emulator=False,
             rule=f'[rules.on_error]\ncore_unreachable = "{action}"',
         )
-        with running_gateway(work, toml=toml, port=port):
+        with running_gateway(work, toml=toml, port=port) as (gw, _):
             before = len(handler.messages)
             send(port, message(f"core down {action}"))
             if action == "retry":
-                time.sleep(3)
+                # The attempt ended deferred (logged): only then is "not
+                # delivered" an outcome rather than "not yet".
+                wait_for(lambda: deferred(gw), timeout=30)
                 assert len(handler.messages) == before
                 assert len(list((work / "spool" / "queue").glob("*.eml"))) == 1
             elif action == "bypass":
@@ -445,9 +451,9 @@ def test_verified_starttls_relay(
         f'servers = ["smtp://localhost:{bad.port}"]\ntls = "verify"\n'
         f'ca_file = "{pki.ca_cert}"',
     )
-    with running_gateway(work, toml=toml, port=port):
+    with running_gateway(work, toml=toml, port=port) as (gw, _):
         send(port, message("must not go"))
-        time.sleep(3)
+        wait_for(lambda: deferred(gw), timeout=30)
         assert untrusted.messages == []
         assert len(list((work / "spool" / "queue").glob("*.eml"))) == 1
 
@@ -466,16 +472,18 @@ def test_downstream_outage_then_delivery(
         down = s.getsockname()[1]
     port = free_port()
     toml, _ = pipeline_toml(port, tmp_path, down)
-    with running_gateway(tmp_path, toml=toml, port=port):
+    with running_gateway(tmp_path, toml=toml, port=port) as (gw, _):
         send(port, message("patience"))
-        time.sleep(4)
+        wait_for(lambda: deferred(gw), timeout=30)
         assert len(list((tmp_path / "spool" / "queue").glob("*.eml"))) == 1
         handler = RecordingHandler()
         controller = _Controller(handler, hostname="127.0.0.1", port=down)
         controller.start()
         try:
             (got,) = wait_for(lambda: handler.messages, timeout=30)
-            time.sleep(2)
+            # Once the entry is gone, the manager has nothing left to send:
+            # a second copy would have to be on the wire already.
+            wait_for(lambda: not list((tmp_path / "spool" / "queue").glob("*.eml")))
             assert len(handler.messages) == 1
         finally:
             controller.stop()
@@ -761,3 +769,10 @@ def test_forged_headers_after_large_header_block(
     assert len(parsed.get_all("X-MD-Email-Security-Id")) == 1
     assert got.content.count(b"X-Filler-") == 10000
     assert got.content.endswith(raw.split(b"\r\n\r\n", 1)[1])
+
+
+def deferred(gw: GatewayProcess) -> bool:
+    """
+    Whether the gateway logged that a delivery attempt ended deferred.
+    """
+    return any("deferred for" in e.get("msg", "") for e in gw.log_events())

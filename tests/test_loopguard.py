@@ -20,7 +20,7 @@ from mdgateway.queue.loopguard import (
     MarkerLoopGuard,
     SecretNotLoadedError,
 )
-from tests.test_spool import SynchronousThreadPool, ThreadsClock
+from mdgateway.testing.threads import SynchronousThreadPool, ThreadsClock
 
 NOW = 1_700_000_000.0
 STAMP = Stamp("inbound mail", "core-main/Automatic", "block.cdr", "Allowed", False)

@@ -8,16 +8,14 @@ import errno
 import os
 import stat
 import threading
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from twisted.trial.unittest import SynchronousTestCase
-from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from mdgateway.fileops import IFileOps, OSFileOps
+from mdgateway.fileops import IFileOps
 from mdgateway.relay.maildir import (
     ENVELOPE_TO,
     MaildirError,
@@ -25,79 +23,13 @@ from mdgateway.relay.maildir import (
     envelope_header,
     unique_name,
 )
+from mdgateway.testing.disk import WatchedFileOps
 
 NOW = 1_700_000_000.125
 MESSAGE = b"".join(
     b"Line %05d of the message body, with some text to copy.\r\n" % i
     for i in range(5000)
 )
-
-
-@implementer(IFileOps)
-class WatchedFileOps(OSFileOps):
-    """
-    The real file operations, recording every call in C{calls}, running
-    C{on_write} before each write, and failing the calls named in
-    C{faults} (name to errno; C{write} after C{write_budget} bytes).
-    """
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, str]] = []
-        self.faults: dict[str, int] = {}
-        self.write_budget: int | None = None
-        self.on_write: Callable[[], None] | None = None
-        self.move_collisions = 0
-        self._paths: dict[int, str] = {}
-
-    def _record(self, name: str, path: str) -> None:
-        self.calls.append((name, path))
-        if name in self.faults:
-            err = self.faults[name]
-            raise OSError(err, os.strerror(err), path)
-
-    def create(self, path: str) -> int:
-        self._record("create", path)
-        fd = super().create(path)
-        self._paths[fd] = path
-        return fd
-
-    def write(self, fd: int, data: bytes | memoryview) -> int:
-        self._record("write", self._paths.get(fd, ""))
-        if self.on_write is not None:
-            self.on_write()
-        if self.write_budget is not None:
-            if self.write_budget <= 0:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            data = data[: self.write_budget]
-            self.write_budget -= len(data)
-        return super().write(fd, data)
-
-    def fsync(self, fd: int) -> None:
-        self._record("fsync", self._paths.get(fd, ""))
-        super().fsync(fd)
-
-    def close(self, fd: int) -> None:
-        self._record("close", self._paths.pop(fd, ""))
-        super().close(fd)
-
-    def move_noreplace(self, source: str, destination: str) -> None:
-        self._record("move_noreplace", destination)
-        if self.move_collisions:
-            self.move_collisions -= 1
-            raise FileExistsError(errno.EEXIST, "exists", destination)
-        super().move_noreplace(source, destination)
-
-    def mkdir(self, path: str) -> bool:
-        self._record("mkdir", path)
-        return super().mkdir(path)
-
-    def unlink(self, path: str) -> None:
-        self._record("unlink", path)
-        super().unlink(path)
-
-    def fsync_directory(self, path: str) -> None:
-        self._record("fsync_directory", path)
-        super().fsync_directory(path)
 
 
 class MaildirMixin:

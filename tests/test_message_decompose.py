@@ -28,7 +28,7 @@ from mdgateway.message.decompose import (
     _QuotedPrintable,
     decompose,
 )
-from mdgateway.message.structure import Defect, Limits
+from mdgateway.message.structure import Defect, StructureLimits
 
 CORPUS = Path(__file__).parent / "corpus"
 
@@ -287,7 +287,7 @@ def temporary_directory(case: SynchronousTestCase) -> Path:
 
 
 def decompose_bytes(
-    case: SynchronousTestCase, data: bytes, **kwargs: Limits
+    case: SynchronousTestCase, data: bytes, **kwargs: StructureLimits
 ) -> Decomposition:
     directory = temporary_directory(case)
     message = directory / "message.in"
@@ -453,10 +453,12 @@ class CorpusDecomposeTests(SynchronousTestCase):
 
     def test_limits_passed_on(self) -> None:
         """
-        Limits given to C{decompose} reach the parser.
+        StructureLimits given to C{decompose} reach the parser.
         """
         result = decompose(
-            CORPUS / "forwarded.eml", temporary_directory(self), Limits(max_depth=2)
+            CORPUS / "forwarded.eml",
+            temporary_directory(self),
+            StructureLimits(max_depth=2),
         )
         self.assertEqual(result.defect, Defect.TOO_DEEP)
 

@@ -15,8 +15,8 @@ from mdgateway.message.lines import LineReader
 from mdgateway.message.structure import (
     Defect,
     Entity,
-    Limits,
     Structure,
+    StructureLimits,
     parse_file,
     parse_structure,
 )
@@ -31,7 +31,7 @@ def crlf(text: str) -> bytes:
     return text.replace("\n", "\r\n").encode("utf-8")
 
 
-def parse(data: bytes, limits: Limits | None = None) -> Structure:
+def parse(data: bytes, limits: StructureLimits | None = None) -> Structure:
     return parse_structure(io.BytesIO(data), limits)
 
 
@@ -414,7 +414,7 @@ class StructureShapeTests(SynchronousTestCase):
         """
         data = crlf("Content-Type: text/plain; charset=x-unknown\n\nx")
         self.assertEqual(parse(data).defect, Defect.UNKNOWN_CHARSET)
-        relaxed = parse(data, Limits(strict_charsets=False))
+        relaxed = parse(data, StructureLimits(strict_charsets=False))
         self.assertIsNone(relaxed.defect)
 
     def test_limits_at_the_edge(self) -> None:
@@ -423,10 +423,14 @@ class StructureShapeTests(SynchronousTestCase):
         """
         parts = "".join(f"--b\n\n{index}\n" for index in range(4))
         data = crlf(f'Content-Type: multipart/mixed; boundary="b"\n\n{parts}--b--\n')
-        self.assertIsNone(parse(data, Limits(max_parts=5)).defect)
-        self.assertEqual(parse(data, Limits(max_parts=4)).defect, Defect.TOO_MANY_PARTS)
-        self.assertIsNone(parse(data, Limits(max_depth=1)).defect)
-        self.assertEqual(parse(data, Limits(max_depth=0)).defect, Defect.TOO_DEEP)
+        self.assertIsNone(parse(data, StructureLimits(max_parts=5)).defect)
+        self.assertEqual(
+            parse(data, StructureLimits(max_parts=4)).defect, Defect.TOO_MANY_PARTS
+        )
+        self.assertIsNone(parse(data, StructureLimits(max_depth=1)).defect)
+        self.assertEqual(
+            parse(data, StructureLimits(max_depth=0)).defect, Defect.TOO_DEEP
+        )
 
 
 class DefectTests(SynchronousTestCase):
@@ -435,7 +439,7 @@ class DefectTests(SynchronousTestCase):
     """
 
     def assertDefect(
-        self, text: str, defect: Defect, limits: Limits | None = None
+        self, text: str, defect: Defect, limits: StructureLimits | None = None
     ) -> None:
         structure = parse(crlf(text), limits)
         self.assertEqual(structure.defect, defect, structure.detail)
@@ -600,7 +604,7 @@ class DefectTests(SynchronousTestCase):
         self.assertDefect(
             "Subject: " + "x" * 500 + "\n\nbody",
             Defect.HEADER_TOO_LARGE,
-            Limits(max_header_bytes=100),
+            StructureLimits(max_header_bytes=100),
         )
 
     def test_raw_8bit(self) -> None:
@@ -670,7 +674,7 @@ class DefectTests(SynchronousTestCase):
         text = "Subject: bottom\n\nx\n"
         for _ in range(5):
             text = "Content-Type: message/rfc822\n\n" + text
-        self.assertDefect(text, Defect.TOO_DEEP, Limits(max_depth=4))
+        self.assertDefect(text, Defect.TOO_DEEP, StructureLimits(max_depth=4))
 
 
 class RobustnessTests(SynchronousTestCase):

@@ -297,6 +297,22 @@ class CoreTests(SynchronousTestCase):
         self.assertEqual(value(m, name, profile="local", condition="scan_timeout"), 1.0)
         self.assertEqual(value(m, name, profile="local", condition="other"), 1.0)
 
+    def test_core_cache(self) -> None:
+        """
+        Files through a verdict cache are counted by profile and result;
+        an unknown result is C{other}.
+        """
+        m = Metrics()
+        m.core_cache("local", "hit")
+        m.core_cache("local", "hit")
+        m.core_cache("local", "miss")
+        m.core_cache("local", "evicted?")
+        name = "mdgateway_core_cache_total"
+        self.assertEqual(value(m, name, profile="local", result="hit"), 2.0)
+        self.assertEqual(value(m, name, profile="local", result="miss"), 1.0)
+        self.assertEqual(value(m, name, profile="local", result="other"), 1.0)
+        self.assertIsNone(value(m, name, profile="local", result="shared"))
+
     def test_verdicts(self) -> None:
         """
         Verdicts are counted in the product's spelling whatever the case

@@ -590,6 +590,9 @@ class CoreProfileParseTests(ProblemAssertions):
             hash_lookup = true
             failure_threshold = 5
             retry_after = "1m"
+            submit = "poll"
+            verdict_cache = "5m"
+            verdict_cache_size = 50
             """
         )
         self.assertEqual(lines, [])
@@ -611,8 +614,39 @@ class CoreProfileParseTests(ProblemAssertions):
                 hash_lookup=True,
                 failure_threshold=5,
                 retry_after=60.0,
+                submit="poll",
+                verdict_cache=300.0,
+                verdict_cache_size=50,
             ),
         )
+
+    def test_submit_and_cache_checked(self) -> None:
+        """
+        An unknown submit mode, a verdict cache over an hour or a size
+        below 1 is a problem naming the key.
+        """
+        base = PROFILES.replace(
+            'servers = ["http://127.0.0.1:8008"]',
+            'servers = ["http://127.0.0.1:8008"]\n{extra}',
+        )
+        self.assertOnlyProblem(
+            base.format(extra='submit = "webhook"'),
+            "profiles.core.local.submit",
+            'unknown submit mode "webhook"',
+        )
+        self.assertOnlyProblem(
+            base.format(extra='verdict_cache = "2h"'),
+            "profiles.core.local.verdict_cache",
+            "must be at most 1h",
+        )
+        self.assertOnlyProblem(
+            base.format(extra="verdict_cache_size = 0"),
+            "profiles.core.local.verdict_cache_size",
+            "must be at least 1",
+        )
+        policy, lines = load(base.format(extra='verdict_cache = "0s"'))
+        self.assertEqual(lines, [])
+        self.assertEqual(policy.core_profiles["local"].verdict_cache, 0.0)
 
     def test_defaults(self) -> None:
         """

@@ -21,7 +21,7 @@ from mdgateway.store import (
     MessageFilter,
     MessageStatus,
     PartVerdict,
-    RecipientResult,
+    RecipientDelivery,
     Refusal,
     RefusalFilter,
     ScanVerdict,
@@ -79,7 +79,7 @@ def every_kind(tmp_path: Path) -> list[Owed]:
         Owed.new(
             OwedDelivery(
                 "Q1.1",
-                RecipientResult(
+                RecipientDelivery(
                     "bob@example.org",
                     DeliveryStatus.BLOCKED,
                     text="blocked",

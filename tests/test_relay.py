@@ -22,8 +22,8 @@ from mdgateway.relay.delivery import (
     queue_id_from,
 )
 from mdgateway.smtp.clientmodel import SmtpTimeouts
+from mdgateway.testing.relay import TableResolver
 from tests.downstream import RecordingHandler, _Controller
-from tests.test_relayhosts import TableResolver
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -4,10 +4,9 @@ Tests for expanding relay servers into hosts: MX order, fallback, null MX.
 
 from __future__ import annotations
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import SynchronousTestCase
-from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from mdgateway.policy.profiles import RelayServer
@@ -18,21 +17,7 @@ from mdgateway.relay.hosts import (
     expand,
     order_mx,
 )
-
-
-@implementer(IMXResolver)
-class TableResolver:
-    """
-    An MX resolver answering from a table; unknown domains fail lookup.
-    """
-
-    def __init__(self, table: dict[str, list[tuple[int, str]]]) -> None:
-        self.table = table
-
-    def mx(self, domain: str):
-        if domain not in self.table:
-            return fail(LookupError(f"{domain}: no such domain"))
-        return succeed(self.table[domain])
+from mdgateway.testing.relay import TableResolver
 
 
 def no_shuffle(hosts: list[str]) -> None:

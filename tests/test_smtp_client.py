@@ -35,14 +35,14 @@ from mdgateway.smtp.clientmodel import (
     Action,
     ArmTimer,
     CancelTimer,
-    Close,
+    ClientEnvelope,
+    ClientRecipient,
+    CloseConnection,
     Credentials,
-    Envelope,
     FailureKind,
     FileRegion,
     MessageBody,
     QuitDone,
-    Recipient,
     ResumeBody,
     Send,
     SessionConfig,
@@ -53,7 +53,7 @@ from mdgateway.smtp.clientmodel import (
     SmtpTimeouts,
     Stage,
     StartBody,
-    StartTLS,
+    StartClientTLS,
     StopBody,
     TransactionDone,
     TransactionResult,
@@ -67,7 +67,12 @@ from mdgateway.smtp.clientprotocol import (
     client_tls_creator,
     load_trust_root,
 )
-from mdgateway.smtp.replyparse import MAX_LINE, Reply, ReplyParser, ReplySyntaxError
+from mdgateway.smtp.replyparse import (
+    MAX_LINE,
+    ReplyParser,
+    ReplySyntaxError,
+    ServerReply,
+)
 from tests.certs import make_test_pki
 
 T = TypeVar("T")
@@ -145,12 +150,12 @@ def ready_session(*extensions: str, **kwargs: object) -> ClientSession:
     return session
 
 
-ENVELOPE = Envelope("a@example.org", ("b@example.net", "c@example.net"))
+ENVELOPE = ClientEnvelope("a@example.org", ("b@example.net", "c@example.net"))
 
 
 class ReplyParserTests(SynchronousTestCase):
     """
-    L{ReplyParser} and L{Reply}.
+    L{ReplyParser} and L{ServerReply}.
     """
 
     def test_multiLine(self) -> None:
@@ -161,8 +166,10 @@ class ReplyParserTests(SynchronousTestCase):
         parser.feed(b"250-first\r\n250-sec")
         self.assertIsNone(parser.next_reply())
         parser.feed(b"ond\r\n250 last\r\n220 next\r\n")
-        self.assertEqual(parser.next_reply(), Reply(250, ("first", "second", "last")))
-        self.assertEqual(parser.next_reply(), Reply(220, ("next",)))
+        self.assertEqual(
+            parser.next_reply(), ServerReply(250, ("first", "second", "last"))
+        )
+        self.assertEqual(parser.next_reply(), ServerReply(220, ("next",)))
         self.assertIsNone(parser.next_reply())
         self.assertFalse(parser.pending)
 
@@ -171,13 +178,13 @@ class ReplyParserTests(SynchronousTestCase):
         The enhanced status code is taken from the first line when its class
         matches the reply code, and removed from the text.
         """
-        reply = Reply(550, ("5.1.1 <x@y>: no such user", "5.1.1 really"))
+        reply = ServerReply(550, ("5.1.1 <x@y>: no such user", "5.1.1 really"))
         self.assertEqual(reply.enhanced, "5.1.1")
         self.assertEqual(reply.text, "<x@y>: no such user really")
         self.assertEqual(str(reply), "550 5.1.1 <x@y>: no such user really")
-        self.assertIsNone(Reply(550, ("4.1.1 mismatch",)).enhanced)
-        self.assertIsNone(Reply(250, ("2.0.0x",)).enhanced)
-        self.assertEqual(Reply(250, ("2.0.0",)).enhanced, "2.0.0")
+        self.assertIsNone(ServerReply(550, ("4.1.1 mismatch",)).enhanced)
+        self.assertIsNone(ServerReply(250, ("2.0.0x",)).enhanced)
+        self.assertEqual(ServerReply(250, ("2.0.0",)).enhanced, "2.0.0")
 
     def test_codeOnly(self) -> None:
         """
@@ -185,7 +192,7 @@ class ReplyParserTests(SynchronousTestCase):
         """
         parser = ReplyParser()
         parser.feed(b"250\n")
-        self.assertEqual(parser.next_reply(), Reply(250, ("",)))
+        self.assertEqual(parser.next_reply(), ServerReply(250, ("",)))
 
     def test_garbage(self) -> None:
         """
@@ -218,7 +225,7 @@ class ReplyParserTests(SynchronousTestCase):
         parser.discard()
         self.assertFalse(parser.pending)
         parser.feed(b"220 fresh\r\n")
-        self.assertEqual(parser.next_reply(), Reply(220, ("fresh",)))
+        self.assertEqual(parser.next_reply(), ServerReply(220, ("fresh",)))
 
 
 class ValueTests(SynchronousTestCase):
@@ -231,26 +238,27 @@ class ValueTests(SynchronousTestCase):
         CR, LF or other control characters in an address or parameter are
         refused, so nothing can smuggle a command into MAIL or RCPT.
         """
-        self.assertRaises(ValueError, Envelope, "a@b\r\nRSET", ("c@d",))
-        self.assertRaises(ValueError, Envelope, "a@b", ("c@d\nDATA",))
-        self.assertRaises(ValueError, Recipient, "c@d", notify="SUCCESS FAILURE")
-        self.assertRaises(ValueError, Envelope, "a@b", ())
+        self.assertRaises(ValueError, ClientEnvelope, "a@b\r\nRSET", ("c@d",))
+        self.assertRaises(ValueError, ClientEnvelope, "a@b", ("c@d\nDATA",))
+        self.assertRaises(ValueError, ClientRecipient, "c@d", notify="SUCCESS FAILURE")
+        self.assertRaises(ValueError, ClientEnvelope, "a@b", ())
         self.assertRaises(ValueError, Credentials, "u\0", "p")
         self.assertRaises(ValueError, SessionConfig, helo="gw example")
         self.assertRaises(ValueError, SessionConfig, helo="gw", tls="maybe")
 
     def test_recipientsFromStrings(self) -> None:
         """
-        Plain strings become L{Recipient}s; non-ASCII addresses need
+        Plain strings become L{ClientRecipient}s; non-ASCII addresses need
         SMTPUTF8.
         """
-        envelope = Envelope("", ["x@y", Recipient("z@y", notify="NEVER")])
+        envelope = ClientEnvelope("", ["x@y", ClientRecipient("z@y", notify="NEVER")])
         self.assertEqual(
-            envelope.recipients, (Recipient("x@y"), Recipient("z@y", "NEVER"))
+            envelope.recipients,
+            (ClientRecipient("x@y"), ClientRecipient("z@y", "NEVER")),
         )
         self.assertFalse(envelope.needs_smtputf8)
-        self.assertTrue(Envelope("", ["jörg@y"]).needs_smtputf8)
-        self.assertTrue(Envelope("", ["x@y"], smtputf8=True).needs_smtputf8)
+        self.assertTrue(ClientEnvelope("", ["jörg@y"]).needs_smtputf8)
+        self.assertTrue(ClientEnvelope("", ["x@y"], smtputf8=True).needs_smtputf8)
 
     def test_passwordNotInRepr(self) -> None:
         """
@@ -326,7 +334,7 @@ class SetupTests(SynchronousTestCase):
         self.assertEqual(info.extension("auth"), "LOGIN PLAIN")
         self.assertTrue(info.has("8BITMIME"))
         self.assertFalse(info.has("SMTPUTF8"))
-        self.assertEqual(info.greeting, Reply(220, ("mx.example ESMTP",)))
+        self.assertEqual(info.greeting, ServerReply(220, ("mx.example ESMTP",)))
 
     def test_heloFallback(self) -> None:
         """
@@ -357,7 +365,7 @@ class SetupTests(SynchronousTestCase):
         failure = only(actions, SessionFailed).failure
         self.assertEqual((failure.kind, failure.stage), (FailureKind.HELO, Stage.EHLO))
         self.assertEqual(sent(actions), b"QUIT\r\n")
-        self.assertEqual(only(actions, Close), Close(abort=False))
+        self.assertEqual(only(actions, CloseConnection), CloseConnection(abort=False))
 
     def test_greetingRefused(self) -> None:
         """
@@ -369,7 +377,7 @@ class SetupTests(SynchronousTestCase):
         actions = session.data_received(b"554 5.7.1 go away\r\n")
         failure = only(actions, SessionFailed).failure
         self.assertEqual(failure.kind, FailureKind.GREETING)
-        self.assertEqual(failure.reply, Reply(554, ("5.7.1 go away",)))
+        self.assertEqual(failure.reply, ServerReply(554, ("5.7.1 go away",)))
         self.assertTrue(failure.next_server)
         self.assertEqual(sent(actions), b"QUIT\r\n")
         self.assertTrue(session.closed)
@@ -380,7 +388,7 @@ class SetupTests(SynchronousTestCase):
         failure = only(actions, SessionFailed).failure
         self.assertEqual(failure.kind, FailureKind.GREETING)
         self.assertEqual(sent(actions), b"")
-        self.assertEqual(only(actions, Close), Close(abort=False))
+        self.assertEqual(only(actions, CloseConnection), CloseConnection(abort=False))
 
     def test_tlsNone(self) -> None:
         """
@@ -406,7 +414,8 @@ class SetupTests(SynchronousTestCase):
         self.assertEqual(actions, [Send(b"STARTTLS\r\n"), ArmTimer(3, Stage.STARTTLS)])
         actions = session.data_received(b"220 2.0.0 go ahead\r\n")
         self.assertEqual(
-            actions, [StartTLS(), Send(b"EHLO gw.example\r\n"), ArmTimer(3, Stage.EHLO)]
+            actions,
+            [StartClientTLS(), Send(b"EHLO gw.example\r\n"), ArmTimer(3, Stage.EHLO)],
         )
         self.assertEqual(session.info.extensions, ())
         session.tls_established("TLSv1.3", "TLS_AES_256_GCM_SHA384")
@@ -426,7 +435,8 @@ class SetupTests(SynchronousTestCase):
         session, _ = self._starttls("required")
         actions = session.data_received(b"220 go ahead\r\n" + ehlo("AUTH PLAIN"))
         self.assertEqual(
-            actions, [StartTLS(), Send(b"EHLO gw.example\r\n"), ArmTimer(3, Stage.EHLO)]
+            actions,
+            [StartClientTLS(), Send(b"EHLO gw.example\r\n"), ArmTimer(3, Stage.EHLO)],
         )
         actions = session.data_received(ehlo("SIZE 5"))
         self.assertTrue(of(actions, SessionReady))
@@ -661,7 +671,7 @@ class TransactionTests(SynchronousTestCase):
         only to those accepted.
         """
         session = ready_session("PIPELINING")
-        envelope = Envelope("a@x", ("ok@y", "gone@y", "later@y"))
+        envelope = ClientEnvelope("a@x", ("ok@y", "gone@y", "later@y"))
         session.start_transaction(envelope, None)
         session.data_received(
             b"250 ok\r\n250 ok\r\n550 5.1.1 no such user\r\n"
@@ -798,7 +808,7 @@ class TransactionTests(SynchronousTestCase):
         verdicts in the failure.
         """
         session = ready_session("PIPELINING")
-        envelope = Envelope("a@x", ("b@y", "c@y", "d@y"))
+        envelope = ClientEnvelope("a@x", ("b@y", "c@y", "d@y"))
         session.start_transaction(envelope, None)
         actions = session.data_received(b"250 ok\r\n550 5.1.1 no\r\n421 4.3.2 bye\r\n")
         failure = only(actions, SessionFailed).failure
@@ -808,7 +818,7 @@ class TransactionTests(SynchronousTestCase):
         self.assertEqual(
             [(r.address, r.code) for r in failure.recipients], [("b@y", 550)]
         )
-        self.assertEqual(only(actions, Close), Close(abort=False))
+        self.assertEqual(only(actions, CloseConnection), CloseConnection(abort=False))
         self.assertTrue(session.closed)
 
     def test_parameters(self) -> None:
@@ -817,7 +827,7 @@ class TransactionTests(SynchronousTestCase):
         """
         session = ready_session("PIPELINING", "SIZE 0", "8BITMIME", "SMTPUTF8")
         self.assertIsNone(session.info.size_limit)
-        envelope = Envelope("ä@x", ("b@y",), eight_bit=True)
+        envelope = ClientEnvelope("ä@x", ("b@y",), eight_bit=True)
         self.assertTrue(
             sent(session.start_transaction(envelope, 99)).startswith(
                 "MAIL FROM:<ä@x> SIZE=99 BODY=8BITMIME SMTPUTF8\r\n"
@@ -831,7 +841,7 @@ class TransactionTests(SynchronousTestCase):
         needs no other parameter.
         """
         session = ready_session("PIPELINING")
-        actions = session.start_transaction(Envelope("a@x", ("b@y",)), 99)
+        actions = session.start_transaction(ClientEnvelope("a@x", ("b@y",)), 99)
         self.assertEqual(sent(actions), b"MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nDATA\r\n")
 
     def test_nullSender(self) -> None:
@@ -840,7 +850,7 @@ class TransactionTests(SynchronousTestCase):
         """
         session = ready_session()
         self.assertEqual(
-            sent(session.start_transaction(Envelope("", ("b@y",)), None)),
+            sent(session.start_transaction(ClientEnvelope("", ("b@y",)), None)),
             b"MAIL FROM:<>\r\n",
         )
 
@@ -852,10 +862,10 @@ class TransactionTests(SynchronousTestCase):
         """
         session = ready_session("PIPELINING", "SIZE 100")
         cases = [
-            (Envelope("a@x", ("jörg@y",)), 10, 554, "5.6.7"),
-            (Envelope("a@x", ("b@y",), smtputf8=True), 10, 554, "5.6.7"),
-            (Envelope("a@x", ("b@y",), eight_bit=True), 10, 554, "5.6.3"),
-            (Envelope("a@x", ("b@y", "c@y")), 101, 552, "5.3.4"),
+            (ClientEnvelope("a@x", ("jörg@y",)), 10, 554, "5.6.7"),
+            (ClientEnvelope("a@x", ("b@y",), smtputf8=True), 10, 554, "5.6.7"),
+            (ClientEnvelope("a@x", ("b@y",), eight_bit=True), 10, 554, "5.6.3"),
+            (ClientEnvelope("a@x", ("b@y", "c@y")), 101, 552, "5.3.4"),
         ]
         for envelope, size, code, enhanced in cases:
             actions = session.start_transaction(envelope, size)
@@ -878,7 +888,7 @@ class TransactionTests(SynchronousTestCase):
         session.data_received(GREETING)
         session.data_received(b"500 what\r\n")
         session.data_received(b"250 hi\r\n")
-        actions = session.start_transaction(Envelope("a@x", ("ü@y",)), None)
+        actions = session.start_transaction(ClientEnvelope("a@x", ("ü@y",)), None)
         self.assertEqual(
             only(actions, TransactionDone).result.recipients[0].enhanced, "5.6.7"
         )
@@ -888,9 +898,14 @@ class TransactionTests(SynchronousTestCase):
         With DSN offered, RET/ENVID go on MAIL and NOTIFY/ORCPT on RCPT;
         without it they are left out and the result says so.
         """
-        envelope = Envelope(
+        envelope = ClientEnvelope(
             "a@x",
-            (Recipient("b@y", notify="SUCCESS,FAILURE", orcpt="rfc822;b+2Bx@y"), "c@y"),
+            (
+                ClientRecipient(
+                    "b@y", notify="SUCCESS,FAILURE", orcpt="rfc822;b+2Bx@y"
+                ),
+                "c@y",
+            ),
             ret="HDRS",
             envid="QQ314159",
         )
@@ -916,7 +931,7 @@ class TransactionTests(SynchronousTestCase):
         with the rest when possible, one by one otherwise.
         """
         session = ready_session("PIPELINING")
-        envelope = Envelope("a@x", ("b@y",))
+        envelope = ClientEnvelope("a@x", ("b@y",))
         session.start_transaction(envelope, None)
         session.data_received(b"250 ok\r\n250 ok\r\n354 go\r\n")
         finish_body(session, b"x\r\n")
@@ -983,7 +998,7 @@ class TransactionTests(SynchronousTestCase):
         An empty body is a single C{BDAT 0 LAST}.
         """
         session = ready_session("CHUNKING")
-        session.start_transaction(Envelope("a@x", ("b@y",)), None)
+        session.start_transaction(ClientEnvelope("a@x", ("b@y",)), None)
         session.data_received(b"250 ok\r\n")
         self.assertTrue(of(session.data_received(b"250 ok\r\n"), StartBody))
         self.assertEqual(sent(session.body_end()), b"BDAT 0 LAST\r\n")
@@ -994,7 +1009,7 @@ class TransactionTests(SynchronousTestCase):
         chunk is wanted.
         """
         session = ready_session("CHUNKING")
-        session.start_transaction(Envelope("a@x", ("b@y",)), None)
+        session.start_transaction(ClientEnvelope("a@x", ("b@y",)), None)
         session.data_received(b"250 ok\r\n")
         session.data_received(b"250 ok\r\n")
         session.body_chunk(b"one")
@@ -1010,7 +1025,7 @@ class TransactionTests(SynchronousTestCase):
         transaction starts with RSET.
         """
         session = ready_session("PIPELINING", "CHUNKING")
-        session.start_transaction(Envelope("a@x", ("b@y",)), None)
+        session.start_transaction(ClientEnvelope("a@x", ("b@y",)), None)
         session.data_received(b"250 ok\r\n250 ok\r\n")
         session.body_chunk(b"1")
         session.body_chunk(b"2")
@@ -1024,9 +1039,9 @@ class TransactionTests(SynchronousTestCase):
             [(r.code, r.stage) for r in result.recipients], [(552, Stage.BDAT)]
         )
         self.assertTrue(
-            sent(session.start_transaction(Envelope("a@x", ("b@y",)), None)).startswith(
-                b"RSET\r\n"
-            )
+            sent(
+                session.start_transaction(ClientEnvelope("a@x", ("b@y",)), None)
+            ).startswith(b"RSET\r\n")
         )
 
 
@@ -1048,7 +1063,7 @@ class SessionEndTests(SynchronousTestCase):
         self.assertEqual(
             (failure.kind, failure.stage), (FailureKind.TIMEOUT, Stage.RCPT)
         )
-        self.assertEqual(only(actions, Close), Close(abort=True))
+        self.assertEqual(only(actions, CloseConnection), CloseConnection(abort=True))
         self.assertEqual(session.timer_expired(), [])
 
     def test_lostDuringBody(self) -> None:
@@ -1063,7 +1078,7 @@ class SessionEndTests(SynchronousTestCase):
         self.assertEqual(actions[:2], [CancelTimer(), StopBody()])
         failure = only(actions, SessionFailed).failure
         self.assertEqual((failure.kind, failure.stage), (FailureKind.LOST, Stage.BODY))
-        self.assertFalse(of(actions, Close))
+        self.assertFalse(of(actions, CloseConnection))
 
         session = ClientSession(config(implicit_tls=True))
         session.connection_made()
@@ -1110,7 +1125,8 @@ class SessionEndTests(SynchronousTestCase):
             ready_session(timeouts=SmtpTimeouts()).quit()[1], ArmTimer(30, Stage.QUIT)
         )
         self.assertEqual(
-            session.data_received(b"221 bye\r\n"), [CancelTimer(), Close(), QuitDone()]
+            session.data_received(b"221 bye\r\n"),
+            [CancelTimer(), CloseConnection(), QuitDone()],
         )
         self.assertEqual(session.connection_lost(False, "done"), [])
         self.assertEqual(session.quit(), [QuitDone()])
@@ -1205,7 +1221,7 @@ class ProtocolTests(SynchronousTestCase):
         verifyObject(IHandshakeListener, c.protocol)
         verifyObject(IOpenSSLClientConnectionCreator, UncheckedClientTLS("mx.example"))
         body = MessageBody.from_bytes(b"x\r\n")
-        c.protocol.send(Envelope("a@x", ("b@y",)), body)
+        c.protocol.send(ClientEnvelope("a@x", ("b@y",)), body)
         c.protocol.dataReceived(b"250 ok\r\n250 ok\r\n354 go\r\n")
         # StringTransport does not pause, so the body went out whole and
         # the producer was unregistered; check one made afresh.
@@ -1229,7 +1245,7 @@ class ProtocolTests(SynchronousTestCase):
         c = connected("PIPELINING", "SIZE 1000", chunk_size=5)
         body = MessageBody.from_file(str(path), offset=16, prefix=b"X-New: 1\r\n")
         self.assertEqual(body_size(body), 10 + 25)
-        d = c.protocol.send(Envelope("a@x", ("b@y",)), body)
+        d = c.protocol.send(ClientEnvelope("a@x", ("b@y",)), body)
         self.assertEqual(
             c.take(), b"MAIL FROM:<a@x> SIZE=35\r\nRCPT TO:<b@y>\r\nDATA\r\n"
         )
@@ -1252,7 +1268,7 @@ class ProtocolTests(SynchronousTestCase):
         """
         c = connected("PIPELINING", chunk_size=4, pause=True)
         d = c.protocol.send(
-            Envelope("a@x", ("b@y",)), MessageBody.from_bytes(b"abcdefghij")
+            ClientEnvelope("a@x", ("b@y",)), MessageBody.from_bytes(b"abcdefghij")
         )
         c.protocol.dataReceived(b"250 ok\r\n250 ok\r\n354 go\r\n")
         producer = c.transport.producer
@@ -1269,7 +1285,7 @@ class ProtocolTests(SynchronousTestCase):
 
         c = connected("PIPELINING", chunk_size=4, pause=True)
         d = c.protocol.send(
-            Envelope("a@x", ("b@y",)), MessageBody.from_bytes(b"abcdefghij")
+            ClientEnvelope("a@x", ("b@y",)), MessageBody.from_bytes(b"abcdefghij")
         )
         c.protocol.dataReceived(b"250 ok\r\n250 ok\r\n354 go\r\n")
         c.clock.advance(7)
@@ -1434,7 +1450,7 @@ class ProtocolTests(SynchronousTestCase):
         QUIT closes it and fires.
         """
         c = connected("PIPELINING")
-        envelope = Envelope("a@x", ("b@y",))
+        envelope = ClientEnvelope("a@x", ("b@y",))
         for expected in [b"", b"RSET\r\n"]:
             d = c.protocol.send(envelope, MessageBody.from_bytes(b"hello\r\n"))
             self.assertTrue(c.take().startswith(expected + b"MAIL FROM:<a@x>"))
@@ -1465,7 +1481,7 @@ class ProtocolTests(SynchronousTestCase):
 
         c = connected("PIPELINING")
         d = c.protocol.send(
-            Envelope("a@x", ("b@y",)), MessageBody.from_chunks(chunks())
+            ClientEnvelope("a@x", ("b@y",)), MessageBody.from_chunks(chunks())
         )
         c.protocol.dataReceived(b"250 ok\r\n250 ok\r\n354 go\r\n")
         failure = self.failureResultOf(d, SmtpSessionError).value.failure
@@ -1508,7 +1524,7 @@ class BdatProtocolTests(SynchronousTestCase):
         """
         c = connected("PIPELINING", "CHUNKING", chunk_size=4)
         d = c.protocol.send(
-            Envelope("a@x", ("b@y",)), MessageBody.from_bytes(b".\r\n.x")
+            ClientEnvelope("a@x", ("b@y",)), MessageBody.from_bytes(b".\r\n.x")
         )
         self.assertEqual(c.take(), b"MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\n")
         c.protocol.dataReceived(b"250 ok\r\n250 ok\r\n")
@@ -1523,7 +1539,7 @@ class BdatProtocolTests(SynchronousTestCase):
         """
         c = connected("CHUNKING", chunk_size=3)
         d = c.protocol.send(
-            Envelope("a@x", ("b@y",)), MessageBody.from_bytes(b"abcdefg")
+            ClientEnvelope("a@x", ("b@y",)), MessageBody.from_bytes(b"abcdefg")
         )
         c.protocol.dataReceived(b"250 ok\r\n")
         c.take()
@@ -1544,7 +1560,9 @@ class BdatProtocolTests(SynchronousTestCase):
         path = temp_dir(self) / "body.eml"
         path.write_bytes(b"x" * 100)
         c = connected("CHUNKING", chunk_size=10)
-        d = c.protocol.send(Envelope("a@x", ("b@y",)), MessageBody.from_file(str(path)))
+        d = c.protocol.send(
+            ClientEnvelope("a@x", ("b@y",)), MessageBody.from_file(str(path))
+        )
         c.protocol.dataReceived(b"250 ok\r\n250 ok\r\n")
         self.assertEqual(
             c.take(), b"MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nBDAT 10\r\n" + b"x" * 10
@@ -1634,7 +1652,7 @@ class FailureValueTests(SynchronousTestCase):
             FailureKind.CLOSING,
             Stage.MAIL,
             "the server is closing",
-            Reply(421, ("4.3.2 bye",)),
+            ServerReply(421, ("4.3.2 bye",)),
         )
         self.assertEqual(
             str(failure), "closing at mail: the server is closing (421 4.3.2 bye)"

@@ -21,8 +21,8 @@ from twisted.internet.protocol import Factory, Protocol
 from mdgateway.policy.profiles import RelayServer
 from mdgateway.relay.connect import ClientSettings, connect_server, deliver_once
 from mdgateway.smtp.clientmodel import (
+    ClientEnvelope,
     Credentials,
-    Envelope,
     FailureKind,
     MessageBody,
     SessionFailure,
@@ -73,14 +73,14 @@ def authenticator(
     return AuthResult(success=ok, handled=False)
 
 
-ENVELOPE = Envelope("sender@example.org", ("rcpt@example.net",))
+ENVELOPE = ClientEnvelope("sender@example.org", ("rcpt@example.net",))
 
 
 async def send_one(
     relay: RelayServer,
     client_settings: ClientSettings,
     body: bytes,
-    envelope: Envelope = ENVELOPE,
+    envelope: ClientEnvelope = ENVELOPE,
 ) -> TransactionResult:
     client = await connect_server(reactor, relay, client_settings)
     try:
@@ -342,7 +342,7 @@ async def test_pipelinedMixedRecipients(smtpd: Callable[..., _Controller]) -> No
         },
     )
     controller = smtpd(handler)
-    envelope = Envelope(
+    envelope = ClientEnvelope(
         "s@example.org",
         ("a@example.net", "gone@example.net", "busy@example.net", "b@example.net"),
     )
@@ -383,8 +383,8 @@ async def test_reuse(smtpd: Callable[..., _Controller]) -> None:
         server(controller),
         settings(),
         [
-            (Envelope("a@x.example", ("one@y.example",)), body(b"first\r\n")),
-            (Envelope("b@x.example", ("two@y.example",)), body(b"second\r\n")),
+            (ClientEnvelope("a@x.example", ("one@y.example",)), body(b"first\r\n")),
+            (ClientEnvelope("b@x.example", ("two@y.example",)), body(b"second\r\n")),
         ],
     )
     assert all(isinstance(o, TransactionResult) and o.delivered for o in outcomes)
@@ -402,7 +402,7 @@ async def test_smtputf8(smtpd: Callable[..., _Controller]) -> None:
     """
     handler = RecordingHandler()
     controller = smtpd(handler)
-    envelope = Envelope("jörg@example.org", ("ñandú@example.net",))
+    envelope = ClientEnvelope("jörg@example.org", ("ñandú@example.net",))
     result = await send_one(server(controller), settings(), b"x\r\n", envelope)
     assert result.recipients[0].delivered
     assert handler.messages[0].rcpt_tos == ["ñandú@example.net"]
@@ -471,7 +471,7 @@ async def test_hangUpAfterRcpt() -> None:
     try:
         relay = RelayServer("smtp", "127.0.0.1", port.getHost().port)
         client = await connect_server(reactor, relay, settings())
-        envelope = Envelope("a@x", ("b@y", "c@y"))
+        envelope = ClientEnvelope("a@x", ("b@y", "c@y"))
         with pytest.raises(SmtpSessionError) as caught:
             await client.send(envelope, MessageBody.from_bytes(b"x\r\n"))
         failure = caught.value.failure

@@ -424,7 +424,7 @@ async def test_relay_client_with_alpn_server(
 
     from mdgateway.policy.profiles import RelayServer
     from mdgateway.relay.connect import ClientSettings, connect_server
-    from mdgateway.smtp.clientmodel import Envelope, MessageBody, SmtpTimeouts
+    from mdgateway.smtp.clientmodel import ClientEnvelope, MessageBody, SmtpTimeouts
     from tests.certs import make_test_pki
 
     pki = make_test_pki(tmp_path / "pki")
@@ -444,7 +444,7 @@ async def test_relay_client_with_alpn_server(
         client = await connect_server(reactor, relay, settings)
         assert client.info.tls_verified
         result = await client.send(
-            Envelope("a@example.org", ("r@example.net",)),
+            ClientEnvelope("a@example.org", ("r@example.net",)),
             MessageBody.from_bytes(b"alpn\r\n"),
         )
         await client.quit()

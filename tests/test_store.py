@@ -38,7 +38,7 @@ from mdgateway.store import (
     PartVerdict,
     PurgeCounts,
     QuarantineFilter,
-    RecipientResult,
+    RecipientDelivery,
     Refusal,
     RefusalFilter,
     ScanVerdict,
@@ -168,7 +168,7 @@ async def test_record_and_fetch_message(store: SqlStore) -> None:
     )
     await store.record_delivery(
         "Q1.1",
-        RecipientResult(
+        RecipientDelivery(
             "bob@example.org",
             DeliveryStatus.DELIVERED,
             code=250,
@@ -180,7 +180,7 @@ async def test_record_and_fetch_message(store: SqlStore) -> None:
     )
     await store.record_delivery(
         "Q1.1",
-        RecipientResult(
+        RecipientDelivery(
             "carol@example.org",
             DeliveryStatus.DEFERRED,
             code=451,
@@ -191,7 +191,7 @@ async def test_record_and_fetch_message(store: SqlStore) -> None:
     )
     await store.record_delivery(
         "Q1.1",
-        RecipientResult(
+        RecipientDelivery(
             "carol@example.org",
             DeliveryStatus.BOUNCED,
             code=550,
@@ -230,7 +230,7 @@ async def test_record_and_fetch_message(store: SqlStore) -> None:
     assert record.parts == tuple(parts)
     assert record.actions == ("sanitized part 1.2",)
     bob, carol = record.deliveries
-    assert bob == RecipientResult(
+    assert bob == RecipientDelivery(
         "bob@example.org",
         DeliveryStatus.DELIVERED,
         code=250,
@@ -286,7 +286,7 @@ async def test_record_delivery_adds_unlisted_recipient(store: SqlStore) -> None:
     """
     await store.record_received(received())
     await store.record_delivery(
-        "Q1.1", RecipientResult("extra@example.org", DeliveryStatus.DELIVERED, 250)
+        "Q1.1", RecipientDelivery("extra@example.org", DeliveryStatus.DELIVERED, 250)
     )
     await store.record_verdicts(
         "Q1.1", [PartVerdict("1", "text/plain", 1, "Blocked", blocked_reason="x")]
@@ -318,7 +318,7 @@ async def test_unknown_ids_raise_not_found(store: SqlStore, tmp_path: Path) -> N
         store.update_status("nope", MessageStatus.DELIVERED, "x"),
         store.add_event("nope", "x"),
         store.record_verdicts("nope", []),
-        store.record_delivery("nope", RecipientResult("a@b", DeliveryStatus.PENDING)),
+        store.record_delivery("nope", RecipientDelivery("a@b", DeliveryStatus.PENDING)),
         store.quarantine("nope", "malware", b"data"),
         store.get_quarantined("nope"),
         store.read_quarantined("nope", str(out / "out.eml")),
@@ -908,7 +908,7 @@ async def test_calls_run_off_the_reactor_thread(
     await store.update_status("Q1.1", MessageStatus.PROCESSING, "scan")
     await store.record_verdicts("Q1.1", [PartVerdict("1", "text/plain", 1, "Allowed")])
     await store.record_delivery(
-        "Q1.1", RecipientResult("bob@example.org", DeliveryStatus.DELIVERED, 250)
+        "Q1.1", RecipientDelivery("bob@example.org", DeliveryStatus.DELIVERED, 250)
     )
     await store.get_message("Q1.1")
     await store.search_messages(MessageFilter(sender="alice"))

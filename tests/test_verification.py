@@ -17,10 +17,10 @@ from mdgateway.policy.profiles import RelayServer, SmtpProfile
 from mdgateway.receive.admission import ACCEPTED, REFUSED, UNREACHABLE
 from mdgateway.receive.verification import SmtpRecipientVerifier
 from mdgateway.smtp.clientmodel import SmtpTimeouts
+from mdgateway.testing.relay import TableResolver
 from tests.downstream import RecordingHandler, _Controller
 from tests.gatewayproc import default_toml, free_port, running_gateway
 from tests.test_e2e_receive import Raw
-from tests.test_relayhosts import TableResolver
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -41,7 +41,7 @@ from mdgateway.emulator.config import (
     EmulatorConfig,
     Shape,
 )
-from mdgateway.emulator.examine import Node, examine
+from mdgateway.emulator.examine import Node, examine, unexamined
 from mdgateway.emulator.jobs import Job, Upload, Webhooks, valid_callback
 from mdgateway.emulator.results import (
     DONE,
@@ -102,7 +102,10 @@ class CoreEmulator:
 
     @ivar counters: request counts by kind (C{submit}, C{poll}, C{download},
         C{hash}, C{cancel}, C{version}, C{busy}, C{denied}, C{injected},
-        C{sync}, C{webhook}, C{gone}).
+        C{sync}, C{no_sync}: a C{POST /file/sync} refused by a shape
+        without it, C{webhook}, C{gone}), and over the wire (C{requests}:
+        every HTTP request received, C{connections}: every TCP connection
+        accepted; counted by the site of L{build_site}).
     @ivar submissions: the most recent uploads, newest last.
     """
 
@@ -314,9 +317,16 @@ class CoreEmulator:
             return succeed(refused)
         self._admitting += 1
         self.counters["submit"] += 1
-        workdir = self._dir()  # created here, never concurrently in workers
         rule = upload.rule or self.config.rules[0]
         config = self.config
+        if config.instant:
+            # _refuse left the stream at its end: its position is the size.
+            size = content.tell()
+            content.close()
+            raw = upload.raw_filename
+            node = unexamined(display_name=raw, name=unquote(raw), size=size)
+            return succeed(self._register(node, upload, rule))
+        workdir = self._dir()  # created here, never concurrently in workers
         if self._blocking is None or inline:
             try:
                 examined: Deferred[Node] = succeed(
@@ -361,17 +371,21 @@ class CoreEmulator:
             rule=rule,
             user_agent=upload.user_agent,
             received=self.clock.seconds(),
-            latency=config.latency,
+            latency=0.0 if config.instant else config.latency,
             started=self._started,
             callback_url=upload.callback_url,
         )
         self._jobs[node.data_id] = job
         for child in node.walk()[1:]:
             self._jobs[child.data_id] = Job.child(job, child)
-        self._in_flight += 1
-        job.scan_call = self.clock.callLater(config.latency, self._scanned, job)
         if job.callback_url is not None:
             self.webhooks.expect(node.data_id, job.callback_url)
+        if config.instant:
+            job.scanned = job.received
+            self._finish(job)
+        else:
+            self._in_flight += 1
+            job.scan_call = self.clock.callLater(config.latency, self._scanned, job)
         self.submissions.append(
             Submission(
                 data_id=node.data_id,
@@ -595,7 +609,8 @@ class CoreEmulator:
         self._finished[job.node.data_id] = now
         for node in job.node.walk():
             for digest in (node.findings.md5, node.findings.sha1, node.findings.sha256):
-                self._by_hash[digest] = node.data_id
+                if digest:  # an unexamined (instant) upload has none
+                    self._by_hash[digest] = node.data_id
         job.release_waiters()
         if job.callback_url is not None:
             self.counters["webhook"] += 1

@@ -158,6 +158,13 @@ class EmulatorConfig:
         reference documents; some Core deployments send one).
     @ivar shape: the Core version whose result shapes are imitated.
     @ivar version: what C{GET /version} reports (default: the shape's).
+    @ivar instant: a benchmark stand-in, never a Core for real mail: every
+        upload is reported clean (Allowed, no threat, nothing sanitized)
+        at once, without reading its content (no file type, no hashes, no
+        archive extraction, no DLP or Deep CDR). C{latency} and
+        C{postprocess} do not apply; the API answers as Core does
+        otherwise, so a gateway's own cost per message can be measured
+        with almost none spent on the Core side.
     """
 
     latency: float = 0.0
@@ -182,6 +189,7 @@ class EmulatorConfig:
     shape: Shape = SHAPES["v4"]
     version: str | None = None
     rules: tuple[str, ...] = ("Default", "Email Security")
+    instant: bool = False
 
     @property
     def reported_version(self) -> str:

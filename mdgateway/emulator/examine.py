@@ -344,3 +344,26 @@ def examine(
     return examiner.node(
         stream, display_name=display_name, name=name, depth=0, convert=True
     )
+
+
+#: The type an unexamined upload is reported as (what Core says of bytes
+#: it does not recognise).
+UNEXAMINED_TYPE = FileType("application/octet-stream", "data")
+
+
+def unexamined(*, display_name: str, name: str, size: int) -> Node:
+    """
+    The node of an upload the instant stand-in does not read: clean, of
+    an unknown type, without hashes (see L{EmulatorConfig.instant}).
+    """
+    return Node(
+        data_id=uuid.uuid4().hex,
+        display_name=display_name,
+        name=name,
+        findings=Findings(size=size, md5="", sha1="", sha256="", head=b""),
+        file_type=UNEXAMINED_TYPE,
+        own_code=0,
+        code=0,
+        blocked=False,
+        issues=(),
+    )

@@ -404,6 +404,7 @@ class _Sync(_Leaf):
     def render_POST(self, request: Request) -> bytes | int:
         emulator = self.emulator
         if not emulator.config.shape.sync:
+            emulator.counters["no_sync"] += 1
             return json_body(request, (404, {"err": "Not found"}))
         taken = _take_upload(request, emulator.config.shape.webhooks)
         if isinstance(taken, _Refused):

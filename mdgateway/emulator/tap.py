@@ -132,6 +132,12 @@ class Options(usage.Options):
         ["not-found-200", None, "Answer unknown data_ids with 200, not 404."],
         ["dlp-allow", None, "Allow files with card numbers (redacted copy)."],
         ["quiet", "q", "No access log."],
+        [
+            "instant",
+            None,
+            "Benchmark stand-in, never for real mail: report every upload "
+            "clean at once, without reading it.",
+        ],
     ]
 
     def postOptions(self) -> None:
@@ -200,6 +206,7 @@ class Options(usage.Options):
             sync_timeout=self["sync-timeout"],
             shape=SHAPES[self["profile"]],
             retry_after=self["retry-after"],
+            instant=bool(self["instant"]),
         )
 
 
@@ -277,4 +284,17 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         profile=options["profile"],
         api_key_required=bool(options["apikey"]),
     )
+    if options["instant"]:
+        warn_instant()
     return top
+
+
+def warn_instant() -> None:
+    """
+    Say loudly that the emulator scans nothing (C{--instant}).
+    """
+    _log.warn(
+        "the Core emulator runs as an instant stand-in: every file is reported"
+        " clean without being read; a benchmark tool, never for real mail",
+        emulator_instant=True,
+    )

@@ -30,8 +30,8 @@ from mdgateway.message.structure import (
     IDENTITY_ENCODINGS,
     Defect,
     Entity,
-    Limits,
     Structure,
+    StructureLimits,
     parse_structure,
 )
 
@@ -652,7 +652,7 @@ def _texts(
 def decompose(
     message: str | PathLike[str],
     directory: str | PathLike[str],
-    limits: Limits | None = None,
+    limits: StructureLimits | None = None,
 ) -> Decomposition:
     """
     Parse a spooled message and write each scannable part, decoded, to
@@ -690,7 +690,7 @@ def _encoded_message(entity: Entity) -> bool:
 
 
 def _inner(
-    part: ScannablePart, directory: Path, limits: Limits | None, depth: int
+    part: ScannablePart, directory: Path, limits: StructureLimits | None, depth: int
 ) -> tuple[list[ScannablePart], str | None]:
     """
     The parts of an encoded attached message, decoded (clients decode it
@@ -724,7 +724,7 @@ def _inner(
 
 
 def _decompose(
-    source_path: Path, target: Path, limits: Limits | None, depth: int
+    source_path: Path, target: Path, limits: StructureLimits | None, depth: int
 ) -> Decomposition:
     target.mkdir(parents=True, exist_ok=True)
     reading_error = None

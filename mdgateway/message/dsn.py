@@ -127,7 +127,7 @@ def _check_status(instance: object, attribute: object, value: str) -> None:
 
 
 @attrs.frozen
-class RecipientResult:
+class RecipientReport:
     """
     What happened to one recipient, for the report.
 
@@ -218,8 +218,8 @@ class DsnMessage:
     path: str
     sender: str
     recipients: tuple[str, ...]
-    reported: tuple[RecipientResult, ...]
-    omitted: tuple[RecipientResult, ...]
+    reported: tuple[RecipientReport, ...]
+    omitted: tuple[RecipientReport, ...]
     kind: str
     message_id: str
     returned: str
@@ -248,8 +248,8 @@ def notify_allows(parameters: Mapping[str, str | None], action: str) -> bool:
 
 
 def select_reported(
-    envelope: DsnEnvelope, results: Iterable[RecipientResult]
-) -> tuple[tuple[RecipientResult, ...], tuple[RecipientResult, ...]]:
+    envelope: DsnEnvelope, results: Iterable[RecipientReport]
+) -> tuple[tuple[RecipientReport, ...], tuple[RecipientReport, ...]]:
     """
     Split results into those the report carries and those the recipient's
     C{NOTIFY} leaves out.  A result for an address not in the envelope is
@@ -258,8 +258,8 @@ def select_reported(
     @return: C{(reported, omitted)}, each in the given order.
     """
     parameters = {r.address: r.parameters for r in reversed(envelope.recipients)}
-    reported: list[RecipientResult] = []
-    omitted: list[RecipientResult] = []
+    reported: list[RecipientReport] = []
+    omitted: list[RecipientReport] = []
     for result in results:
         allowed = notify_allows(parameters.get(result.address, {}), result.action)
         (reported if allowed else omitted).append(result)
@@ -473,7 +473,7 @@ def _human_text(
     envelope: DsnEnvelope,
     arrival: float,
     original: _Original,
-    reported: Sequence[RecipientResult],
+    reported: Sequence[RecipientReport],
     originals: Mapping[str, str | None],
 ) -> str:
     lines = _intro(kind, host)
@@ -531,7 +531,7 @@ def _status_part(
     host: str,
     envelope: DsnEnvelope,
     arrival: float,
-    reported: Sequence[RecipientResult],
+    reported: Sequence[RecipientReport],
     originals: Mapping[str, str | None],
 ) -> bytes:
     fields = [("Reporting-MTA", f"dns; {host}")]
@@ -567,7 +567,7 @@ def _status_part(
 
 
 def _original_recipients(
-    envelope: DsnEnvelope, reported: Sequence[RecipientResult]
+    envelope: DsnEnvelope, reported: Sequence[RecipientReport]
 ) -> dict[str, str | None]:
     orcpts = {
         r.address: r.parameters.get("ORCPT") for r in reversed(envelope.recipients)
@@ -610,7 +610,7 @@ def _copy(source: FileIO, output: BinaryIO) -> bool:
         output.write(chunk)
 
 
-def _kind(reported: Sequence[RecipientResult]) -> str:
+def _kind(reported: Sequence[RecipientReport]) -> str:
     actions = {result.action for result in reported}
     if "failed" in actions:
         return "failure"
@@ -668,7 +668,7 @@ def write_dsn(
     path: str,
     original_path: str,
     envelope: DsnEnvelope,
-    results: Iterable[RecipientResult],
+    results: Iterable[RecipientReport],
     *,
     reporting_mta: str,
     now: float,

@@ -70,7 +70,7 @@ def is_message_type(content_type: str) -> bool:
 
 
 @attrs.frozen
-class Limits:
+class StructureLimits:
     """
     Bounds on what the parser accepts before calling a structure unreliable.
 
@@ -297,7 +297,7 @@ class _UnreliableError(Exception):
 
 
 class _Parser:
-    def __init__(self, file: BinaryIO, limits: Limits) -> None:
+    def __init__(self, file: BinaryIO, limits: StructureLimits) -> None:
         self._reader = LineReader(file)
         self._limits = limits
         self._count = 0
@@ -688,7 +688,7 @@ def _freeze(node: _Node) -> Entity:
     )
 
 
-def parse_structure(file: BinaryIO, limits: Limits | None = None) -> Structure:
+def parse_structure(file: BinaryIO, limits: StructureLimits | None = None) -> Structure:
     """
     Parse the MIME structure of a message file.
 
@@ -699,7 +699,7 @@ def parse_structure(file: BinaryIO, limits: Limits | None = None) -> Structure:
     @param file: a seekable binary file of CRLF lines.
     @raise OSError: if the file cannot be read.
     """
-    limits = limits or Limits()
+    limits = limits or StructureLimits()
     file.seek(0)
     parser = None
     try:
@@ -717,7 +717,9 @@ def parse_structure(file: BinaryIO, limits: Limits | None = None) -> Structure:
     return Structure(size=root.end, root=root, signed=parser.signed)
 
 
-def parse_file(path: str | PathLike[str], limits: Limits | None = None) -> Structure:
+def parse_file(
+    path: str | PathLike[str], limits: StructureLimits | None = None
+) -> Structure:
     """
     L{parse_structure} for the file at C{path}.
     """

@@ -30,7 +30,7 @@ from mdgateway.store.interfaces import (
     Page,
     PartVerdict,
     QuarantineItem,
-    RecipientResult,
+    RecipientDelivery,
     Refusal,
     TimelineEvent,
 )
@@ -111,7 +111,7 @@ def _part(p: PartVerdict) -> JSON:
     }
 
 
-def _delivery(d: RecipientResult) -> JSON:
+def _delivery(d: RecipientDelivery) -> JSON:
     return {
         "recipient": d.recipient,
         "status": d.status.value,

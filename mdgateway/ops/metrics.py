@@ -29,6 +29,7 @@ from twisted.logger import Logger
 from mdgateway.smtp.categories import REFUSAL_CATEGORIES
 
 __all__ = [
+    "CACHE_RESULTS",
     "CDR_OUTCOMES",
     "CORE_CONDITIONS",
     "CORE_OUTCOMES",
@@ -52,6 +53,11 @@ MAX_NAME = 64
 
 #: The C{outcome} label of C{mdgateway_core_scan_seconds}.
 CORE_OUTCOMES = frozenset({"allowed", "blocked", "sanitized", "error"})
+
+#: The C{result} label of C{mdgateway_core_cache_total}: a kept verdict
+#: reused, one shared with an identical file scanned at the same time, or
+#: a new scan (see L{mdgateway.scan.cache}).
+CACHE_RESULTS = frozenset({"hit", "shared", "miss"})
 
 #: The C{condition} label of C{mdgateway_core_errors_total}: the Core
 #: client's error conditions (L{mdgateway.scan.errors.Condition} values).
@@ -311,6 +317,12 @@ class Metrics:
             ["profile", "condition"],
             registry=r,
         )
+        self._core_cache = Counter(
+            "mdgateway_core_cache",
+            "Files through a Core profile's verdict cache, by result.",
+            ["profile", "result"],
+            registry=r,
+        )
         self._verdicts = Counter(
             "mdgateway_verdicts",
             "Message verdicts (one per processed copy).",
@@ -425,6 +437,13 @@ class Metrics:
         self._core_errors.labels(
             _name(profile), _word(condition, CORE_CONDITIONS)
         ).inc()
+
+    def core_cache(self, profile: str, result: object) -> None:
+        """
+        One file through a profile's verdict cache: C{hit}, C{shared} or
+        C{miss}.
+        """
+        self._core_cache.labels(_name(profile), _word(result, CACHE_RESULTS)).inc()
 
     def verdict(self, result: object) -> None:
         """

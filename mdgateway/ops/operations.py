@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 
 import attrs
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
@@ -78,7 +79,7 @@ class GatewayOperations:
     def __init__(
         self,
         *,
-        reactor: Any,
+        reactor: IReactorTime,
         spool: Spool,
         pipeline: QueueManager,
         store: IStore,

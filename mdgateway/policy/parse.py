@@ -24,10 +24,15 @@ from mdgateway.policy.patterns import (
     ANY_ADDRESS,
     AddressFilter,
     AddressPattern,
-    PatternError,
     parse_pattern,
 )
-from mdgateway.policy.profiles import STRATEGIES, CoreProfile, SmtpProfile
+from mdgateway.policy.profiles import (
+    STRATEGIES,
+    SUBMIT_MODES,
+    CoreProfile,
+    SmtpProfile,
+)
+from mdgateway.policy.regexshape import PatternError
 from mdgateway.policy.rules import (
     BLOCKED_ACTIONS,
     DIRECTIONS,
@@ -56,6 +61,9 @@ from mdgateway.policy.servers import (
 from mdgateway.policy.tenants import TENANT_HEADER, parse_tenant_id
 from mdgateway.smtp.clientmodel import SmtpTimeouts
 from mdgateway.tomlreader import Section
+
+#: The longest C{verdict_cache} of a Core profile, in seconds.
+MAX_VERDICT_CACHE = 3600.0
 
 
 def _path(section: Section, key: str) -> str:
@@ -187,7 +195,21 @@ def parse_core_profile(
             "failure_threshold", defaults.failure_threshold, minimum=1, maximum=100
         ),
         retry_after=section.duration("retry_after", defaults.retry_after, minimum=1.0),
+        submit=section.choice(
+            "submit", SUBMIT_MODES, defaults.submit, what="submit mode"
+        ),
+        verdict_cache=section.duration("verdict_cache", defaults.verdict_cache),
+        verdict_cache_size=section.integer(
+            "verdict_cache_size",
+            defaults.verdict_cache_size,
+            minimum=1,
+            maximum=1_000_000,
+        ),
     )
+    if profile.verdict_cache > MAX_VERDICT_CACHE:
+        # A verdict older than this may predate what Core knows now.
+        section.check("verdict_cache", False, "must be at most 1h")
+        profile = attrs.evolve(profile, verdict_cache=defaults.verdict_cache)
     section.finish()
     return profile
 

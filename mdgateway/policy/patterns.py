@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_patterns -*-
+# -*- test-case-name: tests.test_patterns,tests.test_regexshape -*-
 """
 Sender and recipient patterns of security rules: parsing, safety checks and
 matching.
@@ -31,15 +31,34 @@ ASCII (C{xn--}) form and its Unicode form are the same domain.
 from __future__ import annotations
 
 import functools
+import math
 import re
-import re._constants as _sre
-import re._parser as _sre_parse
 import unicodedata
 import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import attrs
+
+from mdgateway.policy.regexshape import (
+    Anchor,
+    AnyChar,
+    Atomic,
+    Backref,
+    Branch,
+    Char,
+    CharClass,
+    CharRange,
+    ClassMember,
+    Conditional,
+    Group,
+    Lookaround,
+    Node,
+    Nodes,
+    PatternError,
+    Repeat,
+    parse_regex,
+)
 
 #: Longest pattern accepted, in characters. Addresses are at most 256 octets
 #: on the wire (RFC 5321 section 4.5.3.1.3); a longer pattern is a mistake.
@@ -73,12 +92,6 @@ _PROBE_DOMAINS = (
 )
 
 _BAD_DOMAIN_CHARS = frozenset('"()<>[]\\,;:@')
-
-
-class PatternError(ValueError):
-    """
-    A pattern cannot be used; the message says why, for a config problem line.
-    """
 
 
 @attrs.frozen
@@ -168,21 +181,21 @@ def _has_wildcard(text: str) -> bool:
 
 # -- regular expression safety -----------------------------------------------
 
-_REPEATS = (_sre.MAX_REPEAT, _sre.MIN_REPEAT, _sre.POSSESSIVE_REPEAT)
-_ZERO_WIDTH = (_sre.AT, _sre.ASSERT, _sre.ASSERT_NOT)
 _ANY_ATOM = ("any",)
 _CATEGORY_RE = {
-    "CATEGORY_DIGIT": re.compile(r"\d"),
-    "CATEGORY_NOT_DIGIT": re.compile(r"\D"),
-    "CATEGORY_SPACE": re.compile(r"\s"),
-    "CATEGORY_NOT_SPACE": re.compile(r"\S"),
-    "CATEGORY_WORD": re.compile(r"\w"),
-    "CATEGORY_NOT_WORD": re.compile(r"\W"),
+    "digit": re.compile(r"\d"),
+    "not_digit": re.compile(r"\D"),
+    "space": re.compile(r"\s"),
+    "not_space": re.compile(r"\S"),
+    "word": re.compile(r"\w"),
+    "not_word": re.compile(r"\W"),
 }
 #: Characters sampled when deciding whether two classes can share a first
 #: character; ranges wider than this are assumed to overlap.
 _SAMPLE = 4096
 
+#: What a part of an expression can start with: C{("lit", code)},
+#: C{("range", low, high)}, C{("cat", name)} or C{("any",)}.
 Atom = tuple[Any, ...]
 
 
@@ -235,56 +248,57 @@ def _atoms_overlap(a: Atom, b: Atom) -> bool:
     return True
 
 
-def _first(seq: Iterable[tuple[Any, Any]]) -> tuple[list[Atom], bool]:
+def _member_atom(member: ClassMember) -> Atom:
+    if isinstance(member, Char):
+        return ("lit", member.code)
+    if isinstance(member, CharRange):
+        return ("range", member.low, member.high)
+    return ("cat", member.name)
+
+
+def _first(nodes: Iterable[Node]) -> tuple[list[Atom], bool]:
     """
-    The characters a parsed sequence can start with, and whether it can
-    match the empty string.
+    The characters a sequence can start with, and whether it can match the
+    empty string.
     """
     atoms: list[Atom] = []
-    for op, av in seq:
-        item, nullable = _first_item(op, av)
+    for node in nodes:
+        item, nullable = _first_item(node)
         atoms.extend(item)
         if not nullable:
             return atoms, False
     return atoms, True
 
 
-def _first_item(op: Any, av: Any) -> tuple[list[Atom], bool]:
-    if op is _sre.LITERAL:
-        return [("lit", av)], False
-    if op is _sre.IN:
+def _first_item(node: Node) -> tuple[list[Atom], bool]:
+    if isinstance(node, Char):
+        return [("lit", node.code)], False
+    if isinstance(node, CharClass):
+        if node.negated:
+            return [_ANY_ATOM], False
+        return [_member_atom(member) for member in node.members], False
+    if isinstance(node, AnyChar):
+        return [_ANY_ATOM], False
+    if isinstance(node, (Group, Atomic)):
+        return _first(node.body)
+    if isinstance(node, Branch):
         atoms: list[Atom] = []
-        for sub_op, sub_av in av:
-            if sub_op is _sre.LITERAL:
-                atoms.append(("lit", sub_av))
-            elif sub_op is _sre.RANGE:
-                atoms.append(("range", sub_av[0], sub_av[1]))
-            elif sub_op is _sre.CATEGORY and str(sub_av) in _CATEGORY_RE:
-                atoms.append(("cat", str(sub_av)))
-            else:
-                return [_ANY_ATOM], False
-        return atoms, False
-    if op is _sre.SUBPATTERN:
-        return _first(av[-1])
-    if op is _sre.ATOMIC_GROUP:
-        return _first(av)
-    if op is _sre.BRANCH:
-        atoms = []
         nullable = False
-        for alternative in av[1]:
+        for alternative in node.alternatives:
             alt_atoms, alt_nullable = _first(alternative)
             atoms.extend(alt_atoms)
             nullable = nullable or alt_nullable
         return atoms, nullable
-    if op in _REPEATS:
-        atoms, nullable = _first(av[2])
-        return atoms, nullable or av[0] == 0
-    if op in _ZERO_WIDTH:
+    if isinstance(node, Repeat):
+        atoms, nullable = _first(node.body)
+        return atoms, nullable or node.low == 0
+    if isinstance(node, (Anchor, Lookaround)):
         return [], True
-    return [_ANY_ATOM], op not in (_sre.ANY, _sre.NOT_LITERAL)
+    # A backreference or a conditional: any text, perhaps none.
+    return [_ANY_ATOM], True
 
 
-def _ambiguous(alternatives: Sequence[Any]) -> bool:
+def _ambiguous(alternatives: Sequence[Nodes]) -> bool:
     """
     Whether two alternatives of a branch can begin the same way (or both
     match nothing), which makes a repeated alternation exponential.
@@ -315,38 +329,34 @@ _ALTERNATION = (
 )
 
 
-def _walk(seq: Iterable[tuple[Any, Any]], enclosing: int, shape: _Shape) -> None:
+def _walk(nodes: Iterable[Node], enclosing: float, shape: _Shape) -> None:
     """
-    Check a parsed regular expression for shapes that backtrack badly.
+    Check the shape of a regular expression for parts that backtrack badly.
 
     @param enclosing: the largest repeat count of the repetitions around
-        C{seq} (0 when not inside a repetition that can run twice).
+        C{nodes} (0 when not inside a repetition that can run twice;
+        infinite inside an open-ended one).
     """
-    for op, av in seq:
-        if op in _REPEATS:
-            low, high, body = av
-            variable = low != high
-            unbounded = high == _sre.MAXREPEAT
+    for node in nodes:
+        if isinstance(node, Repeat):
+            variable = node.low != node.high
+            unbounded = node.high is None
             shape.open_quantifiers += unbounded
             shape.choice_points += variable
             if enclosing and variable and (unbounded or enclosing > _SMALL_REPEAT):
                 raise PatternError(_NESTED)
-            _walk(body, max(enclosing, high if high >= 2 else 0), shape)
-        elif op is _sre.BRANCH:
-            alternatives = av[1]
-            if _ambiguous(alternatives):
+            most = math.inf if node.high is None else node.high
+            _walk(node.body, max(enclosing, most if most >= 2 else 0), shape)
+        elif isinstance(node, Branch):
+            if _ambiguous(node.alternatives):
                 if enclosing:
                     raise PatternError(_ALTERNATION)
                 shape.choice_points += 1
-            for alternative in alternatives:
+            for alternative in node.alternatives:
                 _walk(alternative, enclosing, shape)
-        elif op is _sre.SUBPATTERN:
-            _walk(av[-1], enclosing, shape)
-        elif op is _sre.ATOMIC_GROUP:
-            _walk(av, enclosing, shape)
-        elif op in (_sre.ASSERT, _sre.ASSERT_NOT):
-            _walk(av[1], enclosing, shape)
-        elif op in (_sre.GROUPREF, _sre.GROUPREF_EXISTS):
+        elif isinstance(node, (Group, Atomic, Lookaround)):
+            _walk(node.body, enclosing, shape)
+        elif isinstance(node, (Backref, Conditional)):
             raise PatternError(
                 "backreferences and conditional groups are not supported"
             )
@@ -361,6 +371,9 @@ def compile_regex(source: str) -> re.Pattern[str]:
     as C{(a+)+}, C{(.*)*}), repeated alternations whose branches overlap
     (C{(a|a)*}), backreferences, more than L{MAX_OPEN_QUANTIFIERS}
     open-ended and more than L{MAX_CHOICE_POINTS} variable quantifiers.
+    C{re.compile} judges validity; the shape is read by
+    L{mdgateway.policy.regexshape.parse_regex}, which refuses what it does
+    not understand.
 
     @raise PatternError: with a message fit for a config problem line.
     """
@@ -369,14 +382,16 @@ def compile_regex(source: str) -> re.Pattern[str]:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         try:
-            tree = _sre_parse.parse(source, re.IGNORECASE)
             compiled = re.compile(source, re.IGNORECASE)
         except re.error as e:
             raise PatternError(f"invalid regular expression: {e}") from None
         except (Warning, RecursionError, OverflowError) as e:
             raise PatternError(f"unusable regular expression: {e}") from None
     shape = _Shape()
-    _walk(tree, 0, shape)
+    try:
+        _walk(parse_regex(source), 0, shape)
+    except RecursionError as e:
+        raise PatternError(f"unusable regular expression: {e}") from None
     if shape.open_quantifiers > MAX_OPEN_QUANTIFIERS:
         raise PatternError(
             f"more than {MAX_OPEN_QUANTIFIERS} open-ended quantifiers "

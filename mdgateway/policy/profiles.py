@@ -17,6 +17,12 @@ from mdgateway.smtp.clientmodel import SmtpTimeouts
 #: C{round_robin} takes turns.
 STRATEGIES = ("failover", "round_robin")
 
+#: How files are submitted to Core: C{sync} is one C{POST /file/sync} that
+#: answers with the result (Core 4.21+; polled after a 408), C{poll} is
+#: C{POST /file} and then polling, C{auto} chooses per server from the
+#: version C{GET /version} reports.
+SUBMIT_MODES = ("auto", "sync", "poll")
+
 
 @attrs.frozen
 class CoreServer:
@@ -36,6 +42,11 @@ class CoreServer:
 class CoreProfile:
     """
     A named MetaDefender Core server profile.
+
+    @ivar submit: one of L{SUBMIT_MODES}.
+    @ivar verdict_cache: seconds a definitive verdict is reused for a file
+        with the same SHA-256, name and Core rule (0: no verdict cache).
+    @ivar verdict_cache_size: verdicts the cache holds at most.
     """
 
     name: str
@@ -52,6 +63,9 @@ class CoreProfile:
     failure_threshold: int = 3
     #: Seconds a server stays out before it is probed again.
     retry_after: float = 30.0
+    submit: str = "auto"
+    verdict_cache: float = 60.0
+    verdict_cache_size: int = 10_000
 
 
 @attrs.frozen

@@ -31,17 +31,18 @@ from mdgateway.queue.copies import (
     CopyOutcome,
     Decision,
     Delivery,
+    ICopyProcessor,
     rule_stamp,
 )
 from mdgateway.queue.entry import SCRATCH, SpoolEntry
 from mdgateway.queue.envelope import Envelope, Recipient
 from mdgateway.queue.history import IHistory
 from mdgateway.queue.loopguard import ILoopGuard
-from mdgateway.queue.processing import CopyProcessor
 from mdgateway.queue.scanned import keep_outcome, load_outcome
 from mdgateway.queue.spool import Spool
 from mdgateway.queue.state import DeliveryState, RecipientState, RecipientStatus
-from mdgateway.relay.delivery import Outgoing, Relay, RelayRecipient, Status
+from mdgateway.relay.delivery import Outgoing, RelayRecipient, Status
+from mdgateway.relay.interfaces import IRelay
 from mdgateway.store.interfaces import MessageStatus, copy_id
 
 log = Logger()
@@ -77,9 +78,9 @@ class CopyRunner:
         *,
         spool: Spool,
         policy: Callable[[], Policy],
-        processor: CopyProcessor,
-        relay: Relay,
-        reactor: Any,
+        processor: ICopyProcessor,
+        relay: IRelay,
+        reactor: IReactorTime,
         threadpool: ThreadPool,
         loop_guard: ILoopGuard,
         history: IHistory,
@@ -89,7 +90,7 @@ class CopyRunner:
         self.processor = processor
         self.relay = relay
         self.reactor: IReactorTime = reactor
-        self._threads: IReactorFromThreads = reactor
+        self._threads = IReactorFromThreads(reactor)
         self.threadpool = threadpool
         self.loop_guard = loop_guard
         self.history = history

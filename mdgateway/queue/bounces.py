@@ -17,7 +17,7 @@ from zope.interface import Interface, implementer
 from mdgateway.message.dsn import (
     DsnMessage,
     DsnSuppressedError,
-    RecipientResult,
+    RecipientReport,
     write_dsn,
 )
 from mdgateway.queue.envelope import Envelope
@@ -29,7 +29,7 @@ _ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
 
 def dsn_result(
     address: str, record: Mapping[str, Any], delayed: bool, retry_until: float
-) -> RecipientResult:
+) -> RecipientReport:
     """
     One recipient's delivery record as a DSN entry: the relay's own
     enhanced status when it fits the report's class, a generic one when not.
@@ -44,7 +44,7 @@ def dsn_result(
         status = enhanced if valid and enhanced[:2] in ("4.", "5.") else "5.0.0"
     server = str(record.get("server") or "")
     remote = server.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]") or None
-    return RecipientResult(
+    return RecipientReport(
         address,
         "delayed" if delayed else "failed",
         status,

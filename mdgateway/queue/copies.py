@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from typing import Protocol
 
 import attrs
+from zope.interface import Interface
 
-from mdgateway.message.marker import MARKER_HEADER, Stamp, actions_code
+from mdgateway.message.marker import MARKER_HEADER, MarkerCheck, Stamp, actions_code
 from mdgateway.policy.rules import Rule
-from mdgateway.scan.verdict import Verdict
 
 
 class Decision(enum.Enum):
@@ -69,6 +68,8 @@ class PartReport:
     dlp_hits: int = 0
     action: str = "allowed"
     error: str = ""
+    #: Where a verdict that is not a new scan came from (L{Verdict.cache}).
+    cache: str = ""
 
 
 @attrs.frozen
@@ -109,16 +110,6 @@ def rule_stamp(rule: Rule, result: str, sanitized: bool = False) -> Stamp:
         result=result,
         sanitized=sanitized,
     )
-
-
-class IScanner(Protocol):
-    """
-    What processing needs of a Core profile runtime (L{CoreRuntime}).
-    """
-
-    async def scan(self, path: str, filename: str) -> Verdict: ...
-
-    async def download_sanitized(self, verdict: Verdict, dest_path: str) -> str: ...
 
 
 @attrs.frozen
@@ -163,3 +154,29 @@ class CopyJob:
             else self.security_id
         )
         return (MARKER_HEADER, value)
+
+
+class ICopyProcessor(Interface):
+    """
+    What the queue manager asks of message processing for one copy: scan
+    and act, or pass on a message the gateway made or already processed.
+    L{mdgateway.queue.processing.CopyProcessor} is the real one.
+    """
+
+    async def process(job: CopyJob) -> CopyOutcome:
+        """
+        Decompose, scan every part with the rule's Core profile, act on the
+        verdicts, and rebuild and stamp what is delivered.
+        """
+
+    async def generated(job: CopyJob) -> CopyOutcome:
+        """
+        A message the gateway made itself (a bounce, a released original):
+        delivered unscanned, stamped.
+        """
+
+    async def relay_once(job: CopyJob, check: MarkerCheck) -> CopyOutcome:
+        """
+        A message this cluster processed before, under a rule at least as
+        strict: relayed once more without a scan, as C{check} vouches.
+        """

@@ -26,7 +26,7 @@ from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred, DeferredSemaphore, fail
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IReactorFromThreads, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -41,6 +41,7 @@ from mdgateway.queue.attempt import (
     remove_dir,
 )
 from mdgateway.queue.bounces import IBounceWriter
+from mdgateway.queue.copies import ICopyProcessor
 from mdgateway.queue.entry import SCRATCH, SpoolEntry
 from mdgateway.queue.envelope import Envelope, Recipient
 from mdgateway.queue.history import IHistory, LogHistory, TeeHistory
@@ -59,11 +60,10 @@ from mdgateway.queue.planner import (
     plan,
     retry_now,
 )
-from mdgateway.queue.processing import CopyProcessor
 from mdgateway.queue.scanned import remove_orphans, remove_processed
 from mdgateway.queue.spool import Spool
 from mdgateway.queue.state import DeliveryState, StateFormatError
-from mdgateway.relay.delivery import Relay
+from mdgateway.relay.interfaces import IRelay
 
 log = Logger()
 
@@ -108,9 +108,9 @@ class QueueManager:
         *,
         spool: Spool,
         policy: Callable[[], Policy],
-        processor: CopyProcessor,
-        relay: Relay,
-        reactor: Any,
+        processor: ICopyProcessor,
+        relay: IRelay,
+        reactor: IReactorTime,
         threadpool: ThreadPool,
         loop_guard: ILoopGuard,
         bounces: IBounceWriter,
@@ -121,6 +121,9 @@ class QueueManager:
         self.spool = spool
         self.relay = relay
         self.reactor = reactor
+        # Adapted now, so a reactor that cannot take work back from threads
+        # fails when the gateway is built, not mid-delivery.
+        self._threads = IReactorFromThreads(reactor)
         self.threadpool = threadpool
         self.bounces = bounces
         self.history: IHistory = history or LogHistory()
@@ -385,7 +388,7 @@ class QueueManager:
     # -- one entry ---------------------------------------------------------------
 
     async def _thread(self, function: Callable[..., Any], *args: Any) -> Any:
-        return await deferToThreadPool(self.reactor, self.threadpool, function, *args)
+        return await deferToThreadPool(self._threads, self.threadpool, function, *args)
 
     async def load_state(self, entry: SpoolEntry) -> DeliveryState:
         """

@@ -19,9 +19,11 @@ from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
 
 from mdgateway.message.decompose import Decomposition, ScannablePart, decompose
 from mdgateway.message.digest import ContentHasher, content_digest
@@ -39,10 +41,11 @@ from mdgateway.queue.copies import (
     CopyOutcome,
     Decision,
     Delivery,
-    IScanner,
+    ICopyProcessor,
     PartReport,
 )
 from mdgateway.scan.errors import Condition, CoreError
+from mdgateway.scan.interfaces import IScanner
 from mdgateway.scan.verdict import Outcome, Verdict
 
 log = Logger()
@@ -81,6 +84,7 @@ class _Scanned:
     empty: bool = False
 
 
+@implementer(ICopyProcessor)
 class CopyProcessor:
     """
     Processes message copies with the Core runtime of each rule's profile.
@@ -91,20 +95,21 @@ class CopyProcessor:
     def __init__(
         self,
         *,
-        reactor: Any,
+        reactor: IReactorTime,
         threadpool: ThreadPool,
         scanner_for: Callable[[str], IScanner],
         hostname: str,
         metrics: Any = None,
     ) -> None:
         self.reactor = reactor
+        self._threads = IReactorFromThreads(reactor)
         self.threadpool = threadpool
         self.scanner_for = scanner_for
         self.hostname = hostname
         self.metrics = metrics
 
     async def _thread(self, function: Callable[..., Any], *args: Any) -> Any:
-        return await deferToThreadPool(self.reactor, self.threadpool, function, *args)
+        return await deferToThreadPool(self._threads, self.threadpool, function, *args)
 
     async def process(self, job: CopyJob) -> CopyOutcome:
         rule = job.rule
@@ -327,6 +332,7 @@ class CopyProcessor:
             core_url=verdict.core_url,
             dlp_hits=len(verdict.dlp.hits) if verdict.dlp is not None else 0,
             action="blocked" if verdict.blocked else "allowed",
+            cache=verdict.cache,
         )
 
     # -- acting --------------------------------------------------------------
@@ -572,7 +578,7 @@ class CopyProcessor:
             tag = rule.subject_tag_blocked
         elif sanitized and rule.subject_tag_sanitized:
             tag = rule.subject_tag_sanitized
-        return await self._thread(
+        delivery: Delivery = await self._thread(
             _write_delivery,
             job,
             decomposition,
@@ -582,6 +588,7 @@ class CopyProcessor:
             result,
             sanitized,
         )
+        return delivery
 
     async def _original_copy(self, job: CopyJob, result: str) -> Delivery:
         fields = self.stamp(
@@ -595,7 +602,7 @@ class CopyProcessor:
         )
         # Never to be relayed unscanned should it come back: its stamp's
         # result is not one of a scanned copy.
-        delivery = await self._thread(
+        delivery: Delivery = await self._thread(
             _write_delivery, job, None, {}, fields, None, f"OriginalCopy/{result}"
         )
         return attrs.evolve(delivery, kind="original copy")

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_history -*-
+# -*- test-case-name: tests.test_records -*-
 """
 The pipeline's report of what happened to each message copy, kept in the
 store (email history, quarantine) and in the log.
@@ -13,8 +13,10 @@ written to disk fails the step, which the queue manager tries again.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -22,16 +24,17 @@ from zope.interface import implementer
 
 from mdgateway.message.headers import read_summary
 from mdgateway.policy.rules import Rule
-from mdgateway.queue.copies import CopyOutcome, Decision, Delivery
+from mdgateway.queue.copies import CopyOutcome, Decision, Delivery, PartReport
 from mdgateway.queue.entry import SpoolEntry
 from mdgateway.queue.history import IHistory
 from mdgateway.relay.delivery import RecipientOutcome, Status
+from mdgateway.scan.verdict import FROM_CORE_HASH, FROM_VERDICT_CACHE
 from mdgateway.store.interfaces import (
     DeliveryStatus,
     MessageStatus,
     PartVerdict,
     ReceivedMessage,
-    RecipientResult,
+    RecipientDelivery,
     ScanVerdict,
     overall_verdict,
 )
@@ -55,6 +58,28 @@ _DELIVERY = {
 
 #: Results that mean Core's verdict was not acted on as given.
 _NOT_A_VERDICT = ("Failed/", "Bypassed/", "Skipped/")
+
+
+#: How the history words a verdict that is not a new scan, by
+#: L{mdgateway.scan.verdict.Verdict.cache}.
+_REUSED = {
+    FROM_VERDICT_CACHE: "reused from the verdict cache",
+    FROM_CORE_HASH: "from Core's hash lookup",
+}
+
+
+def reused_verdicts(parts: Iterable[PartReport]) -> tuple[str, ...]:
+    """
+    One history line per part whose verdict was not a new scan, e.g.
+    C{verdict of part 2 (a.pdf) reused from the verdict cache (Core
+    data_id ...)}.
+    """
+    return tuple(
+        f"verdict of part {p.part_id} ({p.filename}) {_REUSED.get(p.cache, p.cache)}"
+        + (f" (Core data_id {p.data_id})" if p.data_id else "")
+        for p in parts
+        if p.cache
+    )
 
 
 def copy_verdict(
@@ -93,7 +118,7 @@ class StoreHistory:
     def __init__(
         self,
         outbox: Outbox,
-        reactor: Any,
+        reactor: IReactorTime,
         threadpool: ThreadPool,
         *,
         instance: str = "",
@@ -101,6 +126,7 @@ class StoreHistory:
     ) -> None:
         self.outbox = outbox
         self.reactor = reactor
+        self._threads = IReactorFromThreads(reactor)
         self.threadpool = threadpool
         self.instance = instance
         self.quarantine_days = quarantine_days
@@ -108,7 +134,7 @@ class StoreHistory:
     async def received(self, entry: SpoolEntry, rule: Rule, copy_id: str) -> None:
         envelope = entry.envelope
         subject, message_id = await deferToThreadPool(
-            self.reactor, self.threadpool, _summary, str(entry.message_path)
+            self._threads, self.threadpool, _summary, str(entry.message_path)
         )
         message = ReceivedMessage(
             id=copy_id,
@@ -160,7 +186,7 @@ class StoreHistory:
             OwedVerdicts(
                 copy_id,
                 parts,
-                tuple(outcome.actions),
+                (*outcome.actions, *reused_verdicts(outcome.parts)),
                 copy_verdict(outcome, parts),
                 self.reactor.seconds(),
                 f"{outcome.result}: {outcome.decision.value}",
@@ -190,7 +216,7 @@ class StoreHistory:
             upstream = o.queue_id or None
             if upstream is None and o.code is not None and 200 <= o.code < 300:
                 upstream = parse_upstream_queue_id(o.text)
-            result = RecipientResult(
+            result = RecipientDelivery(
                 recipient=o.address,
                 status=_DELIVERY[o.status],
                 code=o.code,

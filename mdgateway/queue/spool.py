@@ -169,6 +169,13 @@ class Spool:
 
     # Start-up
 
+    @property
+    def closed(self) -> bool:
+        """
+        Whether L{close} was called.
+        """
+        return self._closed
+
     async def acquire(self, wait: float = 0.0) -> None:
         """
         Create the root if needed and take its lock (C{flock} on
@@ -207,7 +214,7 @@ class Spool:
                 raise RuntimeError("the spool is closed")
             fd = await self._run(job_lock, self._ops, paths, create_root)
             if fd is not None:
-                if self._closed:
+                if self.closed:  # closed while the lock was being taken
                     await self._run(close_quietly, self._ops, fd)
                     raise RuntimeError("the spool is closed")
                 return fd

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_gateway -*-
+# -*- test-case-name: tests.test_e2e_receive -*-
 """
 The server-side delivery hooks: who may send what to whom, and how the
 content of an accepted message reaches the spool.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -22,7 +23,7 @@ from mdgateway.receive.admission import (
 )
 from mdgateway.relay.connect import ClientSettings, connect_server
 from mdgateway.relay.hosts import IMXResolver, NullMXError, expand
-from mdgateway.smtp.clientmodel import Envelope, SmtpSessionError
+from mdgateway.smtp.clientmodel import ClientEnvelope, SmtpSessionError
 
 log = Logger()
 
@@ -44,9 +45,14 @@ class SmtpRecipientVerifier:
     """
 
     def __init__(
-        self, reactor: Any, helo: str, resolver: IMXResolver, threadpool: ThreadPool
+        self,
+        reactor: IReactorTime,
+        helo: str,
+        resolver: IMXResolver,
+        threadpool: ThreadPool,
     ) -> None:
         self.reactor = reactor
+        self._threads = IReactorFromThreads(reactor)
         self.helo = helo
         self.resolver = resolver
         self.threadpool = threadpool
@@ -55,7 +61,10 @@ class SmtpRecipientVerifier:
         password = None
         if profile.auth_password_file:
             password = await deferToThreadPool(
-                self.reactor, self.threadpool, read_password, profile.auth_password_file
+                self._threads,
+                self.threadpool,
+                read_password,
+                profile.auth_password_file,
             )
         return ClientSettings.from_profile(profile, self.helo, password)
 
@@ -103,7 +112,7 @@ class SmtpRecipientVerifier:
             )
             return None
         try:
-            result = await client.probe(Envelope(sender, [recipient]))
+            result = await client.probe(ClientEnvelope(sender, [recipient]))
             (outcome,) = result.recipients
             try:
                 await client.quit()

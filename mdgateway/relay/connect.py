@@ -18,8 +18,8 @@ from twisted.internet.interfaces import (
 
 from mdgateway.policy.profiles import RelayServer, SmtpProfile
 from mdgateway.smtp.clientmodel import (
+    ClientEnvelope,
     Credentials,
-    Envelope,
     MessageBody,
     SessionConfig,
     SessionFailure,
@@ -151,7 +151,7 @@ async def deliver_once(
     reactor: IReactorTime,
     server: RelayServer,
     settings: ClientSettings,
-    transactions: Sequence[tuple[Envelope, MessageBody]],
+    transactions: Sequence[tuple[ClientEnvelope, MessageBody]],
 ) -> list[TransactionResult | SessionFailure]:
     """
     One connection, several transactions, then QUIT.

@@ -15,23 +15,24 @@ from __future__ import annotations
 import enum
 import re
 from collections.abc import Callable
-from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorFromThreads, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
 
 from mdgateway.policy.profiles import RelayServer, SmtpProfile
 from mdgateway.relay import maildir
 from mdgateway.relay.connect import ClientSettings, connect_server
 from mdgateway.relay.hosts import IMXResolver, NullMXError, expand
+from mdgateway.relay.interfaces import IRelay
 from mdgateway.smtp.clientmodel import (
-    Envelope,
+    ClientEnvelope,
+    ClientRecipient,
     MessageBody,
-    Recipient,
     SmtpSessionError,
     Stage,
     TransactionResult,
@@ -155,6 +156,7 @@ class _Idle:
     timer: IDelayedCall
 
 
+@implementer(IRelay)
 class Relay:
     """
     Delivers prepared messages through SMTP relay profiles.
@@ -167,7 +169,7 @@ class Relay:
     def __init__(
         self,
         *,
-        reactor: Any,
+        reactor: IReactorTime,
         helo: str,
         resolver: IMXResolver,
         threadpool: ThreadPool,
@@ -177,6 +179,7 @@ class Relay:
         throttle_base: float = 60.0,
     ) -> None:
         self.reactor = reactor
+        self._threads = IReactorFromThreads(reactor)
         self.helo = helo
         self.resolver = resolver
         self.threadpool = threadpool
@@ -220,7 +223,7 @@ class Relay:
             password = None
             if profile.auth_password_file:
                 password = await deferToThreadPool(
-                    self.reactor,
+                    self._threads,
                     self.threadpool,
                     self.password_reader,
                     profile.auth_password_file,
@@ -280,7 +283,7 @@ class Relay:
     ) -> list[RecipientOutcome]:
         try:
             path = await deferToThreadPool(
-                self.reactor,
+                self._threads,
                 self.threadpool,
                 self.maildir_writer,
                 server.host,
@@ -341,9 +344,12 @@ class Relay:
                 return f"{server}: {failure}"
             except OSError as e:
                 return f"{server}: {e}"
-        envelope = Envelope(
+        envelope = ClientEnvelope(
             outgoing.sender,
-            tuple(Recipient(r.address, r.notify, r.orcpt) for r in outgoing.recipients),
+            tuple(
+                ClientRecipient(r.address, r.notify, r.orcpt)
+                for r in outgoing.recipients
+            ),
             eight_bit=outgoing.eight_bit,
             smtputf8=outgoing.smtputf8,
             ret=outgoing.ret,

@@ -15,6 +15,7 @@ from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 from zope.interface import Interface, implementer
@@ -49,7 +50,7 @@ class DNSPythonResolver:
     on DNS.
     """
 
-    reactor: Any
+    reactor: IReactorFromThreads
     threadpool: ThreadPool
     lifetime: float = 10.0
 

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IListeningPort, IReactorCore, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -64,7 +64,7 @@ class AddressInUseError(StartError):
 
 
 def listen_now(
-    reactor: Any, description: str, factory: Factory, *, key: str
+    reactor: IReactorCore, description: str, factory: Factory, *, key: str
 ) -> IListeningPort:
     """
     Listen on C{description} at once: the reactor need not run (TCP, UNIX,
@@ -127,7 +127,7 @@ def listening_socket(description: str, *, key: str) -> socket.socket:
 
 
 async def retrying(
-    clock: Any,
+    clock: IReactorTime,
     attempt: Callable[[], Any],
     seconds: float,
     *,
@@ -158,7 +158,7 @@ async def retrying(
         await deferLater(clock, 0.25, lambda: None)
 
 
-def exit_after_shutdown(reactor: Any, status: int) -> None:
+def exit_after_shutdown(reactor: IReactorCore, status: int) -> None:
     """
     End the process with C{status} once the reactor has shut down in order.
 

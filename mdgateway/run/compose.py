@@ -212,7 +212,7 @@ def build_gateway(
     )
     verifier = CachingVerifier(probe, reactor)
     store = store_for(config.store.location, reactor, threads.store)
-    runtimes = CoreRuntimes(reactor, threads.work)
+    runtimes = CoreRuntimes(reactor, threads.work, on_cache=metrics.core_cache)
     loop_guard = MarkerLoopGuard(
         reactor,
         config.delivery.loop_secret_file,

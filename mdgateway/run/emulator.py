@@ -23,16 +23,19 @@ import signal
 import socket
 import sys
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.protocol import ServerFactory
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from mdgateway.emulator.app import CoreEmulator, EmulatorConfig
 from mdgateway.emulator.server import BACKLOG, build_site
+from mdgateway.emulator.tap import warn_instant
+from mdgateway.run.reactor import global_reactor
 from mdgateway.run.supervisor import run_child
 
 log = Logger()
@@ -59,6 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--endpoint", required=True, help="a Twisted server endpoint")
     parser.add_argument("--latency", type=float, default=0.0)
     parser.add_argument(
+        "--instant",
+        action="store_true",
+        help="a benchmark stand-in: every file clean at once, never read",
+    )
+    parser.add_argument(
         "--fd", type=int, help="serve this inherited listening socket instead"
     )
     args = parser.parse_args(argv)
@@ -67,13 +75,11 @@ def main(argv: list[str] | None = None) -> int:
         # Ctrl-C reaches the whole process group: the gateway stops us.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
-    from twisted.internet import reactor as default_reactor
-
-    reactor: Any = default_reactor
+    reactor = global_reactor()
     pool = ThreadPool(minthreads=0, maxthreads=THREADS, name="mdcore-emulator")
     emulator = CoreEmulator(
         reactor,
-        EmulatorConfig(latency=args.latency),
+        EmulatorConfig(latency=args.latency, instant=args.instant),
         blocking=partial(deferToThreadPool, reactor, pool),
     )
     site = build_site(emulator, access_log=False, reactor=reactor)
@@ -83,7 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.fd is not None:
             inherited = socket.socket(fileno=args.fd)
             try:
-                reactor.adoptStreamPort(inherited.fileno(), inherited.family, site)
+                reactor.adoptStreamPort(
+                    inherited.fileno(), inherited.family, cast(ServerFactory, site)
+                )
             finally:
                 inherited.close()  # adoptStreamPort keeps a duplicate
         else:
@@ -93,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
             endpoint=args.endpoint,
             emulator_listening=True,
         )
+        if args.instant:
+            warn_instant()
 
     def failed(failure: Any) -> None:
         log.critical(

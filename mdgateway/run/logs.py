@@ -179,7 +179,8 @@ def _twistd_file() -> IO[Any]:
         name = "twistd.log"
     from twisted.python.logfile import LogFile
 
-    return LogFile.fromFullPath(name)
+    log_file: IO[Any] = LogFile.fromFullPath(name)
+    return log_file
 
 
 def twistd_json_observer() -> ILogObserver:

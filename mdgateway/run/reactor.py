@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_embedding -*-
 """
 The reactor a gateway process needs, as one interface: the intersection of
 the reactor interfaces its pieces use.
@@ -9,6 +10,7 @@ from typing import cast
 
 from twisted.internet.interfaces import (
     IReactorCore,
+    IReactorFDSet,
     IReactorFromThreads,
     IReactorPluggableNameResolver,
     IReactorProcess,
@@ -21,6 +23,7 @@ from twisted.internet.interfaces import (
 
 class IGatewayReactor(
     IReactorCore,
+    IReactorFDSet,
     IReactorTime,
     IReactorTCP,
     IReactorThreads,

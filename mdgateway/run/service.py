@@ -12,7 +12,7 @@ import socket
 import sys
 from contextlib import suppress
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import attrs
 from twisted.application.service import MultiService
@@ -23,8 +23,8 @@ from twisted.internet.defer import (
     maybeDeferred,
     succeed,
 )
-from twisted.internet.interfaces import IListeningPort
-from twisted.internet.protocol import Factory
+from twisted.internet.interfaces import IListeningPort, IReactorSocket
+from twisted.internet.protocol import Factory, ServerFactory
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger, globalLogPublisher
@@ -509,6 +509,7 @@ class GatewayService(MultiService):
             settings.endpoint,
             "--latency",
             repr(settings.latency),
+            *(["--instant"] if settings.instant else []),
         ]
         self.emulator = Supervisor(
             reactor=self.reactor,
@@ -725,7 +726,9 @@ class GatewayService(MultiService):
         return [(k, worker_spool(root, k)) for k in range(1, self.config.workers)]
 
 
-def adopt_listener(reactor: Any, fd: int, factory: Factory) -> IListeningPort:
+def adopt_listener(
+    reactor: IReactorSocket, fd: int, factory: Factory
+) -> IListeningPort:
     """
     Serve C{factory} on the listening socket inherited as C{fd} (a worker
     shares the primary's sockets).
@@ -734,8 +737,10 @@ def adopt_listener(reactor: Any, fd: int, factory: Factory) -> IListeningPort:
 
     sock = socket.socket(fileno=fd)
     try:
+        # Every factory we listen with is a server factory (the SMTP one,
+        # or the TLS and PROXY wrappers around it); Factory is its type here.
         port: IListeningPort = reactor.adoptStreamPort(
-            sock.fileno(), sock.family, factory
+            sock.fileno(), sock.family, cast(ServerFactory, factory)
         )
     finally:
         sock.close()  # adoptStreamPort keeps a duplicate

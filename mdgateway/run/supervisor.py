@@ -54,6 +54,7 @@ from zope.interface import implementer
 import mdgateway
 from mdgateway.ops.metrics import RetiredCounters
 from mdgateway.run.control import Asks, Frames
+from mdgateway.run.reactor import IGatewayReactor
 
 __all__ = ["Frames", "Supervisor", "WorkerRole", "run_child"]
 
@@ -217,7 +218,7 @@ class ParentWatch:
 
 
 def run_child(
-    reactor: Any,
+    reactor: IGatewayReactor,
     start: Callable[[], object],
     stop: Callable[[], object],
     on_hangup: Callable[[], object] | None = None,

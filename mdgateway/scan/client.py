@@ -1,13 +1,18 @@
 # -*- test-case-name: tests.test_core_client -*-
 """
-A treq client for one MetaDefender Core v4 server.
+The client of one MetaDefender Core v4 (or v5) server.
 
-Uploads stream from disk with a Content-Length (never chunked), results are
-polled on C{process_info.progress_percentage} (not C{scan_results}, which
-reaches 100 before Deep CDR and DLP finish), converted files stream to disk,
-and every failure becomes a L{CoreError} with a L{Condition}. Response
-bodies are read under their own timeout, because treq's C{timeout} stops at
-the headers.
+Uploads stream from disk with a Content-Length (never chunked). A file
+costs one request where Core has the synchronous submit (C{POST /file/sync},
+4.21+): it answers with the complete result, or with 408 and a C{data_id}
+to poll when its sync timeout passes. Older servers get C{POST /file} and
+polls on C{process_info.progress_percentage} (not C{scan_results}, which
+reaches 100 before Deep CDR and DLP finish). The profile's C{submit}
+chooses, C{auto} from the version each server reports (asked once, and
+again after the server could not be reached). Converted files stream to
+disk, and every failure becomes a L{CoreError} with a L{Condition}.
+Response bodies are read under their own timeout, because the request's
+stops at the headers.
 """
 
 from __future__ import annotations
@@ -21,7 +26,6 @@ from typing import Any, TypeVar
 from urllib.parse import quote
 
 import treq
-from treq.client import HTTPClient
 from twisted.internet import task
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.error import (
@@ -32,20 +36,17 @@ from twisted.internet.error import (
 )
 from twisted.internet.error import TimeoutError as ConnectTimeoutError
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.internet.task import Cooperator
 from twisted.logger import Logger
 from twisted.python.components import proxyForInterface
 from twisted.python.failure import Failure
-from twisted.web.client import (
-    Agent,
-    BrowserLikePolicyForHTTPS,
-    HTTPConnectionPool,
+from twisted.web.client import (  # type: ignore[attr-defined]  # public, no __all__
     RequestNotSent,
     RequestTransmissionFailed,
     ResponseFailed,
     ResponseNeverReceived,
 )
+from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 from zope.interface import implementer
 
@@ -56,6 +57,7 @@ from mdgateway.scan.errors import (
     error_for_response,
     parse_retry_after,
 )
+from mdgateway.scan.http import CoreHttp, build_http_client
 from mdgateway.scan.interfaces import ICoreServerClient
 from mdgateway.scan.upload import FileUpload
 from mdgateway.scan.verdict import (
@@ -68,6 +70,9 @@ from mdgateway.scan.verdict import (
     is_not_found,
     parse_verdict,
 )
+from mdgateway.scan.versions import has_sync, reported_version
+
+__all__ = ["NETWORK_ERRORS", "CoreClient", "build_http_client", "sha256_file"]
 
 _log = Logger()
 _T = TypeVar("_T")
@@ -90,9 +95,9 @@ _UPLOAD_BLOCK = 1 << 16
 #: Seconds to wait for Core to acknowledge cancelling a timed-out scan.
 _CANCEL_TIMEOUT = 5.0
 _DATA_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
-_PEM = re.compile(
-    rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL
-)
+#: Answers to C{POST /file/sync} from a server that does not have it: no
+#: such resource, or (the path read as C{/file/{data_id}}) no such method.
+_NO_SYNC_STATUSES = (404, 405)
 
 
 def sha256_file(path: str) -> str:
@@ -104,34 +109,6 @@ def sha256_file(path: str) -> str:
         while block := f.read(1 << 20):
             digest.update(block)
     return digest.hexdigest()
-
-
-def build_http_client(
-    reactor: Any, profile: CoreProfile, *, connect_timeout: float = 10.0
-) -> tuple[HTTPClient, HTTPConnectionPool]:
-    """
-    A treq client with its own connection pool for one profile.
-
-    Keeps up to C{profile.concurrency} idle connections per server (the
-    runtime's semaphores bound the busy ones); trusts C{profile.ca_file}
-    (one or more PEM certificates) instead of the system roots when set.
-    """
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    pool.maxPersistentPerHost = max(1, profile.concurrency)
-    pool.cachedConnectionTimeout = 60
-    if profile.ca_file:
-        with open(profile.ca_file, "rb") as f:
-            pems = _PEM.findall(f.read())
-        if not pems:
-            raise ValueError(f"no PEM certificate in {profile.ca_file}")
-        roots = trustRootFromCertificates([Certificate.loadPEM(p) for p in pems])
-        policy = BrowserLikePolicyForHTTPS(trustRoot=roots)
-    else:
-        policy = BrowserLikePolicyForHTTPS()
-    agent = Agent(
-        reactor, contextFactory=policy, connectTimeout=connect_timeout, pool=pool
-    )
-    return HTTPClient(agent), pool
 
 
 class _TappedResponse(proxyForInterface(IResponse)):  # type: ignore[misc]
@@ -152,16 +129,22 @@ class _TappedResponse(proxyForInterface(IResponse)):  # type: ignore[misc]
             transport.stopProducing()
 
 
+class _NoSyncError(Exception):
+    """
+    The server has no C{POST /file/sync}: submit the old way.
+    """
+
+
 @implementer(ICoreServerClient)
 class CoreClient:
     """
     Scans files on one Core server.
 
-    @param http: a treq L{HTTPClient} (see L{build_http_client}).
+    @param http: the HTTP layer (see L{build_http_client}).
     @param clock: used for poll sleeps and body timeouts.
     @param cooperator: schedules upload reads (default: the global one).
     @param request_timeout: seconds until response headers (includes the
-        upload).
+        upload; a synchronous submission waits until the scan's deadline).
     @param body_timeout: seconds to read a response body.
     @param max_resubmissions: new uploads after Core lost a C{data_id}.
     @param poll_backoff: factor applied to the poll interval after each poll.
@@ -173,7 +156,7 @@ class CoreClient:
         self,
         server: CoreServer,
         profile: CoreProfile,
-        http: HTTPClient,
+        http: CoreHttp,
         clock: IReactorTime,
         *,
         cooperator: Cooperator | None = None,
@@ -199,15 +182,29 @@ class CoreClient:
         # Without a hasher of the caller's (a thread pool of its own), the
         # digest is computed in place: fine for tests and small files.
         self._hasher = hasher or (lambda p: succeed(sha256_file(p)))
-        self._base = server.url.rstrip("/")
+        self._base = server.url.rstrip("/").encode("ascii")
+        # The headers of every request, encoded once.
+        self._headers = Headers({b"user_agent": [profile.user_agent.encode("utf-8")]})
+        if server.apikey:
+            self._headers.setRawHeaders(b"apikey", [server.apikey.encode("utf-8")])
+        # Synchronous submission: None until the server's version is known
+        # (submit "auto"); the profile's choice otherwise.
+        self._sync_default: bool | None = (
+            None if profile.submit == "auto" else profile.submit == "sync"
+        )
+        self._sync = self._sync_default
+        self._learning: list[Deferred[None]] | None = None
+        #: What the server's C{GET /version} last reported.
+        self.core_version: str | None = None
 
     # -- ICoreServerClient -------------------------------------------------------
 
     async def scan(self, path: str, filename: str) -> Verdict:
         """
-        Hash lookup (if the profile asks for it), upload, poll until
-        complete, parse; resubmit (a bounded number of times) when Core
-        forgets the C{data_id}.
+        Hash lookup (if the profile asks for it), submit (synchronously
+        where the server can), poll until complete if the answer was not,
+        parse; resubmit (a bounded number of times) when Core forgets the
+        C{data_id}.
 
         @raise CoreError: with the condition the failure maps to.
         """
@@ -217,13 +214,11 @@ class CoreClient:
                 return cached
         deadline = self._clock.seconds() + self._profile.scan_timeout
         for attempt in range(self._max_resubmissions + 1):
-            data_id = await self.submit(path, filename)
-            doc = await self.wait(data_id, deadline)
+            doc = await self._submit_and_wait(path, filename, deadline)
             if doc is None:
                 _log.warn(
-                    "Core {server} lost result {data_id}; resubmitting",
+                    "Core {server} lost a result; resubmitting",
                     server=self.server.url,
-                    data_id=data_id,
                     attempt=attempt + 1,
                 )
                 continue
@@ -233,7 +228,7 @@ class CoreClient:
                 raise CoreError(
                     condition,
                     f"result {verdict.scan_all_result_a or verdict.scan_all_result_i}"
-                    f" for {data_id}",
+                    f" for {verdict.data_id}",
                     server=self.server.url,
                     verdict=verdict,
                 )
@@ -258,7 +253,7 @@ class CoreClient:
         """
         self._check_id(verdict.data_id)
         response = await self._send(
-            "GET", f"/file/converted/{verdict.data_id}", what="download"
+            b"GET", f"/file/converted/{verdict.data_id}", what="download"
         )
         if response.code != 200:
             body = await self._read_small(response, "download")
@@ -300,29 +295,61 @@ class CoreClient:
 
     async def probe(self) -> None:
         """
-        C{GET /version}; raises unless Core answers 200.
+        C{GET /version}; raises unless Core answers 200. Learns the version
+        (and with it the submit mode), so a server that comes back after
+        an outage is asked afresh.
         """
-        response = await self._send("GET", "/version", what="health probe")
+        response = await self._send(b"GET", "/version", what="health probe")
         body = await self._read_small(response, "health probe")
         if response.code != 200:
             raise self._failure(response.code, body, "health probe")
+        self._learn_version(reported_version(body))
+
+    @property
+    def synchronous(self) -> bool | None:
+        """
+        Whether files go to C{POST /file/sync} (C{None}: not known yet).
+        """
+        return self._sync
 
     # -- the steps -------------------------------------------------------------
+
+    async def _submit_and_wait(
+        self, path: str, filename: str, deadline: float
+    ) -> Mapping[str, Any] | None:
+        """
+        The complete document of one submission (synchronous where the
+        server has it), or C{None} when Core lost it.
+        """
+        if await self._sync_supported():
+            try:
+                return await self.submit_sync(path, filename, deadline)
+            except _NoSyncError:
+                pass
+        data_id = await self.submit(path, filename)
+        return await self.wait(data_id, deadline)
+
+    def _upload_headers(self, filename: str) -> dict[bytes, bytes]:
+        headers = {
+            b"filename": quote(filename, safe="").encode("ascii"),
+            b"content-type": b"application/octet-stream",
+        }
+        if self._profile.rule != "Automatic":
+            headers[b"rule"] = quote(self._profile.rule, safe="").encode("ascii")
+        return headers
 
     async def submit(self, path: str, filename: str) -> str:
         """
         C{POST /file} streaming C{path}; return the C{data_id}.
         """
-        headers = {
-            "filename": quote(filename, safe=""),
-            "content-type": "application/octet-stream",
-        }
-        if self._profile.rule != "Automatic":
-            headers["rule"] = quote(self._profile.rule, safe="")
         upload = FileUpload(path, self._cooperator, _UPLOAD_BLOCK)
         try:
             response = await self._send(
-                "POST", "/file", headers=headers, data=upload, what="upload"
+                b"POST",
+                "/file",
+                headers=self._upload_headers(filename),
+                data=upload,
+                what="upload",
             )
         finally:
             # Core may answer before it has the whole body (a 503, say):
@@ -331,17 +358,69 @@ class CoreClient:
         body = await self._read_small(response, "upload")
         if response.code != 200:
             raise self._failure(response.code, body, "upload", response)
-        doc = self._decode(body, "upload")
-        data_id = doc.get("data_id") if isinstance(doc, Mapping) else None
-        if not isinstance(data_id, str):
-            raise CoreError(
-                Condition.UNREACHABLE,
-                "upload answer has no data_id",
-                server=self.server.url,
-                server_fault=True,
+        return self._data_id(body, "upload")
+
+    async def submit_sync(
+        self, path: str, filename: str, deadline: float
+    ) -> Mapping[str, Any] | None:
+        """
+        C{POST /file/sync} streaming C{path}: the complete document Core
+        answers with, or, after Core's 408 (its sync timeout passed), the
+        document polled by the C{data_id} it gave; C{None} when Core lost
+        it.
+
+        The answer is awaited until C{deadline}: a scan still running then
+        is I{scan timeout} (Core answers 408 at its own sync timeout, so
+        a server that says nothing that long is counted against its
+        health too).
+
+        @raise _NoSyncError: the server has no C{POST /file/sync} (404 or
+            405); it is not tried there again until the server was
+            unreachable.
+        """
+        what = "synchronous upload"
+        remaining = deadline - self._clock.seconds()
+        if remaining <= 0:
+            raise self._scan_timeout("before its upload")
+        upload = FileUpload(path, self._cooperator, _UPLOAD_BLOCK)
+        try:
+            response = await self._send(
+                b"POST",
+                "/file/sync",
+                headers=self._upload_headers(filename),
+                data=upload,
+                what=what,
+                timeout=remaining,
+                late=lambda: self._scan_timeout("waiting for the synchronous answer"),
             )
+        finally:
+            upload.stopProducing()
+        body = await self._read_small(response, what)
+        if response.code == 408:
+            return await self.wait(self._data_id(body, what), deadline)
+        if response.code != 200:
+            error = self._failure(response.code, body, what, response)
+            if (
+                response.code in _NO_SYNC_STATUSES
+                and error.condition is not Condition.ACCESS_DENIED
+            ):
+                self._no_sync(response.code)
+                raise _NoSyncError()
+            raise error
+        doc = self._decode(body, what)
+        if is_not_found(doc):
+            return None
+        try:
+            state = document_state(doc)
+        except MalformedResultError as e:
+            raise self._malformed(str(e)) from e
+        if state is DocumentState.COMPLETE:
+            complete: Mapping[str, Any] = doc
+            return complete
+        # Not what Core sends, but an unfinished result can still be polled.
+        data_id = doc["data_id"]
         self._check_id(data_id)
-        return data_id
+        return await self.wait(data_id, deadline)
 
     async def fetch(self, data_id: str) -> Mapping[str, Any] | None:
         """
@@ -349,7 +428,7 @@ class CoreClient:
         know the id (404, or 200 with C{{"<id>": "Not Found"}}).
         """
         self._check_id(data_id)
-        response = await self._send("GET", f"/file/{data_id}", what="poll")
+        response = await self._send(b"GET", f"/file/{data_id}", what="poll")
         body = await self._read_small(response, "poll")
         if response.code == 404:
             return None
@@ -406,7 +485,7 @@ class CoreClient:
         """
         try:
             response = await self._send(
-                "POST", f"/file/{data_id}/cancel", what="cancel"
+                b"POST", f"/file/{data_id}/cancel", what="cancel"
             )
             await self._read_small(response, "cancel")
         except CoreError as e:
@@ -427,7 +506,7 @@ class CoreClient:
         just means "scan it".
         """
         digest = await self._hasher(path)
-        response = await self._send("GET", f"/hash/{digest}", what="hash lookup")
+        response = await self._send(b"GET", f"/hash/{digest}", what="hash lookup")
         body = await self._read_small(response, "hash lookup")
         if response.code != 200:
             error = self._failure(response.code, body, "hash lookup")
@@ -452,36 +531,115 @@ class CoreClient:
             return None
         return verdict
 
+    # -- the submit mode -------------------------------------------------------
+
+    async def _sync_supported(self) -> bool:
+        """
+        Whether to submit with C{POST /file/sync}. With C{submit = "auto"}
+        the first scan asks the server's version while the scans starting
+        meanwhile wait for the answer (if it does not come, they poll).
+        """
+        if self._sync is None:
+            if self._learning is not None:
+                waiting: Deferred[None] = Deferred()
+                self._learning.append(waiting)
+                await waiting
+            else:
+                self._learning = []
+                try:
+                    await self._ask_version()
+                finally:
+                    # Each waiter runs on to its next request in turn (a
+                    # chain of lock hand-overs would nest them all).
+                    waiters, self._learning = self._learning, None
+                    for waiting in waiters:
+                        waiting.callback(None)
+        return bool(self._sync)
+
+    async def _ask_version(self) -> None:
+        what = "version probe"
+        response = await self._send(b"GET", "/version", what=what)
+        body = await self._read_small(response, what)
+        if response.code == 200:
+            self._learn_version(reported_version(body))
+            return
+        error = self._failure(response.code, body, what)
+        if error.condition is Condition.ACCESS_DENIED or response.code >= 500:
+            raise error  # the server is not working (or refuses us) now
+        # No version to go by (a proxy hiding it, say): what every Core has.
+        _log.info(
+            "Core {server} did not tell its version (HTTP {status}); polling",
+            server=self.server.url,
+            status=response.code,
+        )
+        self._sync = False
+
+    def _learn_version(self, version: str | None) -> None:
+        self.core_version = version
+        if self._sync_default is not None:
+            if self._sync is None:
+                self._sync = self._sync_default
+            return
+        sync = has_sync(version)
+        if self._sync is not sync:
+            _log.info(
+                "Core {server} is version {version}: files are submitted "
+                + ("with POST /file/sync" if sync else "with POST /file and polled"),
+                server=self.server.url,
+                version=version or "unknown",
+            )
+        self._sync = sync
+
+    def _no_sync(self, status: int) -> None:
+        _log.warn(
+            "Core {server} has no POST /file/sync (HTTP {status}); polling instead",
+            server=self.server.url,
+            status=status,
+            version=self.core_version,
+        )
+        self._sync = False
+
+    def _forget_version(self) -> None:
+        """
+        The server could not be reached: it may come back as another
+        version, so ask again (with C{submit = "sync"}, try it again).
+        """
+        self._sync = self._sync_default
+
     # -- HTTP plumbing -----------------------------------------------------------
 
     async def _send(
         self,
-        method: str,
+        method: bytes,
         path: str,
         *,
         what: str,
-        headers: dict[str, str] | None = None,
+        headers: dict[bytes, bytes] | None = None,
         data: Any = None,
+        timeout: float | None = None,
+        late: Callable[[], CoreError] | None = None,
     ) -> IResponse:
-        all_headers: dict[bytes | str, bytes | str] = {
-            "user_agent": self._profile.user_agent
-        }
-        if self.server.apikey:
-            all_headers["apikey"] = self.server.apikey
+        """
+        One request with the profile's headers, its answer's headers
+        awaited for C{timeout} (default: the request timeout). Core never
+        redirects, and a redirect is not followed (it would send the API
+        key wherever it pointed): it is an answer like any other.
+
+        @param late: the error for a timeout (default: I{unreachable}).
+        """
+        all_headers = self._headers.copy()
         if headers:
-            all_headers.update(headers)
-        request: Deferred[Any] = self._http.request(
-            method,
-            self._base + path,
-            headers=all_headers,
-            data=data,
-            unbuffered=True,
-            # Core never redirects; following one would send the API key
-            # wherever the answer pointed (and costs a layer per request).
-            allow_redirects=False,
+            for name, value in headers.items():
+                all_headers.setRawHeaders(name, [value])
+        request = self._http.request(
+            method, self._base + path.encode("ascii"), all_headers, data
         )
         response: IResponse = await self._bounded(
-            request, self._request_timeout, what, "no answer"
+            request,
+            self._request_timeout if timeout is None else timeout,
+            what,
+            "no answer",
+            late=late,
         )
         return response
 
@@ -503,12 +661,14 @@ class CoreClient:
         waiting: Deferred[_T],
         timeout: float,
         what: str,
-        late: str,
+        missing: str,
         abort: Callable[[], None] | None = None,
+        late: Callable[[], CoreError] | None = None,
     ) -> _T:
         """
         Await C{waiting} for at most C{timeout} seconds (on the injected
-        clock), mapping network failures and the timeout to I{unreachable}.
+        clock), mapping network failures and the timeout to I{unreachable}
+        (or the timeout to C{late()}, when given).
 
         A cancellation by our caller (shutdown, say) stays a
         L{CancelledError}, so it is never mistaken for a failing server.
@@ -542,13 +702,17 @@ class CoreClient:
             if isinstance(e, CoreError):
                 raise
             if timed_out:
+                if late is not None:
+                    raise late() from e
+                self._forget_version()
                 raise CoreError(
                     Condition.UNREACHABLE,
-                    f"{what}: {late} within {timeout:g}s",
+                    f"{what}: {missing} within {timeout:g}s",
                     server=self.server.url,
                     server_fault=True,
                 ) from e
             if isinstance(e, NETWORK_ERRORS):
+                self._forget_version()
                 raise self._unreachable(what, e) from e
             raise
 
@@ -566,6 +730,21 @@ class CoreClient:
 
         await self._read_body(response, sink, what)
         return b"".join(chunks)
+
+    def _data_id(self, body: bytes, what: str) -> str:
+        doc = self._decode(body, what)
+        data_id = doc.get("data_id") if isinstance(doc, Mapping) else None
+        if not isinstance(data_id, str):
+            raise self._malformed(f"{what} answer has no data_id")
+        self._check_id(data_id)
+        return data_id
+
+    def _scan_timeout(self, when: str) -> CoreError:
+        return CoreError(
+            Condition.SCAN_TIMEOUT,
+            f"not complete after {self._profile.scan_timeout:g}s ({when})",
+            server=self.server.url,
+        )
 
     def _decode(self, body: bytes, what: str) -> Any:
         try:

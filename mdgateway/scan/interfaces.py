@@ -1,6 +1,8 @@
 # -*- test-case-name: tests.test_core_runtime -*-
 """
-The seam between the profile runtime and the client of one Core server.
+The seams of the scan room: what message processing needs of a Core
+profile (L{IScanner}), and what the profile runtime needs of the client of
+one Core server (L{ICoreServerClient}).
 
 The runtime only needs these three calls, so its failover, health and
 concurrency logic is tested against a verified fake
@@ -38,4 +40,26 @@ class ICoreServerClient(Interface):
     async def probe() -> None:
         """
         Check the server answers (C{GET /version}).
+        """
+
+
+class IScanner(Interface):
+    """
+    What message processing needs of a Core server profile: scan a part,
+    fetch its converted file. L{mdgateway.scan.runtime.CoreRuntime} is the
+    real one; L{mdgateway.testing.scan.FakeScanner} decides by content.
+
+    Both raise L{mdgateway.scan.errors.CoreError} on failure.
+    """
+
+    async def scan(path: str, filename: str) -> Verdict:
+        """
+        The complete verdict for the file at C{path}, shown to Core as
+        C{filename}, from whichever server of the profile takes it.
+        """
+
+    async def download_sanitized(verdict: Verdict, dest_path: str) -> str:
+        """
+        Write the converted file of C{verdict} (from the server that made
+        it) to C{dest_path}; return its name.
         """

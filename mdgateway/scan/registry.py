@@ -6,10 +6,11 @@ in step with the configuration across reloads.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from typing import Any
+import os
+from collections.abc import Callable, Iterator, Mapping
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
@@ -17,6 +18,9 @@ from mdgateway.policy.profiles import CoreProfile
 from mdgateway.policy.rules import Rule
 from mdgateway.scan.client import sha256_file
 from mdgateway.scan.runtime import CoreRuntime
+
+#: Parts up to this size are hashed on the reactor thread.
+INLINE_HASH_BYTES = 256 << 10
 
 
 class CoreRuntimes:
@@ -28,13 +32,23 @@ class CoreRuntimes:
     own, so a reload does not forget which servers are down.
     """
 
-    def __init__(self, reactor: Any, threadpool: ThreadPool) -> None:
+    def __init__(
+        self,
+        reactor: IReactorTime,
+        threadpool: ThreadPool,
+        on_cache: Callable[[str, str], None] | None = None,
+    ) -> None:
         """
-        @param threadpool: where the parts' digests are computed (for Core's
-            hash lookup), off the reactor thread.
+        @param threadpool: where the digests of large parts are computed
+            (for the verdict cache and Core's hash lookup), off the reactor
+            thread.
+        @param on_cache: told C{(profile, result)} of every scan through a
+            verdict cache (see L{CoreRuntime}).
         """
         self._reactor = reactor
+        self._threads = IReactorFromThreads(reactor)
         self._threadpool = threadpool
+        self._on_cache = on_cache
         self._runtimes: dict[str, CoreRuntime] = {}
 
     def sync(self, profiles: Mapping[str, CoreProfile]) -> None:
@@ -48,11 +62,21 @@ class CoreRuntimes:
             if runtime is not None:
                 runtime.close()
             self._runtimes[name] = CoreRuntime.from_profile(
-                profile, self._reactor, hasher=self._hash
+                profile, self._reactor, hasher=self._hash, on_cache=self._on_cache
             )
 
     def _hash(self, path: str) -> Deferred[str]:
-        return deferToThreadPool(self._reactor, self._threadpool, sha256_file, path)
+        """
+        A part's SHA-256: in place when it is small (a thread hand-over
+        costs more than hashing a few hundred KiB), else in the pool.
+        """
+        try:
+            small = os.stat(path).st_size <= INLINE_HASH_BYTES
+        except OSError:
+            small = True  # the hash reports the error
+        if small:
+            return maybeDeferred(sha256_file, path)
+        return deferToThreadPool(self._threads, self._threadpool, sha256_file, path)
 
     def __getitem__(self, name: str) -> CoreRuntime:
         return self._runtimes[name]

@@ -9,7 +9,9 @@ C{GET /version} after C{retry_after} seconds, and tells the SMTP edge
 whether new work can be taken (L{CoreRuntime.available}). A failure on one
 server moves the scan to the next; the caller sees an error condition only
 when every server failed. Health is counted per server across every part
-and message (see L{mdgateway.scan.breaker}).
+and message (see L{mdgateway.scan.breaker}). With the profile's
+C{verdict_cache}, a file whose content, name and rule were scanned moments
+ago is not scanned again (see L{mdgateway.scan.cache}).
 """
 
 from __future__ import annotations
@@ -22,12 +24,14 @@ from twisted.internet.defer import Deferred, DeferredSemaphore, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.web.client import HTTPConnectionPool
+from zope.interface import implementer
 
 from mdgateway.policy.profiles import CoreProfile
 from mdgateway.scan.breaker import CircuitBreaker
-from mdgateway.scan.client import CoreClient, build_http_client
+from mdgateway.scan.cache import CacheKey, VerdictCache
+from mdgateway.scan.client import CoreClient, build_http_client, sha256_file
 from mdgateway.scan.errors import Condition, CoreError
-from mdgateway.scan.interfaces import ICoreServerClient
+from mdgateway.scan.interfaces import ICoreServerClient, IScanner
 from mdgateway.scan.verdict import Verdict
 
 _log = Logger()
@@ -102,6 +106,7 @@ class _Server:
         return len(self.slots.waiting)
 
 
+@implementer(IScanner)
 class CoreRuntime:
     """
     Scans files with one L{CoreProfile}.
@@ -113,6 +118,10 @@ class CoreRuntime:
         L{MAX_RETRY_AFTER}).
     @param queue_bound: scans that may wait for a server's slots before it
         counts as busy (default: twice C{concurrency}).
+    @param hasher: a file's SHA-256 for the verdict cache (default:
+        computed in place).
+    @param on_cache: told C{(profile name, result)} for every scan through
+        the verdict cache, the result one of C{hit}, C{shared}, C{miss}.
     """
 
     def __init__(
@@ -124,11 +133,22 @@ class CoreRuntime:
         pool: HTTPConnectionPool | None = None,
         busy_backoff: float = 5.0,
         queue_bound: int | None = None,
+        hasher: Callable[[str], Awaitable[str]] | None = None,
+        on_cache: Callable[[str, str], None] | None = None,
     ) -> None:
         if not clients:
             raise ValueError(f"Core profile {profile.name!r} has no servers")
         self.profile = profile
         self._clock = clock
+        self._hasher = hasher or (lambda p: succeed(sha256_file(p)))
+        self._on_cache = on_cache
+        #: The verdict cache (C{None} when the profile's C{verdict_cache}
+        #: is 0).
+        self.cache = (
+            VerdictCache(clock, profile.verdict_cache, profile.verdict_cache_size)
+            if profile.verdict_cache > 0
+            else None
+        )
         self._pool = pool
         self._busy_backoff = busy_backoff
         self._queue_bound = (
@@ -150,18 +170,20 @@ class CoreRuntime:
     def from_profile(
         cls,
         profile: CoreProfile,
-        reactor: Any,
+        reactor: IReactorTime,
         *,
         connect_timeout: float = 10.0,
         busy_backoff: float = 5.0,
         queue_bound: int | None = None,
+        on_cache: Callable[[str, str], None] | None = None,
         **client_options: Any,
     ) -> CoreRuntime:
         """
         A runtime with real L{CoreClient}s sharing one connection pool.
 
         @param client_options: passed to each L{CoreClient}
-            (C{request_timeout}, C{body_timeout}, ...).
+            (C{request_timeout}, C{body_timeout}, C{hasher}, ...); the
+            C{hasher} serves the verdict cache too.
         """
         http, pool = build_http_client(
             reactor, profile, connect_timeout=connect_timeout
@@ -177,6 +199,8 @@ class CoreRuntime:
             pool=pool,
             busy_backoff=busy_backoff,
             queue_bound=queue_bound,
+            hasher=client_options.get("hasher"),
+            on_cache=on_cache,
         )
 
     # -- the public face -------------------------------------------------------
@@ -209,7 +233,7 @@ class CoreRuntime:
     async def scan(self, path: str, filename: str) -> Verdict:
         """
         Scan the file at C{path} (named C{filename} to Core) on the first
-        server that takes it.
+        server that takes it, unless the verdict cache has its verdict.
 
         @raise CoreError: the file's own condition (I{processing failed},
             I{not scanned}, I{scan timeout}) from the server that scanned
@@ -219,6 +243,19 @@ class CoreRuntime:
         """
         if self._closed:
             raise CoreError(Condition.UNREACHABLE, "Core runtime is closed")
+        cache = self.cache
+        if cache is None:
+            return await self._scan(path, filename)
+        key = CacheKey(await self._hasher(path), filename, self.profile.rule)
+        return await cache.through(
+            key, lambda: self._scan(path, filename), self._report_cache
+        )
+
+    def _report_cache(self, result: str) -> None:
+        if self._on_cache is not None:
+            self._on_cache(self.profile.name, result)
+
+    async def _scan(self, path: str, filename: str) -> Verdict:
         order = self._order()
         tried: set[int] = set()
         errors: list[CoreError] = []

@@ -28,6 +28,11 @@ GLOBAL_TIMEOUT_CODE = 31
 #: C{scan_all_result_i} while processing.
 IN_PROGRESS_CODE = 255
 
+#: L{Verdict.cache} of a verdict Core gave for a hash lookup.
+FROM_CORE_HASH = "core"
+#: L{Verdict.cache} of a verdict the gateway's verdict cache reused.
+FROM_VERDICT_CACHE = "gateway"
+
 
 class MalformedResultError(ValueError):
     """
@@ -121,7 +126,10 @@ class Verdict:
     @ivar converted_name: C{post_processing.converted_destination}, if any.
     @ivar outdated: C{process_info.outdated_data}; C{"sanitization"} means
         the converted file is gone.
-    @ivar from_cache: the verdict came from a hash lookup, not a new scan.
+    @ivar cache: where a verdict that is not a new scan came from:
+        L{FROM_CORE_HASH} (Core's answer to a hash lookup) or
+        L{FROM_VERDICT_CACHE} (an earlier scan of the same content that
+        the gateway reused); C{""} for a new scan.
     """
 
     data_id: str
@@ -144,7 +152,14 @@ class Verdict:
     sha256: str = ""
     rule: str = ""
     outdated: tuple[str, ...] = ()
-    from_cache: bool = False
+    cache: str = ""
+
+    @property
+    def from_cache(self) -> bool:
+        """
+        The verdict is not a new scan (see L{cache}).
+        """
+        return bool(self.cache)
 
     @property
     def blocked(self) -> bool:
@@ -362,6 +377,7 @@ def parse_verdict(doc: object, core_url: str, *, from_cache: bool = False) -> Ve
     Build a L{Verdict} from a complete result document.
 
     @param core_url: the server's base URL, without API key.
+    @param from_cache: the document answered a hash lookup.
     @raise MalformedResultError: not a complete result document.
     """
     state = document_state(doc)
@@ -405,7 +421,7 @@ def parse_verdict(doc: object, core_url: str, *, from_cache: bool = False) -> Ve
         sha256=_str(info, "sha256").lower(),
         rule=_str(process, "profile"),
         outdated=tuple(str(o) for o in outdated if isinstance(o, str)),
-        from_cache=from_cache,
+        cache=FROM_CORE_HASH if from_cache else "",
     )
 
 

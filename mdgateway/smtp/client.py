@@ -24,11 +24,11 @@ from mdgateway.smtp.clientmodel import (
     Action,
     ArmTimer,
     CancelTimer,
-    Close,
-    Envelope,
+    ClientEnvelope,
+    CloseConnection,
     FailureKind,
     QuitDone,
-    RecipientResult,
+    RecipientReply,
     ResumeBody,
     Send,
     ServerInfo,
@@ -38,15 +38,15 @@ from mdgateway.smtp.clientmodel import (
     SessionReady,
     Stage,
     StartBody,
-    StartTLS,
+    StartClientTLS,
     StopBody,
     TransactionDone,
     TransactionResult,
 )
 from mdgateway.smtp.dotstuff import DotStuffer
-from mdgateway.smtp.replyparse import Reply, ReplyParser, ReplySyntaxError
+from mdgateway.smtp.replyparse import ReplyParser, ReplySyntaxError, ServerReply
 
-_Handler = Callable[[Reply], list[Action]]
+_Handler = Callable[[ServerReply], list[Action]]
 
 
 class _State(enum.Enum):
@@ -67,12 +67,12 @@ class _Command:
 
 @attrs.define
 class _Transaction:
-    envelope: Envelope
+    envelope: ClientEnvelope
     bdat: bool
     dsn: bool
-    mail_reply: Reply | None = None
-    rcpt_replies: list[Reply | None] = attrs.Factory(list)
-    data_reply: Reply | None = None
+    mail_reply: ServerReply | None = None
+    rcpt_replies: list[ServerReply | None] = attrs.Factory(list)
+    data_reply: ServerReply | None = None
     data_stage: Stage = Stage.DATA
     done: bool = False
     body_started: bool = False
@@ -95,10 +95,10 @@ class _Transaction:
 
 
 def _local_refusal(
-    envelope: Envelope, code: int, enhanced: str, text: str
-) -> tuple[RecipientResult, ...]:
+    envelope: ClientEnvelope, code: int, enhanced: str, text: str
+) -> tuple[RecipientReply, ...]:
     return tuple(
-        RecipientResult(r.address, code, enhanced, text, Stage.LOCAL)
+        RecipientReply(r.address, code, enhanced, text, Stage.LOCAL)
         for r in envelope.recipients
     )
 
@@ -111,6 +111,11 @@ class ClientSession:
     order. One transaction runs at a time; after L{TransactionDone} the
     session is ready for another (an C{RSET} goes first) or for L{quit}.
     """
+
+    def _closed(self) -> bool:
+        # A method, not an attribute test: a transition inside a loop over
+        # replies can close the session.
+        return self._state is _State.CLOSED
 
     def __init__(self, config: SessionConfig) -> None:
         self.config = config
@@ -218,7 +223,7 @@ class ClientSession:
             return []
         if self._state is _State.QUITTING:
             self._state = _State.CLOSED
-            return [Close(abort=True), QuitDone()]
+            return [CloseConnection(abort=True), QuitDone()]
         stage = self.stage
         return self._fail(FailureKind.TIMEOUT, f"no progress at {stage.value}")
 
@@ -230,7 +235,7 @@ class ClientSession:
             return []
         if self._state is _State.QUITTING:
             self._state = _State.CLOSED
-            return [CancelTimer(), Close(abort=True), QuitDone()]
+            return [CancelTimer(), CloseConnection(abort=True), QuitDone()]
         return self._fail(FailureKind.ABORTED, why)
 
     def data_received(self, data: bytes) -> list[Action]:
@@ -241,7 +246,7 @@ class ClientSession:
             return []
         self._parser.feed(data)
         actions: list[Action] = []
-        while self._state is not _State.CLOSED:
+        while not self._closed():
             try:
                 reply = self._parser.next_reply()
             except ReplySyntaxError as e:
@@ -255,7 +260,7 @@ class ClientSession:
     # Caller requests -----------------------------------------------------
 
     def start_transaction(
-        self, envelope: Envelope, size: int | None, probe: bool = False
+        self, envelope: ClientEnvelope, size: int | None, probe: bool = False
     ) -> list[Action]:
         """
         Send one message's envelope.
@@ -420,7 +425,7 @@ class ClientSession:
         self._outstanding.append(command)
         return [Send(command.line + b"\r\n", secret), self._arm()]
 
-    def _on_reply(self, reply: Reply) -> list[Action]:
+    def _on_reply(self, reply: ServerReply) -> list[Action]:
         if not self._outstanding:
             if reply.code == 421:
                 return self._fail(
@@ -485,7 +490,7 @@ class ClientSession:
             if not txn.mail_ok:
                 assert txn.mail_reply is not None
                 results.append(
-                    RecipientResult.from_reply(rcpt.address, txn.mail_reply, Stage.MAIL)
+                    RecipientReply.from_reply(rcpt.address, txn.mail_reply, Stage.MAIL)
                 )
                 continue
             reply = txn.rcpt_replies[index]
@@ -493,13 +498,13 @@ class ClientSession:
                 return self._fail(FailureKind.PROTOCOL, "a RCPT reply is missing")
             if reply.code // 100 != 2 or txn.probe:
                 results.append(
-                    RecipientResult.from_reply(rcpt.address, reply, Stage.RCPT)
+                    RecipientReply.from_reply(rcpt.address, reply, Stage.RCPT)
                 )
             elif txn.data_reply is None:
                 return self._fail(FailureKind.PROTOCOL, "no verdict on the message")
             else:
                 results.append(
-                    RecipientResult.from_reply(
+                    RecipientReply.from_reply(
                         rcpt.address, txn.data_reply, txn.data_stage
                     )
                 )
@@ -515,7 +520,7 @@ class ClientSession:
         return [CancelTimer(), TransactionDone(result)]
 
     def _refuse_locally(
-        self, envelope: Envelope, code: int, enhanced: str, text: str
+        self, envelope: ClientEnvelope, code: int, enhanced: str, text: str
     ) -> list[Action]:
         result = TransactionResult(
             server=self._info,
@@ -527,7 +532,7 @@ class ClientSession:
         self,
         kind: FailureKind,
         message: str,
-        reply: Reply | None = None,
+        reply: ServerReply | None = None,
         *,
         close: str = "abort",
     ) -> list[Action]:
@@ -537,7 +542,7 @@ class ClientSession:
         leaves it (already gone).
         """
         stage = self._replying or self.stage
-        partial: tuple[RecipientResult, ...] = ()
+        partial: tuple[RecipientReply, ...] = ()
         actions: list[Action] = [CancelTimer()]
         txn = self._txn
         if txn is not None:
@@ -545,7 +550,7 @@ class ClientSession:
                 actions.append(StopBody())
             if txn.mail_ok:
                 partial = tuple(
-                    RecipientResult.from_reply(r.address, rr, Stage.RCPT)
+                    RecipientReply.from_reply(r.address, rr, Stage.RCPT)
                     for r, rr in zip(
                         txn.envelope.recipients, txn.rcpt_replies, strict=True
                     )
@@ -553,7 +558,7 @@ class ClientSession:
                 )
             elif txn.mail_reply is not None and txn.mail_reply.code // 100 == 5:
                 partial = tuple(
-                    RecipientResult.from_reply(r.address, txn.mail_reply, Stage.MAIL)
+                    RecipientReply.from_reply(r.address, txn.mail_reply, Stage.MAIL)
                     for r in txn.envelope.recipients
                 )
             txn.streaming = False
@@ -566,7 +571,7 @@ class ClientSession:
         if close == "quit":
             actions.append(Send(b"QUIT\r\n"))
         if close != "none":
-            actions.append(Close(abort=close == "abort"))
+            actions.append(CloseConnection(abort=close == "abort"))
         actions.append(SessionFailed(failure))
         return actions
 
@@ -576,7 +581,7 @@ class ClientSession:
         line = b"EHLO " + self.config.helo.encode("ascii")
         return self._send(_Command(line, Stage.EHLO, self._on_ehlo))
 
-    def _on_greeting(self, reply: Reply) -> list[Action]:
+    def _on_greeting(self, reply: ServerReply) -> list[Action]:
         self._info = attrs.evolve(self._info, greeting=reply)
         if reply.code == 220:
             return self._ehlo()
@@ -589,7 +594,7 @@ class ClientSession:
             )
         return self._fail(FailureKind.PROTOCOL, "unexpected greeting", reply)
 
-    def _on_ehlo(self, reply: Reply) -> list[Action]:
+    def _on_ehlo(self, reply: ServerReply) -> list[Action]:
         if reply.code // 100 == 2:
             extensions: dict[str, str] = {}
             for text in reply.lines[1:]:
@@ -615,7 +620,7 @@ class ClientSession:
             return self._send(_Command(helo, Stage.HELO, self._on_helo))
         return self._fail(FailureKind.HELO, "EHLO refused", reply, close="quit")
 
-    def _on_helo(self, reply: Reply) -> list[Action]:
+    def _on_helo(self, reply: ServerReply) -> list[Action]:
         if reply.code // 100 != 2:
             return self._fail(FailureKind.HELO, "HELO refused", reply, close="quit")
         self._info = attrs.evolve(self._info, ehlo=reply, esmtp=False, extensions=())
@@ -634,7 +639,7 @@ class ClientSession:
                 )
         return self._authenticate()
 
-    def _on_starttls(self, reply: Reply) -> list[Action]:
+    def _on_starttls(self, reply: ServerReply) -> list[Action]:
         if reply.code == 220:
             # Anything that came in plaintext behind the 220 may have been
             # injected; it must not be read as if it came over TLS.
@@ -645,7 +650,7 @@ class ClientSession:
                 tls=True,
                 tls_verified=self.config.tls == "verify",
             )
-            return [StartTLS()] + self._ehlo()
+            return [StartClientTLS()] + self._ehlo()
         if self.config.tls == "opportunistic":
             return self._authenticate()
         return self._fail(FailureKind.TLS, "STARTTLS refused", reply, close="quit")
@@ -679,7 +684,7 @@ class ClientSession:
             close="quit",
         )
 
-    def _on_auth_plain(self, reply: Reply) -> list[Action]:
+    def _on_auth_plain(self, reply: ServerReply) -> list[Action]:
         credentials = self.config.credentials
         assert credentials is not None
         if reply.code == 235:
@@ -698,7 +703,7 @@ class ClientSession:
             FailureKind.AUTH, "authentication failed", reply, close="quit"
         )
 
-    def _on_auth_login(self, reply: Reply) -> list[Action]:
+    def _on_auth_login(self, reply: ServerReply) -> list[Action]:
         credentials = self.config.credentials
         assert credentials is not None
         if reply.code == 235:
@@ -724,12 +729,12 @@ class ClientSession:
 
     # Transaction replies -------------------------------------------------
 
-    def _on_rset(self, reply: Reply) -> list[Action]:
+    def _on_rset(self, reply: ServerReply) -> list[Action]:
         if reply.code // 100 != 2:
             return self._fail(FailureKind.PROTOCOL, "RSET refused", reply)
         return []
 
-    def _on_mail(self, reply: Reply) -> list[Action]:
+    def _on_mail(self, reply: ServerReply) -> list[Action]:
         txn = self._txn
         assert txn is not None
         txn.mail_reply = reply
@@ -739,7 +744,7 @@ class ClientSession:
         return []
 
     def _rcpt_handler(self, index: int) -> _Handler:
-        def on_rcpt(reply: Reply) -> list[Action]:
+        def on_rcpt(reply: ServerReply) -> list[Action]:
             txn = self._txn
             assert txn is not None
             txn.rcpt_replies[index] = reply
@@ -747,7 +752,7 @@ class ClientSession:
 
         return on_rcpt
 
-    def _on_data(self, reply: Reply) -> list[Action]:
+    def _on_data(self, reply: ServerReply) -> list[Action]:
         txn = self._txn
         assert txn is not None
         if reply.code == 354:
@@ -769,7 +774,7 @@ class ClientSession:
         txn.done = True
         return []
 
-    def _on_data_end(self, reply: Reply) -> list[Action]:
+    def _on_data_end(self, reply: ServerReply) -> list[Action]:
         txn = self._txn
         assert txn is not None
         txn.data_reply = reply
@@ -777,7 +782,7 @@ class ClientSession:
         txn.done = True
         return []
 
-    def _on_bdat(self, reply: Reply) -> list[Action]:
+    def _on_bdat(self, reply: ServerReply) -> list[Action]:
         txn = self._txn
         assert txn is not None
         if txn.done:
@@ -800,7 +805,7 @@ class ClientSession:
             actions.append(StopBody())
         return actions
 
-    def _on_bdat_last(self, reply: Reply) -> list[Action]:
+    def _on_bdat_last(self, reply: ServerReply) -> list[Action]:
         txn = self._txn
         assert txn is not None
         if not txn.done:
@@ -809,9 +814,9 @@ class ClientSession:
             txn.done = True
         return []
 
-    def _ignore(self, reply: Reply) -> list[Action]:
+    def _ignore(self, reply: ServerReply) -> list[Action]:
         return []
 
-    def _on_quit(self, reply: Reply) -> list[Action]:
+    def _on_quit(self, reply: ServerReply) -> list[Action]:
         self._state = _State.CLOSED
-        return [CancelTimer(), Close(), QuitDone()]
+        return [CancelTimer(), CloseConnection(), QuitDone()]

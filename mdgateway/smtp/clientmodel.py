@@ -12,7 +12,7 @@ from collections.abc import Iterable
 
 import attrs
 
-from mdgateway.smtp.replyparse import Reply
+from mdgateway.smtp.replyparse import ServerReply
 
 
 @attrs.frozen
@@ -146,7 +146,7 @@ class SessionConfig:
 
 
 @attrs.frozen
-class Recipient:
+class ClientRecipient:
     """
     One envelope recipient with its optional DSN parameters (RFC 3461),
     given already encoded (xtext) as they go on the wire.
@@ -157,21 +157,23 @@ class Recipient:
     orcpt: str | None = attrs.field(default=None, validator=_optional_token)
 
 
-def _recipients(values: Iterable[str | Recipient]) -> tuple[Recipient, ...]:
-    return tuple(v if isinstance(v, Recipient) else Recipient(v) for v in values)
+def _recipients(values: Iterable[str | ClientRecipient]) -> tuple[ClientRecipient, ...]:
+    return tuple(
+        v if isinstance(v, ClientRecipient) else ClientRecipient(v) for v in values
+    )
 
 
 def _not_empty(
     instance: object,
-    attribute: attrs.Attribute[tuple[Recipient, ...]],
-    value: tuple[Recipient, ...],
+    attribute: attrs.Attribute[tuple[ClientRecipient, ...]],
+    value: tuple[ClientRecipient, ...],
 ) -> None:
     if not value:
         raise ValueError("an envelope needs at least one recipient")
 
 
 @attrs.frozen
-class Envelope:
+class ClientEnvelope:
     """
     One transaction's envelope.
 
@@ -186,7 +188,7 @@ class Envelope:
     """
 
     mail_from: str = attrs.field(validator=_no_control)
-    recipients: tuple[Recipient, ...] = attrs.field(
+    recipients: tuple[ClientRecipient, ...] = attrs.field(
         converter=_recipients, validator=_not_empty
     )
     eight_bit: bool = False
@@ -278,8 +280,8 @@ class ServerInfo:
     @ivar auth_mechanism: C{PLAIN} or C{LOGIN} once authenticated.
     """
 
-    greeting: Reply | None = None
-    ehlo: Reply | None = None
+    greeting: ServerReply | None = None
+    ehlo: ServerReply | None = None
     esmtp: bool = False
     extensions: tuple[tuple[str, str], ...] = ()
     tls: bool = False
@@ -317,7 +319,7 @@ class ServerInfo:
 
 
 @attrs.frozen
-class RecipientResult:
+class RecipientReply:
     """
     The final verdict on one recipient in one transaction.
 
@@ -334,7 +336,9 @@ class RecipientResult:
     stage: Stage
 
     @classmethod
-    def from_reply(cls, address: str, reply: Reply, stage: Stage) -> RecipientResult:
+    def from_reply(
+        cls, address: str, reply: ServerReply, stage: Stage
+    ) -> RecipientReply:
         """
         Build a verdict from a server reply.
         """
@@ -361,7 +365,7 @@ class TransactionResult:
     """
     The outcome of one MAIL/RCPT/DATA transaction: a verdict per recipient.
 
-    @ivar recipients: one L{RecipientResult} per envelope recipient, in
+    @ivar recipients: one L{RecipientReply} per envelope recipient, in
         order.
     @ivar mail_reply: the reply to MAIL, C{None} if refused locally.
     @ivar data_reply: the reply that settled the message for the accepted
@@ -371,23 +375,23 @@ class TransactionResult:
     """
 
     server: ServerInfo
-    recipients: tuple[RecipientResult, ...]
-    mail_reply: Reply | None = None
-    data_reply: Reply | None = None
+    recipients: tuple[RecipientReply, ...]
+    mail_reply: ServerReply | None = None
+    data_reply: ServerReply | None = None
     dsn: bool = False
 
     @property
-    def delivered(self) -> tuple[RecipientResult, ...]:
+    def delivered(self) -> tuple[RecipientReply, ...]:
         """Recipients the server accepted the message for."""
         return tuple(r for r in self.recipients if r.delivered)
 
     @property
-    def transient(self) -> tuple[RecipientResult, ...]:
+    def transient(self) -> tuple[RecipientReply, ...]:
         """Recipients to retry later."""
         return tuple(r for r in self.recipients if r.transient)
 
     @property
-    def permanent(self) -> tuple[RecipientResult, ...]:
+    def permanent(self) -> tuple[RecipientReply, ...]:
         """Recipients to bounce."""
         return tuple(r for r in self.recipients if r.permanent)
 
@@ -409,8 +413,8 @@ class SessionFailure:
     kind: FailureKind
     stage: Stage
     message: str
-    reply: Reply | None = None
-    recipients: tuple[RecipientResult, ...] = ()
+    reply: ServerReply | None = None
+    recipients: tuple[RecipientReply, ...] = ()
 
     @property
     def next_server(self) -> bool:
@@ -449,7 +453,7 @@ class Send:
 
 
 @attrs.frozen
-class StartTLS:
+class StartClientTLS:
     """
     Start TLS on the transport now (the server said 220 to STARTTLS);
     bytes sent after this go through TLS.
@@ -527,7 +531,7 @@ class SessionFailed:
 
 
 @attrs.frozen
-class Close:
+class CloseConnection:
     """
     Close the connection: C{abort} drops it at once, otherwise pending
     writes (a final C{QUIT}) are flushed first.
@@ -545,7 +549,7 @@ class QuitDone:
 
 Action = (
     Send
-    | StartTLS
+    | StartClientTLS
     | ArmTimer
     | CancelTimer
     | StartBody
@@ -554,6 +558,6 @@ Action = (
     | SessionReady
     | TransactionDone
     | SessionFailed
-    | Close
+    | CloseConnection
     | QuitDone
 )

@@ -43,8 +43,8 @@ from mdgateway.smtp.clientmodel import (
     ArmTimer,
     CancelTimer,
     Chunks,
-    Close,
-    Envelope,
+    ClientEnvelope,
+    CloseConnection,
     FailureKind,
     FileRegion,
     MessageBody,
@@ -59,7 +59,7 @@ from mdgateway.smtp.clientmodel import (
     SmtpSessionError,
     Stage,
     StartBody,
-    StartTLS,
+    StartClientTLS,
     StopBody,
     TransactionDone,
     TransactionResult,
@@ -212,7 +212,8 @@ def load_trust_root(ca_file: str) -> IOpenSSLTrustRoot:
     certificates = [ssl.Certificate.loadPEM(m) for m in _PEM_CERT.findall(pem)]
     if not certificates:
         raise ValueError(f"{ca_file}: no PEM certificate found")
-    return ssl.trustRootFromCertificates(certificates)
+    root: IOpenSSLTrustRoot = ssl.trustRootFromCertificates(certificates)
+    return root
 
 
 def client_tls_creator(
@@ -337,7 +338,7 @@ class SmtpClientProtocol(Protocol):
     # Operations ----------------------------------------------------------
 
     def send(
-        self, envelope: Envelope, body: MessageBody | None
+        self, envelope: ClientEnvelope, body: MessageBody | None
     ) -> Deferred[TransactionResult]:
         """
         Run one transaction; fires with its L{TransactionResult} or fails
@@ -421,7 +422,7 @@ class SmtpClientProtocol(Protocol):
             case Send(data=data):
                 if self._connected:
                     transport.write(data)
-            case StartTLS():
+            case StartClientTLS():
                 self._tls_pending = True
                 transport.startTLS(self._tls_creator)
             case ArmTimer(seconds=seconds):
@@ -458,7 +459,7 @@ class SmtpClientProtocol(Protocol):
                 )
                 self._body = None
                 self._fail_waiters(failure)
-            case Close(abort=abort):
+            case CloseConnection(abort=abort):
                 self._drop_body()
                 if self._connected:
                     if abort:
@@ -561,7 +562,9 @@ class SmtpClient:
         """
         return self.protocol.session.ready
 
-    async def send(self, envelope: Envelope, body: MessageBody) -> TransactionResult:
+    async def send(
+        self, envelope: ClientEnvelope, body: MessageBody
+    ) -> TransactionResult:
         """
         Send one message; an C{RSET} precedes every transaction after the
         first.
@@ -571,7 +574,7 @@ class SmtpClient:
         """
         return await self.protocol.send(envelope, body)
 
-    async def probe(self, envelope: Envelope) -> TransactionResult:
+    async def probe(self, envelope: ClientEnvelope) -> TransactionResult:
         """
         Ask whether the server would take the envelope's recipients: MAIL
         and RCPT only, no message. Each recipient result comes from RCPT.

@@ -132,12 +132,14 @@ class ProxyHeaderProtocol(ProtocolWrapper):
     def getPeer(self) -> IAddress:
         if self._peer is not None:
             return _IPAddress(*self._peer)
-        return super().getPeer()
+        peer: IAddress = super().getPeer()
+        return peer
 
     def getHost(self) -> IAddress:
         if self._host is not None:
             return _IPAddress(*self._host)
-        return super().getHost()
+        host: IAddress = super().getHost()
+        return host
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self._cancel_timer()

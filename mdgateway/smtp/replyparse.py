@@ -33,7 +33,7 @@ class ReplySyntaxError(Exception):
 
 
 @attrs.frozen
-class Reply:
+class ServerReply:
     """
     One complete server reply.
 
@@ -92,7 +92,7 @@ class Reply:
 
 class ReplyParser:
     """
-    Turn a byte stream into L{Reply} values.
+    Turn a byte stream into L{ServerReply} values.
 
     Line ends are CRLF; a bare LF is accepted too (replies are only read,
     never relayed, so leniency costs nothing here).
@@ -109,7 +109,7 @@ class ReplyParser:
         """
         self._buffer += data
 
-    def next_reply(self) -> Reply | None:
+    def next_reply(self) -> ServerReply | None:
         """
         Return the next complete reply, or C{None} if more bytes are needed.
 
@@ -132,7 +132,7 @@ class ReplyParser:
             if reply is not None:
                 return reply
 
-    def _line(self, line: bytes) -> Reply | None:
+    def _line(self, line: bytes) -> ServerReply | None:
         match = _LINE.fullmatch(line)
         if match is None or (match.group(2) == b"" and match.group(3) != b""):
             raise ReplySyntaxError(f"not an SMTP reply line: {line[:80]!r}")
@@ -145,7 +145,7 @@ class ReplyParser:
             raise ReplySyntaxError("too many lines in one reply")
         if match.group(2) == b"-":
             return None
-        reply = Reply(code, tuple(self._lines))
+        reply = ServerReply(code, tuple(self._lines))
         self._code = None
         self._lines = []
         return reply

@@ -731,7 +731,7 @@ def listening_factory(
     The PROXY header is plaintext even on an implicit-TLS port, so it is
     read outside the TLS layer.
     """
-    wrapped: Any = factory
+    wrapped: Factory[Any] = factory
     if factory.tls_options is not None and factory.implicit_tls:
         # The factory's options are read per connection: a reload that
         # replaces them (a renewed certificate) applies to the next one.

@@ -303,7 +303,7 @@ FROM_PARTS = FromParts.FROM_PARTS
 
 
 @attrs.frozen
-class RecipientResult:
+class RecipientDelivery:
     """
     The latest delivery outcome for one recipient.
 
@@ -395,7 +395,7 @@ class MessageRecord:
     timeline: tuple[TimelineEvent, ...]
     parts: tuple[PartVerdict, ...]
     actions: tuple[str, ...]
-    deliveries: tuple[RecipientResult, ...]
+    deliveries: tuple[RecipientDelivery, ...]
 
     @property
     def id(self) -> str:
@@ -586,7 +586,7 @@ class IStore(Interface):
         C{parts}) and C{processed_at}.
         """
 
-    async def record_delivery(message_id: str, result: RecipientResult) -> None:
+    async def record_delivery(message_id: str, result: RecipientDelivery) -> None:
         """
         Store the latest outcome for one recipient (adding the recipient
         if it is not yet listed), count the attempt, parse the upstream

@@ -33,7 +33,7 @@ from mdgateway.store.interfaces import (
     QuarantineItem,
     QuarantineSource,
     ReceivedMessage,
-    RecipientResult,
+    RecipientDelivery,
     Refusal,
     RefusalFilter,
     ScanVerdict,
@@ -195,7 +195,7 @@ def job_record_verdicts(
     return True
 
 
-def _delivery_text(r: RecipientResult) -> str:
+def _delivery_text(r: RecipientDelivery) -> str:
     reply = " ".join(
         x for x in (str(r.code) if r.code else "", r.enhanced or "", r.text) if x
     )
@@ -206,7 +206,7 @@ def _delivery_text(r: RecipientResult) -> str:
 
 
 def job_record_delivery(
-    tx: Tx, message_id: str, r: RecipientResult, at: float, key: str | None = None
+    tx: Tx, message_id: str, r: RecipientDelivery, at: float, key: str | None = None
 ) -> bool:
     """
     Store one recipient's outcome (see L{IStore.record_delivery}); with
@@ -263,7 +263,7 @@ def job_get_message(tx: Tx, message_id: str) -> MessageRecord:
         (message_id,),
     )
     deliveries = tuple(
-        RecipientResult(
+        RecipientDelivery(
             recipient=a,
             status=DeliveryStatus(s),
             code=c,

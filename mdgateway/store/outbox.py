@@ -44,7 +44,7 @@ from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.interfaces import IDelayedCall, IReactorFromThreads
+from twisted.internet.interfaces import IDelayedCall, IReactorFromThreads, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -126,7 +126,7 @@ class Outbox:
         self,
         directory: str,
         store: IStore,
-        reactor: Any,
+        reactor: IReactorTime,
         threadpool: ThreadPool,
         *,
         limit: int = DEFAULT_LIMIT,
@@ -504,7 +504,7 @@ async def _settled(d: Deferred[Any]) -> None:
     await DeferredList([d], consumeErrors=False)
 
 
-async def _sleep(clock: Any, seconds: float) -> None:
+async def _sleep(clock: IReactorTime, seconds: float) -> None:
     d: Deferred[None] = Deferred()
     clock.callLater(seconds, d.callback, None)
     await d

@@ -27,7 +27,7 @@ from mdgateway.store.interfaces import (
     MessageStatus,
     PartVerdict,
     ReceivedMessage,
-    RecipientResult,
+    RecipientDelivery,
     Refusal,
     ScanVerdict,
 )
@@ -96,7 +96,7 @@ class OwedDelivery:
     """
 
     message_id: str
-    result: RecipientResult
+    result: RecipientDelivery
     at: float
 
 
@@ -184,7 +184,7 @@ def _part(p: PartVerdict) -> dict[str, Any]:
     }
 
 
-def _result(r: RecipientResult) -> dict[str, Any]:
+def _result(r: RecipientDelivery) -> dict[str, Any]:
     return {
         "recipient": r.recipient,
         "status": r.status.value,
@@ -366,7 +366,7 @@ def _decode_record(d: dict[str, Any]) -> OwedRecord:
         r = d["result"]
         return OwedDelivery(
             message_id=d["message_id"],
-            result=RecipientResult(
+            result=RecipientDelivery(
                 recipient=r["recipient"],
                 status=DeliveryStatus(r["status"]),
                 code=r["code"],

@@ -78,7 +78,7 @@ from mdgateway.store.interfaces import (
     QuarantineItem,
     QuarantineSource,
     ReceivedMessage,
-    RecipientResult,
+    RecipientDelivery,
     Refusal,
     RefusalFilter,
     ScanVerdict,
@@ -413,7 +413,7 @@ class SqlStore(abc.ABC):
             self._now(at),
         )
 
-    async def record_delivery(self, message_id: str, result: RecipientResult) -> None:
+    async def record_delivery(self, message_id: str, result: RecipientDelivery) -> None:
         if (
             result.upstream_queue_id is None
             and result.code is not None
@@ -421,7 +421,7 @@ class SqlStore(abc.ABC):
         ):
             upstream = parse_upstream_queue_id(result.text)
             if upstream is not None:
-                result = RecipientResult(
+                result = RecipientDelivery(
                     recipient=result.recipient,
                     status=result.status,
                     code=result.code,

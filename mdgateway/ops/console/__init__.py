@@ -33,7 +33,8 @@ class _Mount(Resource):
         return self._api
 
     def render(self, request: Request) -> bytes | int:
-        return self._api.render(request)
+        rendered: bytes | int = self._api.render(request)
+        return rendered
 
 
 def mount(api: Resource, console: Console) -> Resource:

@@ -21,7 +21,7 @@ from urllib.parse import unquote
 
 import attrs
 from twisted.internet.defer import ensureDeferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -133,7 +133,7 @@ class Console:
         self,
         *,
         operations: IOperations,
-        reactor: Any,
+        reactor: IReactorFromThreads,
         threadpool: ThreadPool,
         templates: Templates,
         assets: dict[str, Asset],
@@ -149,7 +149,7 @@ class Console:
         self.operations = operations
         self.instance = instance
         self.reactor = reactor
-        self.clock: IReactorTime = clock or reactor
+        self.clock: IReactorTime = clock or IReactorTime(reactor)
         self.threadpool = threadpool
         self.templates = templates
         self.assets = assets
@@ -165,7 +165,7 @@ class Console:
         cls,
         *,
         operations: IOperations,
-        reactor: Any,
+        reactor: IReactorFromThreads,
         threadpool: ThreadPool,
         users_file: str,
         token_name: Callable[[str], str | None],
@@ -180,7 +180,7 @@ class Console:
         @param clock: the time for sessions, login limits and relative
             filters (default: C{reactor}).
         """
-        clock = clock or reactor
+        clock = clock or IReactorTime(reactor)
         templates = await deferToThreadPool(reactor, threadpool, Templates.load)
         assets = await deferToThreadPool(reactor, threadpool, load_assets)
         return cls(

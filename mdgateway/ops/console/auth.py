@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_console_auth -*-
+# -*- test-case-name: tests.test_console_units -*-
 """
 Who is using the console: logins, sessions and their CSRF tokens, and the
 brake on password guessing.
@@ -16,10 +16,9 @@ import hmac
 import os
 import secrets
 from collections.abc import Callable
-from typing import Any
 
 import attrs
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
@@ -217,7 +216,7 @@ class Authenticator:
     def __init__(
         self,
         *,
-        reactor: Any,
+        reactor: IReactorFromThreads,
         threadpool: ThreadPool,
         users_file: str,
         token_name: Callable[[str], str | None],

@@ -69,7 +69,7 @@ def _nice(value: float) -> float:
     """
     if value <= 0:
         return 1.0
-    magnitude = 10 ** math.floor(math.log10(value))
+    magnitude = 10.0 ** math.floor(math.log10(value))
     for factor in (1, 2, 2.5, 5, 10):
         if value <= factor * magnitude:
             return factor * magnitude

@@ -139,7 +139,10 @@ class Parsed:
             return None
 
     def boolean(self, name: str, label: str) -> bool | None:
-        return self.choice(name, label, lambda t: {"true": True, "false": False}[t])
+        value: bool | None = self.choice(
+            name, label, lambda t: {"true": True, "false": False}[t]
+        )
+        return value
 
     def page(self) -> PageRequest:
         limit = PAGE_SIZE

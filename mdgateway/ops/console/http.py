@@ -204,7 +204,7 @@ def cookie(name: str, value: str, *, secure: bool, max_age: int | None = None) -
 
 
 def request_cookie(request: Request, name: str) -> str | None:
-    value = request.getCookie(name.encode("ascii"))
+    value: bytes | None = request.getCookie(name.encode("ascii"))
     if value is None:
         return None
     try:

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_console_auth -*-
+# -*- test-case-name: tests.test_console_units -*-
 """
 The console's operator accounts: a users file of scrypt password hashes.
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_console_auth -*-
+# -*- test-case-name: tests.test_console_units -*-
 """
 C{mdgateway users add|remove|list}: the console's operator accounts.
 

@@ -1,12 +1,13 @@
+# -*- test-case-name: tests.test_testing -*-
 """
-A verified fake of the Core profile runtime (L{mdgateway.scan.runtime}) for
-tests of message processing: it decides verdicts by content and name, as a
-Core server with AV and Deep CDR would, and records every call.
+A verified fake of L{IScanner} (the Core profile runtime,
+L{mdgateway.scan.runtime.CoreRuntime}) for tests of message processing: it
+decides verdicts by content and name, as a Core server with AV and Deep CDR
+would, and records every call.
 
-It provides what L{mdgateway.queue.processing.CopyProcessor} calls, C{scan} and
-C{download_sanitized}, with the runtime's signatures and failure modes
-(L{CoreError} with a L{Condition}, C{ValueError} for a verdict from another
-profile); C{tests.test_processing} checks that it stays in step.
+It has the runtime's signatures and failure modes (L{CoreError} with a
+L{Condition}, C{ValueError} for a verdict from another profile);
+C{tests.test_testing} checks both against the interface.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ from typing import Any
 from urllib.parse import quote
 
 import attrs
+from zope.interface import implementer
 
 from mdgateway.emulator.detect import EICAR
 from mdgateway.scan.errors import Condition, CoreError
+from mdgateway.scan.interfaces import IScanner
 from mdgateway.scan.verdict import Verdict, parse_verdict
 
 #: The base URL verdicts of the fake come from (no API key, like the
@@ -163,6 +166,7 @@ def result_document(
     }
 
 
+@implementer(IScanner)
 class FakeScanner:
     """
     Scans files like a Core server with AV and Deep CDR, by content:
