@@ -25,7 +25,14 @@ from twisted.internet.task import deferLater
 from twisted.python.threadpool import ThreadPool
 
 from mdgateway.ops.cluster import ClusterLink
-from mdgateway.ops.interfaces import OperationError, QueueAction
+from mdgateway.ops.interfaces import (
+    OperationError,
+    QueueAction,
+    QueuedMessage,
+    QueuedPart,
+    QueueEntry,
+    QueueRecipient,
+)
 from mdgateway.ops.queueops import QueueOperations
 from mdgateway.ops.queuewire import (
     entry_from_json,
@@ -37,6 +44,7 @@ from mdgateway.queue.tools import ToolRequest
 from mdgateway.run.control import WorkerUnavailableError
 from mdgateway.store import SqliteStore
 from mdgateway.store.audit import AuditFilter
+from mdgateway.store.interfaces import MessageFilter
 from tests.test_queue_tools import Process, _Silent, config_file, start, stop, until
 
 pytestmark = pytest.mark.timeout(90)
@@ -263,8 +271,9 @@ async def test_across_instances(site: Site) -> None:
 
 
 async def received_by(process: Process, queue_id: str) -> bool:
-    from mdgateway.store.interfaces import MessageFilter
-
+    """
+    Whether the shared history has recorded C{queue_id} yet.
+    """
     page = await process.gateway.store.search_messages(MessageFilter(queue_id=queue_id))
     return bool(page.items)
 
@@ -359,13 +368,6 @@ def test_wire_forms_round_trip() -> None:
     Entries and content views survive the JSON they travel between
     instances as.
     """
-    from mdgateway.ops.interfaces import (
-        QueuedMessage,
-        QueuedPart,
-        QueueEntry,
-        QueueRecipient,
-    )
-
     entry = QueueEntry(
         "Q1",
         1.5,
