@@ -12,6 +12,7 @@ import stat
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -264,7 +265,7 @@ def test_token_checker() -> None:
 # Chart, original, overview
 
 
-async def _flat(tag: object) -> str:
+async def _flat(tag: Any) -> str:
     out: list[bytes] = []
     flattenString(None, tag).addCallback(out.append)
     return out[0].decode()

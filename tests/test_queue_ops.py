@@ -12,7 +12,7 @@ C{tests/test_e2e_queue_tools.py}; here the primary reaches its "worker"
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,9 @@ from mdgateway.queue.tools import ToolRequest
 from mdgateway.run.control import WorkerUnavailableError
 from mdgateway.store import SqliteStore
 from mdgateway.store.audit import AuditFilter
+from mdgateway.store.board import ICommandBoard
 from mdgateway.store.interfaces import MessageFilter
+from tests.listening import listen_local, stop_listening
 from tests.test_queue_tools import Process, _Silent, config_file, start, stop, until
 
 pytestmark = pytest.mark.timeout(90)
@@ -69,14 +71,14 @@ class Site:
 
 @pytest_twisted.async_yield_fixture
 async def site(tmp_path: Path) -> AsyncIterator[Site]:
-    port = reactor.listenTCP(0, Factory.forProtocol(_Silent), interface="127.0.0.1")
-    s = Site(tmp_path, port.getHost().port)
+    port, number = await listen_local(Factory.forProtocol(_Silent))
+    s = Site(tmp_path, number)
     yield s
     for link in s.links:
         await link.stop()
     for process in s.processes:
         await stop(process)
-    await port.stopListening()
+    await stop_listening(port)
 
 
 def direct(worker: Process) -> Any:
@@ -211,12 +213,16 @@ async def test_across_instances(site: Site) -> None:
     one = await site.process(config_file(site.tmp_path, site.stall, "gw1", store))
     two = await site.process(config_file(site.tmp_path, site.stall, "gw2", store))
     ops: dict[str, QueueOperations] = {}
+
+    def serving(name: str) -> Callable[[Any], Any]:
+        return lambda request: ops[name].serve(request)
+
     for name, process in (("gw1", one), ("gw2", two)):
         link = ClusterLink(
-            board=process.gateway.store,
+            board=ICommandBoard(process.gateway.store),
             clock=reactor,
             instance=name,
-            serve=lambda request, name=name: ops[name].serve(request),
+            serve=serving(name),
             poll_every=0.05,
         )
         ops[name] = operations(process, name, cluster=link)

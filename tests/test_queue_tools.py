@@ -40,8 +40,10 @@ from mdgateway.queue.tools import (
     ToolRequest,
 )
 from mdgateway.run.compose import Gateway, build_gateway
+from mdgateway.run.reactor import global_reactor
 from mdgateway.run.supervisor import WorkerRole
 from tests.gatewayproc import free_port
+from tests.listening import listen_local, stop_listening
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -171,9 +173,11 @@ class Process:
 
 
 async def start(config: Path, patience: float = 10.0, worker: int = 0) -> Process:
-    gateway = build_gateway(load_config(config), reactor, role=WorkerRole(worker))
+    gateway = build_gateway(
+        load_config(config), global_reactor(), role=WorkerRole(worker)
+    )
     gateway.threads.start()
-    await gateway.loop_guard.load(reactor, gateway.threads.spool)
+    await gateway.loop_guard.load(global_reactor(), gateway.threads.spool)
     await gateway.store.open()
     await gateway.spool.acquire()
     await gateway.outbox.open()
@@ -207,13 +211,13 @@ async def until(predicate: Callable[[], object], timeout: float = 20.0) -> Any:
 
 @pytest_twisted.async_yield_fixture
 async def setup(tmp_path: Path) -> AsyncIterator[tuple[Path, list[Process]]]:
-    port = reactor.listenTCP(0, Factory.forProtocol(_Silent), interface="127.0.0.1")
-    config = config_file(tmp_path, port.getHost().port)
+    port, number = await listen_local(Factory.forProtocol(_Silent))
+    config = config_file(tmp_path, number)
     started: list[Process] = []
     yield config, started
     for process in started:
         await stop(process)
-    await port.stopListening()
+    await stop_listening(port)
 
 
 async def begin(setup: tuple[Path, list[Process]], **kw: Any) -> Process:
@@ -388,6 +392,7 @@ def test_wire_forms() -> None:
     assert ToolRequest.from_json(json.loads(json.dumps(request.to_json()))) == request
     answer = ToolAnswer(True, "done", later=True, count=3)
     assert ToolAnswer.from_json(json.loads(json.dumps(answer.to_json()))) == answer
+    bad: object
     for bad in (
         [],
         {"action": "explode", "queue_id": "Q"},

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.task import Clock
@@ -23,6 +22,7 @@ from mdgateway.config import load_config
 from mdgateway.ops.metrics import Metrics
 from mdgateway.run.compose import build_gateway
 from mdgateway.run.control import Answers, WorkerUnavailableError
+from mdgateway.run.reactor import global_reactor
 from mdgateway.run.service import GatewayService
 from mdgateway.run.supervisor import (
     EXIT_GRACE,
@@ -38,6 +38,7 @@ from mdgateway.run.supervisor import (
     stale_worker_spools,
     worker_spool,
 )
+from tests.capture import ListObserver
 from tests.gatewayproc import default_toml, free_port
 
 
@@ -199,7 +200,7 @@ class SupervisorTests(SynchronousTestCase):
             children=2,
             command=lambda index, fds: ["worker", str(index), format_listen_fds(fds)],
             listen_fds={"smtp": 17, "smtps": 21},
-            observer=self.events.append,
+            observer=ListObserver(self.events),
             environment={},
         )
 
@@ -416,7 +417,7 @@ class ControlTests(SynchronousTestCase):
             children=2,
             command=lambda index, fds: ["worker", str(index)],
             listen_fds={},
-            observer=lambda event: None,
+            observer=ListObserver(),
             environment={},
         )
         self.supervisor.start()
@@ -565,7 +566,7 @@ class ReadinessTests(SynchronousTestCase):
             children=1,
             command=lambda index, fds: ["emulator"],
             listen_fds={"core": 9},
-            observer=lambda event: None,
+            observer=ListObserver(),
             environment={},
             name="emulator",
             ready_when=lambda event: event.get("emulator_listening") is True,
@@ -670,11 +671,12 @@ class ReloadTests(SynchronousTestCase):
         config = folder / "gw.toml"
         base = default_toml(free_port(), folder / "spool")
         config.write_text(base + "[processes]\nworkers = 2\n")
-        service = GatewayService(build_gateway(load_config(config), reactor))
+        service = GatewayService(build_gateway(load_config(config), global_reactor()))
         config.write_text(base + "[processes]\nworkers = 3\n")
-        warnings: list[dict[str, Any]] = []
-        globalLogPublisher.addObserver(warnings.append)
-        self.addCleanup(globalLogPublisher.removeObserver, warnings.append)
+        capture = ListObserver()
+        warnings = capture.events
+        globalLogPublisher.addObserver(capture)
+        self.addCleanup(globalLogPublisher.removeObserver, capture)
         result = service.reload()
         self.assertEqual((result.loaded, result.problems), (True, ()))
         self.assertEqual(result.restart_required, ("workers",))
