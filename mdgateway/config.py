@@ -134,9 +134,16 @@ class DeliveryConfig:
 
     @ivar loop_secret_file: the HMAC key of the processed marker; every
         instance of a cluster must share it. Created on first start.
+    @ivar concurrency: messages under C{big_message} bytes processed and
+        relayed at once.
+    @ivar big_message: messages of at least this size travel in their own
+        lane, C{big_concurrency} at a time, so small mail never waits for
+        them.
     """
 
     concurrency: int = 16
+    big_message: int = 4 * 1024 * 1024
+    big_concurrency: int = 2
     retry_first: float = 300.0
     retry_max: float = 3600.0
     lifetime: float = 5 * 86400.0
@@ -353,15 +360,26 @@ def parse_config(
 
 def _workers(section: Section) -> int:
     """
-    C{[processes] workers}: a count, or C{"auto"} for one per CPU.
+    C{[processes] workers}: a count, or C{"auto"} for one per usable CPU.
     """
     if isinstance(section.data.get("workers"), str):
         value = section.string("workers")
         section.check(
             "workers", value == "auto", f"expected a count or 'auto', got {value!r}"
         )
-        return max(1, min(64, os.cpu_count() or 1))
+        return max(1, min(64, usable_cpus()))
     return section.integer("workers", 1, minimum=1, maximum=64)
+
+
+def usable_cpus() -> int:
+    """
+    The CPUs this process may run on (its affinity, which a container or
+    C{taskset} narrows), else every CPU of the host.
+    """
+    affinity = getattr(os, "sched_getaffinity", None)
+    if affinity is not None:
+        return len(affinity(0))
+    return os.cpu_count() or 1
 
 
 def _umask(section: Section) -> int:
@@ -565,6 +583,8 @@ def _delivery(section: Section, base: Path, spool: str) -> DeliveryConfig:
     warning = section.duration("delay_warning", 0.0)
     config = DeliveryConfig(
         concurrency=section.integer("concurrency", 16, minimum=1, maximum=1000),
+        big_message=section.size("big_message", 4 * 1024 * 1024, minimum=1),
+        big_concurrency=section.integer("big_concurrency", 2, minimum=1, maximum=1000),
         retry_first=section.duration("retry_first", 300.0, minimum=1.0),
         retry_max=section.duration("retry_max", 3600.0, minimum=1.0),
         lifetime=section.duration("lifetime", 5 * 86400.0, minimum=60.0),

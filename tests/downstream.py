@@ -6,6 +6,7 @@ answering RCPT and DATA as told.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import attrs
@@ -80,6 +81,6 @@ class _Controller(Controller):
     """
 
     def _trigger_server(self) -> None:
-        assert self.server is not None
+        assert isinstance(self.server, asyncio.Server), self.server
         self.port = self.server.sockets[0].getsockname()[1]
         super()._trigger_server()

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 ETC = REPO / "etc"
@@ -26,7 +27,7 @@ def free_port() -> int:
 
 
 def wait_for_port(
-    port: int, timeout: float = 20.0, proc: subprocess.Popen | None = None
+    port: int, timeout: float = 20.0, proc: subprocess.Popen[bytes] | None = None
 ) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -151,7 +152,7 @@ class GatewayProcess:
                 return int(line.split()[1])
         return 0
 
-    def log_events(self) -> list[dict]:
+    def log_events(self) -> list[dict[str, Any]]:
         """
         The events of the JSON Lines log: C{time}, C{level}, C{logger},
         C{msg} and the structured fields.
@@ -164,7 +165,7 @@ class GatewayProcess:
         )
 
 
-def log_events(source: str | Path) -> list[dict]:
+def log_events(source: str | Path) -> list[dict[str, Any]]:
     """
     The events of a JSON Lines log (its text, or the path of its file).
 

@@ -94,7 +94,7 @@ def _body(draw: st.DrawFn, tame: bool, boundaries: tuple[str, ...]) -> bytes:
 
 @st.composite
 def _encoded(draw: st.DrawFn, data: bytes, tame: bool) -> tuple[str | None, bytes]:
-    choices = _TAME_ENCODINGS if tame else _TAME_ENCODINGS + _ODD_ENCODINGS
+    choices = _TAME_ENCODINGS if tame else [*_TAME_ENCODINGS, *_ODD_ENCODINGS]
     encoding = draw(st.sampled_from(choices))
     name = (encoding or "7bit").strip().lower()
     if name.startswith("base64"):

@@ -4,12 +4,14 @@ Tests for loading and validating the gateway configuration file.
 
 from __future__ import annotations
 
+import os
 import tomllib
 from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from mdgateway.config import ConfigError, endpoint_address, load_config, parse_config
+from mdgateway.config import ConfigError, load_config, parse_config
+from mdgateway.endpoints import endpoint_address
 from mdgateway.tomlreader import parse_duration, parse_size
 
 ETC = Path(__file__).resolve().parent.parent / "etc"
@@ -92,6 +94,31 @@ class ValidationTests(SynchronousTestCase):
         A listener and a spool directory are all that is required.
         """
         self.assertEqual(problems(MINIMAL), [])
+
+    def test_lanes(self) -> None:
+        """
+        The big-message lane reads sizes with units, defaults to 4 MiB and
+        two at a time, and a bad value names its key.
+        """
+        config = parse_config(tomllib.loads(MINIMAL), base=ETC)
+        self.assertEqual(
+            (config.delivery.big_message, config.delivery.big_concurrency),
+            (4 << 20, 2),
+        )
+        config = parse_config(
+            tomllib.loads(
+                MINIMAL + '[delivery]\nbig_message = "10MiB"\nbig_concurrency = 3\n'
+            ),
+            base=ETC,
+        )
+        self.assertEqual(
+            (config.delivery.big_message, config.delivery.big_concurrency),
+            (10 << 20, 3),
+        )
+        lines = problems(MINIMAL + "[delivery]\nbig_concurrency = 0\n")
+        self.assertTrue(
+            any(line.startswith("delivery.big_concurrency:") for line in lines), lines
+        )
 
     def test_unknown_tls_mode(self) -> None:
         """
@@ -334,15 +361,18 @@ class ProcessesTests(SynchronousTestCase):
 
     def test_workers(self) -> None:
         """
-        One process by default; a count; C{"auto"} is one per CPU (at
-        least one); anything else is refused naming the key.
+        One process by default; a count; C{"auto"} is one per CPU this
+        process may run on (its affinity); anything else is refused naming
+        the key.
         """
         base = tomllib.loads(MINIMAL)
         self.assertEqual(parse_config(base, base=ETC).workers, 1)
         three = {**base, "processes": {"workers": 3}}
         self.assertEqual(parse_config(three, base=ETC).workers, 3)
         auto = {**base, "processes": {"workers": "auto"}}
-        self.assertGreaterEqual(parse_config(auto, base=ETC).workers, 1)
+        self.assertEqual(
+            parse_config(auto, base=ETC).workers, min(64, len(os.sched_getaffinity(0)))
+        )
         for bad, message in (
             ("0", "processes.workers: must be at least 1"),
             ("65", "processes.workers: must be at most 64"),

@@ -23,7 +23,7 @@ from mdgateway.emulator.app import CoreEmulator, EmulatorConfig, EmulatorServer
 from mdgateway.emulator.detect import EICAR
 from mdgateway.ops.metrics import Metrics
 from mdgateway.policy.profiles import CoreProfile, CoreServer
-from mdgateway.queue.processing import PartReport
+from mdgateway.queue.copies import PartReport
 from mdgateway.queue.report import reused_verdicts
 from mdgateway.scan.cache import (
     HIT,

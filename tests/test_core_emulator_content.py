@@ -40,6 +40,7 @@ from tests.coresamples import (
     xzipped,
     zip_of,
 )
+from tests.listening import listen_local, stop_listening
 from tests.test_core_emulator import Wire, temp_dir
 
 
@@ -598,17 +599,21 @@ async def test_webhook_over_http() -> None:
     the callback URL and records the receiver's status.
     """
     hook = _Hook()
-    listening = reactor.listenTCP(0, Site(hook), interface="127.0.0.1")
+    listening, number = await listen_local(Site(hook))
     server = EmulatorServer(reactor)
     server.start()
     try:
         import treq
 
-        url = f"http://127.0.0.1:{listening.getHost().port}/hook"
+        url = f"http://127.0.0.1:{number}/hook"
+        headers: dict[bytes | str, bytes | str] = {
+            "callbackurl": url,
+            "filename": "a.txt",
+        }
         answer = await treq.post(
             f"{server.url}/file",
             data=b"hello",
-            headers={"callbackurl": url, "filename": "a.txt"},
+            headers=headers,
             persistent=False,
         )
         data_id = (await answer.json())["data_id"]
@@ -626,7 +631,7 @@ async def test_webhook_over_http() -> None:
         assert status["status_code"] == 204
     finally:
         await server.close()
-        await listening.stopListening()
+        await stop_listening(listening)
 
 
 class DamagedInputTests(SynchronousTestCase):

@@ -52,6 +52,8 @@ class Setup:
         threshold: int = 2,
         retry_after: float = 30.0,
         queue_bound: int | None = None,
+        big_part: int = 4 << 20,
+        big_concurrency: int = 2,
     ) -> None:
         self.clock = Clock()
         profile = CoreProfile(
@@ -63,6 +65,8 @@ class Setup:
             retry_after=retry_after,
             # Server logic only: the fake files have no content to hash.
             verdict_cache=0.0,
+            big_part=big_part,
+            big_concurrency=big_concurrency,
         )
         self.fakes = [FakeCoreServerClient(s) for s in profile.servers]
         self.runtime = CoreRuntime(
@@ -71,8 +75,8 @@ class Setup:
         self.scans: list[Deferred[Verdict]] = []
         case.addCleanup(self.abandon)
 
-    def scan(self) -> Deferred[Verdict]:
-        d = Deferred.fromCoroutine(self.runtime.scan("/spool/part1", "part1.txt"))
+    def scan(self, path: str = "/spool/part1") -> Deferred[Verdict]:
+        d = Deferred.fromCoroutine(self.runtime.scan(path, "part1.txt"))
         self.scans.append(d)
         return d
 
@@ -517,6 +521,34 @@ class ConcurrencyTests(SynchronousTestCase):
         s.fakes[0].succeed_scan()
         self.successResultOf(scans[0])
         self.assertEqual(s.scans_on(), [3])
+
+    def test_big_files_have_slots_of_their_own(self) -> None:
+        """
+        Files of at least C{big_part} bytes take the big lane's
+        C{big_concurrency} slots: while they are all taken, a small file is
+        still sent at once, and a further big file waits for a big slot.
+        """
+        s = Setup(
+            self,
+            servers=1,
+            concurrency=1,
+            queue_bound=5,
+            big_part=100,
+            big_concurrency=1,
+        )
+        folder = Path(self.mktemp())
+        folder.mkdir()
+        big, small = folder / "big", folder / "small"
+        big.write_bytes(b"x" * 100)
+        small.write_bytes(b"x" * 99)
+        s.scan(str(big))
+        s.scan(str(big))
+        self.assertEqual(s.scans_on(), [1])
+        s.scan(str(small))
+        self.assertEqual(s.scans_on(), [2])
+        status = s.runtime.status()[0]
+        self.assertEqual((status.in_flight, status.queued), (2, 1))
+        self.assertTrue(s.runtime.available())
 
     def test_available_false_when_queue_full(self) -> None:
         """

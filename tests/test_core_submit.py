@@ -16,7 +16,6 @@ import attrs
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
@@ -31,6 +30,7 @@ from mdgateway.scan.client import CoreClient, build_http_client
 from mdgateway.scan.errors import Condition, CoreError
 from mdgateway.scan.runtime import CoreRuntime
 from mdgateway.scan.versions import has_sync, parse_version, reported_version
+from tests.listening import listen_local, stop_listening
 
 
 class VersionTests(SynchronousTestCase):
@@ -259,12 +259,10 @@ async def test_405_falls_back_to_polling(tmp_path: Path) -> None:
     """
     emulator = CoreEmulator(reactor)
     router = _NoSyncMethod(EmulatorResource(emulator))
-    port = reactor.listenTCP(0, Site(router), interface="127.0.0.1")  # type: ignore[arg-type]
-    host = port.getHost()
-    assert isinstance(host, IPv4Address)
+    port, number = await listen_local(Site(router))
     profile = CoreProfile(
         name="t",
-        servers=(CoreServer(f"http://127.0.0.1:{host.port}"),),
+        servers=(CoreServer(f"http://127.0.0.1:{number}"),),
         poll_interval=0.01,
     )
     runtime = CoreRuntime.from_profile(profile, reactor)
@@ -278,7 +276,7 @@ async def test_405_falls_back_to_polling(tmp_path: Path) -> None:
         assert emulator.counters["poll"] >= 3
     finally:
         await runtime.close()
-        await port.stopListening()
+        await stop_listening(port)
         emulator.close()
 
 
@@ -304,12 +302,10 @@ async def test_version_hidden(tmp_path: Path) -> None:
     emulator = CoreEmulator(reactor)
     inner = EmulatorResource(emulator)
     inner.putChild(b"version", Fixed((404, {"err": "Not found"})))
-    port = reactor.listenTCP(0, Site(inner), interface="127.0.0.1")  # type: ignore[arg-type]
-    host = port.getHost()
-    assert isinstance(host, IPv4Address)
+    port, number = await listen_local(Site(inner))
     profile = CoreProfile(
         name="t",
-        servers=(CoreServer(f"http://127.0.0.1:{host.port}"),),
+        servers=(CoreServer(f"http://127.0.0.1:{number}"),),
         poll_interval=0.01,
     )
     http, pool = build_http_client(reactor, profile)
@@ -324,7 +320,7 @@ async def test_version_hidden(tmp_path: Path) -> None:
         assert emulator.counters["sync"] == 0
     finally:
         await pool.closeCachedConnections()
-        await port.stopListening()
+        await stop_listening(port)
         emulator.close()
 
 

@@ -21,8 +21,10 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor, task, threads
+from twisted.internet import task, threads
+from twisted.internet.base import DelayedCall
 from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.interfaces import IDelayedCall, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import ILogObserver, LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
@@ -30,10 +32,14 @@ from zope.interface import implementer
 
 from mdgateway.emulator.app import CoreEmulator, EmulatorConfig, EmulatorServer
 from mdgateway.policy.profiles import CoreProfile, CoreServer
+from mdgateway.run.reactor import global_reactor
 from mdgateway.scan.client import CoreClient, build_http_client
 from mdgateway.scan.errors import Condition, CoreError
 from mdgateway.scan.runtime import CoreRuntime
 from mdgateway.scan.upload import FileUpload, UploadChangedError
+from tests.listening import listen_local, stop_listening
+
+reactor = global_reactor()
 
 
 class _Consumer:
@@ -52,10 +58,22 @@ class _Steps:
     def __init__(self) -> None:
         self.pending: list[Callable[[], None]] = []
         self.cooperator = task.Cooperator(
-            scheduler=lambda call: self.pending.append(call),
+            scheduler=self._schedule,
             terminationPredicateFactory=lambda: lambda: True,
             started=True,
         )
+
+    def _schedule(self, call: Callable[[], None]) -> IDelayedCall:
+        """
+        Hold C{call} for the next L{step}; cancelling the call drops it.
+        """
+        self.pending.append(call)
+
+        def cancel(_: DelayedCall) -> None:
+            if call in self.pending:
+                self.pending.remove(call)
+
+        return DelayedCall(0, call, (), {}, cancel, lambda _: None)
 
     def step(self) -> None:
         pending, self.pending = self.pending, []
@@ -205,6 +223,22 @@ def bad_events() -> Iterator[_Events]:
     globalLogPublisher.removeObserver(events)
 
 
+class _EarlyAnswers(Factory):
+    """
+    Makes L{_EarlyAnswer} connections and keeps them, so the test can count
+    the bytes each received and close them at the end.
+    """
+
+    def __init__(self) -> None:
+        self.connections: list[_EarlyAnswer] = []
+
+    def buildProtocol(self, addr: object) -> _EarlyAnswer:
+        connection = _EarlyAnswer()
+        connection.factory = self
+        self.connections.append(connection)
+        return connection
+
+
 class _EarlyAnswer(Protocol):
     """
     Answers 503 as soon as the request headers are in, before reading the
@@ -217,7 +251,6 @@ class _EarlyAnswer(Protocol):
         self.buffer = b""
         self.answered = False
         self.received = 0
-        self.factory.connections.append(self)  # type: ignore[attr-defined]
 
     def dataReceived(self, data: bytes) -> None:
         self.received += len(data)
@@ -258,13 +291,12 @@ async def test_early_503_while_uploading(
     its file, and nothing is logged at error or critical level (the old
     producer logged "Error writing request ... read of closed file").
     """
-    factory = Factory.forProtocol(_EarlyAnswer)
-    factory.connections = []  # type: ignore[attr-defined]
+    factory = _EarlyAnswers()
     _EarlyAnswer.close = close
-    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    port, number = await listen_local(factory)
     path = tmp_path / "big.bin"
     path.write_bytes(os.urandom(8 << 20))
-    client, pool = _client(f"http://127.0.0.1:{port.getHost().port}")
+    client, pool = _client(f"http://127.0.0.1:{number}")
     try:
         for _ in range(3):
             with pytest.raises(CoreError) as caught:
@@ -280,9 +312,9 @@ async def test_early_503_while_uploading(
         assert bad_events.texts() == []
     finally:
         await pool.closeCachedConnections()
-        await port.stopListening()
+        await stop_listening(port)
         for connection in factory.connections:
-            connection.transport.abortConnection()
+            ITCPTransport(connection.transport).abortConnection()
 
 
 @pytest.mark.timeout(60)

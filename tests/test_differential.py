@@ -27,7 +27,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from mdgateway.message.decompose import WHOLE_MESSAGE_NAME
 from mdgateway.policy.profiles import CoreProfile, CoreServer, RelayServer, SmtpProfile
 from mdgateway.policy.rules import Rule
-from mdgateway.queue.processing import CopyJob, CopyOutcome, CopyProcessor
+from mdgateway.queue.copies import CopyJob, CopyOutcome
+from mdgateway.queue.processing import CopyProcessor
 from mdgateway.testing.scan import CORE_URL, FakeScanner
 from mdgateway.testing.threads import SynchronousThreadPool, ThreadsClock
 from tests.mimegen import messages
@@ -55,7 +56,7 @@ def python_payloads(data: bytes) -> dict[bytes, str]:
         for part in email.message_from_bytes(data, policy=policy).walk():
             if not part.is_multipart():
                 payload = part.get_payload(decode=True)
-                if payload:
+                if isinstance(payload, bytes) and payload:
                     found.setdefault(payload, name)
     return found
 

@@ -23,7 +23,7 @@ from mdgateway.emulator.config import DEFAULT_SANITIZE_TYPES
 from mdgateway.emulator.tap import Options
 from mdgateway.scan.client import CoreClient
 from mdgateway.scan.runtime import MAX_RETRY_AFTER, CoreRuntime
-from mdgateway.tomlreader import parse_duration
+from mdgateway.tomlreader import parse_duration, parse_size
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
@@ -83,6 +83,8 @@ def _value(cell: str) -> Any:
         return int(cell)
     if re.fullmatch(r"-?\d+\.\d+", cell):
         return float(cell)
+    if re.fullmatch(r"\d+[KMG]iB", cell):
+        return parse_size(cell)
     duration = parse_duration(cell)
     if duration is not None and re.search(r"[a-z]$", cell):
         return duration
@@ -102,6 +104,8 @@ _PROFILE_KEYS = (
     "submit",
     "verdict_cache",
     "verdict_cache_size",
+    "big_part",
+    "big_concurrency",
 )
 
 
@@ -156,9 +160,14 @@ def test_emulator_options() -> None:
         elif len(defaults) != len(options):
             defaults = defaults[:1] * len(options)
         documented.update(zip(options, defaults, strict=True))
-    options = Options()
-    parameters = {p[0]: p[2] for p in options.optParameters}
-    flags = {f[0] for f in options.optFlags}
+    parameters: dict[str, object] = {}
+    for row in Options.optParameters:
+        assert isinstance(row, list), row
+        parameters[row[0]] = row[2]
+    flags = set()
+    for row in Options.optFlags:
+        assert isinstance(row, list), row
+        flags.add(row[0])
     assert set(documented) == set(parameters) | flags
     for name in flags:
         assert documented[name] == "off", name

@@ -19,7 +19,7 @@ def unstuff(stream: bytes) -> bytes:
     CRLF-delimited lines, a line of one dot ends the data, and a leading
     dot is removed from any other line. Fails if bytes follow the end.
     """
-    lines = []
+    lines: list[bytes] = []
     position = 0
     while True:
         end = stream.index(b"\r\n", position)

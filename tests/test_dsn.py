@@ -105,13 +105,27 @@ def parse(path: str) -> EmailMessage:
     return message
 
 
-def status_blocks(message: EmailMessage) -> list[Message]:
+def parts(message: Message) -> list[EmailMessage]:
+    """
+    The subparts of a multipart (or C{message/*}) part, each parsed as an
+    L{EmailMessage} under C{email.policy.default}.
+    """
+    payload = message.get_payload()
+    assert isinstance(payload, list), payload
+    found = []
+    for part in payload:
+        assert isinstance(part, EmailMessage), part
+        found.append(part)
+    return found
+
+
+def status_blocks(message: EmailMessage) -> list[EmailMessage]:
     """
     The per-message block, then the per-recipient blocks.
     """
-    part = message.get_payload()[1]
+    part = parts(message)[1]
     assert part.get_content_type() == "message/delivery-status"
-    return list(part.get_payload())
+    return parts(part)
 
 
 def fields(block: Message) -> dict[str, str]:
@@ -169,18 +183,17 @@ class DsnMixin:
 
     def suppressed(self, envelope: Any = None, results: Any = None) -> SuppressReason:
         path = self.tmp / "suppressed.eml"
-        error = self.assertRaises(  # type: ignore[attr-defined]
-            DsnSuppressedError,
-            write_dsn,
-            str(path),
-            str(self.original),
-            envelope if envelope is not None else make_envelope(),
-            results if results is not None else [failed()],
-            reporting_mta=HOST,
-            now=NOW,
-        )
-        self.assertFalse(path.exists())  # type: ignore[attr-defined]
-        return error.reason  # type: ignore[no-any-return]
+        with pytest.raises(DsnSuppressedError) as caught:
+            write_dsn(
+                str(path),
+                str(self.original),
+                envelope if envelope is not None else make_envelope(),
+                results if results is not None else [failed()],
+                reporting_mta=HOST,
+                now=NOW,
+            )
+        assert not path.exists()
+        return caught.value.reason
 
 
 class HeaderTests(DsnMixin, SynchronousTestCase):
@@ -218,7 +231,7 @@ class HeaderTests(DsnMixin, SynchronousTestCase):
         original's headers.
         """
         _, message, _ = self.write()
-        types = [part.get_content_type() for part in message.get_payload()]
+        types = [part.get_content_type() for part in parts(message)]
         self.assertEqual(
             types, ["text/plain", "message/delivery-status", "text/rfc822-headers"]
         )
@@ -429,7 +442,7 @@ class HumanTextTests(DsnMixin, SynchronousTestCase):
     """
 
     def text(self, message: EmailMessage) -> str:
-        part = message.get_payload()[0]
+        part = parts(message)[0]
         self.assertEqual(part.get_content_type(), "text/plain")
         return str(part.get_content())
 
@@ -470,7 +483,7 @@ class HumanTextTests(DsnMixin, SynchronousTestCase):
         the report stays 7-bit.
         """
         _, message, data = self.write()
-        part = message.get_payload()[0]
+        part = parts(message)[0]
         self.assertEqual(part["Content-Transfer-Encoding"], "quoted-printable")
         self.assertEqual(part.get_content_charset(), "utf-8")
         self.assertTrue(data.isascii())
@@ -502,7 +515,7 @@ class ReturnedContentTests(DsnMixin, SynchronousTestCase):
         head, content = raw_parts(data)[2]
         self.assertIn(b"Content-Type: message/rfc822", head)
         self.assertEqual(content, ORIGINAL)
-        attached = message.get_payload()[2].get_payload()[0]
+        attached = parts(parts(message)[2])[0]
         self.assertEqual(attached["Message-ID"], "<orig-1@example.com>")
         self.assertEqual(report.returned, "full")
 

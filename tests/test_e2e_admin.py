@@ -12,6 +12,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -48,7 +49,7 @@ def call(
         return e.code, e.read()
 
 
-def _queue(admin: int) -> list:
+def _queue(admin: int) -> list[dict[str, Any]]:
     queue = json.loads(call(admin, "/api/queue")[1])
     return queue["items"] if isinstance(queue, dict) else queue
 
@@ -82,7 +83,7 @@ def test_history_rescan_queue_metrics(
         send(port, message("infected", (EICAR, "eicar.com")))
         wait_for(lambda: len(handler.messages) == 1)
 
-        def finished() -> list:
+        def finished() -> list[dict[str, Any]]:
             items = json.loads(call(admin, "/api/messages")[1])["items"]
             return [i for i in items if i["finished_at"]] if len(items) == 2 else []
 
@@ -105,6 +106,7 @@ def test_history_rescan_queue_metrics(
                 'name = "inbound"', 'name = "inbound"\nenabled = false'
             )
         )
+        assert gw.proc is not None
         gw.proc.send_signal(signal.SIGHUP)
         wait_for(lambda: any("loaded from" in e["msg"] for e in gw.log_events()))
         status, body = call(admin, f"/api/quarantine/{item['id']}/rescan", "POST")

@@ -20,6 +20,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from email.message import EmailMessage
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -145,8 +146,12 @@ class Cluster:
         wait_for(lambda: greeted(self.front))
 
     def api(
-        self, name: str, path: str, method: str = "GET", body: dict | None = None
-    ) -> dict:
+        self,
+        name: str,
+        path: str,
+        method: str = "GET",
+        body: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         admin = self.nodes[name][2]
         request = urllib.request.Request(
             f"http://127.0.0.1:{admin}{path}",

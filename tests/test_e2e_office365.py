@@ -19,6 +19,7 @@ import json
 from collections.abc import Callable, Iterator
 from ipaddress import ip_address
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -184,13 +185,13 @@ def headers(handler: RecordingHandler, subject: str) -> email.message.Message:
     raise AssertionError(f"{subject!r} not delivered")
 
 
-def refused_log(admin: int) -> list[dict]:
+def refused_log(admin: int) -> list[dict[str, Any]]:
     status, body = call(admin, "/api/refused?limit=100")
     assert status == 200, body
     return list(json.loads(body)["items"])
 
 
-def tenant_refusals(admin: int) -> list[dict]:
+def tenant_refusals(admin: int) -> list[dict[str, Any]]:
     return [
         r for r in refused_log(admin) if r["reason"].startswith(TENANT_REFUSED[10:])
     ]
@@ -391,7 +392,7 @@ def test_our_tenant_passes(office365) -> None:
     assert body_of(second.content) == body_of(first.content)
     came_with = email.message_from_bytes(first.content, policy=email.policy.compat32)
     again = email.message_from_bytes(second.content, policy=email.policy.compat32)
-    markers = [unfold(v) for v in again.get_all("X-MD-Email-Security-Id")]
+    markers = [unfold(v) for v in again.get_all("X-MD-Email-Security-Id", [])]
     assert unfold(came_with["X-MD-Email-Security-Id"]) in markers
     assert any("v=Skipped/AlreadyProcessed" in m for m in markers)
     codes, final = transaction(

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from email.message import EmailMessage
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -23,6 +24,8 @@ from tests.downstream import Received, RecordingHandler, _Controller
 from tests.gatewayproc import ETC, GatewayProcess, free_port, running_gateway
 
 pytestmark = pytest.mark.timeout(120)
+
+T = TypeVar("T")
 
 EICAR = b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
 
@@ -74,7 +77,10 @@ relay_profile = "downstream"
     return toml, core_port
 
 
-def wait_for(predicate: Callable[[], object], timeout: float = 30.0) -> object:
+def wait_for(predicate: Callable[[], T | None], timeout: float = 30.0) -> T:
+    """
+    Poll C{predicate} until it returns a true value, and return that value.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
@@ -82,6 +88,13 @@ def wait_for(predicate: Callable[[], object], timeout: float = 30.0) -> object:
             return value
         time.sleep(0.1)
     raise AssertionError("condition not met in time")
+
+
+def more_than(handler: RecordingHandler, count: int) -> Callable[[], bool]:
+    """
+    A predicate: C{handler} has received more than C{count} messages.
+    """
+    return lambda: len(handler.messages) > count
 
 
 def send(
@@ -120,12 +133,16 @@ def headers_of(received: Received) -> email.message.Message:
     return email.message_from_bytes(received.content, policy=email.policy.compat32)
 
 
-def message(subject: str, attachment: tuple[bytes, str] | None = None) -> EmailMessage:
+def message(
+    subject: str,
+    attachment: tuple[bytes, str] | None = None,
+    body: str = "Hello, Bob.\n",
+) -> EmailMessage:
     m = EmailMessage()
     m["From"] = "alice@example.com"
     m["To"] = "bob@example.org"
     m["Subject"] = subject
-    m.set_content("Hello, Bob.\n")
+    m.set_content(body)
     if attachment is not None:
         data, name = attachment
         m.add_attachment(
@@ -271,11 +288,11 @@ def test_core_down_retry_then_bypass_and_fail(
                 assert len(handler.messages) == before
                 assert len(list((work / "spool" / "queue").glob("*.eml"))) == 1
             elif action == "bypass":
-                wait_for(lambda before=before: len(handler.messages) > before)
+                wait_for(more_than(handler, before))
                 got = headers_of(handler.messages[-1])
                 assert got["X-Metadefender-Core-Result"] == "Bypassed/core_unreachable"
             else:
-                wait_for(lambda before=before: len(handler.messages) > before)
+                wait_for(more_than(handler, before))
                 bounce = handler.messages[-1]
                 assert bounce.mail_from in ("", "<>")
                 assert bounce.rcpt_tos == ["alice@example.com"]
@@ -326,7 +343,7 @@ def test_temporary_failure_then_success(
     class Flaky(RecordingHandler):
         calls = 0
 
-        async def handle_DATA(self, server, session, envelope):  # type: ignore[no-untyped-def]
+        async def handle_DATA(self, server, session, envelope):
             Flaky.calls += 1
             if Flaky.calls == 1:
                 return "451 4.3.0 try again"
@@ -370,7 +387,7 @@ def test_loop_marker(tmp_path: Path, smtpd: Callable[..., _Controller]) -> None:
         assert body_of(second.content) == body_of(first.content)
         again = headers_of(second)
         assert unfold(headers_of(first)["X-MD-Email-Security-Id"]) in [
-            unfold(v) for v in again.get_all("X-MD-Email-Security-Id")
+            unfold(v) for v in again.get_all("X-MD-Email-Security-Id", [])
         ]
         assert again["X-Metadefender-Core-Result"] == "Allowed"
         assert "v=Skipped/AlreadyProcessed" in again["X-MD-Email-Security-Id"]
@@ -766,7 +783,7 @@ def test_forged_headers_after_large_header_block(
     assert b"forged" not in got.content
     parsed = headers_of(got)
     assert parsed.get_all("X-Metadefender-Core-Result") == ["Allowed"]
-    assert len(parsed.get_all("X-MD-Email-Security-Id")) == 1
+    assert len(parsed.get_all("X-MD-Email-Security-Id", [])) == 1
     assert got.content.count(b"X-Filler-") == 10000
     assert got.content.endswith(raw.split(b"\r\n\r\n", 1)[1])
 

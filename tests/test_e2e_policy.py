@@ -10,6 +10,7 @@ import json
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -67,7 +68,7 @@ def send_body(raw: Raw, tenant: str | None = None) -> str:
     return lines[0].rsplit(" ", 1)[1]
 
 
-def envelope(tmp_path: Path, queue_id: str) -> dict:
+def envelope(tmp_path: Path, queue_id: str) -> dict[str, Any]:
     return json.loads((tmp_path / "spool" / "queue" / f"{queue_id}.json").read_text())
 
 
@@ -141,7 +142,7 @@ def test_office365_example(tmp_path: Path) -> None:
         }
 
 
-def wait_for_log(gw, predicate, timeout: float = 10.0) -> dict:
+def wait_for_log(gw, predicate, timeout: float = 10.0) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for event in gw.log_events():
@@ -166,6 +167,7 @@ def test_hot_reload(tmp_path: Path) -> None:
         before = Raw(port)
         before.reply()
         config.write_text(old_text.replace('"example.org"', '"example.net"'))
+        assert gw.proc is not None
         gw.proc.send_signal(signal.SIGHUP)
         loaded = wait_for_log(gw, lambda e: "loaded from" in e["msg"])
         new_version = loaded["config_version"]
@@ -188,6 +190,7 @@ def test_hot_reload(tmp_path: Path) -> None:
                 'recipients = ["example.org"]', 'recipients = ["re:(a+)+"]'
             )
         )
+        assert gw.proc is not None
         gw.proc.send_signal(signal.SIGHUP)
         refused = wait_for_log(gw, lambda e: "reload refused" in e["msg"])
         assert refused["problem"].startswith("rules[0].recipients")

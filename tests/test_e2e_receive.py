@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -55,7 +56,7 @@ def gateway(
         yield gw, port, tmp / "spool"
 
 
-def spooled(spool: Path, queue_id: str) -> tuple[bytes, dict]:
+def spooled(spool: Path, queue_id: str) -> tuple[bytes, dict[str, Any]]:
     message = (spool / "queue" / f"{queue_id}.eml").read_bytes()
     envelope = json.loads((spool / "queue" / f"{queue_id}.json").read_text())
     return message, envelope
@@ -134,7 +135,9 @@ def test_plain_smtplib_queues_exact_bytes(gateway) -> None:
     assert envelope["mail_parameters"]["BODY"] == "8BITMIME"
     assert envelope["client_helo"] == "client.test"
     path = spool / "queue" / f"{queue_id}.eml"
-    assert envelope["extra"]["content_digest"] == content_digest(str(path)).hex()
+    digest = content_digest(str(path))
+    assert digest is not None
+    assert envelope["extra"]["content_digest"] == digest.hex()
 
 
 def test_starttls_smtplib(gateway) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import email
 import email.policy
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -19,6 +20,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,6 +29,7 @@ from tests.downstream import RecordingHandler, _Controller
 from tests.gatewayproc import (
     ETC,
     REPO,
+    GatewayProcess,
     environment,
     free_port,
     running_gateway,
@@ -47,10 +50,12 @@ pytestmark = pytest.mark.timeout(120)
 class UploadCounter:
     """
     A TCP relay in front of the Core emulator that counts the uploads
-    (C{POST /file} requests) passing through it, on the wire.
+    (C{POST /file} and C{POST /file/sync} requests) passing through it,
+    on the wire.
     """
 
-    _REQUEST = b"POST /file HTTP/1.1\r\n"
+    _REQUESTS = (b"POST /file HTTP/1.1\r\n", b"POST /file/sync HTTP/1.1\r\n")
+    _LONGEST = max(len(r) for r in _REQUESTS)
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
@@ -82,8 +87,15 @@ class UploadCounter:
                 if count:
                     seen = tail + data
                     with self._lock:
-                        self.uploads += seen.count(self._REQUEST)
-                    tail = seen[-(len(self._REQUEST) - 1) :]
+                        # A request line ending inside the old tail was
+                        # counted with the previous chunk.
+                        self.uploads += sum(
+                            1
+                            for r in self._REQUESTS
+                            for m in re.finditer(re.escape(r), seen)
+                            if m.end() > len(tail)
+                        )
+                    tail = seen[-(self._LONGEST - 1) :]
                 sink.sendall(data)
         except OSError:
             pass
@@ -141,10 +153,10 @@ def counted_toml(
     )
 
 
-def deferrals(gw: object, queue_id: str) -> int:
+def deferrals(gw: GatewayProcess, queue_id: str) -> int:
     return sum(
         1
-        for e in gw.log_events()  # type: ignore[attr-defined]
+        for e in gw.log_events()
         if e.get("message_id") == queue_id
         and e["msg"].startswith(f"{queue_id} deferred")
     )
@@ -304,7 +316,7 @@ def test_empty_parts_pass_default_configuration(
         wait_for(lambda: not list((tmp_path / "spool" / "queue").glob("*")))
         token = (tmp_path / "admin.token").read_text().strip()
 
-        def finished() -> list[dict]:
+        def finished() -> list[dict[str, Any]]:
             _, body = call(admin, "/api/messages", token=token)
             items = json.loads(body)["items"]
             done = [i for i in items if i["finished_at"]]

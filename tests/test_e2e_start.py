@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -180,7 +181,7 @@ def test_failure_after_the_reactor_runs_exits_nonzero(tmp_path: Path) -> None:
     assert stopped(log_events(output))
 
 
-def stopped(events: list[dict]) -> bool:
+def stopped(events: list[dict[str, Any]]) -> bool:
     """
     Whether the primary logged the end of its orderly stop.
     """
@@ -192,7 +193,9 @@ def stopped(events: list[dict]) -> bool:
     )
 
 
-def start_in_own_group(tmp_path: Path, toml: str) -> tuple[subprocess.Popen, Path]:
+def start_in_own_group(
+    tmp_path: Path, toml: str
+) -> tuple[subprocess.Popen[bytes], Path]:
     config = tmp_path / "mdgateway.toml"
     config.write_text(toml)
     log = tmp_path / "gateway.log"

@@ -48,11 +48,11 @@ def subjects(handler: RecordingHandler) -> list[str]:
     return found
 
 
-def events(gw: GatewayProcess, text: str) -> list[dict]:
+def events(gw: GatewayProcess, text: str) -> list[dict[str, Any]]:
     return [e for e in gw.log_events() if text in e["msg"]]
 
 
-def worker_events(gw: GatewayProcess, text: str) -> list[dict]:
+def worker_events(gw: GatewayProcess, text: str) -> list[dict[str, Any]]:
     """
     The primary's events about its workers (not the built-in emulator).
     """
@@ -170,7 +170,7 @@ def test_two_processes_share_the_listener(
         wait_for(lambda: [e for e in events(gw, loaded) if e.get("worker") == 1])
         assert [e for e in events(gw, loaded) if "worker" not in e]
 
-        def deferred_in_worker() -> list[dict]:
+        def deferred_in_worker() -> list[dict[str, Any]]:
             items = json.loads(call(admin, "/api/queue")[1])["items"]
             return [i for i in items if i["worker"] == 1 and i["last_error"]]
 
@@ -208,6 +208,9 @@ def test_killed_worker_restarts_and_retired_spool_is_adopted(
         assert events(gw, "exited unexpectedly")
         wait_for(lambda: len(handler.messages) == 2)
         assert sorted(subjects(handler)) == sorted(first)
+        # Delivered, then recorded, then removed: wait for the removal so
+        # the count below sees only the second pair.
+        wait_for(lambda: not list((worker_spool / "queue").glob("*.json")))
         with stopped(gw):
             second = [send(port, f"a{n}") for n in range(2)]
             os.kill(new_pid, signal.SIGKILL)
@@ -327,7 +330,7 @@ def test_builtin_emulator_is_its_own_process_and_restarted(
     toml = workers_toml(tmp_path, port, downstream.port, 1)
     with running_gateway(tmp_path, toml=toml, port=port) as (gw, _):
 
-        def emulator_starts() -> list[dict]:
+        def emulator_starts() -> list[dict[str, Any]]:
             return [
                 e for e in events(gw, "started (pid") if e.get("process") == "emulator"
             ]

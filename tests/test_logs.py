@@ -9,6 +9,7 @@ import io
 import json
 from typing import Any
 
+from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import (
     Logger,
     LogLevel,
@@ -27,8 +28,8 @@ def emitted(**fields: Any) -> dict[str, Any]:
     """
     The event a Logger emits for C{log.info(format, **fields)}.
     """
-    events: list[dict[str, Any]] = []
-    log = Logger(namespace="mdgateway.test", observer=events.append)
+    events = EventLoggingObserver()
+    log = Logger(namespace="mdgateway.test", observer=events)
     log.info("queued {message_id} for {count} recipient(s)", **fields)
     return events[0]
 
@@ -61,8 +62,8 @@ class JSONLinesTests(SynchronousTestCase):
         """
         A logged failure adds C{error} (type and message) and C{traceback}.
         """
-        events: list[dict[str, Any]] = []
-        log = Logger(namespace="x", observer=events.append)
+        events = EventLoggingObserver()
+        log = Logger(namespace="x", observer=events)
         try:
             raise ValueError("bad thing")
         except ValueError:
@@ -191,3 +192,24 @@ class InstallTests(SynchronousTestCase):
         logs.json_lines_observer(out)(emitted(message_id="F", count=0))
         (line,) = out.getvalue().splitlines()
         self.assertEqual(json.loads(line)["message_id"], "F")
+
+
+class NoiseTests(SynchronousTestCase):
+    """
+    What the gateway's observers leave out.
+    """
+
+    def test_factory_chatter_dropped(self) -> None:
+        """
+        Twisted's "Starting factory"/"Stopping factory" events (one pair
+        per new connection to Core or a relay) are not written; other
+        events of the same level are.
+        """
+        out = io.StringIO()
+        observer = logs.json_lines_observer(out)
+        for verb in ("Starting", "Stopping"):
+            chatter = dict(emitted(), log_format=verb + " factory {factory!r}")
+            observer(chatter)
+        observer(emitted(message_id="G", count=1))
+        (line,) = out.getvalue().splitlines()
+        self.assertEqual(json.loads(line)["message_id"], "G")

@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from mdgateway.message.digest import (
+    HEADER_LIMIT,
     ContentHasher,
     canonical_fields,
     content_digest,
@@ -40,6 +41,8 @@ from mdgateway.message.marker import (
     OK,
     SECRET_SIZE,
     STALE,
+    MarkerCheck,
+    MarkerCount,
     SecretFileError,
     Stamp,
     _create_secret,
@@ -79,9 +82,15 @@ def mint(
     return make_marker(secret, message_id, now, digest, stamp)[1]
 
 
-def check(value: str, now: float = NOW, **kw: object) -> object:
-    kw.setdefault("digest", DIGEST)
-    return check_marker(SECRET, value, now, **kw)  # type: ignore[arg-type]
+def check(
+    value: str,
+    now: float = NOW,
+    *,
+    max_age: float = DEFAULT_MAX_AGE,
+    max_skew: float = DEFAULT_MAX_SKEW,
+    digest: bytes | None = DIGEST,
+) -> MarkerCheck:
+    return check_marker(SECRET, value, now, max_age, max_skew, digest)
 
 
 def params(value: str) -> dict[str, str]:
@@ -376,9 +385,8 @@ class ScanTests(SynchronousTestCase):
     L{MarkerCount.relay_once} decides the relay-once pass.
     """
 
-    def scan(self, data: bytes, **kw: object) -> object:
-        kw.setdefault("digest", DIGEST)
-        return scan_markers(io.BytesIO(data), SECRET, NOW, **kw)  # type: ignore[arg-type]
+    def scan(self, data: bytes, limit: int = HEADER_LIMIT) -> MarkerCount:
+        return scan_markers(io.BytesIO(data), SECRET, NOW, limit=limit, digest=DIGEST)
 
     def test_counts(self) -> None:
         """
@@ -414,7 +422,7 @@ class ScanTests(SynchronousTestCase):
         fresh = mint("id1", NOW - 100)
         count = self.scan(_message(fresh))
         found = count.relay_once(current, NOW)
-        self.assertIsNotNone(found)
+        assert found is not None
         self.assertEqual(found.message_id, "id1")
         self.assertIsNone(count.relay_once(current, NOW, max_age=99))
         self.assertIsNone(self.scan(_message(mint("id1"))).relay_once(current, NOW, 0))

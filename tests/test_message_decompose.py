@@ -305,7 +305,7 @@ def python_leaves(data: bytes) -> list[bytes]:
         for part in email.message_from_bytes(data, policy=policy).walk():
             if not part.is_multipart():
                 payload = part.get_payload(decode=True)
-                if payload and payload not in found:
+                if isinstance(payload, bytes) and payload and payload not in found:
                     found.append(payload)
     return found
 

@@ -17,13 +17,13 @@ from mdgateway.policy.patterns import (
     MAX_PATTERN_LENGTH,
     MAX_REGEX_SUBJECT,
     AddressFilter,
-    PatternError,
     compile_glob,
     compile_regex,
     normalize_address,
     normalize_domain,
     parse_pattern,
 )
+from mdgateway.policy.regexshape import PatternError
 
 _LABEL = st.text(string.ascii_lowercase + string.digits, min_size=1, max_size=12)
 _DOMAIN = st.lists(_LABEL, min_size=2, max_size=4).map(".".join)

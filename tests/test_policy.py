@@ -1546,7 +1546,7 @@ class ExampleTests(SynchronousTestCase):
         self.assertEqual(lines, [])
         self.assertEqual(
             set(data) - {"profiles", "rules"},
-            {"sender_helo_domain", "listeners", "tls", "spool"},
+            {"sender_helo_domain", "listeners", "tls", "spool", "processes"},
         )
         self.assertEqual([r.name for r in policy.rules], ["inbound", "outbound"])
 
@@ -1599,7 +1599,7 @@ class ExampleTests(SynchronousTestCase):
         self.assertEqual(lines, [])
         self.assertEqual(
             set(data) - {"profiles", "rules"},
-            {"sender_helo_domain", "listeners", "tls", "spool"},
+            {"sender_helo_domain", "listeners", "tls", "spool", "processes"},
         )
         self.assertEqual([r.name for r in policy.rules], ["inbound", "outbound"])
 

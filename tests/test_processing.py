@@ -29,27 +29,22 @@ from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
+from mdgateway.emulator.detect import EICAR
 from mdgateway.message.decompose import WHOLE_MESSAGE_NAME, ScannablePart, decompose
 from mdgateway.message.digest import ContentHasher
 from mdgateway.message.marker import Stamp
 from mdgateway.message.structure import Structure, parse_structure
 from mdgateway.policy.profiles import CoreProfile, CoreServer, RelayServer, SmtpProfile
 from mdgateway.policy.rules import ERROR_ACTIONS, ErrorHandling, Rule
-from mdgateway.queue.processing import (
-    CopyJob,
-    CopyOutcome,
-    CopyProcessor,
-    Decision,
-    Delivery,
-    IScanner,
-)
+from mdgateway.queue.copies import CopyJob, CopyOutcome, Decision, Delivery
+from mdgateway.queue.processing import CopyProcessor
 from mdgateway.scan.errors import Condition, CoreError
+from mdgateway.scan.interfaces import IScanner
 from mdgateway.scan.runtime import CoreRuntime
 from mdgateway.scan.verdict import Outcome, Verdict
 from mdgateway.testing.scan import (
     CORE_RULE,
     CORE_URL,
-    EICAR,
     FakeScanner,
     converted_content,
 )
@@ -1191,7 +1186,7 @@ def python_leaves(data: bytes) -> list[bytes]:
         for part in email.message_from_bytes(data, policy=policy).walk():
             if not part.is_multipart():
                 payload = part.get_payload(decode=True)
-                if payload and payload not in found:
+                if isinstance(payload, bytes) and payload and payload not in found:
                     found.append(payload)
     return found
 

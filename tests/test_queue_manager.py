@@ -12,16 +12,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
 from mdgateway.config import parse_config
 from mdgateway.queue.attempt import GENERATED_DSN
+from mdgateway.queue.copies import CopyJob, CopyOutcome
 from mdgateway.queue.entry import SpoolEntry
 from mdgateway.queue.envelope import Envelope, Recipient
 from mdgateway.queue.manager import QueueManager
 from mdgateway.queue.planner import RetryPolicy
 from mdgateway.queue.spool import Spool
-from mdgateway.queue.state import RecipientStatus
+from mdgateway.queue.state import DeliveryState, RecipientStatus
 from mdgateway.relay.delivery import Status
 from mdgateway.testing.queue import (
     FakeLoopGuard,
@@ -42,7 +44,14 @@ class Harness:
     A queue manager over a real spool, with recording fakes around it.
     """
 
-    def __init__(self, test: SynchronousTestCase, root: Path, retry: RetryPolicy):
+    def __init__(
+        self,
+        test: SynchronousTestCase,
+        root: Path,
+        retry: RetryPolicy,
+        **lanes: int,
+    ):
+        self.lanes = lanes
         self.test = test
         self.root = root
         self.clock = ThreadsClock()
@@ -77,8 +86,11 @@ class Harness:
         A new spool and manager over the same folder (a restart).
         """
         self.spool = Spool(
-            str(self.root / "spool"), self.clock, self.pool, min_free_bytes=0
-        )  # type: ignore[arg-type]
+            str(self.root / "spool"),
+            self.clock,
+            self.pool,  # type: ignore[arg-type]  # a duck-typed ThreadPool
+            min_free_bytes=0,
+        )
         self.test.successResultOf(self.spool.acquire())
         self.recovered = self.test.successResultOf(self.spool.recover())
         self.manager = QueueManager(
@@ -92,16 +104,19 @@ class Harness:
             bounces=self.bounces,
             history=self.history,
             retry=self.retry,
+            **self.lanes,
         )
 
     def stop(self) -> None:
-        self.test.successResultOf(self.manager._semaphore.acquire()).release()
+        self.test.assertEqual(self.manager.in_progress, 0)
         self.manager._stopping = True
         self.test.successResultOf(self.spool.close())
 
-    def queue(self, *recipients: str, sender: str = "a@x.test") -> SpoolEntry:
+    def queue(
+        self, *recipients: str, sender: str = "a@x.test", padding: int = 0
+    ) -> SpoolEntry:
         writer = self.spool.open_writer()
-        writer.write(MESSAGE)
+        writer.write(MESSAGE + b"x" * padding + b"\r\n" if padding else MESSAGE)
         envelope = Envelope(
             queue_id=writer.queue_id,
             received_at=self.clock.seconds(),
@@ -118,7 +133,7 @@ class Harness:
     def entries(self) -> list[SpoolEntry]:
         return self.test.successResultOf(self.spool.list_entries())
 
-    def state(self, entry: SpoolEntry):  # type: ignore[no-untyped-def]
+    def state(self, entry: SpoolEntry) -> DeliveryState:
         return self.test.successResultOf(self.manager.load_state(entry))
 
     def reports(self) -> list[SpoolEntry]:
@@ -137,8 +152,46 @@ class QueueManagerTests(SynchronousTestCase):
     The manager carrying out the planner's steps.
     """
 
-    def harness(self, retry: RetryPolicy = POLICY) -> Harness:
-        return Harness(self, Path(self.mktemp()), retry)
+    def harness(self, retry: RetryPolicy = POLICY, **lanes: int) -> Harness:
+        return Harness(self, Path(self.mktemp()), retry, **lanes)
+
+    def test_big_messages_have_a_lane_of_their_own(self) -> None:
+        """
+        Messages of at least C{big_message} bytes wait only for the big
+        lane's slots: while the big lane is full, a small message is
+        processed at once, and a second big one waits until the first is
+        done.
+        """
+        h = self.harness(concurrency=1, big_message=4096, big_concurrency=1)
+        gates: dict[str, Deferred[None]] = {}
+        started: list[str] = []
+
+        class Gated(ScriptedProcessor):
+            async def process(self, job: CopyJob) -> CopyOutcome:
+                started.append(job.security_id)
+                gates[job.security_id] = Deferred()
+                await gates[job.security_id]
+                return await super().process(job)
+
+        h.stop()
+        h.processor = Gated()
+        h.start()
+        big1 = h.queue("b@y.test", padding=10_000)
+        big2 = h.queue("b@y.test", padding=10_000)
+        small = h.queue("b@y.test")
+        h.run()
+        copy = "{}.1".format
+        self.assertEqual(started, [copy(big1.queue_id), copy(small.queue_id)])
+        gates[copy(small.queue_id)].callback(None)
+        h.run()
+        self.assertEqual(len(h.relay.deliveries), 1)
+        gates[copy(big1.queue_id)].callback(None)
+        h.run()
+        self.assertEqual(started[-1], copy(big2.queue_id))
+        gates[copy(big2.queue_id)].callback(None)
+        h.run()
+        self.assertEqual(len(h.relay.deliveries), 3)
+        self.assertEqual(h.entries(), [])
 
     def test_clean_message_delivered_and_removed(self) -> None:
         """

@@ -396,6 +396,7 @@ class StateJsonTests(SynchronousTestCase):
         A state that is not an object, of an unknown version, without
         recipients, or with an unknown recipient status is refused.
         """
+        bad: object
         for bad in (
             [],
             {"version": 99, "recipients": {}},

@@ -40,6 +40,7 @@ from mdgateway.queue.tools import (
     ToolRequest,
 )
 from mdgateway.run.compose import Gateway, build_gateway
+from mdgateway.run.supervisor import WorkerRole
 from tests.gatewayproc import free_port
 
 pytestmark = pytest.mark.timeout(60)
@@ -54,9 +55,22 @@ class _Silent(Protocol):
     """
 
 
-def config_file(tmp_path: Path, stall_port: int) -> Path:
+def config_file(
+    tmp_path: Path,
+    stall_port: int,
+    instance: str = "gw-test",
+    store: Path | None = None,
+    workers: int = 1,
+) -> Path:
+    """
+    A configuration under C{tmp_path/instance} with relays down, up and
+    stalling; instances share the store C{store} (a SQLite file).
+    """
     closed = free_port()
-    path = tmp_path / "mdgateway.toml"
+    folder = tmp_path / instance
+    folder.mkdir(exist_ok=True)
+    store = store or tmp_path / "history.sqlite"
+    path = folder / "mdgateway.toml"
     path.write_text(
         f"""
 sender_helo_domain = "gw.test"
@@ -64,11 +78,13 @@ sender_helo_domain = "gw.test"
 name = "smtp"
 endpoint = "tcp:{free_port()}:interface=127.0.0.1"
 tls = "none"
+[processes]
+workers = {workers}
 [spool]
-directory = "{tmp_path / "spool"}"
+directory = "{folder / "spool"}"
 [store]
-location = "{tmp_path / "history.sqlite"}"
-instance = "gw-test"
+location = "{store}"
+instance = "{instance}"
 [delivery]
 retry_first = "1h"
 retry_max = "1h"
@@ -79,7 +95,7 @@ servers = ["http://127.0.0.1:{closed}"]
 servers = ["smtp://127.0.0.1:{closed}"]
 tls = "none"
 [profiles.smtp.up]
-servers = ["maildir:{tmp_path / "box"}"]
+servers = ["maildir:{folder / "box"}"]
 [profiles.smtp.stall]
 servers = ["smtp://127.0.0.1:{stall_port}"]
 tls = "none"
@@ -154,8 +170,8 @@ class Process:
         return await self.tools.run(ToolRequest(action, queue_id, "alice", **kw))
 
 
-async def start(config: Path, patience: float = 10.0) -> Process:
-    gateway = build_gateway(load_config(config), reactor)
+async def start(config: Path, patience: float = 10.0, worker: int = 0) -> Process:
+    gateway = build_gateway(load_config(config), reactor, role=WorkerRole(worker))
     gateway.threads.start()
     await gateway.loop_guard.load(reactor, gateway.threads.spool)
     await gateway.store.open()

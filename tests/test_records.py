@@ -14,7 +14,7 @@ import pytest
 import pytest_twisted
 from twisted.trial.unittest import SynchronousTestCase
 
-from mdgateway.queue.processing import CopyOutcome, Decision
+from mdgateway.queue.copies import CopyOutcome, Decision
 from mdgateway.queue.report import copy_verdict
 from mdgateway.store import (
     DeliveryStatus,

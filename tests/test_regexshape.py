@@ -31,7 +31,6 @@ from mdgateway.policy import patterns
 from mdgateway.policy.patterns import (
     MAX_CHOICE_POINTS,
     MAX_OPEN_QUANTIFIERS,
-    PatternError,
     compile_regex,
 )
 from mdgateway.policy.regexshape import (
@@ -47,6 +46,7 @@ from mdgateway.policy.regexshape import (
     Conditional,
     Group,
     Lookaround,
+    PatternError,
     Repeat,
     parse_regex,
 )

@@ -18,6 +18,7 @@ from mdgateway.relay.hosts import (
     order_mx,
 )
 from mdgateway.testing.relay import TableResolver
+from mdgateway.testing.threads import ThreadsClock
 
 
 def no_shuffle(hosts: list[str]) -> None:
@@ -34,7 +35,7 @@ class OrderTests(SynchronousTestCase):
         The table resolver and the dnspython resolver provide IMXResolver.
         """
         verifyObject(IMXResolver, TableResolver({}))
-        verifyObject(IMXResolver, DNSPythonResolver(None, ThreadPool()))
+        verifyObject(IMXResolver, DNSPythonResolver(ThreadsClock(), ThreadPool()))
 
     def test_by_preference(self) -> None:
         """

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mdgateway.queue.processing import CopyOutcome, Decision, Delivery, PartReport
+from mdgateway.queue.copies import CopyOutcome, Decision, Delivery, PartReport
 from mdgateway.queue.scanned import (
     SPOOLED,
     keep_outcome,

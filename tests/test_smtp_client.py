@@ -472,6 +472,7 @@ class SetupTests(SynchronousTestCase):
             session, _ = self._starttls(policy)
             actions = session.data_received(b"454 4.7.0 no\r\n")
             failure = only(actions, SessionFailed).failure
+            assert failure.reply is not None
             self.assertEqual((failure.kind, failure.reply.code), (FailureKind.TLS, 454))
 
     def test_verifyMarksVerified(self) -> None:
@@ -564,6 +565,7 @@ class SetupTests(SynchronousTestCase):
         session, _ = self._tls_ready_for_auth("AUTH PLAIN")
         actions = session.data_received(b"535 5.7.8 bad credentials\r\n")
         failure = only(actions, SessionFailed).failure
+        assert failure.reply is not None
         self.assertEqual((failure.kind, failure.reply.code), (FailureKind.AUTH, 535))
         self.assertFalse(failure.next_server)
 
@@ -757,6 +759,7 @@ class TransactionTests(SynchronousTestCase):
             [(r.code, r.enhanced, r.stage) for r in result.recipients],
             [(553, "5.1.8", Stage.MAIL)] * 2,
         )
+        assert result.mail_reply is not None
         self.assertEqual(result.mail_reply.code, 553)
 
     def test_mailTransientNotPipelined(self) -> None:
@@ -1272,6 +1275,7 @@ class ProtocolTests(SynchronousTestCase):
         )
         c.protocol.dataReceived(b"250 ok\r\n250 ok\r\n354 go\r\n")
         producer = c.transport.producer
+        assert producer is not None
         self.assertTrue(c.transport.streaming)
         self.assertEqual(c.transport.writes[-1], b"abcd")
         producer.resumeProducing()
@@ -1373,6 +1377,7 @@ class ProtocolTests(SynchronousTestCase):
         d = c.protocol.send(ENVELOPE, MessageBody.from_file(str(path)))
         c.protocol.dataReceived(b"250 ok\r\n250 ok\r\n250 ok\r\n354 go\r\n")
         producer = c.transport.producer
+        assert producer is not None
         producer.stopProducing()
         c.lose()
         failure = self.failureResultOf(d, SmtpSessionError).value.failure

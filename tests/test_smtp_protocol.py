@@ -371,6 +371,7 @@ class StartTLSTests(SynchronousTestCase):
             def dataReceived(self, data: bytes) -> None:
                 self.received += data
                 if data.startswith(b"220 gw.test"):
+                    assert self.transport is not None
                     self.transport.write(b"EHLO c\r\n")
 
         client_factory = TLSMemoryBIOFactory(
@@ -387,6 +388,7 @@ class StartTLSTests(SynchronousTestCase):
         )
         for _ in range(5):
             pump.flush()
+        assert isinstance(client.wrappedProtocol, Client)
         received = client.wrappedProtocol.received
         self.assertTrue(received.startswith(b"220 gw.test ESMTP mdgateway\r\n"))
         self.assertIn(b"250-gw.test", received)

@@ -4,12 +4,16 @@ Event-list tests for the sans-IO ESMTP server session.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
 from twisted.trial.unittest import SynchronousTestCase
 
 from mdgateway.smtp import replies
 from mdgateway.smtp.parse import MailFrom
 from mdgateway.smtp.replies import Reply
 from mdgateway.smtp.server import (
+    Action,
     CheckCredentials,
     CheckRecipient,
     CheckSender,
@@ -24,21 +28,34 @@ from mdgateway.smtp.server import (
 
 ACCEPT = Reply.of(250, "2.1.0", "Ok")
 
-
-def session(**kwargs: object) -> ServerSession:
-    return ServerSession(SessionSettings(hostname="gw.example", **kwargs))  # type: ignore[arg-type]
+T = TypeVar("T")
 
 
-def codes(actions: list) -> list:
+def session(**kwargs: Any) -> ServerSession:
+    return ServerSession(SessionSettings(hostname="gw.example", **kwargs))
+
+
+def codes(actions: Sequence[Action]) -> list[int | str]:
     return [a.code if isinstance(a, Reply) else type(a).__name__ for a in actions]
+
+
+def only(actions: Sequence[Action], kind: type[T]) -> T:
+    """
+    The one action the session answered with, checked to be a C{kind}, so a
+    test reads its fields with their own type rather than the L{Action} union.
+    """
+    assert len(actions) == 1, actions
+    (action,) = actions
+    assert isinstance(action, kind), action
+    return action
 
 
 def start_transaction(s: ServerSession, rcpts: int = 1) -> None:
     s.line(b"EHLO client.example")
-    (check,) = s.line(b"MAIL FROM:<a@example.com>")
+    check = only(s.line(b"MAIL FROM:<a@example.com>"), CheckSender)
     s.sender_checked(check.mail, ACCEPT)
     for n in range(rcpts):
-        (rc,) = s.line(b"RCPT TO:<r%d@example.org>" % n)
+        rc = only(s.line(b"RCPT TO:<r%d@example.org>" % n), CheckRecipient)
         s.recipient_checked(rc.rcpt, Reply.of(250, "2.1.5", "Ok"), "rule")
 
 
@@ -72,7 +89,7 @@ class GreetingAndHelloTests(SynchronousTestCase):
         ENHANCEDSTATUSCODES and DSN; STARTTLS only when the listener offers it.
         """
         s = session(tls_mode="starttls", max_message_size=1000)
-        (reply,) = s.line(b"EHLO client.example")
+        reply = only(s.line(b"EHLO client.example"), Reply)
         self.assertEqual(reply.code, 250)
         self.assertEqual(reply.lines[0], "gw.example")
         for keyword in (
@@ -86,7 +103,7 @@ class GreetingAndHelloTests(SynchronousTestCase):
             "DSN",
         ):
             self.assertIn(keyword, reply.lines)
-        (plain,) = session().line(b"EHLO client.example")
+        plain = only(session().line(b"EHLO client.example"), Reply)
         self.assertNotIn("STARTTLS", plain.lines)
 
     def test_auth_offered_only_under_tls(self) -> None:
@@ -94,11 +111,11 @@ class GreetingAndHelloTests(SynchronousTestCase):
         AUTH is not advertised before TLS and is advertised after it.
         """
         s = session(tls_mode="starttls", auth_mechanisms=("PLAIN", "LOGIN"))
-        (before,) = s.line(b"EHLO c")
+        before = only(s.line(b"EHLO c"), Reply)
         self.assertNotIn("AUTH PLAIN LOGIN", before.lines)
         s.line(b"STARTTLS")
         s.tls_started()
-        (after,) = s.line(b"EHLO c")
+        after = only(s.line(b"EHLO c"), Reply)
         self.assertIn("AUTH PLAIN LOGIN", after.lines)
         self.assertNotIn("STARTTLS", after.lines)
 
@@ -107,14 +124,14 @@ class GreetingAndHelloTests(SynchronousTestCase):
         HELO and EHLO without a host name get 501 5.5.4.
         """
         for line in (b"HELO", b"EHLO"):
-            (reply,) = session().line(line)
+            reply = only(session().line(line), Reply)
             self.assertEqual((reply.code, reply.status), (501, "5.5.4"))
 
     def test_mail_before_helo(self) -> None:
         """
         MAIL before HELO/EHLO gets 503 5.5.1.
         """
-        (reply,) = session().line(b"MAIL FROM:<a@b.example>")
+        reply = only(session().line(b"MAIL FROM:<a@b.example>"), Reply)
         self.assertEqual((reply.code, reply.status), (503, "5.5.1"))
 
 
@@ -133,13 +150,13 @@ class TransactionTests(SynchronousTestCase):
         s.line(b"EHLO c.example")
         actions = s.line(b"MAIL FROM:<a@example.com> SIZE=10 BODY=8BITMIME")
         self.assertEqual(codes(actions), ["CheckSender"])
-        mail = actions[0].mail
+        mail = only(actions, CheckSender).mail
         self.assertEqual((mail.size, mail.body), (10, "8BITMIME"))
         self.assertEqual(codes(s.sender_checked(mail, ACCEPT)), [250])
         self.assertEqual(s.state, State.TRANSACTION)
-        (check,) = s.line(b"RCPT TO:<r@example.org> NOTIFY=FAILURE")
-        self.assertIsInstance(check, CheckRecipient)
+        check = only(s.line(b"RCPT TO:<r@example.org> NOTIFY=FAILURE"), CheckRecipient)
         s.recipient_checked(check.rcpt, Reply.of(250, "2.1.5", "Ok"), "inbound")
+        assert s.transaction is not None
         self.assertEqual(s.transaction.recipients[0][1], "inbound")
         actions = s.line(b"DATA")
         self.assertEqual(codes(actions), [354, "ReceiveData"])
@@ -154,9 +171,9 @@ class TransactionTests(SynchronousTestCase):
         """
         s = session()
         s.line(b"EHLO c")
-        (check,) = s.line(b"MAIL FROM:<a@example.com>")
+        check = only(s.line(b"MAIL FROM:<a@example.com>"), CheckSender)
         s.sender_checked(check.mail, Reply.of(550, "5.7.1", "no"))
-        (reply,) = s.line(b"RCPT TO:<r@example.org>")
+        reply = only(s.line(b"RCPT TO:<r@example.org>"), Reply)
         self.assertEqual((reply.code, reply.status), (503, "5.5.1"))
 
     def test_nested_mail(self) -> None:
@@ -165,7 +182,7 @@ class TransactionTests(SynchronousTestCase):
         """
         s = session()
         start_transaction(s)
-        (reply,) = s.line(b"MAIL FROM:<b@example.com>")
+        reply = only(s.line(b"MAIL FROM:<b@example.com>"), Reply)
         self.assertEqual((reply.code, reply.status), (503, "5.5.1"))
 
     def test_size_over_limit_at_mail(self) -> None:
@@ -174,7 +191,7 @@ class TransactionTests(SynchronousTestCase):
         """
         s = session(max_message_size=1000)
         s.line(b"EHLO c")
-        (reply,) = s.line(b"MAIL FROM:<a@example.com> SIZE=1001")
+        reply = only(s.line(b"MAIL FROM:<a@example.com> SIZE=1001"), Reply)
         self.assertEqual((reply.code, reply.status), (552, "5.3.4"))
 
     def test_too_many_recipients(self) -> None:
@@ -183,7 +200,7 @@ class TransactionTests(SynchronousTestCase):
         """
         s = session(max_recipients=2)
         start_transaction(s, rcpts=2)
-        (reply,) = s.line(b"RCPT TO:<x@example.org>")
+        reply = only(s.line(b"RCPT TO:<x@example.org>"), Reply)
         self.assertEqual((reply.code, reply.status), (452, "4.5.3"))
 
     def test_data_without_recipients(self) -> None:
@@ -201,11 +218,11 @@ class TransactionTests(SynchronousTestCase):
         """
         s = session()
         start_transaction(s)
-        (chunk,) = s.line(b"BDAT 100")
+        chunk = only(s.line(b"BDAT 100"), ReceiveChunk)
         self.assertEqual(chunk, ReceiveChunk(100, False, None, True))
-        (reply,) = s.line(b"DATA")
+        reply = only(s.line(b"DATA"), Reply)
         self.assertEqual(reply.code, 503)
-        (last,) = s.line(b"BDAT 0 LAST")
+        last = only(s.line(b"BDAT 0 LAST"), ReceiveChunk)
         self.assertEqual(last, ReceiveChunk(0, True, None, False))
 
     def test_bdat_without_transaction_consumes(self) -> None:
@@ -215,8 +232,9 @@ class TransactionTests(SynchronousTestCase):
         """
         s = session()
         s.line(b"EHLO c")
-        (chunk,) = s.line(b"BDAT 5 LAST")
+        chunk = only(s.line(b"BDAT 5 LAST"), ReceiveChunk)
         self.assertEqual(chunk.size, 5)
+        assert chunk.refusal is not None
         self.assertEqual(chunk.refusal.code, 503)
         self.assertEqual(codes(s.chunk_refused(chunk.refusal)), [503])
 
@@ -230,11 +248,11 @@ class TransactionTests(SynchronousTestCase):
         self.assertEqual(codes(s.line(b"RSET")), [250])
         self.assertIsNone(s.transaction)
         self.assertEqual(codes(s.line(b"NOOP")), [250])
-        (vrfy,) = s.line(b"VRFY bob")
+        vrfy = only(s.line(b"VRFY bob"), Reply)
         self.assertEqual((vrfy.code, vrfy.status), (252, "2.5.0"))
         self.assertEqual(codes(s.line(b"HELP")), [214])
         self.assertEqual(codes(s.line(b"EXPN list")), [502])
-        (unknown,) = s.line(b"FROB")
+        unknown = only(s.line(b"FROB"), Reply)
         self.assertEqual((unknown.code, unknown.status), (502, "5.5.2"))
 
     def test_quit(self) -> None:
@@ -289,16 +307,16 @@ class TLSAndAuthTests(SynchronousTestCase):
         self.assertEqual(codes(s.line(b"STARTTLS")), [220, "StartTLS"])
         s.tls_started()
         self.assertIsNone(s.helo)
-        (reply,) = s.line(b"MAIL FROM:<a@b.example>")
+        reply = only(s.line(b"MAIL FROM:<a@b.example>"), Reply)
         self.assertEqual(reply.code, 503)
-        (again,) = s.line(b"STARTTLS")
+        again = only(s.line(b"STARTTLS"), Reply)
         self.assertEqual(again.code, 503)
 
     def test_starttls_not_offered(self) -> None:
         """
         STARTTLS on a listener without TLS gets 502 5.5.1.
         """
-        (reply,) = session().line(b"STARTTLS")
+        reply = only(session().line(b"STARTTLS"), Reply)
         self.assertEqual((reply.code, reply.status), (502, "5.5.1"))
 
     def test_tls_required_before_mail(self) -> None:
@@ -307,7 +325,7 @@ class TLSAndAuthTests(SynchronousTestCase):
         """
         s = session(tls_mode="starttls-required")
         s.line(b"EHLO c")
-        (reply,) = s.line(b"MAIL FROM:<a@b.example>")
+        reply = only(s.line(b"MAIL FROM:<a@b.example>"), Reply)
         self.assertEqual((reply.code, reply.status), (530, "5.7.0"))
 
     def test_auth_refused_without_tls(self) -> None:
@@ -316,7 +334,7 @@ class TLSAndAuthTests(SynchronousTestCase):
         """
         s = session(tls_mode="starttls", auth_mechanisms=("PLAIN",))
         s.line(b"EHLO c")
-        (reply,) = s.line(b"AUTH PLAIN AGFsaWNlAHNlY3JldA==")
+        reply = only(s.line(b"AUTH PLAIN AGFsaWNlAHNlY3JldA=="), Reply)
         self.assertEqual((reply.code, reply.status), (538, "5.7.11"))
 
     def test_auth_plain_initial_response(self) -> None:
@@ -327,9 +345,9 @@ class TLSAndAuthTests(SynchronousTestCase):
         s = session(tls_mode="implicit", auth_mechanisms=("PLAIN",))
         s.tls_active = True
         s.line(b"EHLO c")
-        (check,) = s.line(b"AUTH PLAIN AGFsaWNlAHNlY3JldA==")
+        check = only(s.line(b"AUTH PLAIN AGFsaWNlAHNlY3JldA=="), CheckCredentials)
         self.assertEqual(check, CheckCredentials("PLAIN", "alice", "secret"))
-        (reply,) = s.credentials_checked("alice")
+        reply = only(s.credentials_checked("alice"), Reply)
         self.assertEqual((reply.code, reply.status), (235, "2.7.0"))
         self.assertEqual(s.authenticated_user, "alice")
 
@@ -340,13 +358,13 @@ class TLSAndAuthTests(SynchronousTestCase):
         s = session(tls_mode="implicit", auth_mechanisms=("LOGIN",))
         s.tls_active = True
         s.line(b"EHLO c")
-        (user_prompt,) = s.line(b"AUTH LOGIN")
+        user_prompt = only(s.line(b"AUTH LOGIN"), Reply)
         self.assertEqual(user_prompt.to_bytes(), b"334 VXNlcm5hbWU6\r\n")
-        (pass_prompt,) = s.line(b"Ym9i")
+        pass_prompt = only(s.line(b"Ym9i"), Reply)
         self.assertEqual(pass_prompt.to_bytes(), b"334 UGFzc3dvcmQ6\r\n")
-        (check,) = s.line(b"cHc=")
+        check = only(s.line(b"cHc="), CheckCredentials)
         self.assertEqual(check, CheckCredentials("LOGIN", "bob", "pw"))
-        (reply,) = s.credentials_checked(None)
+        reply = only(s.credentials_checked(None), Reply)
         self.assertEqual((reply.code, reply.status), (535, "5.7.8"))
         self.assertIsNone(s.authenticated_user)
 
@@ -358,10 +376,10 @@ class TLSAndAuthTests(SynchronousTestCase):
         s.tls_active = True
         s.line(b"EHLO c")
         s.line(b"AUTH PLAIN")
-        (cancel,) = s.line(b"*")
+        cancel = only(s.line(b"*"), Reply)
         self.assertEqual((cancel.code, cancel.status), (501, "5.7.0"))
         s.line(b"AUTH PLAIN")
-        (bad,) = s.line(b"!!!")
+        bad = only(s.line(b"!!!"), Reply)
         self.assertEqual((bad.code, bad.status), (501, "5.5.2"))
         self.assertEqual(s.state, State.READY)
 
@@ -372,7 +390,7 @@ class TLSAndAuthTests(SynchronousTestCase):
         s = session(tls_mode="implicit", auth_mechanisms=("PLAIN",), auth_required=True)
         s.tls_active = True
         s.line(b"EHLO c")
-        (reply,) = s.line(b"MAIL FROM:<a@b.example>")
+        reply = only(s.line(b"MAIL FROM:<a@b.example>"), Reply)
         self.assertEqual((reply.code, reply.status), (530, "5.7.0"))
 
 

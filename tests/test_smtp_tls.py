@@ -14,6 +14,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 import pytest_twisted
@@ -225,7 +226,9 @@ endpoint = "tcp:{core}:interface=127.0.0.1"
         gw.kill()
 
 
-def s_client(port: int, *options: str, starttls: bool) -> subprocess.CompletedProcess:
+def s_client(
+    port: int, *options: str, starttls: bool
+) -> subprocess.CompletedProcess[bytes]:
     """
     Run C{openssl s_client}, say EHLO and QUIT over TLS, and return what
     it printed.
@@ -325,13 +328,14 @@ def test_smtplib_with_alpn_delivers(
     with smtplib.SMTP_SSL(
         "127.0.0.1", implicit, local_hostname="alpn.test", context=context
     ) as client:
+        assert isinstance(client.sock, ssl.SSLSocket)
         assert client.sock.selected_alpn_protocol() == (
             "smtp" if "smtp" in protocols else None
         )
         assert client.sendmail("a@example.com", ["r@example.org"], MESSAGE) == {}
 
 
-def failures(gw: GatewayProcess) -> list[dict]:
+def failures(gw: GatewayProcess) -> list[dict[str, Any]]:
     return [
         e
         for e in gw.log_events()
@@ -339,7 +343,10 @@ def failures(gw: GatewayProcess) -> list[dict]:
     ]
 
 
-def wait_for(probe, timeout: float = 10.0):  # type: ignore[no-untyped-def]
+T = TypeVar("T")
+
+
+def wait_for(probe: Callable[[], T], timeout: float = 10.0) -> T:
     deadline = time.monotonic() + timeout
     while True:
         found = probe()

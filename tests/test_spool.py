@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 from twisted.internet import task
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
+from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
@@ -211,7 +212,7 @@ class FakeVerificationTests(SpoolTestMixin, SynchronousTestCase):
         def boom() -> None:
             raise OSError(errno.ENOSPC, "full")
 
-        def outcomes(pool: Any, run: Callable[[], None]) -> list[Any]:
+        def outcomes(pool: Any, run: Callable[[], object]) -> list[Any]:
             got: queue.Queue[tuple[bool, Any]] = queue.Queue()
             pool.callInThreadWithCallback(lambda ok, r: got.put((ok, r)), pow, 2, 5)
             pool.callInThreadWithCallback(lambda ok, r: got.put((ok, r)), boom)
@@ -1041,9 +1042,9 @@ class RecoveryTests(SpoolTestMixin, SynchronousTestCase):
     """
 
     def setUp(self) -> None:
-        self.events: list[dict[str, Any]] = []
-        globalLogPublisher.addObserver(self.events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        self.events = EventLoggingObserver()
+        globalLogPublisher.addObserver(self.events)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events)
 
     def committed(self, spool: Spool, body: bytes = b"body") -> SpoolEntry:
         writer = spool.open_writer()
@@ -1386,10 +1387,10 @@ class LogCapture:
     """
 
     def setUp(self) -> None:
-        self.events: list[dict[str, Any]] = []
-        globalLogPublisher.addObserver(self.events.append)
+        self.events = EventLoggingObserver()
+        globalLogPublisher.addObserver(self.events)
         self.addCleanup(  # type: ignore[attr-defined]
-            globalLogPublisher.removeObserver, self.events.append
+            globalLogPublisher.removeObserver, self.events
         )
 
     def logged(self, text: str) -> list[dict[str, Any]]:
@@ -1923,7 +1924,7 @@ async def test_real_pool_round_trip(tmp_path: Path, threadpool: ThreadPool) -> N
     """
     from twisted.internet import defer, reactor
 
-    spool = Spool(tmp_path, reactor, threadpool, min_free_bytes=0)
+    spool = Spool(str(tmp_path), reactor, threadpool, min_free_bytes=0)
     assert await spool.recover() == []
 
     async def one(n: int) -> SpoolEntry:
@@ -1940,7 +1941,7 @@ async def test_real_pool_round_trip(tmp_path: Path, threadpool: ThreadPool) -> N
         with open(entry.message_path, "rb") as f:
             assert f.read() == b"".join(b"%d:%d " % (n, i) * 1000 for i in range(50))
     await spool.close()
-    again = Spool(tmp_path, reactor, threadpool, min_free_bytes=0)
+    again = Spool(str(tmp_path), reactor, threadpool, min_free_bytes=0)
     assert await again.recover() == sorted(entries, key=lambda e: e.queue_id)
     assert os.listdir(tmp_path / "incoming") == []
     await again.close()
@@ -1956,7 +1957,7 @@ async def test_real_pool_memory_bounded(tmp_path: Path, threadpool: ThreadPool) 
     """
     from twisted.internet import reactor
 
-    spool = Spool(tmp_path, reactor, threadpool, min_free_bytes=0)
+    spool = Spool(str(tmp_path), reactor, threadpool, min_free_bytes=0)
     await spool.recover()
     writer = spool.open_writer()
     digest = hashlib.sha256()
@@ -1987,7 +1988,7 @@ async def test_real_pool_abort_and_full(tmp_path: Path, threadpool: ThreadPool) 
     from twisted.internet import reactor
 
     ops = FaultyFileOps()
-    spool = Spool(tmp_path, reactor, threadpool, fileops=ops, min_free_bytes=0)
+    spool = Spool(str(tmp_path), reactor, threadpool, fileops=ops, min_free_bytes=0)
     await spool.recover()
     writer = spool.open_writer()
     writer.write(b"x" * 200_000)
@@ -2074,8 +2075,8 @@ def test_sigkill_after_commit(tmp_path: Path) -> None:
             for _ in range(kill_after):
                 line = child.stdout.readline()
                 assert line, f"child ended early in round {round_}"
-                queue_id, n = line.decode().split()
-                acknowledged[queue_id] = int(n)
+                queue_id, number = line.decode().split()
+                acknowledged[queue_id] = int(number)
             os.kill(child.pid, signal.SIGKILL)
         finally:
             child.kill()
@@ -2092,7 +2093,9 @@ def test_sigkill_after_commit(tmp_path: Path) -> None:
                 assert (tmp_path / "queue" / (envelope.queue_id + ".eml")).exists()
 
         clock = ThreadsClock()
-        spool = Spool(tmp_path, clock, SynchronousThreadPool(), min_free_bytes=0)
+        # SynchronousThreadPool is a duck-typed stand-in for ThreadPool.
+        pool = SynchronousThreadPool()
+        spool = Spool(str(tmp_path), clock, pool, min_free_bytes=0)  # type: ignore[arg-type]
         entries = {e.queue_id: e for e in result_of(spool.recover())}
         assert set(acknowledged) <= set(entries)
         for queue_id, n in acknowledged.items():

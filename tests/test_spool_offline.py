@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -237,3 +238,28 @@ def test_move_into_its_own_root_is_refused(tmp_path: Path) -> None:
     )
     assert result.code == EXIT_FAILED
     assert "one of the roots the entries come from" in result.err
+
+
+@pytest_twisted.ensureDeferred
+async def test_move_across_file_systems_is_refused(
+    tmp_path: Path, threadpool: ThreadPool
+) -> None:
+    """
+    A move into a directory on another file system (where hard links
+    cannot reach) is refused before anything is touched, saying to copy
+    the spool over first; the messages stay listed in the source.
+    """
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("needs /dev/shm on a file system of its own")
+    root = tmp_path / "spool"
+    ids = await spool_with(root, threadpool, 1)
+    with tempfile.TemporaryDirectory(dir=shm) as other:
+        target = Path(other) / "spool" / "workers" / "9"
+        result = spool_cli("move", "--all", "--into", str(target), "--dir", str(root))
+        assert result.code == EXIT_FAILED
+        assert "on another file system" in result.err
+        assert "copy the spool directory" in result.err
+        assert not target.exists()
+    listed = spool_cli("list", "--dir", str(root))
+    assert ids[0] in listed.out

@@ -11,16 +11,18 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
 
 from mdgateway.policy.profiles import RelayServer, SmtpProfile
 from mdgateway.receive.admission import ACCEPTED, REFUSED, UNREACHABLE
 from mdgateway.receive.verification import SmtpRecipientVerifier
+from mdgateway.run.reactor import global_reactor
 from mdgateway.smtp.clientmodel import SmtpTimeouts
 from mdgateway.testing.relay import TableResolver
 from tests.downstream import RecordingHandler, _Controller
 from tests.gatewayproc import default_toml, free_port, running_gateway
 from tests.test_e2e_receive import Raw
+
+reactor = global_reactor()
 
 pytestmark = pytest.mark.timeout(60)
 

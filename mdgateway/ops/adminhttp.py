@@ -379,7 +379,7 @@ _Handler = Callable[["AdminAPI", ApiCall], Awaitable[ApiResponse | Streamed]]
 
 
 @attrs.frozen
-class Route:
+class AdminRoute:
     method: bytes
     pattern: tuple[str | None, ...]
     handler: _Handler

@@ -107,6 +107,7 @@ class ClusterLink:
         self._last_purge = float("-inf")
         self._serving: set[Deferred[None]] = set()
         self._failing = False
+        self._joined = False
 
     # -- this instance's side ------------------------------------------------------
 
@@ -116,6 +117,7 @@ class ClusterLink:
         """
         now = self.clock.seconds()
         await self.board.join(self.instance, now)
+        self._joined = True
         self._last_beat = now
         self._loop.start(self.poll_every, now=True).addErrback(
             lambda f: log.failure("the cluster link stopped", f)
@@ -130,10 +132,19 @@ class ClusterLink:
             self._loop.stop()
         for serving in list(self._serving):
             await serving
+        if not self._joined:
+            # A start that failed before joining has nothing to take back.
+            return
+        self._joined = False
         try:
             await self.board.leave(self.instance, self.clock.seconds())
-        except Exception:
-            log.failure("could not tell the cluster this instance stopped")
+        except Exception as e:
+            # The store is down: the others see this instance's heartbeat
+            # age and stop waiting for it; nothing is lost.
+            log.warn(
+                "could not tell the cluster this instance stopped: {error}",
+                error=str(e) or type(e).__name__,
+            )
 
     async def _poll(self) -> None:
         now = self.clock.seconds()

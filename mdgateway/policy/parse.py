@@ -205,6 +205,10 @@ def parse_core_profile(
             minimum=1,
             maximum=1_000_000,
         ),
+        big_part=section.size("big_part", defaults.big_part, minimum=1),
+        big_concurrency=section.integer(
+            "big_concurrency", defaults.big_concurrency, minimum=1, maximum=1000
+        ),
     )
     if profile.verdict_cache > MAX_VERDICT_CACHE:
         # A verdict older than this may predate what Core knows now.

@@ -47,6 +47,12 @@ class CoreProfile:
     @ivar verdict_cache: seconds a definitive verdict is reused for a file
         with the same SHA-256, name and Core rule (0: no verdict cache).
     @ivar verdict_cache_size: verdicts the cache holds at most.
+    @ivar concurrency: scans in flight per server for parts smaller than
+        C{big_part}.
+    @ivar big_part: a part of at least this many bytes scans in the big
+        lane, so a few large files never hold every slot small ones need.
+    @ivar big_concurrency: scans in flight per server in the big lane, on
+        top of C{concurrency}.
     """
 
     name: str
@@ -66,6 +72,8 @@ class CoreProfile:
     submit: str = "auto"
     verdict_cache: float = 60.0
     verdict_cache_size: int = 10_000
+    big_part: int = 4 * 1024 * 1024
+    big_concurrency: int = 2
 
 
 @attrs.frozen

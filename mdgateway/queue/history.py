@@ -115,17 +115,29 @@ class LogHistory:
         delivery: Delivery,
         outcomes: list[RecipientOutcome],
     ) -> None:
+        # One line per relay attempt, not one per recipient: a message to
+        # fifty recipients of one domain is one event, with each
+        # recipient's outcome in its fields.
+        counts: dict[str, int] = {}
         for o in outcomes:
-            log.info(
-                "{message_id} to {recipient}: {status} ({reply})",
-                message_id=copy_id,
-                recipient=o.address,
-                status=o.status.value,
-                reply=o.reply,
-                server=o.server,
-                upstream_id=o.queue_id,
-                kind=delivery.kind,
-            )
+            counts[o.status.value] = counts.get(o.status.value, 0) + 1
+        log.info(
+            "{message_id} relayed ({kind}): {summary}; {reply}",
+            message_id=copy_id,
+            kind=delivery.kind,
+            summary=", ".join(f"{n} {status}" for status, n in counts.items()),
+            reply=outcomes[0].reply if outcomes else "",
+            recipients=[
+                {
+                    "recipient": o.address,
+                    "status": o.status.value,
+                    "reply": o.reply,
+                    "server": o.server,
+                    "upstream_id": o.queue_id,
+                }
+                for o in outcomes
+            ],
+        )
 
     async def quarantine(
         self, entry: SpoolEntry, rule: Rule, copy_id: str, reason: str
@@ -139,7 +151,10 @@ class LogHistory:
     async def status(
         self, entry: SpoolEntry, copy_id: str, status: MessageStatus, text: str
     ) -> None:
-        log.info(
+        # A delivered copy's relay line already says so; other endings
+        # (failed, blocked, expired...) are news.
+        emit = log.debug if status is MessageStatus.DELIVERED else log.info
+        emit(
             "{message_id} {status}: {text}",
             message_id=copy_id,
             status=status.value,

@@ -101,6 +101,11 @@ class EntryGoneError(LookupError):
 class QueueManager:
     """
     Processes and delivers spooled messages with bounded concurrency.
+
+    Messages travel in two lanes with separate slots: C{concurrency} for
+    messages under C{big_message} bytes and C{big_concurrency} for the
+    rest, so a few large messages being scanned never make small ones
+    wait for a slot.
     """
 
     def __init__(
@@ -117,6 +122,8 @@ class QueueManager:
         history: IHistory | None = None,
         retry: RetryPolicy | None = None,
         concurrency: int = 16,
+        big_message: int = 4 * 1024 * 1024,
+        big_concurrency: int = 2,
     ) -> None:
         self.spool = spool
         self.relay = relay
@@ -138,7 +145,9 @@ class QueueManager:
             loop_guard=loop_guard,
             history=self.history,
         )
-        self._semaphore = DeferredSemaphore(concurrency)
+        self._small_lane = DeferredSemaphore(concurrency)
+        self._big_lane = DeferredSemaphore(big_concurrency)
+        self._big_message = big_message
         self._scheduled: dict[str, IDelayedCall] = {}
         self._running: dict[str, Deferred[None]] = {}
         self._entries: dict[str, SpoolEntry] = {}
@@ -284,7 +293,8 @@ class QueueManager:
         running: Deferred[None] = Deferred()
         self._running[queue_id] = running
         if may_attempt:
-            d = self._semaphore.run(lambda: Deferred.fromCoroutine(self._handle(entry)))
+            lane = self.lane(entry)
+            d = lane.run(lambda: Deferred.fromCoroutine(self._handle(entry)))
         else:
             d = Deferred.fromCoroutine(self._handle(entry, may_attempt=False))
 
@@ -304,6 +314,22 @@ class QueueManager:
 
         d.addErrback(failed)
         d.addBoth(ended)
+
+    @property
+    def in_progress(self) -> int:
+        """
+        Entries being processed or delivered now, in either lane.
+        """
+        return len(self._running)
+
+    def lane(self, entry: SpoolEntry) -> DeferredSemaphore:
+        """
+        The delivery slots C{entry} waits for: the big lane's when it is at
+        least C{big_message} bytes.
+        """
+        if entry.size >= self._big_message:
+            return self._big_lane
+        return self._small_lane
 
     def _visit_ended(self, entry: SpoolEntry) -> None:
         """

@@ -103,6 +103,15 @@ def in_use(root: str, ops: IFileOps | None = None) -> bool:
     return False
 
 
+def _device(path: str) -> int:
+    """
+    The file system of C{path}, or of its nearest existing parent.
+    """
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return os.stat(path).st_dev
+
+
 @contextmanager
 def locked(
     root: str, create: bool = False, ops: IFileOps | None = None
@@ -168,13 +177,21 @@ def move_entries(
 
     @raise SpoolInUseError: a running process holds the lock of the
         target or of a source root; nothing was moved.
-    @raise ValueError: the target is the source or one of its roots.
+    @raise ValueError: the target is the source or one of its roots, or
+        on another file system (an entry moves by hard links); nothing was
+        moved.
     """
     ops = OSFileOps()
     target = os.path.abspath(target)
     roots = [(p, os.path.abspath(r)) for p, r in process_roots(source)]
     if any(target == r for _, r in roots):
         raise ValueError(f"{target} is one of the roots the entries come from")
+    if _device(target) != _device(source):
+        raise ValueError(
+            f"{target} is on another file system than {source}, and a move "
+            "hard-links each message: copy the spool directory onto the "
+            "target's file system first (cp -a), then move from the copy"
+        )
     wanted = None if queue_ids is None else list(dict.fromkeys(queue_ids))
     moved: list[str] = []
     collided: list[str] = []

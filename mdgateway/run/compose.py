@@ -84,7 +84,13 @@ class Threads:
             spool=ThreadPool(
                 minthreads=1, maxthreads=config.spool.threads, name="mdgateway-spool"
             ),
-            work=ThreadPool(minthreads=0, maxthreads=4, name="mdgateway-work"),
+            # Big messages' decomposing and rebuilding may hold at most
+            # big_concurrency threads: two more stay free for small ones.
+            work=ThreadPool(
+                minthreads=0,
+                maxthreads=max(4, config.delivery.big_concurrency + 2),
+                name="mdgateway-work",
+            ),
             dns=ThreadPool(minthreads=0, maxthreads=4, name="mdgateway-dns"),
             store=ThreadPool(minthreads=0, maxthreads=5, name="mdgateway-store"),
         )
@@ -263,6 +269,8 @@ def build_gateway(
         ),
         retry=retry_policy(config),
         concurrency=config.delivery.concurrency,
+        big_message=config.delivery.big_message,
+        big_concurrency=config.delivery.big_concurrency,
         history=TeeHistory(
             history,
             LogHistory(lambda: live.current.version),

@@ -30,17 +30,21 @@ from collections.abc import Callable, MutableMapping
 from datetime import UTC, datetime
 from typing import IO, Any
 
+from constantly import NamedConstant
 from twisted.logger import (
     FileLogObserver,
     FilteringLogObserver,
+    ILogFilterPredicate,
     ILogObserver,
     LogEvent,
     LogLevel,
     LogLevelFilterPredicate,
+    PredicateResult,
     formatEvent,
     textFileLogObserver,
 )
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 FORMATS = ("json", "text")
 
@@ -144,11 +148,29 @@ def text_line(event: LogEvent) -> str:
     return line
 
 
+@implementer(ILogFilterPredicate)
+class _NoFactoryChatter:
+    """
+    Drop Twisted's "Starting factory"/"Stopping factory" lines: every new
+    connection to Core or a relay would log two lines that say nothing an
+    operator can act on.
+    """
+
+    def __call__(self, event: LogEvent) -> NamedConstant:
+        text = event.get("log_format") or ""
+        if text.startswith(("Starting factory", "Stopping factory")):
+            return PredicateResult.no
+        return PredicateResult.maybe
+
+
 def observer_for(log_format: str, out: IO[Any]) -> ILogObserver:
     """
     An observer writing C{log_format} (C{json} or C{text}) to C{out}.
     """
-    return FileLogObserver(out, json_line if log_format == "json" else text_line)
+    return FilteringLogObserver(
+        FileLogObserver(out, json_line if log_format == "json" else text_line),
+        [_NoFactoryChatter()],
+    )
 
 
 def json_lines_observer(out: IO[Any]) -> ILogObserver:

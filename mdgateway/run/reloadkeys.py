@@ -24,6 +24,8 @@ RESTART_KEYS = (
     "admin.endpoint",
     "admin.tls",
     "delivery.concurrency",
+    "delivery.big_message",
+    "delivery.big_concurrency",
     "delivery.loop_secret_file",
     "emulator",
     "workers",

@@ -16,6 +16,7 @@ ago is not scanned again (see L{mdgateway.scan.cache}).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -84,18 +85,14 @@ class _ServerDownError(Exception):
     """
 
 
-class _Server:
-    def __init__(
-        self, client: ICoreServerClient, concurrency: int, breaker: CircuitBreaker
-    ) -> None:
-        self.client = client
-        self.url: str = client.server.url
+class _Lane:
+    """
+    The slots of one server for parts of one size class.
+    """
+
+    def __init__(self, concurrency: int) -> None:
         self.concurrency = max(1, concurrency)
         self.slots = DeferredSemaphore(self.concurrency)
-        self.breaker = breaker
-        self.busy_until = 0.0
-        self.probe_call: IDelayedCall | None = None
-        self.probing: Deferred[None] | None = None
 
     @property
     def in_flight(self) -> int:
@@ -104,6 +101,37 @@ class _Server:
     @property
     def queued(self) -> int:
         return len(self.slots.waiting)
+
+
+class _Server:
+    def __init__(
+        self,
+        client: ICoreServerClient,
+        concurrency: int,
+        breaker: CircuitBreaker,
+        big_concurrency: int = 1,
+    ) -> None:
+        self.client = client
+        self.url: str = client.server.url
+        #: Small parts and big parts wait for slots of their own, so a
+        #: burst of large files never holds every slot a small one needs.
+        self.small = _Lane(concurrency)
+        self.big = _Lane(big_concurrency)
+        self.breaker = breaker
+        self.busy_until = 0.0
+        self.probe_call: IDelayedCall | None = None
+        self.probing: Deferred[None] | None = None
+
+    def lane(self, big: bool) -> _Lane:
+        return self.big if big else self.small
+
+    @property
+    def in_flight(self) -> int:
+        return self.small.in_flight + self.big.in_flight
+
+    @property
+    def queued(self) -> int:
+        return self.small.queued + self.big.queued
 
 
 @implementer(IScanner)
@@ -154,11 +182,13 @@ class CoreRuntime:
         self._queue_bound = (
             queue_bound if queue_bound is not None else 2 * max(1, profile.concurrency)
         )
+        self._big_queue_bound = 2 * max(1, profile.big_concurrency)
         self._servers = [
             _Server(
                 client,
                 profile.concurrency,
                 CircuitBreaker(profile.failure_threshold, profile.retry_after),
+                profile.big_concurrency,
             )
             for client in clients
         ]
@@ -255,18 +285,25 @@ class CoreRuntime:
         if self._on_cache is not None:
             self._on_cache(self.profile.name, result)
 
+    def _is_big(self, path: str) -> bool:
+        try:
+            return os.stat(path).st_size >= self.profile.big_part
+        except OSError:
+            return False  # the scan itself reports the missing file
+
     async def _scan(self, path: str, filename: str) -> Verdict:
         order = self._order()
         tried: set[int] = set()
         errors: list[CoreError] = []
+        big = self._is_big(path)
         while True:
-            server = self._pick(order, tried, errors)
+            server = self._pick(order, tried, errors, big)
             if server is None:
                 raise self._give_up(errors)
             tried.add(id(server))
             try:
                 verdict = await self._on(
-                    server, _scan_call(server, path, filename), True
+                    server, _scan_call(server, path, filename), True, big
                 )
             except _ServerDownError:
                 continue
@@ -324,24 +361,30 @@ class CoreRuntime:
         self._next = start + 1
         return servers[start:] + servers[:start]
 
-    def _busy(self, server: _Server, now: float) -> bool:
+    def _busy(self, server: _Server, now: float, big: bool = False) -> bool:
         if server.busy_until > now:
             return True
-        return server.slots.tokens == 0 and server.queued >= self._queue_bound
+        lane = server.lane(big)
+        bound = self._big_queue_bound if big else self._queue_bound
+        return lane.slots.tokens == 0 and lane.queued >= bound
 
     def _pick(
-        self, order: list[_Server], tried: set[int], errors: list[CoreError]
+        self,
+        order: list[_Server],
+        tried: set[int],
+        errors: list[CoreError],
+        big: bool = False,
     ) -> _Server | None:
         now = self._clock.seconds()
         candidates = [s for s in order if id(s) not in tried and s.breaker.up]
         for server in candidates:
-            if not self._busy(server, now):
+            if not self._busy(server, now, big):
                 return server
         # Every remaining server is busy. Wait on the shortest queue, unless
         # they all answered 503 moments ago: then the caller retries later.
         waiting = [s for s in candidates if s.busy_until <= now]
         if waiting:
-            return min(waiting, key=lambda s: s.queued)
+            return min(waiting, key=lambda s: s.lane(big).queued)
         for server in candidates:
             tried.add(id(server))
             errors.append(
@@ -358,13 +401,15 @@ class CoreRuntime:
         server: _Server,
         call: Callable[[], Awaitable[_T]],
         require_up: bool,
+        big: bool = False,
     ) -> _T:
         """
-        Run C{call} in one of C{server}'s slots and account for the outcome
-        before the slot is released, so a scan waiting for the slot already
-        sees the server down.
+        Run C{call} in one of C{server}'s slots (of the big lane when
+        C{big}) and account for the outcome before the slot is released, so
+        a scan waiting for the slot already sees the server down.
         """
-        await server.slots.acquire()
+        slots = server.lane(big).slots
+        await slots.acquire()
         try:
             if require_up and not server.breaker.up:
                 raise _ServerDownError()
@@ -376,7 +421,7 @@ class CoreRuntime:
             self._succeeded(server)
             return result
         finally:
-            server.slots.release()
+            slots.release()
 
     def _give_up(self, errors: list[CoreError]) -> CoreError:
         name = self.profile.name

@@ -78,7 +78,7 @@ Handler = Callable[["Console", Call], Awaitable[Response | None]]
 
 
 @attrs.frozen
-class Route:
+class ConsoleRoute:
     """
     One page: C{None} in the pattern matches one path segment (an id).
 
@@ -404,7 +404,7 @@ async def _home(console: Console, call: Call) -> Response:
     return redirect("/console/dashboard")
 
 
-def _routes() -> tuple[Route, ...]:
+def _routes() -> tuple[ConsoleRoute, ...]:
     from mdgateway.ops.console.pages import (
         actions,
         config,
@@ -417,38 +417,38 @@ def _routes() -> tuple[Route, ...]:
     )
 
     return (
-        Route(b"GET", ("static", None), _static, public=True),
-        Route(b"GET", ("login",), login.form, public=True),
-        Route(b"POST", ("login",), login.submit, public=True),
-        Route(b"POST", ("logout",), login.logout),
-        Route(b"GET", (), _home),
-        Route(b"GET", ("dashboard",), dashboard.page),
-        Route(b"GET", ("messages",), history.search),
-        Route(b"GET", ("messages", None), history.message),
-        Route(b"GET", ("quarantine",), quarantine.listing),
-        Route(b"POST", ("quarantine", "bulk"), actions.bulk),
-        Route(b"GET", ("quarantine", None), quarantine.item),
-        Route(b"GET", ("quarantine", None, "eml"), quarantine.download),
-        Route(b"GET", ("quarantine", None, "release"), actions.confirm_release),
-        Route(b"POST", ("quarantine", None, "release"), actions.release),
-        Route(b"POST", ("quarantine", None, "rescan"), actions.rescan),
-        Route(b"POST", ("quarantine", None, "forward"), actions.forward),
-        Route(b"POST", ("quarantine", None, "pin"), actions.pin),
-        Route(b"GET", ("quarantine", None, "delete"), actions.confirm_delete),
-        Route(b"POST", ("quarantine", None, "delete"), actions.delete),
-        Route(b"GET", ("refused",), refused.listing),
-        Route(b"GET", ("queue",), queue.listing),
-        Route(b"POST", ("queue", "flush"), queue.flush),
-        Route(b"GET", ("queue", None), queue.show),
-        Route(b"POST", ("queue", None, "hold"), queue.hold),
-        Route(b"POST", ("queue", None, "release-hold"), queue.release_hold),
-        Route(b"POST", ("queue", None, "retry"), queue.retry),
-        Route(b"GET", ("queue", None, "bounce"), queue.confirm_bounce),
-        Route(b"POST", ("queue", None, "bounce"), queue.bounce),
-        Route(b"GET", ("queue", None, "delete"), queue.confirm_delete),
-        Route(b"POST", ("queue", None, "delete"), queue.delete),
-        Route(b"GET", ("config",), config.page),
-        Route(b"POST", ("config", "reload"), config.reload),
+        ConsoleRoute(b"GET", ("static", None), _static, public=True),
+        ConsoleRoute(b"GET", ("login",), login.form, public=True),
+        ConsoleRoute(b"POST", ("login",), login.submit, public=True),
+        ConsoleRoute(b"POST", ("logout",), login.logout),
+        ConsoleRoute(b"GET", (), _home),
+        ConsoleRoute(b"GET", ("dashboard",), dashboard.page),
+        ConsoleRoute(b"GET", ("messages",), history.search),
+        ConsoleRoute(b"GET", ("messages", None), history.message),
+        ConsoleRoute(b"GET", ("quarantine",), quarantine.listing),
+        ConsoleRoute(b"POST", ("quarantine", "bulk"), actions.bulk),
+        ConsoleRoute(b"GET", ("quarantine", None), quarantine.item),
+        ConsoleRoute(b"GET", ("quarantine", None, "eml"), quarantine.download),
+        ConsoleRoute(b"GET", ("quarantine", None, "release"), actions.confirm_release),
+        ConsoleRoute(b"POST", ("quarantine", None, "release"), actions.release),
+        ConsoleRoute(b"POST", ("quarantine", None, "rescan"), actions.rescan),
+        ConsoleRoute(b"POST", ("quarantine", None, "forward"), actions.forward),
+        ConsoleRoute(b"POST", ("quarantine", None, "pin"), actions.pin),
+        ConsoleRoute(b"GET", ("quarantine", None, "delete"), actions.confirm_delete),
+        ConsoleRoute(b"POST", ("quarantine", None, "delete"), actions.delete),
+        ConsoleRoute(b"GET", ("refused",), refused.listing),
+        ConsoleRoute(b"GET", ("queue",), queue.listing),
+        ConsoleRoute(b"POST", ("queue", "flush"), queue.flush),
+        ConsoleRoute(b"GET", ("queue", None), queue.show),
+        ConsoleRoute(b"POST", ("queue", None, "hold"), queue.hold),
+        ConsoleRoute(b"POST", ("queue", None, "release-hold"), queue.release_hold),
+        ConsoleRoute(b"POST", ("queue", None, "retry"), queue.retry),
+        ConsoleRoute(b"GET", ("queue", None, "bounce"), queue.confirm_bounce),
+        ConsoleRoute(b"POST", ("queue", None, "bounce"), queue.bounce),
+        ConsoleRoute(b"GET", ("queue", None, "delete"), queue.confirm_delete),
+        ConsoleRoute(b"POST", ("queue", None, "delete"), queue.delete),
+        ConsoleRoute(b"GET", ("config",), config.page),
+        ConsoleRoute(b"POST", ("config", "reload"), config.reload),
     )
 
 
