@@ -162,10 +162,9 @@ class Processes:
         return proc
 
 
-def process_cpu(pid: int) -> float:
+def _process_table() -> dict[int, tuple[int, int]]:
     """
-    CPU seconds (user and system) used so far by process C{pid} and its
-    live descendants (a gateway's worker processes).
+    Every process: its parent and the CPU ticks (user and system) it used.
     """
     stats: dict[int, tuple[int, int]] = {}
     for entry in os.listdir("/proc"):
@@ -177,15 +176,54 @@ def process_cpu(pid: int) -> float:
             continue
         fields = text.rsplit(")", 1)[1].split()
         stats[int(entry)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
-    family, ticks, grew = {pid}, 0, True
+    return stats
+
+
+def _family(pid: int, stats: dict[int, tuple[int, int]]) -> set[int]:
+    family, grew = {pid}, True
     while grew:
         grew = False
         for child, (parent, _) in stats.items():
             if parent in family and child not in family:
                 family.add(child)
                 grew = True
-    ticks = sum(stats[p][1] for p in family if p in stats)
+    return family
+
+
+def _is_core_emulator(pid: int) -> bool:
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"mdgateway.run.emulator" in command or b"mdcore-emulator" in command
+
+
+def process_cpu(pid: int) -> float:
+    """
+    CPU seconds (user and system) used so far by process C{pid} and its
+    live descendants (a gateway's worker processes).
+    """
+    stats = _process_table()
+    ticks = sum(stats[p][1] for p in _family(pid, stats) if p in stats)
     return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def split_cpu(pid: int, core_pid: int | None = None) -> tuple[float, float]:
+    """
+    CPU seconds used so far by the gateway (process C{pid} and its live
+    descendants, less a Core emulator among them: the built-in one), and
+    by the Core emulator (that built-in one, or the separate process
+    C{core_pid} and its descendants).
+    """
+    stats = _process_table()
+    family = _family(pid, stats)
+    core = {p for p in family if _is_core_emulator(p)}
+    if core_pid is not None:
+        core |= _family(core_pid, stats)
+    per_tick = 1 / os.sysconf("SC_CLK_TCK")
+    gateway = sum(stats[p][1] for p in family - core if p in stats)
+    emulator = sum(stats[p][1] for p in core if p in stats)
+    return gateway * per_tick, emulator * per_tick
 
 
 def process_memory(pid: int, field: str = "VmRSS") -> int:
@@ -220,6 +258,12 @@ class GatewaySettings:
     @ivar core_port: where the Core emulator listens (started by the
         gateway when C{builtin_emulator}, else by the caller).
     @ivar latency: seconds the built-in emulator spends on each file.
+    @ivar instant: the built-in emulator is the instant stand-in (every
+        file clean at once, never read).
+    @ivar verdict_cache: the Core profile's verdict cache in seconds; off
+        by default, since every benchmark message is the same file and
+        real mail mostly is not.
+    @ivar submit: the Core profile's submit mode.
     @ivar concurrency: messages processed and relayed at once.
     @ivar core_concurrency: scans in flight per Core server.
     """
@@ -238,6 +282,9 @@ class GatewaySettings:
     core_retry_after: float = 2.0
     spool_threads: int = 4
     workers: int = 1
+    instant: bool = False
+    verdict_cache: float = 0.0
+    submit: str = "auto"
 
     def toml(self) -> str:
         """
@@ -273,6 +320,7 @@ retry_max = {self.retry_max}
 enabled = {"true" if self.builtin_emulator else "false"}
 endpoint = "tcp:{self.core_port}:interface=127.0.0.1"
 latency = {self.latency}
+instant = {"true" if self.instant else "false"}
 
 [drain]
 timeout = "5s"
@@ -285,6 +333,8 @@ servers = ["http://127.0.0.1:{self.core_port}"]
 poll_interval = {self.poll_interval}
 concurrency = {self.core_concurrency}
 retry_after = {self.core_retry_after}
+verdict_cache = {self.verdict_cache}
+submit = "{self.submit}"
 
 [profiles.smtp.downstream]
 servers = ["smtp://127.0.0.1:{self.downstream_port}"]
@@ -318,11 +368,26 @@ class Gateway:
 
     def start(self, timeout: float = 60.0) -> None:
         """
-        Start and wait until the listener (and with it the spool) is up.
+        Start and wait until the gateway serves: its listener opens first
+        and answers C{421} until the spool is recovered and every process
+        runs, so a new C{gateway_ready} line in the log is the signal (the
+        log is kept across restarts).
         """
+        before = self._ready_lines()
         self._process.start()
-        assert self._process.proc is not None
-        wait_listening(self.settings.port, timeout, self._process.proc)
+        proc = self._process.proc
+        assert proc is not None
+        wait_listening(self.settings.port, timeout, proc)
+        deadline = time.monotonic() + timeout
+        while self._ready_lines() <= before:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the gateway exited with {proc.returncode}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the gateway is not ready after {timeout:g}s")
+            time.sleep(0.05)
+
+    def _ready_lines(self) -> int:
+        return sum(1 for e in log_events(self.log) if e.get("gateway_ready"))
 
     def running(self) -> bool:
         proc = self._process.proc
@@ -375,6 +440,40 @@ def log_events(path: Path) -> Iterator[dict[str, Any]]:
                 continue
 
 
+#: The Core emulator's counters of requests about files (see
+#: L{mdgateway.emulator.app.CoreEmulator.counters}): C{submit} counts every
+#: file admitted, by C{POST /file} or C{POST /file/sync} (which C{sync}
+#: counts again); C{/version} and the other server questions are not per
+#: file.
+FILE_REQUESTS = ("submit", "poll", "hash", "download", "cancel")
+
+
+def core_requests(log: Path) -> dict[str, Any]:
+    """
+    Core requests per scanned file, from the request counts a Core
+    emulator logs when it stops (C{emulator_counts}: in the gateway's log
+    for the built-in one, in its own log when separate; summed if it was
+    restarted). A file is scanned once per submission (C{POST /file} or
+    C{POST /file/sync}, both counted as C{submit}); its requests are the
+    submission, the polls, and any hash lookup, download or cancel.
+    """
+    counts: dict[str, int] = {}
+    for event in log_events(log):
+        found = event.get("emulator_counts")
+        if isinstance(found, dict):
+            for key, value in found.items():
+                counts[key] = counts.get(key, 0) + int(value)
+    if not counts:
+        return {"core_counts": None}
+    files = counts.get("submit", 0)
+    requests = sum(counts.get(key, 0) for key in FILE_REQUESTS)
+    return {
+        "core_counts": counts,
+        "core_files": files,
+        "core_requests_per_file": round(requests / files, 2) if files else None,
+    }
+
+
 def _format_event(event: dict[str, Any]) -> str:
     text = str(event.get("msg", ""))
     if event.get("error"):
@@ -416,10 +515,15 @@ def spool_leftovers(spool: Path) -> dict[str, int]:
 
 
 def start_emulator(
-    processes: Processes, port: int, log: Path, latency: float = 0.0
+    processes: Processes,
+    port: int,
+    log: Path,
+    latency: float = 0.0,
+    instant: bool = False,
 ) -> subprocess.Popen[bytes]:
     """
-    A separate C{mdcore-emulator} process on C{port}.
+    A separate C{mdcore-emulator} process on C{port} (C{instant}: the
+    instant stand-in).
     """
     proc = processes.popen(
         [
@@ -434,6 +538,7 @@ def start_emulator(
             "--queue-size",
             "2000",
             "--quiet",
+            *(["--instant"] if instant else []),
         ],
         log,
         env=environment(),

@@ -6,6 +6,7 @@ listening backlog, and L{EmulatorServer} stopping and starting to listen.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -200,7 +201,9 @@ async def test_stop_and_start_listening() -> None:
 @pytest_twisted.ensureDeferred
 async def test_twist_plugin(tmp_path: Path) -> None:
     """
-    C{twist mdcore-emulator --port N} starts a working emulator.
+    C{twist mdcore-emulator --port N} starts a working emulator; when it
+    stops, it logs what it served by kind (benchmarks read the Core
+    requests per file from that line).
     """
     port = _free_port()
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
@@ -232,3 +235,10 @@ async def test_twist_plugin(tmp_path: Path) -> None:
         process.terminate()
         await threads.deferToThread(process.wait, 20)
         log.close()
+    text = (tmp_path / "twist.log").read_text()
+    events = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    found = [e["emulator_counts"] for e in events if "emulator_counts" in e]
+    assert len(found) == 1, text
+    counts = found[0]
+    assert counts["version"] >= 1 and counts["requests"] >= counts["version"], counts
+    assert "submit" not in counts and "sync" not in counts, counts

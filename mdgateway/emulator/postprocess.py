@@ -73,7 +73,7 @@ class CdrOutcome:
 
 
 @attrs.frozen
-class DlpHit:
+class EmulatedDlpHit:
     """
     A card number found by DLP, in C{part} (an Office package part, or
     C{""} for the file's own bytes).
@@ -90,7 +90,7 @@ class DlpOutcome:
     tried and failed: C{redact_failed}).
     """
 
-    hits: tuple[DlpHit, ...]
+    hits: tuple[EmulatedDlpHit, ...]
     redacted: bool = False
     redact_failed: bool = False
 
@@ -181,14 +181,14 @@ def _without_macros(source: BinaryIO, dest: BinaryIO) -> int:
 
 def dlp_scan(
     source: BinaryIO, file_type: FileType, findings: Findings
-) -> tuple[DlpHit, ...]:
+) -> tuple[EmulatedDlpHit, ...]:
     """
     The card numbers Proactive DLP finds: in the file's bytes, or for an
     Office package in its XML parts.
     """
     if not file_type.ooxml:
-        return tuple(DlpHit(card) for card in findings.cards)
-    hits: list[DlpHit] = []
+        return tuple(EmulatedDlpHit(card) for card in findings.cards)
+    hits: list[EmulatedDlpHit] = []
     source.seek(0)
     try:
         with zipfile.ZipFile(source) as package:
@@ -197,16 +197,18 @@ def dlp_scan(
                     continue
                 cards: dict[int, CardHit] = {}
                 find_cards(package.read(info), 0, True, cards)
-                hits.extend(DlpHit(cards[k], info.filename) for k in sorted(cards))
+                hits.extend(
+                    EmulatedDlpHit(cards[k], info.filename) for k in sorted(cards)
+                )
     except (*DAMAGED, OSError):
-        return tuple(DlpHit(card) for card in findings.cards)
+        return tuple(EmulatedDlpHit(card) for card in findings.cards)
     return tuple(hits)
 
 
 def redact(
     source: BinaryIO,
     file_type: FileType,
-    hits: tuple[DlpHit, ...],
+    hits: tuple[EmulatedDlpHit, ...],
     dest: BinaryIO,
 ) -> None:
     """

@@ -19,7 +19,7 @@ from twisted.python.threadpool import ThreadPool
 
 from mdgateway.emulator.app import CoreEmulator
 from mdgateway.emulator.config import DEFAULT_SANITIZE_TYPES, SHAPES, EmulatorConfig
-from mdgateway.emulator.server import BACKLOG, build_site
+from mdgateway.emulator.server import BACKLOG, build_site, log_request_counts
 
 _log = Logger()
 
@@ -220,6 +220,7 @@ class _EmulatorState(Service):
 
     def stopService(self) -> Deferred[None] | None:
         super().stopService()
+        log_request_counts(self.emulator)
         self.emulator.close()
         return None
 

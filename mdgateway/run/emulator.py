@@ -33,7 +33,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from mdgateway.emulator.app import CoreEmulator, EmulatorConfig
-from mdgateway.emulator.server import BACKLOG, build_site
+from mdgateway.emulator.server import BACKLOG, build_site, log_request_counts
 from mdgateway.emulator.tap import warn_instant
 from mdgateway.run.reactor import global_reactor
 from mdgateway.run.supervisor import run_child
@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         Deferred.fromCoroutine(listen()).addErrback(failed)
 
     def stopping() -> None:
+        log_request_counts(emulator)
         emulator.close()
         pool.stop()
 

@@ -35,7 +35,7 @@ from twisted.internet.error import (
     DNSLookupError,
 )
 from twisted.internet.error import TimeoutError as ConnectTimeoutError
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IProtocol, IReactorTime
 from twisted.internet.task import Cooperator
 from twisted.logger import Logger
 from twisted.python.components import proxyForInterface
@@ -117,9 +117,9 @@ class _TappedResponse(proxyForInterface(IResponse)):  # type: ignore[misc]
     times out can close the connection instead of leaving it stalled.
     """
 
-    protocol: Any = None
+    protocol: IProtocol | None = None
 
-    def deliverBody(self, protocol: Any) -> None:
+    def deliverBody(self, protocol: IProtocol) -> None:
         self.protocol = protocol
         self.original.deliverBody(protocol)
 

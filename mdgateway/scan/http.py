@@ -17,11 +17,10 @@ cached per server, and treq only to read bodies (L{treq.collect}).
 from __future__ import annotations
 
 import re
-from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.interfaces import IReactorTCP, IReactorTime, IStreamClientEndpoint
 from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.web.client import (
     URI,
@@ -48,8 +47,15 @@ class _CachedEndpoints:
     """
 
     def __init__(
-        self, reactor: Any, policy: BrowserLikePolicyForHTTPS, connect_timeout: float
+        self,
+        reactor: IReactorTCP,
+        policy: BrowserLikePolicyForHTTPS,
+        connect_timeout: float,
     ) -> None:
+        """
+        @param reactor: connects (L{IReactorTCP}) and times connection
+            attempts out (L{IReactorTime}, which L{CoreHttp} checks).
+        """
         self._reactor = reactor
         self._policy = policy
         self._connect_timeout = connect_timeout
@@ -81,15 +87,19 @@ class CoreHttp:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactorTime,
         pool: HTTPConnectionPool,
         policy: BrowserLikePolicyForHTTPS,
         connect_timeout: float = 10.0,
     ) -> None:
+        """
+        @param reactor: times requests and idle connections out, and
+            connects: adapted to L{IReactorTCP} here, so a reactor that
+            cannot connect fails when the gateway is assembled.
+        """
         self.pool = pool
-        self._agent = Agent.usingEndpointFactory(
-            reactor, _CachedEndpoints(reactor, policy, connect_timeout), pool=pool
-        )
+        endpoints = _CachedEndpoints(IReactorTCP(reactor), policy, connect_timeout)
+        self._agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
 
     def request(
         self,
@@ -107,7 +117,7 @@ class CoreHttp:
 
 
 def build_http_client(
-    reactor: Any, profile: CoreProfile, *, connect_timeout: float = 10.0
+    reactor: IReactorTime, profile: CoreProfile, *, connect_timeout: float = 10.0
 ) -> tuple[CoreHttp, HTTPConnectionPool]:
     """
     The HTTP layer with its own connection pool for one profile.
