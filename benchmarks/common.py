@@ -920,7 +920,7 @@ class _SinkProtocol(asyncio.Protocol):
                 continue
             self.buffer += data
             data = b""
-            while not self.in_data:
+            while not self.receiving():
                 end = self.buffer.find(b"\n")
                 if end < 0:
                     if len(self.buffer) > 4096:
@@ -930,9 +930,15 @@ class _SinkProtocol(asyncio.Protocol):
                 line = bytes(self.buffer[: end + 1])
                 del self.buffer[: end + 1]
                 self._command(line.rstrip(b"\r\n").decode("latin-1"))
-            if self.in_data and self.buffer:
+            if self.receiving() and self.buffer:
                 data = bytes(self.buffer)
                 self.buffer.clear()
+
+    def receiving(self) -> bool:
+        """
+        Whether the session is in DATA (a command just read may switch it).
+        """
+        return self.in_data
 
     def _command(self, line: str) -> None:
         verb = line[:4].upper()
