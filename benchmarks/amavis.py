@@ -25,6 +25,7 @@ import os
 import pwd
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 from benchmarks.common import Processes, listening, wait_listening
@@ -82,8 +83,8 @@ use strict;
 $MYHOME = '{home}';
 $TEMPBASE = "$MYHOME/tmp";
 $db_home = "$MYHOME/db";
-$pid_file = "$MYHOME/amavisd.pid";
-$lock_file = "$MYHOME/amavisd.lock";
+$pid_file = "$MYHOME/var/amavisd.pid";
+$lock_file = "$MYHOME/var/amavisd.lock";
 $daemon_user = '{USER}';
 $daemon_group = '{USER}';
 $myhostname = 'amavis.bench.test';
@@ -109,7 +110,7 @@ $enable_global_cache = 0;
 $enable_dkim_verification = 0;
 $enable_dkim_signing = 0;
 $DO_SYSLOG = 0;
-$LOGFILE = "$MYHOME/amavis.log";
+$LOGFILE = "$MYHOME/var/amavis.log";
 $log_level = 0;
 1;
 """
@@ -131,20 +132,27 @@ class AmavisPath:
 
     def __init__(self, processes: Processes, work: Path, servers: int = 8) -> None:
         self._processes = processes
-        self._home = work / "amavis"
+        # A home of its own, not under the run's private (0700) folder:
+        # amavisd drops to its own user and must reach it.
+        self._home = Path(tempfile.mkdtemp(prefix="mdgw-amavis-"))
+        self._work = work
         self._servers = servers
 
     def __enter__(self) -> AmavisPath:
         program = amavisd_command()
         assert program is not None
         account = pwd.getpwnam(USER)
-        for folder in (self._home, self._home / "tmp", self._home / "db"):
+        # amavisd refuses a configuration in a folder it may write: the
+        # home (with the config) stays root's, what it writes is its own.
+        self._home.chmod(0o755)
+        for folder in (self._home / "tmp", self._home / "db", self._home / "var"):
             folder.mkdir(parents=True, exist_ok=True)
             os.chown(folder, account.pw_uid, account.pw_gid)
         config = self._home / "amavisd.conf"
         config.write_text(amavisd_config(self._home, self._servers))
+        self._work.mkdir(parents=True, exist_ok=True)
         daemon = self._processes.popen(
-            [program, "-c", str(config), "foreground"], self._home / "stdout.log"
+            [program, "-c", str(config), "foreground"], self._work / "amavisd.log"
         )
         wait_listening(FILTER_PORT, 60, daemon)
         try:
@@ -158,6 +166,7 @@ class AmavisPath:
 
     def __exit__(self, *exc: object) -> None:
         self._remove_services()
+        shutil.rmtree(self._home, ignore_errors=True)
 
     def _add_services(self) -> None:
         inbound, transport, reinject = _SERVICES
