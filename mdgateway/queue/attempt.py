@@ -132,7 +132,8 @@ class CopyRunner:
     async def attempt(self, entry: SpoolEntry, state: DeliveryState) -> DeliveryState:
         """
         One attempt at every pending recipient; the state after it (saved
-        after each copy, so a crash loses at most the copy in hand).
+        after each copy but the last, so a crash loses at most the copy in
+        hand; the caller keeps the final state, or removes the entry).
         """
         envelope = entry.envelope
         now = self.reactor.seconds()
@@ -140,7 +141,8 @@ class CopyRunner:
         markers = (
             None if generated else await self._thread(self._check_markers, entry, now)
         )
-        for rule, recipients in self.copies(entry, state):
+        copies = self.copies(entry, state)
+        for index, (rule, recipients) in enumerate(copies):
             if rule is None:
                 state = state.update_all(
                     (r.address for r in recipients),
@@ -149,7 +151,9 @@ class CopyRunner:
                 )
                 continue
             state = await self._copy(entry, state, rule, recipients, generated, markers)
-            await self.save(entry, state)
+            if index < len(copies) - 1:
+                # The caller keeps the state after the last copy.
+                await self.save(entry, state)
         return state
 
     async def save(self, entry: SpoolEntry, state: DeliveryState) -> None:

@@ -155,6 +155,9 @@ class QueueManager:
         self._forced: set[str] = set()
         #: Operators' changes waiting for the entry's next safe point.
         self._changes: dict[str, list[tuple[Change, Deferred[DeliveryState]]]] = {}
+        #: Entries just received, whose first visit starts from a fresh
+        #: delivery state.
+        self._fresh: set[str] = set()
         #: Entries on hold, and by whom (as their last visit found them).
         self._held: dict[str, str] = {}
         self._stopping = False
@@ -187,6 +190,14 @@ class QueueManager:
         """
         for entry in entries:
             self.submit(entry)
+
+    def accept(self, entry: SpoolEntry) -> None:
+        """
+        Look at C{entry}, just received, at once: it has no delivery state
+        yet, so its first visit need not read one from disk.
+        """
+        self._fresh.add(entry.queue_id)
+        self.submit(entry)
 
     def submit(self, entry: SpoolEntry, delay: float = 0.0) -> None:
         """
@@ -424,7 +435,11 @@ class QueueManager:
         bounceable = not (
             envelope.sender == "" or envelope.extra.get("generated") == GENERATED_DSN
         )
-        data = await self.spool.read_state(entry)
+        if entry.queue_id in self._fresh:
+            self._fresh.discard(entry.queue_id)
+            data = None
+        else:
+            data = await self.spool.read_state(entry)
         if data is not None:
             try:
                 return DeliveryState.from_json(
@@ -454,6 +469,7 @@ class QueueManager:
             self._forced.discard(entry.queue_id)
             state = retry_now(state)
         attempted_now = False
+        unsaved = False
         for _ in range(MAX_STEPS):
             state = await self._apply_changes(entry, state)
             now = self.reactor.seconds()
@@ -476,7 +492,10 @@ class QueueManager:
                     state = attempted(
                         state, self.reactor.seconds(), self.retry, throttled
                     )
-                    await self.runner.save(entry, state)
+                    # Saved by the next step, unless that step removes the
+                    # entry: then the removal (as durable as a save) is all
+                    # a crash could miss, and a save would only precede it.
+                    unsaved = True
                     continue
             if isinstance(step, Warn):
                 await self._report(entry, state, step.recipients, delayed=True)
@@ -510,9 +529,12 @@ class QueueManager:
                 self._held[entry.queue_id] = step.by
                 return
             elif isinstance(step, Done):
+                if unsaved and state.failed:
+                    await self.runner.save(entry, state)
                 await self._done(entry, state)
                 return
             await self.runner.save(entry, state)
+            unsaved = False
         await self.runner.save(entry, state)
         self.submit(entry, self.retry.first)
 

@@ -284,7 +284,7 @@ def build_gateway(
         metrics.message_accepted(envelope.listener)
         for recipient in envelope.recipients:
             metrics.rule_matched(recipient.rule, recipient.direction)
-        queue.submit(entry)  # type: ignore[arg-type]
+        queue.accept(entry)  # type: ignore[arg-type]
 
     handler = EnvelopeHandler(
         hostname=config.sender_helo_domain,
