@@ -9,14 +9,24 @@ description is read with the same grammar (C{:} between parameters, C{=}
 for a keyword, C{\\} escapes the next character) and every parameter of
 the kinds the gateway uses is checked, so C{check-config} refuses what
 cannot bind and says which key and why, in one line.
+
+Client endpoints too (L{client_endpoint}): an address is connected to
+without a name lookup.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import os
+from typing import Any
 
 import attrs
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+)
+from twisted.internet.interfaces import IStreamClientEndpoint
 
 #: The kinds a configuration may use, by what serves on them.
 LISTENER_KINDS = ("tcp", "tcp6", "unix", "systemd")
@@ -234,3 +244,26 @@ def endpoint_address(description: str) -> tuple[str, str, int]:
     """
     endpoint = parse_endpoint(description)
     return endpoint.kind.upper(), endpoint.interface, endpoint.port
+
+
+def client_endpoint(
+    reactor: Any,
+    host: str,
+    port: int,
+    timeout: float,
+    bind: tuple[str, int] | None = None,
+) -> IStreamClientEndpoint:
+    """
+    A TCP client endpoint for C{host}: an address connects as it is, a name
+    through L{HostnameEndpoint}. An address given to L{HostnameEndpoint}
+    would still be looked up in a thread for every connection.
+
+    @param reactor: connects (C{IReactorTCP}) and times out (C{IReactorTime}).
+    """
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        address = ipaddress.ip_address(bare)
+    except ValueError:
+        return HostnameEndpoint(reactor, host, port, timeout=timeout, bindAddress=bind)
+    kind = TCP6ClientEndpoint if address.version == 6 else TCP4ClientEndpoint
+    return kind(reactor, bare, port, timeout=timeout, bindAddress=bind)

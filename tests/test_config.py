@@ -8,10 +8,17 @@ import os
 import tomllib
 from pathlib import Path
 
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+)
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
 from mdgateway.config import ConfigError, load_config, parse_config
-from mdgateway.endpoints import endpoint_address
+from mdgateway.endpoints import client_endpoint, endpoint_address
 from mdgateway.tomlreader import parse_duration, parse_size
 
 ETC = Path(__file__).resolve().parent.parent / "etc"
@@ -458,3 +465,30 @@ class UnitParsingTests(SynchronousTestCase):
         self.assertEqual(parse_duration("1.5h"), 5400)
         self.assertEqual(parse_duration("30"), 30)
         self.assertIsNone(parse_duration("soon"))
+
+
+class ClientEndpointTests(SynchronousTestCase):
+    """
+    Client endpoints: addresses without a lookup, names through one.
+    """
+
+    def test_addresses_and_names(self) -> None:
+        """
+        An IPv4 or IPv6 address (bracketed or not) connects directly, with
+        the timeout and bind address given; a host name is looked up.
+        """
+        reactor = MemoryReactorClock()
+        four = client_endpoint(reactor, "127.0.0.1", 25, 7.0, ("127.0.0.2", 0))
+        self.assertIsInstance(four, TCP4ClientEndpoint)
+        four.connect(Factory.forProtocol(Protocol))
+        host, port, _, timeout, bind = reactor.tcpClients[0]
+        self.assertEqual(
+            (host, port, timeout, bind), ("127.0.0.1", 25, 7.0, ("127.0.0.2", 0))
+        )
+        for six in ("::1", "[::1]"):
+            self.assertIsInstance(
+                client_endpoint(reactor, six, 25, 7.0), TCP6ClientEndpoint
+            )
+        self.assertIsInstance(
+            client_endpoint(reactor, "relay.example.com", 25, 7.0), HostnameEndpoint
+        )

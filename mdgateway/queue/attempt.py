@@ -19,13 +19,13 @@ from typing import Any
 
 import attrs
 from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from mdgateway.message.digest import content_digest
 from mdgateway.message.marker import MarkerCheck, MarkerCount
 from mdgateway.policy.rules import Policy, Rule
+from mdgateway.queue.blocking import BlockingWork
 from mdgateway.queue.copies import (
     CopyJob,
     CopyOutcome,
@@ -92,11 +92,24 @@ class CopyRunner:
         self.reactor: IReactorTime = reactor
         self._threads = IReactorFromThreads(reactor)
         self.threadpool = threadpool
+        self._blocking = BlockingWork(self._threads, threadpool)
         self.loop_guard = loop_guard
         self.history = history
 
     async def _thread(self, function: Callable[..., Any], *args: Any) -> Any:
-        return await deferToThreadPool(self._threads, self.threadpool, function, *args)
+        """
+        Work that syncs to disk: always in the pool.
+        """
+        return await self._blocking.pool(function, *args)
+
+    async def _small(
+        self, entry: SpoolEntry, function: Callable[..., Any], *args: Any
+    ) -> Any:
+        """
+        File work for C{entry} that does not sync: in place for a small
+        message (L{mdgateway.queue.blocking}).
+        """
+        return await self._blocking.run(entry.size, function, *args)
 
     def copies(
         self, entry: SpoolEntry, state: DeliveryState
@@ -139,7 +152,9 @@ class CopyRunner:
         now = self.reactor.seconds()
         generated = envelope.extra.get("generated") in UNSCANNED
         markers = (
-            None if generated else await self._thread(self._check_markers, entry, now)
+            None
+            if generated
+            else await self._small(entry, self._check_markers, entry, now)
         )
         copies = self.copies(entry, state)
         for index, (rule, recipients) in enumerate(copies):
@@ -194,7 +209,8 @@ class CopyRunner:
         record = state.copies.get(security_id)
         outcome = None
         if isinstance(record, dict) and isinstance(record.get("outcome"), dict):
-            outcome = await self._thread(
+            outcome = await self._small(
+                entry,
                 load_outcome,
                 record["outcome"],
                 self.spool.root,
@@ -208,7 +224,7 @@ class CopyRunner:
                     message_id=security_id,
                 )
                 record = None
-        await self._thread(fresh_dir, workdir)
+        await self._small(entry, fresh_dir, workdir)
         try:
             if outcome is None:
                 outcome = await self._process(
@@ -232,7 +248,7 @@ class CopyRunner:
             )
             await self.history.status(entry, security_id, status, text)
         finally:
-            await self._thread(remove_dir, workdir)
+            await self._small(entry, remove_dir, workdir)
         return state
 
     async def _process(
@@ -258,6 +274,7 @@ class CopyRunner:
             entry.envelope.sender,
             tuple(r.address for r in recipients),
             partial(self.loop_guard.make, security_id, now),
+            size=entry.size,
         )
         if generated:
             return await self.processor.generated(job)

@@ -136,6 +136,9 @@ class CopyJob:
     marker: Callable[[bytes, Stamp], str] | None = None
     #: The Core server that gave the verdicts (it may be a failover server).
     core_url: str | None = None
+    #: The spooled message's size (L{None}: unknown), which decides where
+    #: its file work runs (L{mdgateway.queue.blocking}).
+    size: int | None = None
 
     def marker_field(
         self, digest: bytes | None, result: str, sanitized: bool = False

@@ -40,6 +40,7 @@ from mdgateway.queue.attempt import (
     CopyRunner,
     remove_dir,
 )
+from mdgateway.queue.blocking import BlockingWork
 from mdgateway.queue.bounces import IBounceWriter
 from mdgateway.queue.copies import ICopyProcessor
 from mdgateway.queue.entry import SCRATCH, SpoolEntry
@@ -132,6 +133,7 @@ class QueueManager:
         # fails when the gateway is built, not mid-delivery.
         self._threads = IReactorFromThreads(reactor)
         self.threadpool = threadpool
+        self._blocking = BlockingWork(self._threads, threadpool)
         self.bounces = bounces
         self.history: IHistory = history or LogHistory()
         self.retry = retry or RetryPolicy()
@@ -545,7 +547,9 @@ class QueueManager:
                 message_id=entry.queue_id,
             )
         await self.spool.remove(entry)
-        await self._thread(remove_processed, self.spool.root, entry.queue_id)
+        await self._blocking.run(
+            entry.size, remove_processed, self.spool.root, entry.queue_id
+        )
         self._entries.pop(entry.queue_id, None)
         self.completed += 1
 

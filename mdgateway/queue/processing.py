@@ -20,7 +20,6 @@ from typing import Any
 import attrs
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
@@ -36,6 +35,7 @@ from mdgateway.message.headers import (
 from mdgateway.message.marker import MARKER_HEADER, MarkerCheck
 from mdgateway.message.rebuild import NewFile, Notice, rebuild_file
 from mdgateway.policy.rules import Rule
+from mdgateway.queue.blocking import BlockingWork
 from mdgateway.queue.copies import (
     CopyJob,
     CopyOutcome,
@@ -104,17 +104,24 @@ class CopyProcessor:
         self.reactor = reactor
         self._threads = IReactorFromThreads(reactor)
         self.threadpool = threadpool
+        self._blocking = BlockingWork(self._threads, threadpool)
         self.scanner_for = scanner_for
         self.hostname = hostname
         self.metrics = metrics
 
-    async def _thread(self, function: Callable[..., Any], *args: Any) -> Any:
-        return await deferToThreadPool(self._threads, self.threadpool, function, *args)
+    async def _thread(
+        self, job: CopyJob, function: Callable[..., Any], *args: Any
+    ) -> Any:
+        """
+        File work for C{job}'s message: in place for a small one (none of
+        it syncs to disk), else in the pool.
+        """
+        return await self._blocking.run(job.size, function, *args)
 
     async def process(self, job: CopyJob) -> CopyOutcome:
         rule = job.rule
         decomposition: Decomposition = await self._thread(
-            decompose, job.message_path, os.path.join(job.workdir, "parts")
+            job, decompose, job.message_path, os.path.join(job.workdir, "parts")
         )
         scanner = self.scanner_for(rule.core_profile.name)
         scanned = await self._scan_all(
@@ -218,7 +225,7 @@ class CopyProcessor:
         relayed unscanned and unchanged but for a marker, which never lets
         it pass unscanned should it come back.
         """
-        digest = await self._thread(content_digest, job.message_path)
+        digest = await self._thread(job, content_digest, job.message_path)
         prefix = format_fields([job.marker_field(digest, "Generated")])
         return CopyOutcome(
             Decision.DELIVER,
@@ -240,7 +247,7 @@ class CopyProcessor:
         stamp = check.stamp
         assert stamp is not None
         fields = self.stamp(job, stamp.result, stamp.sanitized)
-        delivery = await self._thread(_write_relayed, job, check, fields)
+        delivery = await self._thread(job, _write_relayed, job, check, fields)
         return CopyOutcome(
             Decision.DELIVER,
             SKIPPED,
@@ -508,6 +515,7 @@ class CopyProcessor:
             # Deliver the original as received, and say so.
             result = f"Bypassed/{MODIFICATION_FAILURE}"
             original = await self._thread(
+                job,
                 _write_delivery,
                 job,
                 None,
@@ -579,6 +587,7 @@ class CopyProcessor:
         elif sanitized and rule.subject_tag_sanitized:
             tag = rule.subject_tag_sanitized
         delivery: Delivery = await self._thread(
+            job,
             _write_delivery,
             job,
             decomposition,
@@ -603,13 +612,20 @@ class CopyProcessor:
         # Never to be relayed unscanned should it come back: its stamp's
         # result is not one of a scanned copy.
         delivery: Delivery = await self._thread(
-            _write_delivery, job, None, {}, fields, None, f"OriginalCopy/{result}"
+            job,
+            _write_delivery,
+            job,
+            None,
+            {},
+            fields,
+            None,
+            f"OriginalCopy/{result}",
         )
         return attrs.evolve(delivery, kind="original copy")
 
     async def _notification(self, job: CopyJob, reason: str) -> Delivery:
         path = os.path.join(job.workdir, "notification.eml")
-        await self._thread(_write_notification, path, job, reason, self.hostname)
+        await self._thread(job, _write_notification, path, job, reason, self.hostname)
         return Delivery(path, kind="notification")
 
 

@@ -17,13 +17,13 @@ from collections.abc import Iterable
 from typing import Any
 
 from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from mdgateway.message.headers import read_summary
 from mdgateway.policy.rules import Rule
+from mdgateway.queue.blocking import BlockingWork
 from mdgateway.queue.copies import CopyOutcome, Decision, Delivery, PartReport
 from mdgateway.queue.entry import SpoolEntry
 from mdgateway.queue.history import IHistory
@@ -128,13 +128,14 @@ class StoreHistory:
         self.reactor = reactor
         self._threads = IReactorFromThreads(reactor)
         self.threadpool = threadpool
+        self._blocking = BlockingWork(self._threads, threadpool)
         self.instance = instance
         self.quarantine_days = quarantine_days
 
     async def received(self, entry: SpoolEntry, rule: Rule, copy_id: str) -> None:
         envelope = entry.envelope
-        subject, message_id = await deferToThreadPool(
-            self._threads, self.threadpool, _summary, str(entry.message_path)
+        subject, message_id = await self._blocking.run(
+            entry.size, _summary, str(entry.message_path)
         )
         message = ReceivedMessage(
             id=copy_id,

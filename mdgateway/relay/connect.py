@@ -9,13 +9,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import attrs
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import wrapClientTLS
 from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
     IReactorTime,
     IStreamClientEndpoint,
 )
 
+from mdgateway.endpoints import client_endpoint
 from mdgateway.policy.profiles import RelayServer, SmtpProfile
 from mdgateway.smtp.clientmodel import (
     ClientEnvelope,
@@ -105,12 +106,8 @@ def server_endpoint(
     if server.scheme not in ("smtp", "smtps"):
         raise ValueError(f"cannot connect to {server}: resolve it first")
     bind = (settings.bind_address, 0) if settings.bind_address else None
-    endpoint: IStreamClientEndpoint = HostnameEndpoint(
-        reactor,
-        server.host,
-        server.port,
-        timeout=settings.timeouts.connect,
-        bindAddress=bind,
+    endpoint = client_endpoint(
+        reactor, server.host, server.port, settings.timeouts.connect, bind
     )
     if server.scheme == "smtps":
         if tls_creator is None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import wrapClientTLS
 from twisted.internet.interfaces import IReactorTCP, IReactorTime, IStreamClientEndpoint
 from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.web.client import (
@@ -32,6 +32,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
+from mdgateway.endpoints import client_endpoint
 from mdgateway.policy.profiles import CoreProfile
 
 _PEM = re.compile(
@@ -65,8 +66,8 @@ class _CachedEndpoints:
         key = (uri.scheme, uri.host, uri.port)
         endpoint = self._endpoints.get(key)
         if endpoint is None:
-            plain = HostnameEndpoint(
-                self._reactor, uri.host, uri.port, timeout=self._connect_timeout
+            plain = client_endpoint(
+                self._reactor, uri.host.decode("ascii"), uri.port, self._connect_timeout
             )
             if uri.scheme == b"https":
                 creator = self._policy.creatorForNetloc(uri.host, uri.port)
