@@ -14,15 +14,14 @@ from typing import Any
 import attrs
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from mdgateway.emulator.app import CoreEmulator, EmulatorConfig, EmulatorServer
+from mdgateway.emulator.app import EmulatorConfig
 from mdgateway.emulator.detect import EICAR
 from mdgateway.ops.metrics import Metrics
-from mdgateway.policy.profiles import CoreProfile, CoreServer
+from mdgateway.policy.profiles import CoreServer
 from mdgateway.queue.copies import PartReport
 from mdgateway.queue.report import reused_verdicts
 from mdgateway.scan.cache import (
@@ -35,7 +34,6 @@ from mdgateway.scan.cache import (
     cacheable,
 )
 from mdgateway.scan.errors import Condition, CoreError
-from mdgateway.scan.runtime import CoreRuntime
 from mdgateway.scan.verdict import (
     FROM_CORE_HASH,
     FROM_VERDICT_CACHE,
@@ -47,6 +45,7 @@ from mdgateway.scan.verdict import (
     Verdict,
 )
 from mdgateway.testing.core import clean_verdict
+from tests.corerig import CoreRig
 from tests.coresamples import docx
 from tests.test_metrics import value
 
@@ -317,32 +316,18 @@ class ThroughTests(SynchronousTestCase):
 # -- in the runtime, against the emulator --------------------------------------
 
 
-class Rig:
+class Rig(CoreRig):
     """
-    An emulator on loopback and a runtime with a verdict cache, counting
-    what it reports.
+    The Core rig with a verdict cache's reports counted in metrics.
     """
 
     def __init__(
         self, tmp_path: Path, config: EmulatorConfig | None = None, **profile: Any
     ) -> None:
-        self.tmp_path = tmp_path
-        self.server = EmulatorServer(reactor, CoreEmulator(reactor, config))
-        self.server.start()
-        self.emulator = self.server.emulator
-        profile.setdefault("poll_interval", 0.01)
-        self.profile = CoreProfile(
-            name="c", servers=(CoreServer(self.server.url),), **profile
-        )
         self.metrics = Metrics()
-        self.runtime = CoreRuntime.from_profile(
-            self.profile, reactor, on_cache=self.metrics.core_cache
+        super().__init__(
+            tmp_path, config, name="c", on_cache=self.metrics.core_cache, **profile
         )
-
-    def file(self, name: str, data: bytes) -> str:
-        path = self.tmp_path / name
-        path.write_bytes(data)
-        return str(path)
 
     def counted(self, result: str) -> float:
         """
@@ -353,10 +338,6 @@ class Rig:
             self.metrics, "mdgateway_core_cache_total", profile="c", result=result
         )
         return counted or 0.0
-
-    async def close(self) -> None:
-        await self.runtime.close()
-        await self.server.close()
 
 
 @pytest.mark.timeout(60)

@@ -10,7 +10,6 @@ requests and connections are counted at the emulator.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import attrs
 import pytest
@@ -21,7 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from mdgateway.emulator.app import CoreEmulator, EmulatorConfig, EmulatorServer
+from mdgateway.emulator.app import CoreEmulator, EmulatorConfig
 from mdgateway.emulator.config import SHAPES
 from mdgateway.emulator.detect import EICAR
 from mdgateway.emulator.resources import EmulatorResource, Fixed
@@ -30,6 +29,7 @@ from mdgateway.scan.client import CoreClient, build_http_client
 from mdgateway.scan.errors import Condition, CoreError
 from mdgateway.scan.runtime import CoreRuntime
 from mdgateway.scan.versions import has_sync, parse_version, reported_version
+from tests.corerig import CoreRig
 from tests.listening import listen_local, stop_listening
 
 
@@ -73,32 +73,8 @@ class VersionTests(SynchronousTestCase):
         self.assertIsNone(reported_version(b'{"version": 4}'))
 
 
-class Rig:
-    """
-    An emulator on loopback, a profile for it and a runtime over it.
-    """
-
-    def __init__(
-        self, tmp_path: Path, config: EmulatorConfig | None = None, **profile: Any
-    ) -> None:
-        self.tmp_path = tmp_path
-        self.server = EmulatorServer(reactor, CoreEmulator(reactor, config))
-        self.server.start()
-        self.emulator = self.server.emulator
-        profile.setdefault("poll_interval", 0.01)
-        self.profile = CoreProfile(
-            name="t", servers=(CoreServer(self.server.url),), **profile
-        )
-        self.runtime = CoreRuntime.from_profile(self.profile, reactor)
-
-    def file(self, name: str, data: bytes) -> str:
-        path = self.tmp_path / name
-        path.write_bytes(data)
-        return str(path)
-
-    async def close(self) -> None:
-        await self.runtime.close()
-        await self.server.close()
+#: The rig of these tests: an emulator, a profile named C{t}, a runtime.
+Rig = CoreRig
 
 
 @pytest.mark.timeout(60)

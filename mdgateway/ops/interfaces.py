@@ -13,6 +13,8 @@ from typing import Any
 import attrs
 from zope.interface import Attribute, Interface
 
+from mdgateway.message.view import MessagePart
+
 
 class OperationError(Exception):
     """
@@ -145,23 +147,9 @@ class QueueListing:
     instances: tuple[InstanceQueue, ...]
 
 
-@attrs.frozen
-class QueuedPart:
-    """
-    One MIME entity of a queued message (see
-    L{mdgateway.message.view.MessagePart}).
-    """
-
-    part_id: str
-    depth: int
-    content_type: str
-    filename: str | None
-    disposition: str | None
-    charset: str | None
-    transfer_encoding: str
-    size: int
-    preview: str | None = None
-    truncated: bool = False
+#: One MIME entity of a queued message: the message view's own value, so the
+#: content view crosses processes and instances without a copy of its shape.
+QueuedPart = MessagePart
 
 
 @attrs.frozen
