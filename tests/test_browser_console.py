@@ -42,16 +42,54 @@ def _by() -> Any:
     return By
 
 
-def _click(driver: Any, element: Any) -> None:
+def _click(driver: Any, find: Callable[[], Any]) -> None:
     """
-    Click a link or button that loads a page, and wait for the new page.
+    Click the link or button C{find} returns, and wait until the page it
+    loads is complete. An element that left the document between finding
+    and clicking (the dashboard reloads itself) is found again.
     """
-    from selenium.webdriver.support import expected_conditions
+    from selenium.common.exceptions import (
+        StaleElementReferenceException,
+        WebDriverException,
+    )
     from selenium.webdriver.support.ui import WebDriverWait
 
-    old = driver.find_element(_by().TAG_NAME, "html")
-    element.click()
-    WebDriverWait(driver, 20).until(expected_conditions.staleness_of(old))
+    for attempt in range(3):
+        old = driver.find_element(_by().TAG_NAME, "html")
+        try:
+            find().click()
+        except StaleElementReferenceException:
+            continue
+        except WebDriverException as e:
+            if "does not belong to the document" not in str(e) or attempt == 2:
+                raise
+            continue
+        break
+    WebDriverWait(driver, 20).until(lambda d: _gone(old))
+    WebDriverWait(driver, 20).until(
+        lambda d: d.execute_script("return document.readyState") == "complete"
+    )
+
+
+def _gone(element: Any) -> bool:
+    """
+    Whether C{element} left the document. Chromium says so in two ways:
+    a stale reference, or a node that "does not belong to the document".
+    """
+    from selenium.common.exceptions import (
+        StaleElementReferenceException,
+        WebDriverException,
+    )
+
+    try:
+        element.is_enabled()
+    except StaleElementReferenceException:
+        return True
+    except WebDriverException as e:
+        if "does not belong to the document" in str(e):
+            return True
+        raise
+    return False
 
 
 def _no_alert(driver: Any) -> bool:
@@ -120,7 +158,10 @@ def test_console_in_a_browser(gateway: tuple[str, RecordingHandler]) -> None:
         driver.find_element(
             By.CSS_SELECTOR, "#password-login input[name=password]"
         ).send_keys(PASSWORD)
-        _click(driver, driver.find_element(By.CSS_SELECTOR, "#password-login button"))
+        _click(
+            driver,
+            lambda: driver.find_element(By.CSS_SELECTOR, "#password-login button"),
+        )
         assert driver.current_url == base + "/console/dashboard"
 
         # The dashboard.
@@ -135,26 +176,30 @@ def test_console_in_a_browser(gateway: tuple[str, RecordingHandler]) -> None:
         _assert_inert(driver)
 
         # Find the clean message by subject.
-        _click(driver, driver.find_element(By.LINK_TEXT, "History"))
+        _click(driver, lambda: driver.find_element(By.LINK_TEXT, "History"))
         driver.find_element(By.ID, "f-subject").send_keys("quarterly")
-        _click(driver, driver.find_element(By.CSS_SELECTOR, "form.search button"))
+        _click(
+            driver, lambda: driver.find_element(By.CSS_SELECTOR, "form.search button")
+        )
         rows = driver.find_elements(By.CSS_SELECTOR, "#results tbody tr")
         assert len(rows) == 1
         assert "Quarterly numbers" in rows[0].text
-        _click(driver, rows[0].find_element(By.CSS_SELECTOR, "a.subject"))
+        _click(driver, lambda: rows[0].find_element(By.CSS_SELECTOR, "a.subject"))
         assert "delivered" in driver.find_element(By.ID, "deliveries").text
 
         # The hostile subject is text everywhere it shows.
-        _click(driver, driver.find_element(By.LINK_TEXT, "History"))
+        _click(driver, lambda: driver.find_element(By.LINK_TEXT, "History"))
         subject = driver.find_element(By.CSS_SELECTOR, "#results a.subject")
         assert subject.text == HOSTILE
         _assert_inert(driver)
-        _click(driver, driver.find_element(By.LINK_TEXT, "Quarantine"))
+        _click(driver, lambda: driver.find_element(By.LINK_TEXT, "Quarantine"))
         _assert_inert(driver)
         driver.find_element(By.ID, "select-all").click()
         boxes = driver.find_elements(By.CSS_SELECTOR, "input.select-item")
         assert boxes and all(b.is_selected() for b in boxes)
-        _click(driver, driver.find_element(By.CSS_SELECTOR, "#results a.subject"))
+        _click(
+            driver, lambda: driver.find_element(By.CSS_SELECTOR, "#results a.subject")
+        )
         assert driver.find_element(By.CSS_SELECTOR, "dd .subject").text == HOSTILE
         assert "eicar.com: Infected" in driver.page_source
         _assert_inert(driver)
@@ -165,27 +210,27 @@ def test_console_in_a_browser(gateway: tuple[str, RecordingHandler]) -> None:
             "document.querySelector('#pin').form"
             ".querySelector('input[name=csrf]').remove()"
         )
-        _click(driver, driver.find_element(By.ID, "pin"))
+        _click(driver, lambda: driver.find_element(By.ID, "pin"))
         assert "security token is missing" in driver.page_source
         driver.get(item_url)
         assert driver.find_element(By.ID, "pin").text == "Pin"
 
         # Release without confirmation: refused, nothing released.
-        _click(driver, driver.find_element(By.ID, "release"))
+        _click(driver, lambda: driver.find_element(By.ID, "release"))
         assert driver.find_element(By.ID, "confirm-infected")
-        _click(driver, driver.find_element(By.ID, "do-release"))
+        _click(driver, lambda: driver.find_element(By.ID, "do-release"))
         assert "release was not confirmed" in driver.page_source
         driver.find_element(By.ID, "confirm").click()
-        _click(driver, driver.find_element(By.ID, "do-release"))
+        _click(driver, lambda: driver.find_element(By.ID, "do-release"))
         assert "second confirmation was not given" in driver.page_source
         driver.get(item_url)
         assert "Released\nno" in driver.find_element(By.CSS_SELECTOR, "dl.facts").text
 
         # Release with both confirmations: delivered.
-        _click(driver, driver.find_element(By.ID, "release"))
+        _click(driver, lambda: driver.find_element(By.ID, "release"))
         driver.find_element(By.ID, "confirm").click()
         driver.find_element(By.ID, "confirm-infected").click()
-        _click(driver, driver.find_element(By.ID, "do-release"))
+        _click(driver, lambda: driver.find_element(By.ID, "do-release"))
         assert "queued as" in driver.find_element(By.CSS_SELECTOR, ".flash.ok").text
         assert (
             "by console:alice" in driver.find_element(By.CSS_SELECTOR, "dl.facts").text
@@ -204,7 +249,7 @@ def test_console_in_a_browser(gateway: tuple[str, RecordingHandler]) -> None:
         _assert_inert(driver)
 
         # Logout.
-        _click(driver, driver.find_element(By.ID, "logout"))
+        _click(driver, lambda: driver.find_element(By.ID, "logout"))
         assert "You have logged out." in driver.page_source
         driver.get(base + "/console/queue")
         assert driver.current_url.startswith(base + "/console/login")
